@@ -1,0 +1,102 @@
+"""Batches from a task's data: tensors are sliced in place, a Dataset goes through a DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+
+def to_device(obj: Any, device: torch.device, *, copy: bool = False) -> Any:
+    """Move every tensor inside ``obj`` (tuples, lists, dicts) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True, copy=copy)
+    if isinstance(obj, Mapping):
+        return {key: to_device(value, device, copy=copy) for key, value in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(value, device, copy=copy) for value in obj)
+    return obj
+
+
+def is_tensor_data(data: Any) -> bool:
+    return (
+        isinstance(data, Sequence) and bool(data) and all(isinstance(t, torch.Tensor) for t in data)
+    )
+
+
+class BatchSource:
+    """Draws batches of a given size from one dataset, already on the training device.
+
+    Tensors held in memory are moved to the device once and indexed per batch: no DataLoader,
+    no per-sample Python, no host round trip. A ``Dataset`` is read through a ``DataLoader``.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        device: torch.device,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        self.device = device
+        self.collate_fn = collate_fn or default_collate
+        self._tensors: tuple[torch.Tensor, ...] | None = None
+        self._dataset = None
+        if is_tensor_data(data):
+            self._tensors = tuple(data)
+        else:
+            self._dataset = data
+
+    def __len__(self) -> int:
+        if self._tensors is not None:
+            return int(self._tensors[0].shape[0])
+        return len(self._dataset)
+
+    def to_device(self) -> BatchSource:
+        """Place in-memory tensors on the device once, so epochs do not copy them again."""
+        if self._tensors is not None:
+            self._tensors = tuple(t.to(self.device) for t in self._tensors)
+        return self
+
+    def first(self, n: int) -> Any:
+        """The first ``n`` samples as one freshly allocated batch on the device."""
+        if self._tensors is not None:
+            return tuple(t[:n].to(self.device, copy=True) for t in self._tensors)
+        samples = [self._dataset[i] for i in range(n)]
+        return to_device(self.collate_fn(samples), self.device)
+
+    def epoch(
+        self, batch_size: int, generator: torch.Generator, *, shuffle: bool = True
+    ) -> Iterator[Any]:
+        """One pass over the data in batches; the order comes from ``generator`` alone."""
+        n = len(self)
+        if self._tensors is not None:
+            order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(
+                self._tensors[0].device
+            )
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                yield tuple(t[index] for t in self._tensors)
+            return
+        loader = DataLoader(
+            self._dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self.collate_fn,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield to_device(batch, self.device)
+
+
+def batch_length(batch: Any) -> int:
+    """Number of samples in a batch (the first dimension of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return batch_length(next(iter(batch.values())))
+    if isinstance(batch, tuple | list):
+        return batch_length(batch[0])
+    raise TypeError(f"cannot tell the batch size of {type(batch).__name__}")

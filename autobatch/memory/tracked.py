@@ -1,0 +1,201 @@
+"""A simulated accelerator: counts the bytes of live tensor storages and enforces a capacity.
+
+Every aten operation run under the meter passes through a dispatch mode. Before an operation
+runs, the size of the storages it will create is worked out on the ``meta`` device (cached per
+operation and input shapes); if they do not fit, ``torch.OutOfMemoryError`` is raised with the
+message a CUDA allocator gives and the allocation never happens. Storages are uncounted when
+they are freed (a weak reference to each one), so the count is the live bytes, like
+``torch.cuda.memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from autobatch.memory.base import MemoryMeter
+from autobatch.units import format_bytes
+
+_META = torch.device("meta")
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype)
+    if isinstance(value, list | tuple):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _signature(v)) for k, v in value.items()))
+    if value is None or isinstance(
+        value, bool | int | float | str | torch.dtype | torch.device | torch.layout
+    ):
+        return value
+    if isinstance(value, torch.memory_format):
+        return str(value)
+    return type(value).__name__
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(_META)
+    if isinstance(value, torch.device):
+        return _META
+    if isinstance(value, torch.Generator):
+        return None
+    return value
+
+
+def _fresh_outputs(func: Any, out: Any) -> list[torch.Tensor]:
+    """Output tensors that own new storage (not views of, or in-place updates to, an input)."""
+    returns = func._schema.returns
+    if len(returns) == 1:
+        outs = [out]
+    else:
+        outs = list(out) if isinstance(out, tuple | list) else [out]
+    fresh: list[torch.Tensor] = []
+    for ret, value in zip(returns, outs, strict=False):
+        if ret.alias_info is not None:
+            continue
+        flat, _ = tree_flatten(value)
+        fresh.extend(t for t in flat if isinstance(t, torch.Tensor))
+    return fresh
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+class TrackedMeter(MemoryMeter):
+    """Memory meter for a device with an explicit ``capacity`` in bytes, enforced on allocation.
+
+    Use it to probe on the CPU (``memory_budget="2GiB"``), to plan for a smaller card than the
+    one at hand, and in tests as a deterministic stand-in for a GPU.
+    """
+
+    def __init__(self, capacity: int, device: str | torch.device = "cpu") -> None:
+        self._capacity = int(capacity)
+        self.device = torch.device(device)
+        self._current = 0
+        self._peak = 0
+        self._lock = threading.Lock()
+        self._tracked: dict[int, weakref.ref] = {}
+        self._sizes: dict[Any, int | None] = {}
+        self._mode: _TrackingMode | None = None
+        self._depth = 0
+
+    @property
+    def name(self) -> str:
+        return f"tracked:{self.device}"
+
+    def capacity(self) -> int:
+        return self._capacity
+
+    def current(self) -> int:
+        return self._current
+
+    def peak(self) -> int | None:
+        return self._peak
+
+    def reset_peak(self) -> None:
+        self._peak = self._current
+
+    def track(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors created before the meter was entered (a model built elsewhere)."""
+        for tensor in tensors:
+            self._register(tensor)
+
+    def __enter__(self) -> TrackedMeter:
+        if self._depth == 0:
+            self._mode = _TrackingMode(self)
+            self._mode.__enter__()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def _register(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        key = id(storage)
+        if nbytes == 0 or storage.device.type == "meta":
+            return
+        with self._lock:
+            if key in self._tracked and self._tracked[key]() is storage:
+                return
+            self._tracked[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._free(k, n))
+            self._current += nbytes
+            self._peak = max(self._peak, self._current)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        with self._lock:
+            self._tracked.pop(key, None)
+            self._current -= nbytes
+
+    def _check_fits(self, nbytes: int) -> None:
+        if self._current + nbytes <= self._capacity:
+            return
+        free = max(self._capacity - self._current, 0)
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate {format_bytes(nbytes)}. Simulated accelerator "
+            f"(autobatch TrackedMeter on {self.device}) has a total capacity of "
+            f"{format_bytes(self._capacity)} of which {format_bytes(free)} is free. "
+            f"{format_bytes(self._current)} is allocated by PyTorch."
+        )
+
+    def _planned_bytes(self, func: Any, args: tuple, kwargs: dict) -> int | None:
+        """Bytes of new storage ``func`` will create, worked out on the meta device."""
+        returns = func._schema.returns
+        if not returns or all(r.alias_info is not None for r in returns):
+            return 0
+        key = (func, _signature(args), _signature(kwargs))
+        try:
+            return self._sizes[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable argument: work it out every time
+            key = None
+        try:
+            meta_out = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+            planned: int | None = _storage_bytes(_fresh_outputs(func, meta_out))
+        except Exception:  # no meta kernel: measured after the fact instead
+            planned = None
+        if key is not None:
+            self._sizes[key] = planned
+        return planned
+
+
+class _TrackingMode(TorchDispatchMode):
+    def __init__(self, meter: TrackedMeter) -> None:
+        super().__init__()
+        self.meter = meter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        meter = self.meter
+        planned = meter._planned_bytes(func, args, kwargs)
+        if planned:
+            meter._check_fits(planned)
+        out = func(*args, **kwargs)
+        fresh = _fresh_outputs(func, out) if planned is None or planned else []
+        if planned is None and fresh:
+            # No meta kernel: the bytes are known only now. Free them before raising, so the
+            # count never passes the capacity.
+            nbytes = _storage_bytes(fresh)
+            if meter._current + nbytes > meter._capacity:
+                del out, fresh
+                meter._check_fits(nbytes)
+        for tensor in fresh:
+            meter._register(tensor)
+        return out

@@ -1,0 +1,112 @@
+"""Save and restore, bit for bit, everything a probe's training steps change."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class RngState:
+    """The random generators a training step may advance."""
+
+    python: Any
+    numpy: Any
+    torch: torch.Tensor
+    cuda: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def capture(cls) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return cls(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
+def _saved_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]:
+    return _host_copy(tensor), tensor.device
+
+
+class TrainingState:
+    """Model parameters, buffers, gradients, train/eval flags and optimizer state.
+
+    Copies live in host memory, so saving them costs no accelerator memory. ``restore`` writes
+    the saved values back into the same tensors (so references the user holds stay valid) and
+    removes optimizer state that did not exist before.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.tensors = {name: _host_copy(t) for name, t in model.state_dict(keep_vars=True).items()}
+        self.grads = {
+            name: None if p.grad is None else _host_copy(p.grad)
+            for name, p in model.named_parameters()
+        }
+        self.training = {name: m.training for name, m in model.named_modules()}
+        self.optimizer_state: dict[int, dict[str, Any]] = {}
+        self.param_groups: list[dict[str, Any]] = []
+        if optimizer is not None:
+            for param, state in optimizer.state.items():
+                self.optimizer_state[id(param)] = {
+                    key: _saved_tensor(value) if isinstance(value, torch.Tensor) else value
+                    for key, value in state.items()
+                }
+            self.param_groups = [
+                {k: v for k, v in group.items() if k != "params"}
+                for group in optimizer.param_groups
+            ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        live = self.model.state_dict(keep_vars=True)
+        for name, saved in self.tensors.items():
+            live[name].copy_(saved)
+        for name, param in self.model.named_parameters():
+            saved = self.grads[name]
+            if saved is None:
+                param.grad = None
+            elif param.grad is None:
+                param.grad = saved.to(param.device)
+            else:
+                param.grad.copy_(saved)
+        for name, module in self.model.named_modules():
+            module.train(self.training.get(name, module.training))
+        if self.optimizer is None:
+            return
+        params = {id(p): p for group in self.optimizer.param_groups for p in group["params"]}
+        for pid, param in params.items():
+            saved = self.optimizer_state.get(pid)
+            if saved is None:
+                self.optimizer.state.pop(param, None)
+                continue
+            state = self.optimizer.state[param]
+            for key in list(state):
+                if key not in saved:
+                    del state[key]
+            for key, value in saved.items():
+                current = state.get(key)
+                if isinstance(value, tuple) and isinstance(value[0], torch.Tensor):
+                    saved_value, device = value
+                    if isinstance(current, torch.Tensor) and current.shape == saved_value.shape:
+                        current.copy_(saved_value)
+                    else:
+                        state[key] = saved_value.to(device)
+                else:
+                    state[key] = value
+        for group, saved_group in zip(self.optimizer.param_groups, self.param_groups, strict=True):
+            group.update(saved_group)

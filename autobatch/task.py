@@ -1,0 +1,144 @@
+"""What the user hands autobatch to train, validated once at the boundary."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from autobatch.errors import InvalidInputError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+ModelFactory = Callable[[], nn.Module]
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+#: A custom step computes the loss of one batch; autobatch does backward and the optimizer step.
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class Task:
+    """A training job: everything that decides how much memory a step takes and how it learns.
+
+    ``train_data``/``val_data`` are a torch ``Dataset`` or, for the in-memory fast path, a tuple
+    of tensors that share their first dimension (``(inputs, targets)``); batches are then
+    sliced without a DataLoader. ``lr`` is the learning rate known to work at ``batch_size``:
+    the tuner rescales it for other batch sizes.
+
+    Example::
+
+        task = Task(
+            model=lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)),
+            train_data=(x_train, y_train),
+            val_data=(x_val, y_val),
+            loss=nn.functional.cross_entropy,
+            optimizer=torch.optim.AdamW,
+            lr=1e-3,
+            batch_size=32,
+        )
+    """
+
+    model: ModelFactory
+    train_data: Any
+    loss: Callable[..., torch.Tensor] | None = None
+    val_data: Any = None
+    optimizer: OptimizerFactory = torch.optim.AdamW
+    lr: float = 1e-3
+    batch_size: int = 32
+    device: str | torch.device = "cpu"
+    precision: Precision = "fp32"
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    step: StepFn | None = None
+    metric: Literal["accuracy"] | None = None
+    name: str = "task"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, nn.Module) or not callable(self.model):
+            raise InvalidInputError(
+                "Task.model must be a factory that returns a fresh model, e.g. "
+                "model=lambda: MyNet(); got " + type(self.model).__name__
+            )
+        if not callable(self.optimizer):
+            raise InvalidInputError(
+                "Task.optimizer must be a factory taking (params, lr), e.g. torch.optim.AdamW; got "
+                + type(self.optimizer).__name__
+            )
+        if self.loss is None and self.step is None:
+            raise InvalidInputError(
+                "Task needs a loss (e.g. loss=torch.nn.functional.cross_entropy) or a custom "
+                "step(model, batch) that returns the loss"
+            )
+        if self.loss is not None and not callable(self.loss):
+            raise InvalidInputError("Task.loss must be callable as loss(outputs, targets)")
+        if self.step is not None and not callable(self.step):
+            raise InvalidInputError("Task.step must be callable as step(model, batch) -> loss")
+        if self.collate_fn is not None and not callable(self.collate_fn):
+            raise InvalidInputError("Task.collate_fn must be callable on a list of samples")
+        if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise InvalidInputError(f"Task.lr={self.lr!r} must be a positive number such as 1e-3")
+        self.lr = float(self.lr)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise InvalidInputError(f"Task.batch_size={self.batch_size!r} must be an integer >= 1")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"Task.batch_size={self.batch_size} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(
+                f"Task.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
+        if self.metric not in (None, "accuracy"):
+            raise InvalidInputError(f"Task.metric={self.metric!r} must be None or 'accuracy'")
+        try:
+            self.device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidInputError(
+                f"Task.device={self.device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1', "
+                "'mps' or 'xpu'"
+            ) from exc
+        _check_data(self.train_data, "train_data")
+        if self.val_data is not None:
+            _check_data(self.val_data, "val_data")
+
+    @property
+    def train_size(self) -> int:
+        return _length(self.train_data)
+
+
+def _is_tensor_tuple(data: Any) -> bool:
+    return isinstance(data, Sequence) and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def _length(data: Any) -> int:
+    if _is_tensor_tuple(data):
+        return int(data[0].shape[0])
+    return len(data)
+
+
+def _check_data(data: Any, name: str) -> None:
+    if isinstance(data, torch.Tensor):
+        raise InvalidInputError(
+            f"Task.{name} is a single tensor; pass (inputs, targets) as a tuple of tensors, or a "
+            "torch Dataset"
+        )
+    if isinstance(data, Sequence) and data and all(isinstance(t, torch.Tensor) for t in data):
+        sizes = {int(t.shape[0]) if t.dim() else -1 for t in data}
+        if len(sizes) != 1 or -1 in sizes:
+            raise InvalidInputError(
+                f"Task.{name}: the tensors have different first dimensions "
+                f"{[tuple(t.shape) for t in data]}; every tensor needs one row per sample"
+            )
+        if sizes == {0}:
+            raise InvalidInputError(f"Task.{name} is empty; give at least one sample")
+        return
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise InvalidInputError(
+            f"Task.{name} must be a torch Dataset (with __len__ and __getitem__) or a tuple of "
+            f"tensors (inputs, targets); got {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise InvalidInputError(f"Task.{name} is empty; give at least one sample")

@@ -1,0 +1,1 @@
+"""Integrations with the frameworks people already train with (Lightning, Transformers, ...)."""
