@@ -9,7 +9,9 @@ from autobatch.errors import (
 from autobatch.memory import CudaMeter, MemoryMeter, MpsMeter, TrackedMeter, XpuMeter, meter_for
 from autobatch.oom import is_oom_error
 from autobatch.probe import MemoryModel, ProbeAttempt, ProbeResult, find_max_batch_size, probe
+from autobatch.records import EvalPoint, StudySettings, TrialRecord, TuneObserver
 from autobatch.task import Task
+from autobatch.tuner import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,12 @@ __all__ = [
     "MpsMeter",
     "ProbeAttempt",
     "ProbeResult",
+    "EvalPoint",
+    "StudySettings",
+    "TrialRecord",
+    "TuneObserver",
+    "TuneResult",
+    "tune",
     "StudyInterrupted",
     "Task",
     "TrackedMeter",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -412,9 +413,8 @@ def probe(
     rng = RngState.capture()
     owned = model is None
     try:
-        with meter:
-            if owned:
-                model, optimizer = build(task)
+        if owned:
+            model, optimizer = _build_on(task, meter)
         if isinstance(meter, TrackedMeter) and not owned:
             meter.track(_state_tensors(model, optimizer))
         key = probe_cache.key(
@@ -424,10 +424,6 @@ def probe(
             return hit
         state = TrainingState(model, optimizer)
         train_step = TrainStep(task, model, optimizer)
-
-        grad_bytes = sum(
-            p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
-        )
 
         def attempt(batch_size: int) -> StepReading:
             # Step 1 creates the optimizer state; step 2, with that state live, is read phase
@@ -446,6 +442,11 @@ def probe(
                 )
                 after_forward, scaling = readings
                 return StepReading(scaling, base, after_forward - base, peak_bytes=first_peak)
+            except BaseException as exc:
+                if is_oom_error(exc):
+                    # Free what the failed step still holds before restoring, which allocates.
+                    traceback.clear_frames(exc.__traceback__)
+                raise
             finally:
                 del batch
                 state.restore()
@@ -468,6 +469,24 @@ def probe(
             model = optimizer = None
         rng.restore()
         meter.release()
+
+
+def _build_on(task: Task, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The task's model and optimizer, built under ``meter``; a model that alone does not fit
+    is reported like a batch size of one that does not fit, not as a bare allocator error."""
+    meter.reset_peak()
+    try:
+        with meter:
+            return build(task)
+    except BaseException as exc:
+        if not is_oom_error(exc):
+            raise
+        drop_failed_attempt(exc)
+    raise BatchSizeOneDoesNotFit(
+        f"the model itself does not fit: building it ran out of memory after reaching "
+        f"{format_bytes(meter.peak())} of {format_bytes(meter.capacity())} capacity on "
+        f"{meter.name}. Use a smaller model or a larger memory budget"
+    )
 
 
 def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -62,7 +62,11 @@ def key(
         "optimizer": [type(optimizer).__qualname__, repr(optimizer.defaults)],
         "step": getattr(task.step, "__qualname__", None),
         "device": meter.name,
-        "capacity": meter.capacity() if meter.name.startswith("tracked") else None,
+        # A hardware meter's capacity moves with free memory; its limit (a planned smaller
+        # card) does not, and decides the result just as a simulated capacity does.
+        "capacity": (
+            meter.capacity() if meter.name.startswith("tracked") else getattr(meter, "limit", None)
+        ),
         "torch": torch.__version__,
         "search": [headroom, bound, multiple_of, tolerance],
     }

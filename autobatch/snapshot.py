@@ -81,7 +81,7 @@ class TrainingState:
             if saved is None:
                 param.grad = None
             elif param.grad is None:
-                param.grad = saved.to(param.device)
+                param.grad = saved.to(param.device, copy=True)
             else:
                 param.grad.copy_(saved)
         for name, module in self.model.named_modules():
@@ -105,7 +105,7 @@ class TrainingState:
                     if isinstance(current, torch.Tensor) and current.shape == saved_value.shape:
                         current.copy_(saved_value)
                     else:
-                        state[key] = saved_value.to(device)
+                        state[key] = saved_value.to(device, copy=True)
                 else:
                     state[key] = value
         for group, saved_group in zip(self.optimizer.param_groups, self.param_groups, strict=True):

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,7 +81,12 @@ class Task:
             raise InvalidInputError("Task.step must be callable as step(model, batch) -> loss")
         if self.collate_fn is not None and not callable(self.collate_fn):
             raise InvalidInputError("Task.collate_fn must be callable on a list of samples")
-        if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, int | float)
+            or not math.isfinite(self.lr)
+            or self.lr <= 0
+        ):
             raise InvalidInputError(f"Task.lr={self.lr!r} must be a positive number such as 1e-3")
         self.lr = float(self.lr)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
@@ -135,6 +141,12 @@ def _check_data(data: Any, name: str) -> None:
         if sizes == {0}:
             raise InvalidInputError(f"Task.{name} is empty; give at least one sample")
         return
+    if isinstance(data, tuple) and any(isinstance(t, torch.Tensor | np.ndarray) for t in data):
+        # (inputs, targets) with an array or list among them would pass as a 2-sample Dataset.
+        raise InvalidInputError(
+            f"Task.{name} is a tuple of {', '.join(type(t).__name__ for t in data[:4])}; every "
+            "element must be a torch tensor (convert with torch.as_tensor), or pass a torch Dataset"
+        )
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise InvalidInputError(
             f"Task.{name} must be a torch Dataset (with __len__ and __getitem__) or a tuple of "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from autobatch.errors import InvalidInputError
@@ -41,6 +42,8 @@ def parse_bytes(value: str | int | float, *, name: str = "memory_budget") -> int
                 "a number of bytes"
             )
         number, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(number):
+        raise InvalidInputError(f"{name}={value!r} must be a finite size, such as '2GiB'")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise InvalidInputError(f"{name}={value!r} must be a positive size, such as '2GiB'")

@@ -1,0 +1,314 @@
+"""The ``autobatch`` command.
+
+The CLI is a thin layer over the library: every command parses its arguments, makes one library
+call and prints what came back. Nothing here measures, searches or decides; what a command
+reports, the library computed, so a script calling the library gets the same answers.
+
+Adding a command takes two functions in the style of ``probe``: ``_add_NAME_parser(sub)``,
+which declares its arguments and sets ``func=_cmd_NAME``, and ``_cmd_NAME(args) -> int``,
+which makes the call and prints; then list the builder in ``_COMMANDS``.
+
+Bad input (an :class:`InvalidInputError`, :class:`BatchSizeOneDoesNotFit` or a usage error)
+ends with one line ``autobatch: error: ...`` on stderr and exit code 2; Ctrl-C with exit code
+130. Errors raised by the user's own code while it trains keep their traceback: it is where the
+bug is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from autobatch.errors import AutobatchError, BatchSizeOneDoesNotFit, InvalidInputError
+from autobatch.units import format_bytes, parse_bytes
+
+log = logging.getLogger(__name__)
+
+PROG = "autobatch"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """A command line argparse rejected; reported on one line instead of usage plus error."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.prog)
+
+
+# -- shared arguments ---------------------------------------------------------------------
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log progress to stderr (-v: info, -vv: debug, with tracebacks of errors)",
+    )
+    return common
+
+
+def _add_target_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="a built-in example (see 'autobatch examples'), package.module:function or "
+        "path/to/file.py:function; the function takes no arguments and returns an "
+        "autobatch.Task",
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The task TARGET names, moved to --device where one was given."""
+    from autobatch.target import load_task
+
+    task = load_task(args.target)
+    if getattr(args, "device", None):
+        # replace() runs Task.__post_init__ again, so a bad device name is reported there.
+        task = dataclasses.replace(task, device=args.device)
+    return task
+
+
+# -- probe --------------------------------------------------------------------------------
+
+
+def _add_probe_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from autobatch.probe import DEFAULT_HEADROOM
+
+    parser = sub.add_parser(
+        "probe",
+        parents=[common],
+        help="find the largest batch size whose training step fits in memory",
+        description="Run the task's real training step at growing batch sizes and report the "
+        "largest that fits in accelerator memory. Every size reported has run.",
+    )
+    _add_target_argument(parser)
+    parser.add_argument(
+        "--device",
+        help="device to probe: cuda, cuda:1, mps, xpu or cpu (default: the task's device)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="memory to fit in, e.g. 2GiB or 512MB; required on cpu (a simulated "
+        "accelerator of that size), a cap elsewhere",
+    )
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        metavar="FRACTION",
+        help=f"fraction of memory kept free (default: {DEFAULT_HEADROOM})",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, metavar="N", help="never try more than N samples"
+    )
+    parser.add_argument(
+        "--multiple-of",
+        type=int,
+        default=1,
+        metavar="N",
+        help="only try multiples of N, e.g. 8 (default: 1)",
+    )
+    parser.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="probe again even if an earlier result for the same setup is cached",
+    )
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.set_defaults(func=_cmd_probe)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from autobatch.probe import probe
+
+    budget = (
+        None
+        if args.memory_budget is None
+        else parse_bytes(args.memory_budget, name="--memory-budget")
+    )
+    task = _load(args)
+    log.info("probing %s on %s", task.name, task.device)
+    result = probe(
+        task,
+        memory_budget=budget,
+        headroom=args.headroom,
+        max_batch_size=args.max_batch_size,
+        multiple_of=args.multiple_of,
+        cache=args.cache,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print(_probe_report(result, task.train_size))
+    return EXIT_OK
+
+
+def _probe_report(result: Any, train_size: int) -> str:
+    rows = [
+        (
+            str(a.batch_size),
+            "fits" if a.fitted else ("OOM" if a.oom else "over budget"),
+            format_bytes(a.peak_bytes),
+            f"{a.seconds:.3f}",
+            a.phase,
+        )
+        for a in result.attempts
+    ]
+    lines = _table(("batch size", "result", "peak memory", "seconds", "phase"), rows, "<<>><")
+    lines.append("")
+    note = ""
+    if result.upper_bound is not None and result.batch_size >= result.upper_bound:
+        limit = "the training set" if result.upper_bound >= train_size else "--max-batch-size"
+        note = f"  (the upper bound, set by {limit}: memory allows at least this)"
+    model = result.memory_model
+    summary = [
+        ("batch size", f"{result.batch_size}{note}"),
+        ("device", result.device),
+        ("capacity", format_bytes(result.capacity_bytes)),
+        ("budget", f"{format_bytes(result.budget_bytes)} (headroom {result.headroom:.0%})"),
+        (
+            "memory model",
+            "- (no peak readings: found by search)"
+            if model is None
+            else f"{format_bytes(model.fixed_bytes)} fixed + "
+            f"{format_bytes(model.bytes_per_sample)} per sample",
+        ),
+        ("steps", f"{result.steps} training steps, {result.ooms} out of memory"),
+        ("seconds", f"{result.seconds:.2f}"),
+        ("cached", "yes (--no-cache to probe again)" if result.cached else "no"),
+    ]
+    width = max(len(key) for key, _ in summary)
+    lines += [f"{key:<{width}}  {value}" for key, value in summary]
+    return "\n".join(lines)
+
+
+# -- examples -----------------------------------------------------------------------------
+
+
+def _add_examples_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "examples",
+        parents=[common],
+        help="list the built-in example tasks",
+        description="List the built-in tasks, usable as TARGET. They need no download.",
+    )
+    parser.set_defaults(func=_cmd_examples)
+
+
+def _cmd_examples(args: argparse.Namespace) -> int:
+    from autobatch.examples import EXAMPLES
+
+    rows = [(name, _first_line(factory.__doc__)) for name, factory in EXAMPLES.items()]
+    print("\n".join(_table(("example", "description"), rows, "<<")))
+    return EXIT_OK
+
+
+# -- plumbing -----------------------------------------------------------------------------
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
+    _add_probe_parser,
+    _add_examples_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from autobatch import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="Find the largest batch size that fits in accelerator memory, then the "
+        "batch size, epochs and learning rate that train fastest.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options()
+    for add in _COMMANDS:
+        add(sub, common)
+    return parser
+
+
+def _first_line(doc: str | None) -> str:
+    return doc.strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    """Plain text columns; ``align`` holds '<' or '>' per column."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        text = "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(cells, align, widths, strict=True))
+        return text.rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("autobatch").setLevel(level)
+
+
+def _fail(message: object) -> None:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        _fail(f"{exc} (see '{exc.prog} --help')")
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    if args.command is None:
+        _fail(f"choose a command: {', '.join(_command_names(parser))} (see '{PROG} --help')")
+        return EXIT_USAGE
+    _configure_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as exc:  # StudyInterrupted too: its message says what was kept
+        detail = _one_line(exc)
+        print(f"{PROG}: interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (InvalidInputError, BatchSizeOneDoesNotFit) as exc:
+        log.debug("details", exc_info=True)
+        _fail(exc)
+        return EXIT_USAGE
+    except AutobatchError as exc:
+        log.debug("details", exc_info=True)
+        _fail(exc)
+        return EXIT_FAILED
+
+
+def _command_names(parser: argparse.ArgumentParser) -> list[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Learning-curve arithmetic: smoothing, the epoch to stop at, time to a target loss.
+
+Pure functions on lists of numbers, so the rules can be tested on constructed curves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: Weight of the previous smoothed value in the exponential moving average. Causal (it never
+#: looks ahead), so "first reached the target" means the same live and in hindsight.
+SMOOTHING = 0.6
+
+
+def smooth(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average: noisy evaluations stop looking like progress."""
+    out: list[float] = []
+    average = 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def within(value: float, best: float, tolerance: float) -> bool:
+    """``value`` is no worse than ``best`` by more than ``tolerance`` (relative)."""
+    return value <= best + tolerance * abs(best)
+
+
+def threshold(target: float, tolerance: float) -> float:
+    """The loss a trial must reach: ``target x (1 + tolerance)`` for positive losses."""
+    return target + tolerance * abs(target)
+
+
+def first_reaching(values: Sequence[float], level: float) -> int | None:
+    """Index of the first value at or below ``level``."""
+    return next((i for i, v in enumerate(values) if v <= level), None)
+
+
+@dataclass(frozen=True)
+class EpochChoice:
+    """Where to stop training, read off one smoothed validation curve."""
+
+    epochs: int  # whole epochs to train
+    at_epoch: float  # the evaluation point (fractional epoch) the rule picked
+    index: int
+    best_index: int
+    warning: str | None
+
+
+def choose_epochs(
+    epochs: Sequence[float], smoothed: Sequence[float], max_epochs: float, tolerance: float
+) -> EpochChoice:
+    """The first point where the smoothed curve comes within ``tolerance`` of its minimum.
+
+    Stopping there gets (nearly) the best loss at the least cost. A minimum at the very end of
+    the budget says the budget was too small to see where training stops helping; a choice
+    in the first tenth says most of the budget was wasted.
+    """
+    if not epochs or len(epochs) != len(smoothed):
+        raise ValueError("choose_epochs needs one smoothed value per evaluation point")
+    best_index = min(range(len(smoothed)), key=smoothed.__getitem__)
+    index = next(i for i, v in enumerate(smoothed) if within(v, smoothed[best_index], tolerance))
+    at = float(epochs[index])
+    warning = None
+    if best_index == len(smoothed) - 1 and epochs[-1] >= max_epochs * 0.999:
+        warning = (
+            f"the validation loss was still falling at the end of the {max_epochs:g}-epoch "
+            "budget: raise max_epochs to see where it levels off"
+        )
+    elif at <= 0.1 * max_epochs:
+        warning = (
+            f"the validation loss levelled off within {at:.2g} epochs, the first tenth of the "
+            f"{max_epochs:g}-epoch budget: lower max_epochs to save time"
+        )
+    return EpochChoice(max(1, math.ceil(at - 1e-9)), at, index, best_index, warning)
+
+
+def area_under(seconds: Sequence[float], losses: Sequence[float]) -> float | None:
+    """Mean loss over the training time (trapezoids), comparable across trial lengths."""
+    if len(seconds) < 2 or seconds[-1] <= seconds[0]:
+        return None
+    total = sum(
+        (seconds[i] - seconds[i - 1]) * (losses[i] + losses[i - 1]) / 2
+        for i in range(1, len(seconds))
+    )
+    return total / (seconds[-1] - seconds[0])

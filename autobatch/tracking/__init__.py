@@ -1,0 +1,46 @@
+"""MLflow tracking for studies: the observer that logs them, the charts, and reports.
+
+Names load on first use, so ``import autobatch.tracking`` (or ``redact_url`` alone) does not
+pay for importing MLflow and matplotlib until a tracker or report is actually made.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autobatch.tracking.mlflow_tracker import (
+        MlflowTracker,
+        mlflow_ui_command,
+        resolve_tracking_uri,
+    )
+    from autobatch.tracking.redact import redact_url
+    from autobatch.tracking.report import Report, format_report, load_report
+
+_HOMES = {
+    "MlflowTracker": "mlflow_tracker",
+    "mlflow_ui_command": "mlflow_tracker",
+    "resolve_tracking_uri": "mlflow_tracker",
+    "redact_url": "redact",
+    "Report": "report",
+    "format_report": "report",
+    "load_report": "report",
+}
+
+__all__ = [
+    "MlflowTracker",
+    "Report",
+    "format_report",
+    "load_report",
+    "mlflow_ui_command",
+    "redact_url",
+    "resolve_tracking_uri",
+]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'autobatch.tracking' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"autobatch.tracking.{home}"), name)

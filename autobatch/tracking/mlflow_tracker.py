@@ -1,0 +1,619 @@
+"""Log a study to MLflow as it runs: one parent run per study, one child run per trial.
+
+Everything goes through ``mlflow.MlflowClient`` with explicit run ids, never the fluent
+``mlflow.start_run`` API: its process-wide active-run stack would tangle with the user's own
+runs. Metrics are buffered and sent with ``log_batch`` no more often than about once a
+second (and less often if sending is slow), so logging stays around 1% of training time.
+
+If the tracking server goes away mid-study, the tracker logs one warning saying what was not
+logged and stops talking to MLflow; the study itself goes on.
+
+Example::
+
+    tracker = MlflowTracker(resolve_tracking_uri(None))   # sqlite:///<cwd>/mlflow.db
+    result = tune(task, mlflow=False, observers=[tracker])
+    print(mlflow_ui_command(tracker.tracking_uri))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import shlex
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import requests
+import sqlalchemy.exc
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from autobatch import curves
+from autobatch.errors import InvalidInputError
+from autobatch.probe import ProbeResult
+from autobatch.records import FAILED, INFEASIBLE, EvalPoint, StudySettings, TrialRecord
+from autobatch.tracking import plots
+from autobatch.tracking.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlflow.db"
+#: Tags that tell autobatch's runs apart from anything else in the experiment.
+ROLE_TAG, STUDY_TAG, TRIAL_TAG = "autobatch_role", "autobatch_study", "trial_number"
+PARENT_TAG = "mlflow.parentRunId"
+#: Columns of trials.csv and of a report: a TrialRecord without its curve.
+TRIAL_COLUMNS = tuple(f.name for f in fields(TrialRecord) if f.name != "curve")
+#: Trial summary values logged as child-run metrics at the end of a trial.
+FINAL_METRICS = (
+    "time_to_target",
+    "samples_to_target",
+    "best_val_loss",
+    "recommended_epochs",
+    "auc",
+    "epoch_seconds",
+)
+_PARAM_LIMIT = 6000  # MLflow's limit on a parameter value
+_TAG_LIMIT = 5000  # below MLflow's 8000, leaving room for multi-byte characters
+_BATCH_PARAMS = 100  # MLflow's limits on one log_batch request
+_BATCH_METRICS = 1000
+# Everything a broken tracking store can raise at us: the REST client wraps HTTP failures in
+# MlflowException, the SQL store lets some driver errors through, file stores raise OSError.
+_STORE_ERRORS = (
+    MlflowException,
+    requests.RequestException,
+    OSError,
+    sqlalchemy.exc.SQLAlchemyError,
+)
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The tracking URI to use, always explicit and absolute.
+
+    ``None`` means ``sqlite:///<current directory>/mlflow.db``; a relative SQLite path or a
+    bare ``*.db`` file name is made absolute, so ``mlflow ui`` finds the store from anywhere.
+    """
+    if uri is None or not str(uri).strip():
+        return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    uri = str(uri).strip()
+    if "://" not in uri and uri.endswith(".db"):
+        return f"sqlite:///{Path(uri).expanduser().resolve()}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = uri[len(prefix) :]
+        if path and not path.startswith("/") and not path.startswith(":memory:"):
+            return f"{prefix}{Path(path).resolve()}"
+    return uri
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """What to run (or open) to see the study in the MLflow UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {redact_url(uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {shlex.quote(redact_url(uri))}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix) :].split("?", 1)[0]
+    return None if not path or path.startswith(":memory:") else Path(path)
+
+
+@contextlib.contextmanager
+def http_limits(retries: int, timeout: int) -> Iterator[None]:
+    """Bound MLflow's HTTP retries and timeout for the calls inside the block.
+
+    MLflow reads these settings from the environment at every request; its defaults (7
+    retries with exponential backoff, 120 s timeout) would stall training for minutes when
+    the server is gone. The previous values come back afterwards.
+    """
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return redact_url(f"{type(exc).__name__}: {text[0] if text else ''}")[:limit]
+
+
+def open_client(tracking_uri: str, *, timeout: int = 5, create: bool = True) -> MlflowClient:
+    """A client for ``tracking_uri`` that has answered one request, or InvalidInputError.
+
+    Checked before any training starts, with no retries and a short timeout, so a wrong URL
+    or a stopped server costs seconds, not a study. With ``create=False`` a SQLite file that
+    does not exist is an error instead of a new empty store.
+    """
+    shown = redact_url(tracking_uri)
+    path = _sqlite_path(tracking_uri)
+    if path is not None and not create and not path.exists():
+        raise InvalidInputError(f"no MLflow store at {shown}: {path} does not exist")
+    if path is not None and not path.parent.is_dir():
+        raise InvalidInputError(
+            f"cannot create the MLflow store {shown}: folder {path.parent} does not exist"
+        )
+    try:
+        with http_limits(retries=0, timeout=timeout):
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.search_experiments(max_results=1)
+    except _STORE_ERRORS as exc:
+        if tracking_uri.startswith(("http://", "https://")):
+            raise InvalidInputError(
+                f"cannot reach MLflow tracking server at {shown} ({_first_line(exc, 160)}); "
+                "start it (mlflow server --host 127.0.0.1 --port <port>), fix --tracking-uri, "
+                "or pass --no-mlflow"
+            ) from None
+        raise InvalidInputError(
+            f"cannot open the MLflow tracking store {shown} ({_first_line(exc, 160)}); "
+            "fix --tracking-uri (e.g. sqlite:///mlflow.db) or pass --no-mlflow"
+        ) from None
+    return client
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        value = list(value)
+    return str(value)[:_PARAM_LIMIT]
+
+
+def _param_key(key: str) -> str:
+    # MLflow keys allow letters, digits and "_-. /"; anything else from user extras becomes "_".
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in str(key))[:250]
+
+
+def settings_params(settings: StudySettings) -> dict[str, str]:
+    """The study's settings as MLflow parameters; ``extra`` entries as ``extra.<key>``."""
+    data = settings.to_dict()
+    extra = data.pop("extra", {}) or {}
+    params = {key: _param_value(value) for key, value in data.items()}
+    params["storage"] = redact_url(params["storage"])
+    params.update({_param_key(f"extra.{k}"): _param_value(v) for k, v in extra.items()})
+    return params
+
+
+def probe_params(probe: ProbeResult | None) -> dict[str, str]:
+    """The probe's outcome as ``probe.*`` parameters (``probe.skipped`` when there was none)."""
+    if probe is None:
+        return {"probe.skipped": "True"}
+    model = probe.memory_model
+    params = {
+        "probe.batch_size": probe.batch_size,
+        "probe.capacity_bytes": probe.capacity_bytes,
+        "probe.headroom": probe.headroom,
+        "probe.budget_bytes": probe.budget_bytes,
+        "probe.fixed_bytes": None if model is None else int(model.fixed_bytes),
+        "probe.bytes_per_sample": None if model is None else int(model.bytes_per_sample),
+        "probe.device": probe.device,
+        "probe.attempts": len(probe.attempts),
+        "probe.ooms": probe.ooms,
+        "probe.steps": probe.steps,
+        "probe.seconds": round(probe.seconds, 3),
+        "probe.upper_bound": probe.upper_bound,
+        "probe.cached": probe.cached,
+    }
+    return {key: _param_value(value) for key, value in params.items()}
+
+
+def probe_metrics(probe: ProbeResult, timestamp_ms: int) -> list[Metric]:
+    """``probe_peak_bytes`` and ``probe_fitted`` per attempt, with step = batch size."""
+    metrics = []
+    for attempt in probe.attempts:
+        step = attempt.batch_size
+        if attempt.peak_bytes is not None:
+            peak = float(attempt.peak_bytes)
+            metrics.append(Metric("probe_peak_bytes", peak, timestamp_ms, step))
+        metrics.append(Metric("probe_fitted", float(attempt.fitted), timestamp_ms, step))
+    return metrics
+
+
+def point_metrics(point: EvalPoint) -> list[Metric]:
+    """One evaluation as metrics, with step = samples seen and its own timestamp."""
+    values = {
+        "train_loss": point.train_loss,
+        "val_loss": point.val_loss,
+        "val_loss_smoothed": point.val_loss_smoothed,
+        "val_accuracy": point.val_accuracy,
+        "samples_per_second": point.samples_per_second,
+        "epoch": point.epoch,
+        "train_seconds": point.seconds,
+        "peak_memory_bytes": point.peak_memory_bytes,
+    }
+    return [
+        Metric(key, float(value), int(point.timestamp_ms), int(point.samples))
+        for key, value in values.items()
+        if value is not None
+    ]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with tuples as lists, non-finite floats as None and unknown objects as text."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if hasattr(value, "to_dict"):
+        return json_safe(value.to_dict())
+    return str(value)
+
+
+def write_trials_csv(trials: Sequence[TrialRecord], path: str | Path) -> Path:
+    """One row per trial: ``TrialRecord.summary()``, in trial order."""
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(TRIAL_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for record in sorted(trials, key=lambda r: r.number):
+            row = record.summary()
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in TRIAL_COLUMNS})
+    return path
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class MlflowTracker:
+    """A TuneObserver that logs the study, its trials and the recommendation to MLflow.
+
+    ``tracking_uri``: any MLflow tracking URI (``sqlite:///...``, ``http://host:5000``).
+    ``experiment``: the experiment to log into; by default the study's name. It is created
+    when missing. The server is contacted once here, so a wrong URI fails before training.
+    """
+
+    #: Seconds between metric flushes at least; and at least this many times the last
+    #: flush's duration, which caps logging near 1% of the time between flushes.
+    flush_interval = 1.0
+    cost_factor = 100.0
+    #: HTTP settings after the first contact: one quick retry for a blip, then give up.
+    retries, timeout = 1, 15
+
+    def __init__(self, tracking_uri: str, experiment: str | None = None) -> None:
+        if not isinstance(tracking_uri, str) or not tracking_uri.strip():
+            raise InvalidInputError(
+                f"tracking_uri={tracking_uri!r} must be an MLflow URI such as "
+                "sqlite:///mlflow.db or http://127.0.0.1:5000"
+            )
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self._client = open_client(tracking_uri)
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.run_ids: dict[int, str] = {}  # trial number -> child run id, for every trial
+        self._open: dict[int, str] = {}  # child runs not yet terminated
+        self._buffer: dict[str, list[Metric]] = {}
+        self._last_flush = 0.0
+        self._flush_cost = 0.0
+        self._settings: StudySettings | None = None
+        self._stopped = False
+        self._parent_noted = False
+
+    @property
+    def stopped(self) -> bool:
+        """True once a failure made the tracker stop sending anything."""
+        return self._stopped
+
+    # -- failure handling -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Run MLflow calls; on the first store error, warn once and stop logging for good."""
+        try:
+            with http_limits(self.retries, self.timeout):
+                yield
+        except _STORE_ERRORS as exc:
+            self._stopped = True
+            self._buffer.clear()
+            log.warning(
+                "MLflow logging to %s failed while logging %s (%s); that and everything after "
+                "it is not logged to MLflow. Training goes on, and the trials stay in the "
+                "Optuna storage (autobatch report --storage ...)",
+                redact_url(self.tracking_uri),
+                what,
+                _first_line(exc),
+            )
+
+    # -- TuneObserver -----------------------------------------------------------------------
+
+    def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
+        """Create (or reuse) the experiment and the study's parent run; log settings and probe."""
+        if self._stopped:
+            return
+        self._settings = settings
+        self.parent_run_id = None
+        self.run_ids, self._open, self._buffer = {}, {}, {}
+        self._parent_noted = False
+        with self._guard(f"the start of study {settings.study_name!r}"):
+            self.experiment_id = self._experiment_id(self.experiment or settings.study_name)
+            run = self._client.create_run(
+                self.experiment_id,
+                run_name=settings.study_name,
+                tags={
+                    ROLE_TAG: "study",
+                    STUDY_TAG: settings.study_name,
+                    "task": settings.task_name,
+                },
+            )
+            self.parent_run_id = run.info.run_id
+            params = {**settings_params(settings), **probe_params(probe)}
+            metrics = probe_metrics(probe, _now_ms()) if probe is not None else []
+            self._log(self.parent_run_id, params=params, metrics=metrics)
+            if probe is not None:
+                self._log_probe_artifacts(probe)
+
+    def trial_started(self, trial: Any, record: TrialRecord) -> None:
+        """Create the trial's child run and store its id on the Optuna trial."""
+        if self._stopped or self.parent_run_id is None:
+            return
+        run_id = None
+        with self._guard(f"the start of trial {record.number}"):
+            settings = self._settings
+            run = self._client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{record.number}",
+                tags={
+                    PARENT_TAG: self.parent_run_id,
+                    TRIAL_TAG: str(record.number),
+                    ROLE_TAG: "trial",
+                    STUDY_TAG: settings.study_name,
+                    "state": "running",
+                },
+            )
+            run_id = run.info.run_id
+            params = {
+                "batch_size": record.batch_size,
+                "lr": record.lr,
+                "lr_multiplier": record.lr_multiplier,
+                "lr_rule": record.lr_rule,
+                "max_epochs": record.max_epochs,
+                "seed": record.seed,
+                "iterations_per_epoch": record.iterations_per_epoch,
+                "device": settings.device,
+                "precision": settings.precision,
+            }
+            self._log(run_id, params={k: _param_value(v) for k, v in params.items()})
+        if run_id is None:
+            return
+        self.run_ids[record.number] = run_id
+        self._open[record.number] = run_id
+        # On the Optuna trial and study, so the tuner's records and a resumed study find them.
+        trial.set_user_attr("mlflow_run_id", run_id)
+        study = getattr(trial, "study", None)
+        if study is not None and not self._parent_noted:
+            study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
+            self._parent_noted = True
+
+    def evaluated(self, record: TrialRecord, point: EvalPoint) -> None:
+        """Buffer the evaluation; send buffered metrics when the flush interval has passed."""
+        run_id = self._open.get(record.number)
+        if self._stopped or run_id is None:
+            return
+        self._buffer.setdefault(run_id, []).extend(point_metrics(point))
+        wait = max(self.flush_interval, self.cost_factor * self._flush_cost)
+        if time.monotonic() - self._last_flush >= wait:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send every buffered metric now."""
+        if self._stopped or not self._buffer:
+            return
+        pending, self._buffer = self._buffer, {}
+        start = time.monotonic()
+        with self._guard("training metrics"):
+            for run_id, metrics in pending.items():
+                self._log(run_id, metrics=metrics)
+        self._last_flush = time.monotonic()
+        self._flush_cost = self._last_flush - start
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        """Log the trial's summary metrics and state, and end its child run."""
+        run_id = self._open.pop(record.number, None)
+        if self._stopped or run_id is None:
+            return
+        self.flush()
+        if self._stopped:
+            return
+        with self._guard(f"the end of trial {record.number}"):
+            step = record.curve[-1].samples if record.curve else 0
+            now = _now_ms()
+            values = {name: getattr(record, name) for name in FINAL_METRICS}
+            values["total_train_seconds"] = record.train_seconds
+            values["objective_value"] = record.value
+            metrics = [
+                Metric(key, float(value), now, step)
+                for key, value in values.items()
+                if isinstance(value, int | float) and math.isfinite(value)
+            ]
+            tags = {"state": record.state}
+            if record.reason:
+                tags["reason"] = record.reason
+            self._log(run_id, metrics=metrics, tags=tags)
+            self._client.set_terminated(run_id, self._final_status(record))
+
+    def study_finished(self, result: Any) -> None:
+        """Log the recommendation and the study's charts and tables; end the parent run."""
+        if self._stopped or self.parent_run_id is None:
+            return
+        self.flush()
+        self._end_open_runs("KILLED", "the study ended before this trial did")
+        if self._stopped:
+            return
+        with self._guard("the study's recommendation and charts"):
+            recommendation = {
+                "recommended_batch_size": result.batch_size,
+                "recommended_epochs": result.epochs,
+                "recommended_lr": result.lr,
+                "recommended_lr_multiplier": result.lr_multiplier,
+                "best_trial": result.best_trial,
+            }
+            metrics = [
+                Metric(key, float(value), _now_ms(), 0) for key, value in recommendation.items()
+            ]
+            if result.target_loss is not None and math.isfinite(result.target_loss):
+                metrics.append(Metric("target_loss", float(result.target_loss), _now_ms(), 0))
+            tags = {
+                "warnings": "\n".join(result.warnings)[:_TAG_LIMIT],
+                "mlflow.note.content": self._summary(result)[:_TAG_LIMIT],
+            }
+            best_run = self.run_ids.get(result.best_trial) or next(
+                (t.mlflow_run_id for t in result.trials if t.number == result.best_trial), None
+            )
+            if best_run:
+                tags["best_run_id"] = best_run
+            self._log(
+                self.parent_run_id,
+                params={k: _param_value(v) for k, v in recommendation.items()},
+                metrics=metrics,
+                tags=tags,
+            )
+            self._log_result_artifacts(result)
+            self._client.set_terminated(self.parent_run_id, "FINISHED")
+
+    def study_interrupted(self, reason: str) -> None:
+        """Mark the open trial runs and the study run KILLED."""
+        if self._stopped or self.parent_run_id is None:
+            return
+        self.flush()
+        self._end_open_runs("KILLED", reason)
+        if self._stopped:
+            return
+        with self._guard("the interruption of the study"):
+            self._log(self.parent_run_id, tags={"interrupted": str(reason)[:_TAG_LIMIT]})
+            self._client.set_terminated(self.parent_run_id, "KILLED")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _experiment_id(self, name: str) -> str:
+        experiment = self._client.get_experiment_by_name(name)
+        if experiment is None:
+            location = None
+            db = _sqlite_path(self.tracking_uri)
+            if db is not None:
+                # Next to the database rather than MLflow's default ./mlruns under whatever
+                # directory the study happens to run in.
+                location = (db.parent / "mlartifacts").resolve().as_uri()
+            return self._client.create_experiment(name, artifact_location=location)
+        if experiment.lifecycle_stage == "deleted":
+            self._client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def _log(
+        self,
+        run_id: str,
+        *,
+        params: dict[str, str] | None = None,
+        metrics: Sequence[Metric] = (),
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """``log_batch`` within MLflow's per-request limits."""
+        param_list = [Param(k, v) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
+        for chunk in _chunks(param_list, _BATCH_PARAMS):
+            self._client.log_batch(run_id, params=chunk, synchronous=True)
+        for chunk in _chunks(tag_list, _BATCH_PARAMS):
+            self._client.log_batch(run_id, tags=chunk, synchronous=True)
+        for chunk in _chunks(list(metrics), _BATCH_METRICS):
+            self._client.log_batch(run_id, metrics=chunk, synchronous=True)
+
+    def _final_status(self, record: TrialRecord) -> str:
+        if record.reason == "interrupted":
+            return RunStatus.to_string(RunStatus.KILLED)
+        if record.state in (FAILED, INFEASIBLE):
+            return RunStatus.to_string(RunStatus.FAILED)
+        return RunStatus.to_string(RunStatus.FINISHED)
+
+    def _end_open_runs(self, status: str, reason: str) -> None:
+        open_runs, self._open = self._open, {}
+        for number, run_id in open_runs.items():
+            with self._guard(f"the end of trial {number}"):
+                self._log(run_id, tags={"state": "interrupted", "reason": str(reason)[:_TAG_LIMIT]})
+                self._client.set_terminated(run_id, status)
+            if self._stopped:
+                return
+
+    def _log_probe_artifacts(self, probe: ProbeResult) -> None:
+        with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
+            directory = Path(folder)
+            text = json.dumps(json_safe(probe.to_dict()), indent=2)
+            (directory / "probe.json").write_text(text)
+            figure = plots.probe_memory_figure(probe)
+            plots.save_png(figure, directory / "probe_memory.png")
+            self._client.log_artifacts(self.parent_run_id, folder)
+
+    def _log_result_artifacts(self, result: Any) -> None:
+        settings = result.settings
+        trials = list(result.trials)
+        level = (
+            None
+            if result.target_loss is None
+            else curves.threshold(result.target_loss, settings.tolerance)
+        )
+        with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
+            directory = Path(folder)
+            plots.save_png(
+                plots.learning_curves_figure(trials, target=level, best_trial=result.best_trial),
+                directory / "learning_curves.png",
+            )
+            plots.save_png(
+                plots.batch_size_tradeoff_figure(
+                    trials, best_trial=result.best_trial, target=level
+                ),
+                directory / "batch_size_tradeoff.png",
+            )
+            write_trials_csv(trials, directory / "trials.csv")
+            data = json_safe(result.to_dict())
+            data.pop("study", None)
+            (directory / "recommendation.json").write_text(json.dumps(data, indent=2))
+            self._client.log_artifacts(self.parent_run_id, folder)
+
+    def _summary(self, result: Any) -> str:
+        """The recommendation as Markdown: the run description in the MLflow UI."""
+        lines = [
+            f"**Recommendation** for study `{result.settings.study_name}`: batch size "
+            f"**{result.batch_size}**, **{result.epochs}** epochs, learning rate "
+            f"**{result.lr:.4g}** (x{result.lr_multiplier:.3g} of the rule-scaled rate), "
+            f"from trial {result.best_trial}.",
+        ]
+        if result.target_loss is not None:
+            lines.append(
+                f"\nTarget validation loss {result.target_loss:.4g} "
+                f"(+{result.settings.tolerance:.0%} tolerance)."
+            )
+        if result.warnings:
+            lines.append("\n**Warnings**\n")
+            lines += [f"- {w}" for w in result.warnings]
+        lines.append(
+            "\nCompare the child runs `trial-N` on `val_loss_smoothed` (step = training "
+            "samples); see `learning_curves.png` and `batch_size_tradeoff.png` below."
+        )
+        return "\n".join(lines)

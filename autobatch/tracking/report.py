@@ -1,0 +1,354 @@
+"""Rebuild a study's trial table and recommendation after the fact, from MLflow or Optuna.
+
+MLflow holds what the tracker logged (the parent run and its ``trial-N`` child runs); the
+Optuna storage holds the same facts as the tuner's user attributes, so a study tuned with
+``--no-mlflow``, or whose tracking server was down, can still be reported.
+
+Example::
+
+    report = load_report(experiment="autobatch-digits")            # sqlite:///mlflow.db
+    report = load_report(storage="sqlite:///autobatch.db", study_name="autobatch-digits")
+    print(format_report(report))
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from autobatch.errors import InvalidInputError
+from autobatch.records import TrialRecord
+from autobatch.tracking.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+RECOMMENDATION_KEYS = ("batch_size", "epochs", "lr", "lr_multiplier", "best_trial")
+_COLUMNS = tuple(f.name for f in fields(TrialRecord) if f.name != "curve")
+# The Python type of each column, read from TrialRecord's annotations ("float | None" -> float).
+_TYPES = {
+    f.name: {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)
+    for f in fields(TrialRecord)
+    if f.name != "curve"
+}
+
+
+@dataclass(frozen=True)
+class Report:
+    """A study's recommendation and one row per trial (``TrialRecord.summary()`` fields)."""
+
+    recommendation: dict[str, Any]
+    trials: tuple[dict[str, Any], ...]
+    source: str  # "mlflow" or "optuna"
+    study_name: str | None = None
+    parent_run_id: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_report(
+    *,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    experiment: str | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+) -> Report:
+    """The report of one study.
+
+    From MLflow: the parent run ``run_id``, or the latest study run in ``experiment`` (by
+    default the experiment named after ``study_name``), at ``tracking_uri`` (by default
+    ``sqlite:///mlflow.db`` in the current directory). From Optuna: ``storage`` alone, or
+    as the fallback when MLflow has no such study or cannot be reached.
+    """
+    wants_mlflow = tracking_uri is not None or run_id is not None or experiment is not None
+    if storage is not None and not wants_mlflow:
+        return _from_optuna(storage, study_name)
+    if run_id is None and experiment is None and study_name is None:
+        raise InvalidInputError(
+            "say which study to report: give --run-id or --experiment (MLflow), or "
+            "--storage with --study-name (Optuna)"
+        )
+    try:
+        return _from_mlflow(tracking_uri, run_id, experiment or study_name)
+    except InvalidInputError as exc:
+        if storage is None:
+            raise
+        log.warning("%s; reading the Optuna storage %s instead", exc, redact_url(storage))
+        return _from_optuna(storage, study_name)
+
+
+def _coerce(column: str, value: Any) -> Any:
+    if value is None or value == "" or value == "None":
+        return None
+    kind = _TYPES.get(column, str)
+    try:
+        if kind is int:
+            return int(float(value))
+        if kind is float:
+            return float(value)
+    except (TypeError, ValueError):
+        return value
+    return str(value)
+
+
+def _row(values: dict[str, Any]) -> dict[str, Any]:
+    return {column: _coerce(column, values.get(column)) for column in _COLUMNS}
+
+
+# -- MLflow -----------------------------------------------------------------------------------
+
+
+def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str | None) -> Report:
+    from mlflow.exceptions import MlflowException
+
+    from autobatch.tracking.mlflow_tracker import (
+        PARENT_TAG,
+        ROLE_TAG,
+        TRIAL_TAG,
+        http_limits,
+        open_client,
+        resolve_tracking_uri,
+    )
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = open_client(uri, create=False)
+    shown = redact_url(uri)
+    with http_limits(retries=1, timeout=30):
+        if run_id is not None:
+            try:
+                parent = client.get_run(run_id)
+            except MlflowException:
+                raise InvalidInputError(f"no MLflow run {run_id!r} at {shown}") from None
+        else:
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise InvalidInputError(
+                    f"no MLflow experiment {experiment!r} at {shown}; give --experiment or "
+                    "--run-id as shown by `mlflow ui`"
+                )
+            runs = client.search_runs(
+                [found.experiment_id],
+                filter_string=f"tags.{ROLE_TAG} = 'study'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if not runs:
+                raise InvalidInputError(
+                    f"experiment {experiment!r} at {shown} has no autobatch study run"
+                )
+            parent = runs[0]
+        parent_id = parent.info.run_id
+        children = _search_all(
+            client, parent.info.experiment_id, f"tags.`{PARENT_TAG}` = '{parent_id}'"
+        )
+        rows = {}
+        for child in children:
+            tags, data = child.data.tags, child.data
+            if TRIAL_TAG not in tags:
+                continue
+            values: dict[str, Any] = {**data.params, **data.metrics}
+            values.update(
+                number=tags[TRIAL_TAG],
+                state=tags.get("state", "running"),
+                reason=tags.get("reason"),
+                train_seconds=data.metrics.get("total_train_seconds"),
+                value=data.metrics.get("objective_value"),
+                mlflow_run_id=child.info.run_id,
+            )
+            row = _row(values)
+            rows[row["number"]] = row
+        # A resumed study's earlier trials belong to earlier parent runs; the table the
+        # study logged at its end (trials.csv) has them all.
+        for row in _logged_table(client, parent_id):
+            rows.setdefault(row["number"], row)
+    params = parent.data.params
+    recommendation = {
+        key: _coerce(key, params.get(name))
+        for key, name in (
+            ("batch_size", "recommended_batch_size"),
+            ("epochs", "recommended_epochs"),
+            ("lr", "recommended_lr"),
+            ("lr_multiplier", "recommended_lr_multiplier"),
+            ("best_trial", "best_trial"),
+        )
+        if name in params
+    }
+    recommendation = _typed_recommendation(recommendation)
+    warnings = [w for w in parent.data.tags.get("warnings", "").splitlines() if w]
+    if not recommendation:
+        warnings.append(
+            f"the study run ended {parent.info.status} without a recommendation "
+            "(interrupted or still running)"
+        )
+    return Report(
+        recommendation=recommendation,
+        trials=tuple(rows[n] for n in sorted(rows)),
+        source="mlflow",
+        study_name=parent.data.tags.get("autobatch_study") or parent.info.run_name,
+        parent_run_id=parent_id,
+        warnings=tuple(warnings),
+    )
+
+
+def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _logged_table(client: Any, run_id: str) -> list[dict[str, Any]]:
+    from mlflow.exceptions import MlflowException
+
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if "trials.csv" not in names:
+        return []
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, "trials.csv", folder)
+        except MlflowException:
+            return []
+        with Path(path).open(newline="") as handle:
+            return [_row(line) for line in csv.DictReader(handle)]
+
+
+def _typed_recommendation(values: dict[str, Any]) -> dict[str, Any]:
+    kinds = {"batch_size": int, "epochs": int, "best_trial": int, "lr": float}
+    kinds["lr_multiplier"] = float
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        try:
+            out[key] = kinds[key](float(value)) if kinds[key] is int else kinds[key](value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+# -- Optuna -----------------------------------------------------------------------------------
+
+
+def _from_optuna(storage: str, study_name: str | None) -> Report:
+    import optuna
+
+    shown = redact_url(storage)
+    if storage.startswith("sqlite:///"):
+        path = Path(storage[len("sqlite:///") :].split("?", 1)[0])
+        if not path.exists():
+            # optuna would create an empty database here; a report should not.
+            raise InvalidInputError(f"no Optuna storage at {shown}: {path} does not exist")
+    try:
+        names = optuna.study.get_all_study_names(storage=storage)
+    except Exception as exc:  # SQLAlchemy/driver errors of every kind mean "unusable"
+        raise InvalidInputError(
+            f"cannot open the Optuna storage {shown}: {type(exc).__name__}; check the URL"
+        ) from None
+    if study_name is None:
+        if len(names) != 1:
+            raise InvalidInputError(
+                f"{shown} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                "give --study-name"
+            )
+        study_name = names[0]
+    if study_name not in names:
+        raise InvalidInputError(
+            f"no study {study_name!r} in {shown}; it holds: {', '.join(names) or 'none'}"
+        )
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        data = trial.user_attrs.get("autobatch_record")
+        if data is not None:
+            rows.append(_row(data))
+    rows.sort(key=lambda r: r["number"])
+    recommendation = _typed_recommendation(
+        dict(study.user_attrs.get("autobatch_recommendation") or {})
+    )
+    warnings = () if recommendation else ("the study has no recommendation yet (interrupted?)",)
+    return Report(
+        recommendation=recommendation,
+        trials=tuple(rows),
+        source="optuna",
+        study_name=study_name,
+        parent_run_id=study.user_attrs.get("mlflow_parent_run_id"),
+        warnings=warnings,
+    )
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+
+def _number(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def format_report(report: Report) -> str:
+    """The trial table and the recommendation as plain text."""
+    header = (
+        "trial",
+        "state",
+        "batch size",
+        "lr",
+        "iters/epoch",
+        "time-to-target (s)",
+        "best loss",
+        "rec. epochs",
+    )
+    rows = [
+        (
+            _number(r.get("number"), "d"),
+            str(r.get("state") or "-"),
+            _number(r.get("batch_size"), "d"),
+            _number(r.get("lr"), ".3g"),
+            _number(r.get("iterations_per_epoch"), "d"),
+            _number(r.get("time_to_target"), ".2f"),
+            _number(r.get("best_val_loss"), ".4f"),
+            _number(r.get("recommended_epochs"), "g"),
+        )
+        for r in report.trials
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    left = {1}  # the state column reads better left-aligned
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    source = (
+        f"MLflow run {report.parent_run_id}" if report.source == "mlflow" else "the Optuna storage"
+    )
+    out = [f"Study {report.study_name or '?'} ({len(rows)} trials, from {source})", ""]
+    out += [line(header), line(tuple("-" * w for w in widths))]
+    out += [line(row) for row in rows]
+    out.append("")
+    rec = report.recommendation
+    if rec:
+        out.append(
+            f"Recommendation: batch size {rec.get('batch_size', '?')}, "
+            f"{rec.get('epochs', '?')} epochs, learning rate {_number(rec.get('lr'), '.4g')} "
+            f"(x{_number(rec.get('lr_multiplier'), '.3g')} of the rule-scaled rate), "
+            f"from trial {rec.get('best_trial', '?')}"
+        )
+    else:
+        out.append("Recommendation: none (the study did not finish)")
+    out += [f"Warning: {w}" for w in report.warnings]
+    return "\n".join(out)

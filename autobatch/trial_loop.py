@@ -1,0 +1,165 @@
+"""One trial's training: the task's real step in a tight loop, evaluated at fixed sample counts.
+
+No per-step host synchronisation: the training loss is summed on the device and read once per
+evaluation, and the clock is read only there (after a device sync), so evaluation time is
+excluded from training time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from autobatch.curves import smooth
+from autobatch.data import BatchSource, batch_length
+from autobatch.memory import MemoryMeter
+from autobatch.records import EvalPoint
+from autobatch.task import Task
+from autobatch.training import TrainStep, autocast, build, forward_loss
+
+
+class TrialFailed(Exception):
+    """The trial cannot go on (a non-finite loss); the study records why and continues."""
+
+
+class StopTrial(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by an evaluation callback to end training early (pruned, or nothing to gain)."""
+
+
+@dataclass
+class TrialRun:
+    """What one training run produced."""
+
+    points: list[EvalPoint] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples: int = 0
+    epoch_seconds: float | None = None
+
+
+def evaluation_interval(train_size: int) -> int:
+    """Samples between evaluations: twice per epoch on small data, four times on large."""
+    per_epoch = 2 if train_size < 10_000 else 4
+    return max(1, math.ceil(train_size / per_epoch))
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: torch.nn.Module, val: BatchSource, batch_size: int):
+    """Mean validation loss, and accuracy where the task asks for it."""
+    model.eval()
+    total = torch.zeros((), device=task.device)
+    correct = torch.zeros((), device=task.device)
+    count = 0
+    accuracy = task.metric == "accuracy" and task.step is None
+    for batch in val.epoch(batch_size, torch.Generator(), shuffle=False):
+        n = batch_length(batch)
+        with autocast(task):
+            if accuracy:
+                *inputs, targets = batch
+                outputs = model(*inputs)
+                loss = task.loss(outputs, targets)
+                correct += (outputs.argmax(-1) == targets).sum()
+            else:
+                loss = forward_loss(task, model, batch)
+        total += loss.float() * n
+        count += n
+    model.train()
+    return (total / count).item(), ((correct / count).item() if accuracy else None)
+
+
+def train(
+    task: Task,
+    train_data: BatchSource,
+    val_data: BatchSource,
+    *,
+    batch_size: int,
+    lr: float,
+    max_epochs: float,
+    eval_batch_size: int,
+    on_eval: Callable[[EvalPoint], None],
+    meter: MemoryMeter | None = None,
+) -> TrialRun:
+    """Train a fresh model for up to ``max_epochs``; ``on_eval`` sees every evaluation and may
+    raise ``StopTrial``. A non-finite loss raises ``TrialFailed``."""
+    model, optimizer = build(task, lr)
+    step = TrainStep(task, model, optimizer)
+    model.train()
+    generator = torch.Generator().manual_seed(task.seed)
+    size = len(train_data)
+    max_samples = int(max_epochs * size)
+    interval = evaluation_interval(size)
+    next_eval = interval
+    run = TrialRun()
+    loss_sum = torch.zeros((), device=task.device)
+    loss_samples = 0
+    val_losses: list[float] = []
+    window_samples, window_seconds = 0, 0.0
+    sync = meter.synchronize if meter is not None else _synchronizer(task.device)
+    if meter is not None:
+        meter.reset_peak()
+    try:
+        while run.samples < max_samples:
+            epoch_start = time.perf_counter()
+            epoch_train = run.train_seconds
+            for batch in train_data.epoch(batch_size, generator):
+                n = batch_length(batch)
+                loss_sum += step(batch).float() * n
+                loss_samples += n
+                run.samples += n
+                if run.samples < next_eval and run.samples < max_samples:
+                    continue
+                sync()
+                now = time.perf_counter()
+                run.train_seconds += now - epoch_start
+                window_seconds += now - epoch_start
+                window_samples += loss_samples
+                train_loss = (loss_sum / max(loss_samples, 1)).item()
+                val_loss, accuracy = evaluate(task, model, val_data, eval_batch_size)
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    raise TrialFailed(
+                        f"loss became {'nan' if math.isnan(val_loss) else 'inf'} after "
+                        f"{run.samples} samples (train loss {train_loss}, val loss {val_loss})"
+                    )
+                val_losses.append(val_loss)
+                point = EvalPoint(
+                    samples=run.samples,
+                    seconds=run.train_seconds,
+                    epoch=run.samples / size,
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    val_loss_smoothed=smooth(val_losses)[-1],
+                    val_accuracy=accuracy,
+                    samples_per_second=window_samples / max(window_seconds, 1e-9),
+                    peak_memory_bytes=meter.peak() if meter is not None else None,
+                    timestamp_ms=int(time.time() * 1000),
+                )
+                run.points.append(point)
+                loss_sum.zero_()
+                loss_samples = 0
+                window_samples, window_seconds = 0, 0.0
+                next_eval = (run.samples // interval + 1) * interval
+                on_eval(point)
+                if run.samples >= max_samples:
+                    break
+                epoch_start = time.perf_counter()
+            else:
+                sync()
+                run.train_seconds += time.perf_counter() - epoch_start
+            if run.epoch_seconds is None and run.samples >= size:
+                run.epoch_seconds = run.train_seconds - epoch_train
+    except StopTrial:
+        pass
+    finally:
+        del model, optimizer, step
+    return run
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None

@@ -1,0 +1,60 @@
+"""The epoch-selection rule and time-to-target on constructed learning curves."""
+
+import math
+
+import pytest
+
+from autobatch import curves
+
+
+def test_smooth_is_causal_and_debiased():
+    values = [4.0, 2.0, 1.0, 1.0, 1.0]
+    smoothed = curves.smooth(values)
+    assert smoothed[0] == pytest.approx(4.0)  # debiased: the first value is kept, not shrunk
+    # causal: changing a later value never changes an earlier smoothed value
+    assert curves.smooth([4.0, 2.0, 9.0])[:2] == smoothed[:2]
+    assert smoothed == sorted(smoothed, reverse=True)
+
+
+def test_choose_epochs_first_point_within_tolerance_of_minimum():
+    epochs = [0.5 * i for i in range(1, 21)]  # 10 epochs, two evaluations each
+    # falls to 0.30 at epoch 4, creeps to 0.29 at epoch 8, then overfits
+    losses = [1.0 / (1 + e) + 0.1 for e in epochs]
+    losses = [max(0.3, v) for v in losses]
+    losses[15] = 0.29
+    losses[16:] = [0.31, 0.33, 0.35, 0.37]
+    choice = curves.choose_epochs(epochs, losses, max_epochs=10, tolerance=0.05)
+    assert losses[choice.best_index] == 0.29
+    # 0.29 * 1.05 = 0.3045: the first value at or below it is where the curve reaches 0.30
+    assert choice.index == 7
+    assert losses[choice.index] <= 0.3045 < losses[choice.index - 1]
+    assert choice.epochs == math.ceil(epochs[choice.index])
+    assert choice.warning is None
+
+
+def test_choose_epochs_warns_when_still_falling_at_the_end():
+    epochs = [1, 2, 3, 4, 5]
+    choice = curves.choose_epochs(epochs, [5, 4, 3, 2, 1], max_epochs=5, tolerance=0.0)
+    assert choice.epochs == 5
+    assert "raise max_epochs" in choice.warning
+
+
+def test_choose_epochs_warns_when_done_in_the_first_tenth():
+    epochs = [0.5 * i for i in range(1, 41)]  # 20 epochs
+    losses = [1.0, 0.2] + [0.2 + 0.001 * i for i in range(38)]
+    choice = curves.choose_epochs(epochs, losses, max_epochs=20, tolerance=0.05)
+    assert choice.epochs == 1
+    assert "lower max_epochs" in choice.warning
+
+
+def test_threshold_and_first_reaching():
+    level = curves.threshold(0.5, 0.1)
+    assert level == pytest.approx(0.55)
+    assert curves.first_reaching([0.9, 0.6, 0.55, 0.4], level) == 2
+    assert curves.first_reaching([0.9, 0.8], level) is None
+
+
+def test_area_under_is_mean_loss_over_time():
+    assert curves.area_under([0, 1, 3], [2, 2, 2]) == pytest.approx(2.0)
+    assert curves.area_under([0, 2], [1, 3]) == pytest.approx(2.0)
+    assert curves.area_under([1], [1]) is None

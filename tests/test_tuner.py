@@ -1,0 +1,171 @@
+"""The tuner end to end on the digits example: seeding, failures, resumption, reproducibility."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+import torch
+
+from autobatch import InvalidInputError, StudyInterrupted, Task, tune
+from autobatch.examples import digits
+from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED
+
+FAST = dict(max_epochs=2, mlflow=False, candidates=[16, 32, 64, 128])
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    return digits()
+
+
+def _step_failing_at(batch_size: int, error: Exception | None):
+    """A custom step that behaves like the default one, but fails at one batch size."""
+
+    def step(model, batch):
+        inputs, targets = batch
+        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        if inputs.shape[0] == batch_size:
+            if error is None:
+                return loss * float("nan")
+            raise error
+        return loss
+
+    return step
+
+
+def test_seeded_trials_run_first_and_recommendation_is_a_complete_trial(task):
+    result = tune(task, n_trials=4, **FAST)
+    first = result.trials[:3]
+    assert [t.batch_size for t in first] == [32, 128, 64]  # baseline, ceiling, middle
+    assert all(t.lr_multiplier == 1.0 for t in first)
+    assert first[0].lr == task.lr  # the baseline runs the task's own learning rate
+    # Adam family: sqrt rule from the task's batch size
+    assert first[1].lr == pytest.approx(task.lr * (128 / 32) ** 0.5)
+    assert result.target_loss == pytest.approx(first[0].best_val_loss)
+    best = next(t for t in result.trials if t.number == result.best_trial)
+    assert best.state == COMPLETE and best.time_to_target is not None
+    assert (result.batch_size, result.lr) == (best.batch_size, best.lr)
+    assert result.epochs == best.recommended_epochs
+    assert all(t.iterations_per_epoch == -(-task.train_size // t.batch_size) for t in result.trials)
+    assert result.to_dict()["batch_size"] == result.batch_size
+
+
+def test_nan_loss_fails_that_trial_and_the_study_goes_on(task):
+    broken = dataclasses.replace(task, step=_step_failing_at(128, None))
+    result = tune(broken, n_trials=3, **FAST)
+    states = {t.batch_size: t for t in result.trials}
+    assert states[128].state == FAILED and "nan" in states[128].reason
+    assert states[32].state == COMPLETE and states[64].state == COMPLETE
+
+
+def test_oom_marks_the_batch_size_infeasible_and_it_is_not_sampled_again(task):
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    broken = dataclasses.replace(task, step=_step_failing_at(128, oom))
+    result = tune(broken, n_trials=8, seed=3, **FAST)
+    at_128 = [t for t in result.trials if t.batch_size == 128]
+    assert len(at_128) == 1 and at_128[0].state == INFEASIBLE
+    assert result.study.user_attrs["autobatch_infeasible"] == [128]
+    others = [t for t in result.trials if t.batch_size != 128]
+    assert len(others) == 7  # the study went on to its full budget
+    assert {t.state for t in others} <= {COMPLETE, PRUNED}
+    assert result.batch_size != 128
+
+
+def test_other_errors_stop_the_study_with_the_original_error(task):
+    broken = dataclasses.replace(task, step=_step_failing_at(32, KeyError("labels")))
+    with pytest.raises(KeyError, match="labels"):
+        tune(broken, n_trials=3, **FAST)
+
+
+class _InterruptAt:
+    """An observer that presses Ctrl-C during trial ``number``."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def __getattr__(self, name):
+        return lambda *args: None
+
+    def evaluated(self, record, point):
+        if record.number == self.number:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_study_resumes_and_keeps_finished_trials(task, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    kwargs = dict(n_trials=5, storage=storage, study_name="resume", **FAST)
+    with pytest.raises(StudyInterrupted, match="resume"):
+        tune(task, observers=[_InterruptAt(2)], **kwargs)
+    before = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    finished = {t.number: t.values for t in before if t.state.is_finished() and t.values}
+    assert set(finished) == {0, 1}
+    assert before[2].state == optuna.trial.TrialState.FAIL  # not left RUNNING
+
+    result = tune(task, **kwargs)
+    after = {t.number: t.values for t in result.study.get_trials() if t.values}
+    assert {n: after[n] for n in finished} == finished  # nothing finished was lost or redone
+    counted = [t for t in result.study.get_trials() if t.user_attrs.get("autobatch_counted", True)]
+    assert len(counted) == 5
+    # the interrupted seed (the middle size) is run again by the resumed study
+    assert any(t.batch_size == 64 and t.state == COMPLETE for t in result.trials)
+
+
+def test_same_seed_gives_the_same_study(task):
+    a = tune(task, n_trials=5, objective="loss", seed=7, **FAST)
+    b = tune(task, n_trials=5, objective="loss", seed=7, **FAST)
+    assert [(t.batch_size, t.lr) for t in a.trials] == [(t.batch_size, t.lr) for t in b.trials]
+    # Trials differ only in what is tuned: the same configuration gives the same learning curve
+    # (where pruning, which follows wall time, stops a trial may differ, so compare the prefix).
+    for ta, tb in zip(a.trials, b.trials, strict=True):
+        n = min(len(ta.curve), len(tb.curve))
+        assert n > 0
+        assert [p.val_loss for p in ta.curve[:n]] == [p.val_loss for p in tb.curve[:n]]
+        assert [p.samples for p in ta.curve[:n]] == [p.samples for p in tb.curve[:n]]
+
+
+def test_changed_search_space_on_an_existing_study_is_refused(task, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = tune(task, n_trials=1, storage=storage, study_name="s", **FAST)
+    with pytest.raises(InvalidInputError, match="different search space"):
+        tune(task, n_trials=2, storage=storage, study_name="s", objective="loss", **FAST)
+    # the first study is intact
+    stored = optuna.load_study(study_name="s", storage=storage).trials
+    finished = [t for t in stored if t.state.is_finished()]
+    assert [t.values for t in finished] == [[first.trials[0].value]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(objective="fastest"), "objective"),
+        (dict(lr_rule="cubic"), "lr_rule"),
+        (dict(target_loss="low"), "target_loss"),
+        (dict(target_loss=float("nan")), "target_loss"),
+        (dict(candidates=[0, 8]), "candidates"),
+        (dict(candidates=[5000]), "ceiling"),
+        (dict(storage="postgresql://u:hunter2@127.0.0.1:1/none"), "cannot open"),
+    ],
+)
+def test_bad_input_is_one_clear_error(task, kwargs, message):
+    options = {**FAST, **kwargs}
+    with pytest.raises(InvalidInputError, match=message) as info:
+        tune(task, n_trials=1, **options)
+    assert "hunter2" not in str(info.value)
+
+
+def test_candidates_above_the_ceiling_are_dropped_with_a_note(task):
+    options = {**FAST, "candidates": [32, 64, 100_000]}
+    result = tune(task, n_trials=1, **options)
+    assert result.settings.candidates == (32, 64)
+    assert any("100000" in w for w in result.warnings)
+
+
+def test_missing_validation_set_and_tiny_data_are_refused(task):
+    with pytest.raises(InvalidInputError, match="val_data"):
+        tune(dataclasses.replace(task, val_data=None), n_trials=1, mlflow=False)
+    x, y = task.train_data
+    tiny = dataclasses.replace(task, train_data=(x[:1], y[:1]))
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        tune(tiny, n_trials=1, mlflow=False)
