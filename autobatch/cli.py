@@ -197,6 +197,240 @@ def _probe_report(result: Any, train_size: int) -> str:
     return "\n".join(lines)
 
 
+# -- tune ---------------------------------------------------------------------------------
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of batch sizes; write them like 16,32,64"
+        ) from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("give at least one batch size, e.g. 16,32,64")
+    return sizes
+
+
+def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from autobatch.lr_rules import RULES
+    from autobatch.probe import DEFAULT_HEADROOM
+    from autobatch.tuner import OBJECTIVES
+
+    parser = sub.add_parser(
+        "tune",
+        parents=[common],
+        help="recommend batch size, epochs and learning rate from Optuna trials",
+        description="Probe the memory ceiling, then run trials over batch sizes up to it and "
+        "learning rates around the rule-scaled rate; recommend the configuration that reaches "
+        "the target validation loss in the least training time. Trials are stored in --storage "
+        "(resumable: run the same command again to continue) and logged to MLflow.",
+    )
+    _add_target_argument(parser)
+    parser.add_argument(
+        "--n-trials",
+        type=int,
+        default=20,
+        metavar="N",
+        help="trials in the study, counting those of earlier runs (default: 20)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop starting new trials after this many seconds",
+    )
+    parser.add_argument(
+        "--max-epochs",
+        type=float,
+        default=10,
+        metavar="N",
+        help="training budget of each trial, in epochs (default: 10)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        metavar="LIST",
+        help="candidate batch sizes, e.g. 16,32,64 (default: powers of two up to "
+        "the ceiling, and the ceiling)",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="time",
+        help="time: seconds to the target loss (default); loss: best validation "
+        "loss; pareto: both (no pruning)",
+    )
+    parser.add_argument(
+        "--lr-rule",
+        choices=("auto", *RULES),
+        default="auto",
+        help="how the learning rate scales with batch size (default: auto, sqrt "
+        "for Adam-style optimizers, linear for SGD)",
+    )
+    parser.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="LOSS",
+        help="validation loss to reach (default: the baseline trial's best)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    parser.add_argument(
+        "--storage",
+        default="sqlite:///autobatch.db",
+        metavar="URL",
+        help="Optuna storage URL (default: sqlite:///autobatch.db)",
+    )
+    parser.add_argument(
+        "--study-name", metavar="NAME", help="study name (default: autobatch-<task name>)"
+    )
+    parser.add_argument("--device", help="device to train on (default: the task's device)")
+    parser.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="memory to fit in, e.g. 2GiB; on cpu, a simulated accelerator",
+    )
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        metavar="FRACTION",
+        help=f"fraction of memory the probe keeps free (default: {DEFAULT_HEADROOM})",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, metavar="N", help="never try more than N samples"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: sqlite:///mlflow.db here)",
+    )
+    parser.add_argument(
+        "--experiment", metavar="NAME", help="MLflow experiment (default: the study name)"
+    )
+    parser.add_argument(
+        "--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from autobatch.tracking.report import Report, format_report
+    from autobatch.tuner import tune
+
+    budget = (
+        None
+        if args.memory_budget is None
+        else parse_bytes(args.memory_budget, name="--memory-budget")
+    )
+    task = _load(args)
+    tracking_uri = None
+    if args.mlflow:
+        from autobatch.tracking import resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    result = tune(
+        task,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        max_epochs=args.max_epochs,
+        candidates=args.batch_sizes,
+        objective=args.objective,
+        lr_rule=args.lr_rule,
+        target_loss=args.target_loss,
+        seed=args.seed,
+        storage=args.storage,
+        study_name=args.study_name,
+        memory_budget=budget,
+        headroom=args.headroom,
+        max_batch_size=args.max_batch_size,
+        mlflow=args.mlflow,
+        tracking_uri=tracking_uri,
+        experiment=args.experiment,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return EXIT_OK
+    report = Report(
+        recommendation={
+            "batch_size": result.batch_size,
+            "epochs": result.epochs,
+            "lr": result.lr,
+            "lr_multiplier": result.lr_multiplier,
+            "best_trial": result.best_trial,
+        },
+        trials=tuple(result.table()),
+        source="mlflow" if result.mlflow_run_id else "optuna",
+        study_name=result.settings.study_name,
+        parent_run_id=result.mlflow_run_id,
+        warnings=result.warnings,
+    )
+    text = format_report(report).splitlines()
+    recommendation = [line for line in text if line.startswith(("Recommendation", "Warning"))]
+    print("\n".join(line for line in text if line not in recommendation))
+    if result.target_loss is not None:
+        print(
+            f"Target: validation loss <= {result.target_loss:.4f} x "
+            f"(1 + {result.settings.tolerance:g})"
+        )
+    print(
+        f"Study: {result.settings.study_name} in {result.settings.storage} "
+        "(run the same command to add trials)"
+    )
+    if result.mlflow_run_id:
+        from autobatch.tracking import mlflow_ui_command
+
+        print(
+            f"MLflow: parent run {result.mlflow_run_id}; review with: "
+            f"{mlflow_ui_command(tracking_uri)}"
+        )
+    print("\n".join(recommendation))
+    return EXIT_OK
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def _add_report_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "report",
+        parents=[common],
+        help="print a study's trial table and recommendation from MLflow or Optuna storage",
+        description="Rebuild the trial table and the recommendation of a study run elsewhere: "
+        "from MLflow (--run-id or --experiment) or, without MLflow, from the Optuna storage "
+        "(--storage with --study-name).",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: sqlite:///mlflow.db here)",
+    )
+    parser.add_argument("--run-id", metavar="ID", help="the study's parent run in MLflow")
+    parser.add_argument("--experiment", metavar="NAME", help="the study's MLflow experiment")
+    parser.add_argument("--storage", metavar="URL", help="Optuna storage URL of the study")
+    parser.add_argument("--study-name", metavar="NAME", help="the study name in that storage")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from autobatch.tracking.report import format_report, load_report
+
+    report = load_report(
+        tracking_uri=args.tracking_uri,
+        run_id=args.run_id,
+        experiment=args.experiment,
+        storage=args.storage,
+        study_name=args.study_name,
+    )
+    print(
+        json.dumps(report.to_dict(), indent=2, default=str) if args.json else format_report(report)
+    )
+    return EXIT_OK
+
+
 # -- examples -----------------------------------------------------------------------------
 
 
@@ -222,6 +456,8 @@ def _cmd_examples(args: argparse.Namespace) -> int:
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
     _add_probe_parser,
+    _add_tune_parser,
+    _add_report_parser,
     _add_examples_parser,
 )
 
@@ -267,6 +503,10 @@ def _configure_logging(verbosity: int) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("autobatch").setLevel(level)
+    # Optuna announces every study and trial at INFO; our own progress bar says as much.
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING if verbosity <= 1 else logging.DEBUG)
 
 
 def _fail(message: object) -> None:

@@ -45,4 +45,4 @@ def drop_failed_attempt(exc: BaseException) -> None:
     traceback.clear_frames(exc.__traceback__)
     exc.__traceback__ = None
     exc.__context__ = None
-    gc.collect()
+    gc.collect(1)

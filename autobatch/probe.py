@@ -133,7 +133,11 @@ def _check_bounds(
                 f"max_batch_size={max_batch_size} is below the smallest allowed size "
                 f"(multiple_of={multiple_of}); raise max_batch_size or lower multiple_of"
             )
-    if not 0 <= tolerance < 1:
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int | float)
+        or not 0 <= tolerance < 1
+    ):
         raise InvalidInputError(f"tolerance={tolerance!r} must be a fraction in [0, 1)")
 
 
@@ -412,6 +416,8 @@ def probe(
         )
     rng = RngState.capture()
     owned = model is None
+    state: TrainingState | None = None
+    train_step: TrainStep | None = None
     try:
         if owned:
             model, optimizer = _build_on(task, meter)
@@ -465,10 +471,13 @@ def probe(
             probe_cache.store(key, result, cache_dir)
         return result
     finally:
+        # An exception keeps this frame alive: let go of the model built here (and of the
+        # host copies) now, not when the caller drops the exception.
+        state = train_step = None
         if owned:
             model = optimizer = None
         rng.restore()
-        meter.release()
+        meter.release(full=True)
 
 
 def _build_on(task: Task, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -106,7 +106,7 @@ def train(
             epoch_train = run.train_seconds
             for batch in train_data.epoch(batch_size, generator):
                 n = batch_length(batch)
-                loss_sum += step(batch).float() * n
+                loss_sum.add_(step(batch), alpha=n)
                 loss_samples += n
                 run.samples += n
                 if run.samples < next_eval and run.samples < max_samples:

@@ -8,10 +8,8 @@ trial's learning curve, not from separate trials.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +22,7 @@ from optuna.trial import TrialState
 
 from autobatch import curves
 from autobatch.data import BatchSource
-from autobatch.errors import InvalidInputError, StudyInterrupted
+from autobatch.errors import AutobatchError, InvalidInputError, StudyInterrupted
 from autobatch.lr_rules import check_rule, rule_for, scale_lr
 from autobatch.memory import MemoryMeter
 from autobatch.oom import drop_failed_attempt, is_oom_error
@@ -40,6 +38,7 @@ from autobatch.records import (
     TuneObserver,
 )
 from autobatch.task import Task
+from autobatch.tracking.redact import redact_url
 from autobatch.trial_loop import StopTrial, TrialFailed, train
 
 log = logging.getLogger(__name__)
@@ -75,11 +74,6 @@ class TuneResult:
         data = {k: v for k, v in asdict(replace(self, study=None)).items() if k != "study"}
         data["trials"] = self.table()
         return data
-
-
-def redact_url(url: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def default_candidates(ceiling: int, base: int) -> list[int]:
@@ -277,17 +271,23 @@ def tune(
         raise InvalidInputError(
             f"Task.train_data has {task.train_size} sample(s); tuning needs at least 2"
         )
+    # Everything that can be unreachable is contacted before any training.
+    opened_storage = _storage(storage)
+    all_observers = list(observers)
+    tracker = None
+    if mlflow:
+        from autobatch.tracking import MlflowTracker, resolve_tracking_uri
+
+        tracker = MlflowTracker(resolve_tracking_uri(tracking_uri), experiment=experiment)
+        all_observers.append(tracker)
     probed, ceiling = _resolve_probe(
         task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
     )
     sizes = _check_candidates(candidates, ceiling, task.batch_size, notes)
     if objective == "pareto":
         notes.append("objective 'pareto' has two objectives, so pruning is off")
-    model_probe, optimizer_probe = None, None
     if lr_rule == "auto":
-        dummy = [torch.nn.Parameter(torch.zeros(1))]
-        lr_rule = rule_for(task.optimizer(dummy, task.lr))
-    del model_probe, optimizer_probe
+        lr_rule = rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
 
     name = study_name or f"autobatch-{task.name}"
     settings = StudySettings(
@@ -312,14 +312,7 @@ def tune(
         base_batch_size=task.batch_size,
         train_size=task.train_size,
     )
-    study = _open_study(settings, storage, seed)
-    all_observers = list(observers)
-    tracker = None
-    if mlflow:
-        from autobatch.tracking import MlflowTracker, resolve_tracking_uri
-
-        tracker = MlflowTracker(resolve_tracking_uri(tracking_uri), experiment=experiment)
-        all_observers.append(tracker)
+    study = _open_study(settings, opened_storage, seed)
     runner = _StudyRunner(
         task=task,
         study=study,
@@ -333,13 +326,16 @@ def tune(
     for note in notes:
         log.warning(note)
     runner.notes.extend(notes)
-    return runner.run()
+    result = runner.run()
+    if tracker is not None:
+        result = replace(result, mlflow_run_id=tracker.parent_run_id)
+    return result
 
 
-def _open_study(settings: StudySettings, storage: str | None, seed: int) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=8, multivariate=True
-    )
+def _open_study(settings: StudySettings, storage: Any, seed: int) -> optuna.Study:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
     pruner = optuna.pruners.NopPruner() if settings.objective == "pareto" else _LazyHalvingPruner()
     kwargs: dict[str, Any] = {}
     if settings.objective == "pareto":
@@ -349,7 +345,7 @@ def _open_study(settings: StudySettings, storage: str | None, seed: int) -> optu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(
-            storage=_storage(storage),
+            storage=storage,
             study_name=settings.study_name,
             sampler=sampler,
             pruner=pruner,
@@ -447,7 +443,7 @@ class _StudyRunner:
         self.observers.study_started(self.settings, self.probe)
         start = time.monotonic()
         n_trials, timeout = self.settings.n_trials, self.settings.timeout
-        bar = _progress(self.progress, n_trials, self._finished_count())
+        bar = _Progress(n_trials, self._finished_count()) if self.progress else None
         try:
             while True:
                 done = self._finished_count()
@@ -458,8 +454,6 @@ class _StudyRunner:
                 if not self._one_trial(bar):
                     self.notes.append("every candidate batch size is infeasible; stopped early")
                     break
-                if bar is not None:
-                    bar.update(1)
         except KeyboardInterrupt:
             self.observers.study_interrupted("interrupted by the user")
             raise StudyInterrupted(
@@ -518,6 +512,8 @@ class _StudyRunner:
         )
         self.observers.trial_started(trial, record)
         record = replace(record, mlflow_run_id=trial.user_attrs.get("mlflow_run_id"))
+        if bar is not None:
+            bar.start_trial(record, int(self.settings.max_epochs * self.settings.train_size))
         points: list[EvalPoint] = []
         objective = self.settings.objective
         level = (
@@ -531,6 +527,8 @@ class _StudyRunner:
             nonlocal pruned
             points.append(point)
             self.observers.evaluated(record, point)
+            if bar is not None:
+                bar.evaluated(point)
             if objective == "pareto":
                 return
             trial.report(point.val_loss_smoothed, step=max(1, int(point.seconds * 1000)))
@@ -543,18 +541,17 @@ class _StudyRunner:
         state, reason = COMPLETE, None
         run = None
         try:
-            with _quiet_bar(bar):
-                run = train(
-                    self.task,
-                    self.train,
-                    self.val,
-                    batch_size=size,
-                    lr=lr,
-                    max_epochs=self.settings.max_epochs,
-                    eval_batch_size=min(self.ceiling, max(size, 256), len(self.val)),
-                    on_eval=on_eval,
-                    meter=self.meter,
-                )
+            run = train(
+                self.task,
+                self.train,
+                self.val,
+                batch_size=size,
+                lr=lr,
+                max_epochs=self.settings.max_epochs,
+                eval_batch_size=min(self.ceiling, max(size, 256), len(self.val)),
+                on_eval=on_eval,
+                meter=self.meter,
+            )
         except TrialFailed as exc:
             state, reason = FAILED, str(exc)
         except KeyboardInterrupt:
@@ -568,6 +565,8 @@ class _StudyRunner:
                 user_attrs={"autobatch_seed": trial.user_attrs.get("autobatch_seed", False)},
             )
             self.observers.trial_finished(record)
+            if bar is not None:
+                bar.end_trial(record)
             raise
         except BaseException as exc:
             if not is_oom_error(exc):
@@ -579,7 +578,10 @@ class _StudyRunner:
         if pruned:
             state, reason = PRUNED, "successive halving: behind other trials at equal training time"
         record = self._measure(record, points, run, state, reason)
-        return self._tell(trial, record)
+        self._tell(trial, record)
+        if bar is not None:
+            bar.end_trial(record)
+        return True
 
     def _measure(self, record, points, run, state, reason) -> TrialRecord:
         seconds = [p.seconds for p in points]
@@ -602,7 +604,7 @@ class _StudyRunner:
                 updates["reason"] = choice.warning
         return replace(record, **updates)
 
-    def _tell(self, trial: optuna.Trial, record: TrialRecord) -> bool:
+    def _tell(self, trial: optuna.Trial, record: TrialRecord) -> None:
         objective = self.settings.objective
         if record.state == COMPLETE and self.target is None and record.best_val_loss is not None:
             # The first completed trial (the baseline) sets the target everyone must reach,
@@ -638,7 +640,6 @@ class _StudyRunner:
             state = TrialState.PRUNED if record.state == PRUNED else TrialState.FAIL
             self.study.tell(trial, state=state)
         self.observers.trial_finished(record)
-        return True
 
     def _result(self) -> TuneResult:
         records = self._records()
@@ -646,7 +647,7 @@ class _StudyRunner:
         level = None if target is None else curves.threshold(target, self.settings.tolerance)
         complete = [r for r in records if r.state == COMPLETE and r.value is not None]
         if not complete:
-            raise InvalidInputError(
+            raise AutobatchError(
                 "no trial completed, so there is nothing to recommend; see the trial reasons "
                 "(e.g. a learning rate that diverges: narrow lr_multiplier_range) and rerun"
             )
@@ -683,7 +684,6 @@ class _StudyRunner:
             trials=tuple(records),
             settings=self.settings,
             warnings=tuple(notes),
-            mlflow_run_id=self.study.user_attrs.get("mlflow_parent_run_id"),
             study=self.study,
         )
 
@@ -697,14 +697,40 @@ def _plateaued(points: list[EvalPoint], level: float, patience: int = 3) -> bool
     return len(smoothed) - 1 - best_index >= patience
 
 
-def _progress(enabled: bool, total: int | None, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class _Progress:
+    """A bar over trials and one over the running trial's samples (stderr, via tqdm)."""
 
-    return tqdm(total=total, initial=initial, desc="trials", unit="trial", leave=True)
+    def __init__(self, total: int | None, initial: int) -> None:
+        from tqdm.auto import tqdm
 
+        self._tqdm = tqdm
+        self.trials = tqdm(total=total, initial=initial, desc="trials", unit="trial")
+        self.trial = None
 
-@contextlib.contextmanager
-def _quiet_bar(bar: Any):
-    yield
+    def start_trial(self, record: TrialRecord, total_samples: int) -> None:
+        self.trial = self._tqdm(
+            total=total_samples,
+            desc=f"trial {record.number} (batch {record.batch_size})",
+            unit="sample",
+            unit_scale=True,
+            leave=False,
+            position=1,
+            disable=None,  # nested bars only where a terminal can redraw them
+        )
+
+    def evaluated(self, point: EvalPoint) -> None:
+        if self.trial is not None:
+            self.trial.update(point.samples - self.trial.n)
+            self.trial.set_postfix(val_loss=f"{point.val_loss_smoothed:.4f}")
+
+    def end_trial(self, record: TrialRecord) -> None:
+        if self.trial is not None:
+            self.trial.close()
+            self.trial = None
+        self.trials.update(1)
+        self.trials.set_postfix(last=f"{record.state}")
+
+    def close(self) -> None:
+        if self.trial is not None:
+            self.trial.close()
+        self.trials.close()

@@ -496,10 +496,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=["lightning", "accelerate"],
         help="leave out peers (the wall-time target then goes unchecked)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: steadier wall times on a shared machine; every "
+        "method runs under the same setting)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the figures to PATH as JSON")
     args = parser.parse_args(argv)
     capacities = parse_capacities(args.capacity)
 
+    torch.set_num_threads(args.threads)
     quiet_lightning()
     methods = ["autobatch"]
     if "lightning" not in args.skip:

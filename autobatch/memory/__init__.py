@@ -33,10 +33,21 @@ def meter_for(device: str | torch.device, memory_budget: str | int | None = None
             )
         return CudaMeter(device, limit=budget)
     if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise _unavailable("mps")
         return MpsMeter(limit=budget)
     if device.type == "xpu" and hasattr(torch, "xpu"):
+        if not torch.xpu.is_available():
+            raise _unavailable("xpu")
         return XpuMeter(device, limit=budget)
     raise InvalidInputError(
         f"no memory meter for device {str(device)!r}; use cpu (with memory_budget), cuda, mps "
         "or xpu"
+    )
+
+
+def _unavailable(kind: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"device {kind!r} was asked for but torch sees no {kind.upper()} device; use device "
+        "'cpu' with memory_budget='4GiB' to simulate one (CLI: --device cpu --memory-budget 4GiB)"
     )

@@ -41,8 +41,8 @@ class CudaMeter(MemoryMeter):
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
 
-    def release(self) -> None:
-        gc.collect()
+    def release(self, full: bool = False) -> None:
+        gc.collect() if full else gc.collect(1)
         torch.cuda.empty_cache()
 
     def synchronize(self) -> None:
@@ -69,8 +69,8 @@ class XpuMeter(MemoryMeter):
     def reset_peak(self) -> None:
         torch.xpu.reset_peak_memory_stats(self.device)
 
-    def release(self) -> None:
-        gc.collect()
+    def release(self, full: bool = False) -> None:
+        gc.collect() if full else gc.collect(1)
         torch.xpu.empty_cache()
 
     def synchronize(self) -> None:
@@ -97,8 +97,8 @@ class MpsMeter(MemoryMeter):
     def reset_peak(self) -> None:
         return None
 
-    def release(self) -> None:
-        gc.collect()
+    def release(self, full: bool = False) -> None:
+        gc.collect() if full else gc.collect(1)
         torch.mps.empty_cache()
 
     def synchronize(self) -> None:

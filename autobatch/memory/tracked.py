@@ -54,10 +54,8 @@ def _to_meta(value: Any) -> Any:
 def _fresh_outputs(func: Any, out: Any) -> list[torch.Tensor]:
     """Output tensors that own new storage (not views of, or in-place updates to, an input)."""
     returns = func._schema.returns
-    if len(returns) == 1:
-        outs = [out]
-    else:
-        outs = list(out) if isinstance(out, tuple | list) else [out]
+    several = len(returns) > 1 and isinstance(out, tuple | list)
+    outs = list(out) if several else [out]
     fresh: list[torch.Tensor] = []
     for ret, value in zip(returns, outs, strict=False):
         if ret.alias_info is not None:

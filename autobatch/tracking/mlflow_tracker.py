@@ -270,6 +270,8 @@ def write_trials_csv(trials: Sequence[TrialRecord], path: str | Path) -> Path:
         writer.writeheader()
         for record in sorted(trials, key=lambda r: r.number):
             row = record.summary()
+            if row.get("reason"):
+                row["reason"] = redact_url(row["reason"])
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in TRIAL_COLUMNS})
     return path
 
@@ -535,9 +537,9 @@ class MlflowTracker:
         metrics: Sequence[Metric] = (),
         tags: dict[str, str] | None = None,
     ) -> None:
-        """``log_batch`` within MLflow's per-request limits."""
-        param_list = [Param(k, v) for k, v in (params or {}).items()]
-        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
+        """``log_batch`` within MLflow's per-request limits, every text value redacted."""
+        param_list = [Param(k, redact_url(v)) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, redact_url(v)) for k, v in (tags or {}).items()]
         for chunk in _chunks(param_list, _BATCH_PARAMS):
             self._client.log_batch(run_id, params=chunk, synchronous=True)
         for chunk in _chunks(tag_list, _BATCH_PARAMS):
@@ -564,7 +566,7 @@ class MlflowTracker:
     def _log_probe_artifacts(self, probe: ProbeResult) -> None:
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
             directory = Path(folder)
-            text = json.dumps(json_safe(probe.to_dict()), indent=2)
+            text = redact_url(json.dumps(json_safe(probe.to_dict()), indent=2))
             (directory / "probe.json").write_text(text)
             figure = plots.probe_memory_figure(probe)
             plots.save_png(figure, directory / "probe_memory.png")
@@ -593,7 +595,7 @@ class MlflowTracker:
             write_trials_csv(trials, directory / "trials.csv")
             data = json_safe(result.to_dict())
             data.pop("study", None)
-            (directory / "recommendation.json").write_text(json.dumps(data, indent=2))
+            (directory / "recommendation.json").write_text(redact_url(json.dumps(data, indent=2)))
             self._client.log_artifacts(self.parent_run_id, folder)
 
     def _summary(self, result: Any) -> str:

@@ -15,8 +15,10 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LogNorm, Normalize
+from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
@@ -25,7 +27,8 @@ from autobatch.probe import ProbeResult
 from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED, TrialRecord
 
 DPI = 120
-_CMAP = "viridis"
+# Viridis without its pale yellow end, which vanishes on a white background.
+_CMAP = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.85, 256)), name="viridis_dark")
 # How each trial state is drawn on the trade-off chart: marker, colour, legend text.
 _STATE_STYLE = {
     COMPLETE: ("o", "tab:blue", "complete"),
@@ -135,7 +138,8 @@ def learning_curves_figure(
     """Smoothed validation loss against training seconds, one line per trial.
 
     Colour encodes the batch size; pruned trials are dotted; ``best_trial`` is drawn thick;
-    ``target`` (the loss a trial must reach, tolerance included) is the dashed line.
+    ``target`` (the loss a trial must reach, tolerance included) is the dashed line. The time
+    axis turns logarithmic when the trials' times span more than a factor of 30.
     """
     figure = Figure(figsize=(9, 5.5), layout="constrained")
     ax = figure.add_subplot()
@@ -155,30 +159,36 @@ def learning_curves_figure(
     norm = _size_norm(sizes)
     mappable = ScalarMappable(norm=norm, cmap=_CMAP)
     losses: list[float] = []
+    times: list[float] = []
     for trial in sorted(drawn, key=lambda t: t.number == best_trial):
         xs = [p.seconds for p in trial.curve]
         ys = [p.val_loss_smoothed for p in trial.curve]
         losses += _finite(ys)
         best = trial.number == best_trial
         colour = mappable.to_rgba(trial.batch_size)
-        style = ":" if trial.state == PRUNED else "-"
+        style = (0, (1.5, 1.5)) if trial.state == PRUNED else "-"
         if best:
             # A dark halo under the winner keeps it readable whatever its colour.
             ax.plot(xs, ys, color="black", lw=5.5, zorder=4, solid_capstyle="round")
         ax.plot(
             xs,
             ys,
-            style,
+            ls=style,
             color=colour,
-            lw=3.2 if best else 1.3,
+            lw=3.2 if best else 1.6,
             zorder=5 if best else 2,
-            alpha=1.0 if best else 0.85,
+            alpha=1.0 if best else 0.9,
+            # A dot at the end: where each trial stopped, and visible for one-point curves.
+            marker="o",
+            markevery=[len(xs) - 1],
+            ms=6 if best else 4,
         )
+        times += [x for x in xs if x > 0]
         if trial.state in (FAILED, INFEASIBLE):
             ax.plot(xs[-1:], ys[-1:], "x", color="tab:red", ms=8, zorder=3)
     handles = [
-        Line2D([], [], color="gray", lw=1.3, label="complete"),
-        Line2D([], [], color="gray", lw=1.3, ls=":", label="pruned"),
+        Line2D([], [], color="gray", lw=1.6, label="complete"),
+        Line2D([], [], color="gray", lw=1.6, ls=(0, (1.5, 1.5)), label="pruned"),
     ]
     if best_trial is not None:
         winner = next((t for t in drawn if t.number == best_trial), None)
@@ -198,6 +208,9 @@ def learning_curves_figure(
             Line2D([], [], color="tab:red", ls="--", lw=1.2, label=f"target loss {target:.4g}")
         )
         losses.append(target)
+    if times and max(times) / min(times) > 30:
+        # Small batches can train for minutes, large ones for seconds: a log axis shows both.
+        ax.set_xscale("log")
     positive = [v for v in losses if v > 0]
     if positive and len(positive) == len(losses) and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
@@ -211,7 +224,7 @@ def learning_curves_figure(
     ax.set_ylabel("validation loss (smoothed)")
     ax.set_title(f"Learning curves of {len(drawn)} trials")
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.legend(handles=handles, loc="best", fontsize=8)
     return figure
 
 
@@ -237,14 +250,26 @@ def batch_size_tradeoff_figure(
         seen.add(label)
         kwargs = {"marker": marker, "color": colour, "s": 55, "zorder": 3}
         if trial.state == INFEASIBLE or (trial.best_val_loss is None and not trial.curve):
+            # No measurement: marked on the bottom edge of both panels, and named.
             for ax in (top, bottom):
+                edge = ax.get_xaxis_transform()
                 ax.scatter(
                     [trial.batch_size],
-                    [0.02],
-                    transform=ax.get_xaxis_transform(),
+                    [0.03],
+                    transform=edge,
                     clip_on=False,
                     label=label if show and ax is top else None,
                     **kwargs,
+                )
+                ax.annotate(
+                    "OOM" if trial.state == INFEASIBLE else trial.state,
+                    (trial.batch_size, 0.03),
+                    xycoords=edge,
+                    xytext=(0, 8),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=8,
+                    color=colour,
                 )
             continue
         if trial.time_to_target is not None:

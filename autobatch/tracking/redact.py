@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-# ``scheme://user:password@host``: the password runs to the first "@", as SQLAlchemy reads it.
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*):[^@\s]*@")
+# ``scheme://user:password@host``. The password runs to the last "@" of the URL, so one that
+# holds an unescaped "@" or "/" is hidden whole; at worst a host is hidden with it.
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*):\S*@")
 # ``...?password=secret&...`` as some database drivers accept it.
 _QUERY_SECRET = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|secret)=)[^&#\s]*", re.I)
 

@@ -1,0 +1,688 @@
+"""find_max_batch_size on steps whose memory is known exactly, and probe() on real training."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autobatch import (
+    AutobatchError,
+    BatchSizeOneDoesNotFit,
+    InvalidInputError,
+    Task,
+    TrackedMeter,
+    find_max_batch_size,
+    probe,
+)
+from autobatch.training import TrainStep, build
+from autobatch.units import format_bytes
+
+KiB = 1024
+MiB = 1024**2
+U8 = torch.uint8
+
+
+# -- synthetic steps ---------------------------------------------------------------------------
+
+
+class Synthetic:
+    """A step whose peak is exactly ``fixed + per_sample * b + quadratic * b * b`` bytes above
+    what is in use when it starts; it records the sizes it ran and the usage it started from."""
+
+    def __init__(self, fixed: int, per_sample: int, quadratic: int = 0) -> None:
+        self.fixed, self.per_sample, self.quadratic = fixed, per_sample, quadratic
+        self.calls: list[int] = []
+        self.starts: list[int] = []
+        self.meter: TrackedMeter | None = None
+
+    def need(self, b: int) -> int:
+        return self.fixed + self.per_sample * b + self.quadratic * b * b
+
+    def largest_within(self, budget: int, baseline: int = 0) -> int:
+        b = 0
+        while baseline + self.need(b + 1) <= budget:
+            b += 1
+        return b
+
+    def __call__(self, b: int) -> None:
+        self.calls.append(b)
+        if self.meter is not None:
+            self.starts.append(self.meter.current())
+        activations = torch.empty(self.fixed + self.per_sample * b, dtype=U8)
+        if self.quadratic:
+            workspace = torch.empty(self.quadratic * b * b, dtype=U8)
+            del workspace
+        del activations
+
+
+def largest_linear(budget: int, fixed: int, per_sample: int) -> int:
+    return (budget - fixed) // per_sample
+
+
+def check_attempts(result, step: Synthetic, baseline: int = 0) -> None:
+    """Every attempt is classified by what really happened, and the answer is one that fitted."""
+    for attempt in result.attempts:
+        need = baseline + step.need(attempt.batch_size)
+        assert attempt.fitted == (need <= result.budget_bytes), attempt
+        if attempt.oom:
+            assert need > result.capacity_bytes, attempt
+        elif attempt.peak_bytes is not None:
+            assert attempt.peak_bytes == need, attempt
+    fitted = [a for a in result.attempts if a.batch_size == result.batch_size and a.fitted]
+    assert fitted, "the returned size was never run"
+    assert result.steps == len(result.attempts)
+    assert step.calls == [a.batch_size for a in result.attempts]
+
+
+# -- find_max_batch_size -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("capacity", "fixed", "per_sample", "headroom"),
+    [
+        (MiB, 0, 1000, 0.05),
+        (MiB, 600_000, 37, 0.05),
+        (8 * MiB, 1000, 4096, 0.1),
+        (MiB, 100_000, 123_457, 0.0),
+        (MiB, 10, 3, 0.2),
+    ],
+)
+def test_linear_step_finds_the_largest_size_under_the_budget(capacity, fixed, per_sample, headroom):
+    step = Synthetic(fixed, per_sample)
+    result = find_max_batch_size(step, meter=TrackedMeter(capacity), headroom=headroom)
+    budget = int(capacity * (1 - headroom))
+    best = largest_linear(budget, fixed, per_sample)
+    assert result.budget_bytes == budget
+    assert result.capacity_bytes == capacity
+    assert 0.93 * best <= result.batch_size <= best
+    check_attempts(result, step)
+    assert len(result.attempts) <= 8
+    assert result.upper_bound is None
+
+
+def test_superlinear_step_runs_out_of_memory_and_leaves_nothing_behind():
+    meter = TrackedMeter(MiB)
+    with meter:
+        resident = torch.empty(50_000, dtype=U8)  # something else living on the device
+    step = Synthetic(0, 2000, quadratic=30)  # a workspace that grows with the square
+    step.meter = meter
+    result = find_max_batch_size(step, meter=meter)
+    assert result.ooms > 0  # the linear prediction overshot
+    best = step.largest_within(result.budget_bytes, baseline=50_000)
+    assert 0.93 * best <= result.batch_size <= best
+    check_attempts(result, step, baseline=50_000)
+    assert step.starts == [50_000] * len(step.calls)  # no attempt inherits a failed one's memory
+    assert meter.current() == 50_000
+    del resident
+
+
+def test_max_batch_size_bounds_the_search():
+    step = Synthetic(0, 10)
+    result = find_max_batch_size(step, meter=TrackedMeter(MiB), max_batch_size=100)
+    assert result.batch_size == 100
+    assert max(step.calls) == 100
+    assert result.upper_bound == 100
+    check_attempts(result, step)
+
+
+@pytest.mark.parametrize("multiple_of", [8, 64])
+def test_multiple_of_is_respected(multiple_of):
+    step = Synthetic(5000, 777)
+    result = find_max_batch_size(step, meter=TrackedMeter(MiB), multiple_of=multiple_of)
+    best = largest_linear(result.budget_bytes, 5000, 777) // multiple_of * multiple_of
+    assert result.batch_size % multiple_of == 0
+    assert 0.93 * best <= result.batch_size <= best
+    assert all(b % multiple_of == 0 for b in step.calls)
+    check_attempts(result, step)
+
+
+def test_max_batch_size_that_is_not_a_multiple_rounds_down():
+    step = Synthetic(0, 10)
+    result = find_max_batch_size(step, meter=TrackedMeter(MiB), max_batch_size=100, multiple_of=8)
+    assert result.batch_size == result.upper_bound == 96
+    assert all(b % 8 == 0 and b <= 96 for b in step.calls)
+
+
+class NoPeakMeter(TrackedMeter):
+    """A device that reports no peak (like MPS): the probe must search instead of predict."""
+
+    def peak(self):
+        return None
+
+
+@pytest.mark.parametrize("max_batch_size", [None, 300])
+def test_without_peak_readings_it_searches_and_returns_a_size_that_ran(max_batch_size):
+    step = Synthetic(10_000, 1000)
+    result = find_max_batch_size(
+        step, meter=NoPeakMeter(MiB), headroom=0.0, max_batch_size=max_batch_size
+    )
+    best = min(largest_linear(MiB, 10_000, 1000), max_batch_size or 10**9)
+    assert 0.93 * best <= result.batch_size <= best
+    assert result.memory_model is None
+    assert all(a.peak_bytes is None for a in result.attempts)
+    check_attempts(result, step)
+    if max_batch_size is None:
+        assert result.ooms > 0
+    else:
+        assert result.batch_size == max_batch_size
+
+
+def test_batch_size_one_that_runs_out_of_memory():
+    capacity = 64 * KiB
+
+    def step(b):
+        held = torch.empty(3000, dtype=U8)
+        torch.empty(100 * KiB, dtype=U8)
+        del held
+
+    with pytest.raises(BatchSizeOneDoesNotFit) as info:
+        find_max_batch_size(step, meter=TrackedMeter(capacity))
+    message = str(info.value)
+    assert format_bytes(3000) in message  # what it reached before running out
+    assert format_bytes(capacity) in message
+    assert "memory budget" in message  # and a way out
+
+
+def test_batch_size_one_over_the_budget():
+    def step(b):
+        torch.empty(9500, dtype=U8)
+
+    with pytest.raises(BatchSizeOneDoesNotFit) as info:
+        find_max_batch_size(step, meter=TrackedMeter(10_000), headroom=0.1)
+    message = str(info.value)
+    assert format_bytes(9500) in message
+    assert format_bytes(9000) in message  # the budget
+    assert format_bytes(10_000) in message  # the capacity
+
+
+def test_other_errors_propagate_unchanged():
+    error = ValueError("bad batch")
+
+    def step(b):
+        torch.empty(100 * b, dtype=U8)
+        if b > 1:
+            raise error
+
+    meter = TrackedMeter(MiB)
+    with pytest.raises(ValueError) as info:
+        find_max_batch_size(step, meter=meter)
+    assert info.value is error
+    assert traceback.extract_tb(info.value.__traceback__)[-1].name == "step"
+    torch.empty(1000, dtype=U8)
+    assert meter.current() == 0  # the meter was left on the way out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"step": "train"}, "step"),
+        ({"meter": object()}, "meter"),
+        ({"headroom": -0.1}, "headroom"),
+        ({"headroom": 1.0}, "headroom"),
+        ({"headroom": "5%"}, "headroom"),
+        ({"headroom": float("nan")}, "headroom"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_batch_size": -4}, "max_batch_size"),
+        ({"max_batch_size": 2.5}, "max_batch_size"),
+        ({"max_batch_size": 4, "multiple_of": 8}, "multiple_of"),
+        ({"multiple_of": 0}, "multiple_of"),
+        ({"multiple_of": True}, "multiple_of"),
+        ({"tolerance": 1.0}, "tolerance"),
+        ({"tolerance": "2%"}, "tolerance"),
+    ],
+)
+def test_find_max_batch_size_rejects_bad_input(kwargs, field):
+    step = Synthetic(0, 1)
+    arguments = {"step": step, "meter": TrackedMeter(MiB), **kwargs}
+    with pytest.raises(InvalidInputError) as info:
+        find_max_batch_size(arguments.pop("step"), **arguments)
+    message = str(info.value)
+    assert field in message
+    assert "must" in message or "raise" in message
+    assert step.calls == []
+
+
+# -- probe: helpers ----------------------------------------------------------------------------
+
+
+def make_task(samples=256, features=16, classes=4, step=None, model=None, **kwargs) -> Task:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, features, generator=generator)
+    y = torch.randint(0, classes, (samples,), generator=generator)
+    return Task(
+        model=model
+        or (lambda: nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, classes))),
+        train_data=(x, y),
+        loss=None if step else F.cross_entropy,
+        step=step,
+        **kwargs,
+    )
+
+
+def gram_step(model, batch):
+    """A loss with a batch-by-batch workspace: memory grows with the square of the batch."""
+    x, y = batch
+    gram = x @ x.T
+    return F.cross_entropy(model(x), y) + 0 * gram.mean()
+
+
+class CountingStep:
+    def __init__(self, inner=None) -> None:
+        self.inner = inner
+        self.sizes: list[int] = []
+
+    def __call__(self, model, batch):
+        self.sizes.append(len(batch[0]))
+        if self.inner is not None:
+            return self.inner(model, batch)
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+
+class Net(nn.Module):
+    """Batch norm (buffers that training changes) and dropout (which draws random numbers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def trained(model: nn.Module, steps: int = 3):
+    """The model, an AdamW with state after a few updates, and gradients left in place."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 16, generator=generator)
+    y = torch.randint(0, 4, (32,), generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return model, optimizer
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "training": {n: m.training for n, m in model.named_modules()},
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for name, value in before["tensors"].items():
+        assert torch.equal(value, after["tensors"][name]), name
+    for name, grad in before["grads"].items():
+        other = after["grads"][name]
+        assert (grad is None) == (other is None), name
+        assert grad is None or torch.equal(grad, other), name
+    state_before, state_after = before["optimizer"]["state"], after["optimizer"]["state"]
+    assert state_before.keys() == state_after.keys()
+    for pid, state in state_before.items():
+        assert state.keys() == state_after[pid].keys()
+        for key, value in state.items():
+            assert torch.equal(value, state_after[pid][key]), (pid, key)
+    assert before["optimizer"]["param_groups"] == after["optimizer"]["param_groups"]
+    assert before["training"] == after["training"]
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = list(model.state_dict(keep_vars=True).values())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+# -- probe: real training steps ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_probe_builtin_example_returns_a_size_that_really_trains():
+    from autobatch import examples
+
+    task = examples.cnn(samples=256)
+    capacity = 8 * MiB
+    meter = TrackedMeter(capacity)
+    result = probe(task, meter=meter, cache=False)
+    assert result.batch_size >= 2
+    assert all(a.peak_bytes <= result.budget_bytes for a in result.attempts if a.fitted)
+    assert meter.current() == 0
+    # The answer trains within the budget on a fresh device, and a clearly larger one does not.
+    for batch_size, fits in ((result.batch_size, True), (2 * result.batch_size, False)):
+        fresh = TrackedMeter(capacity)
+        try:
+            with fresh:
+                model, optimizer = build(task)
+                step = TrainStep(task, model, optimizer)
+                batch = tuple(t[:batch_size].clone() for t in task.train_data)
+                step(batch)
+                step(batch)
+            ran = True
+        except torch.OutOfMemoryError:
+            ran = False
+        assert (ran and fresh.peak() <= result.budget_bytes) == fits, batch_size
+        model = optimizer = step = batch = None
+
+
+def test_probe_builtin_digits_under_a_memory_budget_string():
+    from autobatch import examples
+
+    task = examples.digits()
+    result = probe(task, memory_budget="2MiB", cache=False)
+    assert result.capacity_bytes == 2 * MiB
+    assert 1 <= result.batch_size <= task.train_size
+    best = [a for a in result.attempts if a.batch_size == result.batch_size]
+    assert best[-1].fitted and best[-1].peak_bytes <= result.budget_bytes
+
+
+def test_probe_that_runs_out_of_memory_leaves_memory_as_it_found_it():
+    task = make_task(samples=2048, step=gram_step)
+    meter = TrackedMeter(MiB)
+    with meter:
+        resident = torch.empty(64 * KiB, dtype=U8)
+    result = probe(task, meter=meter, cache=False)
+    assert result.ooms > 0
+    assert meter.current() == 64 * KiB
+    assert result.batch_size >= 1
+    assert all(a.peak_bytes <= result.budget_bytes for a in result.attempts if a.fitted)
+    assert [a for a in result.attempts if a.batch_size == result.batch_size][-1].fitted
+    del resident
+
+
+def test_probe_restores_model_optimizer_and_random_generators_bit_for_bit():
+    torch.manual_seed(0)
+    model, optimizer = trained(Net())
+    model.head.eval()  # a mode flag the user chose
+    param_ids = [id(p) for p in model.parameters()]
+
+    def step(model, batch):
+        x, y = batch
+        random.random()
+        np.random.rand()
+        return gram_step(model, (x + 0.01 * torch.randn_like(x), y))
+
+    task = make_task(samples=2048, step=step, model=Net)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    before = snapshot(model, optimizer)
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    meter = TrackedMeter(MiB)
+    # multiple_of=2: batch norm cannot train on a single sample.
+    result = probe(task, meter=meter, model=model, optimizer=optimizer, multiple_of=2, cache=False)
+    assert result.ooms > 0  # restored across failed attempts too
+    assert_same(before, snapshot(model, optimizer))
+    assert [id(p) for p in model.parameters()] == param_ids
+    assert [id(p) for g in optimizer.param_groups for p in g["params"]] == param_ids
+    assert torch.equal(torch.get_rng_state(), rng[0])
+    assert random.getstate() == rng[1]
+    numpy_now = np.random.get_state()
+    assert numpy_now[0] == rng[2][0] and np.array_equal(numpy_now[1], rng[2][1])
+    assert numpy_now[2:] == rng[2][2:]
+    # What the meter holds afterwards is exactly the user's training state.
+    assert meter.current() == state_bytes(model, optimizer)
+
+
+def test_probe_restores_the_user_model_when_even_batch_size_one_fails():
+    calls = []
+
+    def step(model, batch):
+        calls.append(1)
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        if len(calls) % 2 == 0:  # the second step of each attempt fills the device
+            hold = []
+            while True:
+                hold.append(torch.empty(64, dtype=U8))
+        return loss
+
+    model, optimizer = trained(Net())
+    before = snapshot(model, optimizer)
+    task = make_task(samples=64, step=step, model=Net)
+    with pytest.raises(BatchSizeOneDoesNotFit):
+        probe(
+            task,
+            meter=TrackedMeter(64 * KiB),
+            model=model,
+            optimizer=optimizer,
+            multiple_of=2,
+            cache=False,
+        )
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_error_in_the_step_propagates_unchanged_and_the_model_is_restored():
+    error = ValueError("labels out of range")
+    calls = []
+
+    def step(model, batch):
+        calls.append(1)
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        if len(calls) == 3:  # in the second attempt, after the first one trained the model
+            raise error
+        return loss
+
+    model, optimizer = trained(Net())
+    before = snapshot(model, optimizer)
+    meter = TrackedMeter(MiB)
+    task = make_task(step=step, model=Net)
+    with pytest.raises(ValueError) as info:
+        probe(task, meter=meter, model=model, optimizer=optimizer, multiple_of=2, cache=False)
+    assert info.value is error
+    assert traceback.extract_tb(info.value.__traceback__)[-1].name == "step"
+    assert_same(before, snapshot(model, optimizer))
+    held = meter.current()
+    torch.empty(10_000, dtype=U8)
+    assert meter.current() == held  # the meter is no longer active
+
+
+def test_shape_mismatch_propagates_as_the_error_torch_raised():
+    class Narrow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    task = Task(
+        model=Narrow,
+        train_data=(torch.randn(64, 8), torch.randint(0, 4, (64,))),
+        loss=F.cross_entropy,
+    )
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        probe(task, memory_budget="1MiB", cache=False)
+    assert type(info.value) is RuntimeError
+    assert not isinstance(info.value, AutobatchError)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert any(f.name == "forward" and f.filename == __file__ for f in frames)
+
+
+def test_batch_size_one_that_does_not_fit_names_the_memory_it_measured():
+    capacity = 6 * KiB  # the model fits, its gradients and optimizer state do not
+    meter = TrackedMeter(capacity)
+    with pytest.raises(BatchSizeOneDoesNotFit) as info:
+        probe(make_task(), meter=meter, cache=False)
+    message = str(info.value)
+    assert format_bytes(capacity) in message
+    sizes = set(re.findall(r"\d+(?:\.\d+)? (?:B|KiB|MiB)", message))
+    budget = format_bytes(int(capacity * 0.95))
+    measured = sizes - {format_bytes(capacity), budget}
+    assert measured, message
+    assert meter.current() == 0
+
+
+def test_model_that_does_not_fit_at_all():
+    meter = TrackedMeter(1000)
+    task = make_task(model=lambda: nn.Linear(64, 64))
+    with pytest.raises(BatchSizeOneDoesNotFit) as info:
+        probe(task, meter=meter, cache=False)
+    assert "model" in str(info.value)
+    assert format_bytes(1000) in str(info.value)
+    assert meter.current() == 0
+
+
+def test_probe_respects_multiple_of_and_the_size_of_the_data():
+    step = CountingStep()
+    result = probe(make_task(samples=200, step=step), meter=TrackedMeter(MiB), multiple_of=8)
+    assert result.batch_size == result.upper_bound == 200
+    assert all(size % 8 == 0 and size <= 200 for size in step.sizes)
+    step.sizes.clear()
+    result = probe(
+        make_task(samples=200, step=step), meter=TrackedMeter(MiB), max_batch_size=60, cache=False
+    )
+    assert result.batch_size == 60
+    assert max(step.sizes) == 60
+
+
+def test_probe_reads_a_torch_dataset():
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.x = torch.randn(40, 16)
+            self.y = torch.randint(0, 4, (40,))
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    task = Task(model=lambda: nn.Linear(16, 4), train_data=Pairs(), loss=F.cross_entropy)
+    result = probe(task, meter=TrackedMeter(MiB), cache=False)
+    assert result.batch_size == 40
+
+
+# -- probe: cache ------------------------------------------------------------------------------
+
+
+def test_second_probe_comes_from_the_cache_without_running_a_step(tmp_path):
+    step = CountingStep()
+    task = make_task(step=step)
+    first = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    assert not first.cached and step.sizes
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    step.sizes.clear()
+    second = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    assert second.cached
+    assert step.sizes == []
+    assert second.batch_size == first.batch_size
+    assert second.attempts == first.attempts
+
+    third = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path, cache=False)
+    assert not third.cached and step.sizes
+
+    step.sizes.clear()
+    other_capacity = probe(task, meter=TrackedMeter(2 * MiB), cache_dir=tmp_path)
+    assert not other_capacity.cached and step.sizes
+
+    step.sizes.clear()
+    wider = make_task(step=step, model=lambda: nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 4)))
+    assert not probe(wider, meter=TrackedMeter(MiB), cache_dir=tmp_path).cached
+    assert step.sizes
+
+    step.sizes.clear()
+    assert not probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path, headroom=0.2).cached
+    assert step.sizes
+
+
+def test_cache_false_writes_nothing(tmp_path):
+    probe(make_task(), meter=TrackedMeter(MiB), cache_dir=tmp_path, cache=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path / "env-cache"))
+    step = CountingStep()
+    task = make_task(step=step)
+    probe(task, meter=TrackedMeter(MiB))
+    assert len(list((tmp_path / "env-cache").glob("*.json"))) == 1
+    step.sizes.clear()
+    assert probe(task, meter=TrackedMeter(MiB)).cached
+    assert step.sizes == []
+
+
+def test_unreadable_cache_entry_is_ignored_and_replaced(tmp_path):
+    step = CountingStep()
+    task = make_task(step=step)
+    first = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text("{not json")
+    step.sizes.clear()
+    again = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    assert not again.cached and step.sizes
+    assert again.batch_size == first.batch_size
+    assert json.loads(entry.read_text())["batch_size"] == first.batch_size
+
+
+class PlannedCardMeter(TrackedMeter):
+    """Stands in for a hardware meter planning for a smaller card, like CudaMeter(limit=...)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    @property
+    def name(self) -> str:
+        return "Fake GPU (85899345920 bytes)"
+
+
+def test_a_hardware_meter_limit_is_part_of_the_cache_key(tmp_path):
+    step = CountingStep()
+    task = make_task(step=step)
+    probe(task, meter=PlannedCardMeter(MiB), cache_dir=tmp_path)
+    step.sizes.clear()
+    assert not probe(task, meter=PlannedCardMeter(2 * MiB), cache_dir=tmp_path).cached
+    assert step.sizes
+    step.sizes.clear()
+    assert probe(task, meter=PlannedCardMeter(2 * MiB), cache_dir=tmp_path).cached
+    assert step.sizes == []
+
+
+# -- probe: bad input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({}, "memory_budget"),  # the CPU has no limit of its own
+        ({"memory_budget": "lots"}, "memory_budget"),
+        ({"memory_budget": "-1GB"}, "memory_budget"),
+        ({"memory_budget": "2XB"}, "memory_budget"),
+        ({"memory_budget": "1MiB", "headroom": 1.5}, "headroom"),
+        ({"memory_budget": "1MiB", "max_batch_size": 0}, "max_batch_size"),
+        ({"memory_budget": "1MiB", "max_batch_size": 4, "multiple_of": 8}, "multiple_of"),
+        ({"memory_budget": "1MiB", "multiple_of": 0}, "multiple_of"),
+        ({"memory_budget": "1MiB", "multiple_of": 512}, "multiple_of"),  # only 256 samples
+        ({"memory_budget": "1MiB", "model": nn.Linear(16, 4)}, "optimizer"),
+    ],
+)
+def test_probe_rejects_bad_input_before_running_anything(kwargs, field):
+    step = CountingStep()
+    with pytest.raises(InvalidInputError) as info:
+        probe(make_task(step=step), cache=False, **kwargs)
+    assert field in str(info.value)
+    assert step.sizes == []
+
+
+def test_probe_needs_a_task():
+    with pytest.raises(InvalidInputError, match="Task"):
+        probe("digits", memory_budget="1MiB")
