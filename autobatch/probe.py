@@ -216,12 +216,14 @@ def find_max_batch_size(
     multiple_of: int = 1,
     tolerance: float = DEFAULT_TOLERANCE,
     steps_per_call: int = 1,
+    min_batch_size: int | None = None,
 ) -> ProbeResult:
     """Largest batch size for which ``step(batch_size)`` runs within memory.
 
     ``step`` runs the work at a given size (for training: forward, backward, optimizer step);
     it must leave no state behind that grows with the size. Out-of-memory errors are caught and
-    mark a size as too large; every other error propagates unchanged. A size counts as fitting
+    mark a size as too large; every other error propagates unchanged. The search starts at
+    ``min_batch_size`` (default ``multiple_of``). A size counts as fitting
     when it ran and its peak stayed within ``capacity * (1 - headroom)``. The search stops when
     the largest fitting size is within ``tolerance`` of the smallest failing one.
 
@@ -243,11 +245,16 @@ def find_max_batch_size(
     budget = int(capacity * (1 - headroom))
     upper = _round_down(max_batch_size or _NO_BOUND, multiple_of)
     search = _Search(step, meter, budget, steps_per_call)
+    smallest = -(-(min_batch_size or multiple_of) // multiple_of) * multiple_of
+    if smallest > upper:
+        raise InvalidInputError(
+            f"the smallest batch size to try ({smallest}) is above max_batch_size={upper}"
+        )
 
-    first = search.run(multiple_of, "measure")
+    first = search.run(smallest, "measure")
     if not first.fitted:
         raise BatchSizeOneDoesNotFit(
-            f"batch size {multiple_of} does not fit: its step "
+            f"batch size {smallest} does not fit: its step "
             + (
                 f"ran out of memory after reaching {format_bytes(first.peak_bytes)}"
                 if first.oom
@@ -258,7 +265,7 @@ def find_max_batch_size(
             "headroom, or a larger memory budget"
         )
     model: MemoryModel | None = None
-    if upper > multiple_of:
+    if upper > smallest:
         if first.peak_bytes is None:
             _search_without_peaks(search, upper, multiple_of, tolerance)
         else:
@@ -466,6 +473,8 @@ def probe(
             multiple_of=multiple_of,
             tolerance=tolerance,
             steps_per_call=2,
+            # Batch norm cannot train on a single sample.
+            min_batch_size=2 if _has_batch_norm(model) else 1,
         )
         if cache:
             probe_cache.store(key, result, cache_dir)
@@ -496,6 +505,10 @@ def _build_on(task: Task, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Op
         f"{format_bytes(meter.peak())} of {format_bytes(meter.capacity())} capacity on "
         f"{meter.name}. Use a smaller model or a larger memory budget"
     )
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

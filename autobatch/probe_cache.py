@@ -41,6 +41,15 @@ def _shapes(obj: Any) -> Any:
     return type(obj).__name__
 
 
+def _function_id(fn: Any) -> Any:
+    """A name and a digest of the code, so two different lambdas do not share a key."""
+    if fn is None:
+        return None
+    code = getattr(fn, "__code__", None)
+    digest = hashlib.sha256(code.co_code).hexdigest()[:12] if code is not None else None
+    return [getattr(fn, "__qualname__", type(fn).__name__), digest]
+
+
 def key(
     task: Task,
     model: nn.Module,
@@ -60,7 +69,8 @@ def key(
         "sample": _shapes(source.first(1)),
         "precision": task.precision,
         "optimizer": [type(optimizer).__qualname__, repr(optimizer.defaults)],
-        "step": getattr(task.step, "__qualname__", None),
+        "step": _function_id(task.step),
+        "loss": _function_id(task.loss),
         "device": meter.name,
         # A hardware meter's capacity moves with free memory; its limit (a planned smaller
         # card) does not, and decides the result just as a simulated capacity does.

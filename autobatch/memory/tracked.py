@@ -23,6 +23,7 @@ from autobatch.memory.base import MemoryMeter
 from autobatch.units import format_bytes
 
 _META = torch.device("meta")
+_SIZE_CACHE_ENTRIES = 8192
 
 
 def _signature(value: Any) -> Any:
@@ -170,6 +171,9 @@ class TrackedMeter(MemoryMeter):
         except Exception:  # no meta kernel: measured after the fact instead
             planned = None
         if key is not None:
+            if len(self._sizes) >= _SIZE_CACHE_ENTRIES:
+                # Float arguments (an optimizer's bias correction) make new keys every step.
+                self._sizes.clear()
             self._sizes[key] = planned
         return planned
 

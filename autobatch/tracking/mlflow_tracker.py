@@ -50,6 +50,7 @@ DEFAULT_DB = "mlflow.db"
 #: Tags that tell autobatch's runs apart from anything else in the experiment.
 ROLE_TAG, STUDY_TAG, TRIAL_TAG = "autobatch_role", "autobatch_study", "trial_number"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 #: Columns of trials.csv and of a report: a TrialRecord without its curve.
 TRIAL_COLUMNS = tuple(f.name for f in fields(TrialRecord) if f.name != "curve")
 #: Trial summary values logged as child-run metrics at the end of a trial.
@@ -524,7 +525,12 @@ class MlflowTracker:
                 # Next to the database rather than MLflow's default ./mlruns under whatever
                 # directory the study happens to run in.
                 location = (db.parent / "mlartifacts").resolve().as_uri()
-            return self._client.create_experiment(name, artifact_location=location)
+            # The tag makes the MLflow UI open the experiment in its model-training view.
+            return self._client.create_experiment(
+                name,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
+            )
         if experiment.lifecycle_stage == "deleted":
             self._client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
