@@ -1,4 +1,4 @@
-"""autobatch's probe against Lightning's BatchSizeFinder and Accelerate's find_executable_batch_size.
+"""autobatch's probe against Lightning's BatchSizeFinder and Accelerate's batch-size finder.
 
 Every method runs the same training step (forward, loss, backward, AdamW step) of the built-in
 ``mlp``, ``cnn`` and ``transformer`` tasks under a simulated accelerator (``TrackedMeter``): the
@@ -314,8 +314,9 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
     note = ""
     if found is not None and found >= n:
         note = f"capped at the dataset length {n}"
-    elif found is not None and found >= 8192:
-        note = "capped at max_val=8192"
+    elif found is not None and trials and found > max(trials):
+        # Both modes stop once a success doubles to max_val (8192) and return a size never run.
+        note = f"never ran it: largest size run {max(trials)}, stopped at max_val=8192"
     return Row(f"lightning {mode}", found, steps, seconds, meter.ooms, note=note, tried=trials)
 
 
@@ -377,7 +378,9 @@ def run_accelerate(task: Task, capacity: int, true_size: int) -> Row:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"  {'method':<22} {'found':>6} {'found/true':>10} {'steps':>6} {'wall s':>7} {'OOMs':>5}"
+    header = (
+        f"  {'method':<22} {'found':>6} {'found/true':>10} {'steps':>6} {'wall s':>7} {'OOMs':>5}"
+    )
     print(header)
     print("  " + "-" * (len(header) - 2))
     for row in rows:
@@ -395,7 +398,7 @@ def check_targets(name: str, rows: dict[str, Row]) -> list[str]:
     auto = rows["autobatch"]
     misses = []
     if auto.ratio is None or auto.ratio < MIN_RATIO:
-        misses.append(f"{name}: found/true {auto.ratio:.3f} < {MIN_RATIO}")
+        misses.append(f"{name}: found/true {auto.ratio or 0:.3f} < {MIN_RATIO}")
     if auto.ratio is not None and auto.ratio > 1:
         misses.append(f"{name}: found {auto.found} is above the true max")
     if auto.steps > MAX_STEPS:
