@@ -570,7 +570,9 @@ class _StudyRunner:
             raise
         except BaseException as exc:
             if not is_oom_error(exc):
+                trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:500])
                 self.study.tell(trial, state=TrialState.FAIL)
+                self.observers.study_interrupted(f"error in trial {trial.number}: {exc!r}"[:500])
                 raise
             drop_failed_attempt(exc)
             state, reason = INFEASIBLE, f"out of memory at batch size {size}"

@@ -61,7 +61,9 @@ def main() -> None:
             on_eval=points.append,
         )
         iterations = math.ceil(n / size)
-        legend = f"{label}: {iterations:,} iteration{'s' if iterations > 1 else ''}/epoch, lr {lr:.2g}"
+        legend = (
+            f"{label}: {iterations:,} iteration{'s' if iterations > 1 else ''}/epoch, lr {lr:.2g}"
+        )
         seconds = [p.seconds for p in points]
         epochs = [p.epoch for p in points]
         losses = [p.val_loss for p in points]

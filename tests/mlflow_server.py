@@ -6,9 +6,10 @@ Fixtures:
   session and started again if a test killed it.
 - ``mlflow_server_process``: the :class:`MlflowServer` itself, for tests that kill it.
 
-Use them from a test module with ``from mlflow_server import mlflow_server_fixtures`` style
-imports (see tests/test_tracking.py), or register this module from ``conftest.py`` with
-``pytest_plugins = ["mlflow_server"]``.
+A test module gets them by importing the two fixture functions (pytest finds fixtures by the
+``name=`` given here, whatever they are imported as; see tests/test_tracking.py), or
+``tests/conftest.py`` can register the whole module with ``pytest_plugins = ["mlflow_server"]``.
+A test that kills the server should run last among its users; the next one restarts it.
 """
 
 from __future__ import annotations

@@ -425,9 +425,10 @@ def test_metrics_are_sent_in_few_batches(mlflow_server: str) -> None:
         tracker.evaluated(record, point)
     buffering = time.perf_counter() - start
     tracker.trial_finished(replace(record, state=COMPLETE, curve=tuple(points)))
+    tracker.wait()
     metric_batches = [n for n in calls if n]
     # The first evaluation goes out at once, the rest at the end of the trial (in chunks of
-    # at most 1000 metrics): a handful of requests for 400 evaluations.
+    # at most 800 metrics): a handful of requests for 400 evaluations.
     assert len(metric_batches) <= 6, metric_batches
     assert buffering < 2.0
     history = MlflowClient(mlflow_server).get_metric_history(
@@ -626,8 +627,10 @@ def test_server_killed_mid_study_warns_once_and_goes_on(
     caplog.set_level(logging.WARNING, logger="autobatch.tracking")
     curve = make_curve(256, 6, 1.0)
     start = time.perf_counter()
-    tracker.evaluated(record, curve[0])  # flushes at once: fails, warns, stops
-    first = time.perf_counter() - start
+    tracker.evaluated(record, curve[0])  # the first evaluation is sent at once, and fails
+    handed_over = time.perf_counter() - start
+    tracker.wait()
+    failed_after = time.perf_counter() - start
     assert tracker.stopped
     start = time.perf_counter()
     for point in curve[1:]:
@@ -644,6 +647,7 @@ def test_server_killed_mid_study_warns_once_and_goes_on(
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     message = warnings[0].getMessage()
     assert "training metrics" in message and url in message
-    assert first < 10
+    assert handed_over < 0.05  # the training thread never waits for the dead server
+    assert failed_after < 10  # one quick retry, no exponential backoff
     assert later < 0.1
     assert "mlflow_run_id" not in next_trial.user_attrs

@@ -2,8 +2,9 @@
 
 Everything goes through ``mlflow.MlflowClient`` with explicit run ids, never the fluent
 ``mlflow.start_run`` API: its process-wide active-run stack would tangle with the user's own
-runs. Metrics are buffered and sent with ``log_batch`` no more often than about once a
-second (and less often if sending is slow), so logging stays around 1% of training time.
+runs. Metrics are buffered and sent with ``log_batch`` from one background thread, no more
+often than about once a second (less often if sending is slow): the training thread only
+appends to a list, and waits for MLflow just once per trial, to learn the new run's id.
 
 If the tracking server goes away mid-study, the tracker logs one warning saying what was not
 logged and stops talking to MLflow; the study itself goes on.
@@ -25,8 +26,10 @@ import math
 import os
 import shlex
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -64,8 +67,9 @@ FINAL_METRICS = (
 )
 _PARAM_LIMIT = 6000  # MLflow's limit on a parameter value
 _TAG_LIMIT = 5000  # below MLflow's 8000, leaving room for multi-byte characters
-_BATCH_PARAMS = 100  # MLflow's limits on one log_batch request
-_BATCH_METRICS = 1000
+# MLflow's limits on one log_batch request: 100 params, 100 tags, 1000 entities in all.
+_BATCH_PARAMS = 100
+_BATCH_METRICS = 800
 # Everything a broken tracking store can raise at us: the REST client wraps HTTP failures in
 # MlflowException, the SQL store lets some driver errors through, file stores raise OSError.
 _STORE_ERRORS = (
@@ -112,7 +116,8 @@ def _sqlite_path(uri: str) -> Path | None:
 
 @contextlib.contextmanager
 def http_limits(retries: int, timeout: int) -> Iterator[None]:
-    """Bound MLflow's HTTP retries and timeout for the calls inside the block.
+    """Bound MLflow's HTTP retries and timeout for the calls inside the block, and keep its
+    artifact progress bars off the terminal.
 
     MLflow reads these settings from the environment at every request; its defaults (7
     retries with exponential backoff, 120 s timeout) would stall training for minutes when
@@ -122,6 +127,7 @@ def http_limits(retries: int, timeout: int) -> Iterator[None]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
@@ -277,11 +283,6 @@ def write_trials_csv(trials: Sequence[TrialRecord], path: str | Path) -> Path:
     return path
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -292,10 +293,14 @@ class MlflowTracker:
     ``tracking_uri``: any MLflow tracking URI (``sqlite:///...``, ``http://host:5000``).
     ``experiment``: the experiment to log into; by default the study's name. It is created
     when missing. The server is contacted once here, so a wrong URI fails before training.
+
+    Requests run in order on one background thread, so the training thread only appends
+    to a buffer; it waits for MLflow once per trial (to learn the new run's id) and at the
+    end of the study. ``wait()`` blocks until everything handed over so far is sent.
     """
 
     #: Seconds between metric flushes at least; and at least this many times the last
-    #: flush's duration, which caps logging near 1% of the time between flushes.
+    #: flush's duration, which keeps the sender busy ~1% of the time at most.
     flush_interval = 1.0
     cost_factor = 100.0
     #: HTTP settings after the first contact: one quick retry for a blip, then give up.
@@ -314,29 +319,68 @@ class MlflowTracker:
         self.parent_run_id: str | None = None
         self.run_ids: dict[int, str] = {}  # trial number -> child run id, for every trial
         self._open: dict[int, str] = {}  # child runs not yet terminated
-        self._buffer: dict[str, list[Metric]] = {}
+        self._buffer: dict[str, list[Metric]] = {}  # metrics not yet sent, by run id
+        self._params: dict[str, dict[str, str]] = {}  # trial parameters not yet sent
         self._last_flush = 0.0
         self._flush_cost = 0.0
         self._settings: StudySettings | None = None
-        self._stopped = False
         self._parent_noted = False
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._sender: ThreadPoolExecutor | None = None
+        self._last: Future[Any] | None = None
 
     @property
     def stopped(self) -> bool:
         """True once a failure made the tracker stop sending anything."""
         return self._stopped
 
-    # -- failure handling -------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every request handed to the sender so far has run (or was dropped)."""
+        last = self._last
+        if last is not None:
+            last.result()
 
-    @contextlib.contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
-        """Run MLflow calls; on the first store error, warn once and stop logging for good."""
+    def close(self) -> None:
+        """Send what is queued and end the sender thread (a later study starts a new one)."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.shutdown(wait=True)
+
+    # -- sending and failure handling ---------------------------------------------------------
+
+    def _send(self, what: str, work: Callable[[], Any]) -> Future[Any] | None:
+        """Queue ``work`` (MLflow calls) for the sender thread; requests keep their order."""
+        if self._stopped:
+            return None
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-mlflow")
+        self._last = self._sender.submit(self._run, what, work)
+        return self._last
+
+    def _call(self, what: str, work: Callable[[], Any]) -> Any:
+        """Run ``work`` on the sender thread and return its result (None if it failed)."""
+        future = self._send(what, work)
+        return None if future is None else future.result()
+
+    def _run(self, what: str, work: Callable[[], Any]) -> Any:
+        if self._stopped:
+            return None
         try:
             with http_limits(self.retries, self.timeout):
-                yield
+                return work()
         except _STORE_ERRORS as exc:
-            self._stopped = True
-            self._buffer.clear()
+            self._stop(what, exc)
+            return None
+        except Exception:  # a bug of ours: on this thread nobody else would ever see it
+            log.warning("MLflow logging of %s failed", what, exc_info=True)
+            return None
+
+    def _stop(self, what: str, exc: BaseException) -> None:
+        """Warn once, then send nothing more: retrying a dead server would slow training."""
+        with self._lock:
+            first, self._stopped = not self._stopped, True
+        if first:
             log.warning(
                 "MLflow logging to %s failed while logging %s (%s); that and everything after "
                 "it is not logged to MLflow. Training goes on, and the trials stay in the "
@@ -352,14 +396,16 @@ class MlflowTracker:
         """Create (or reuse) the experiment and the study's parent run; log settings and probe."""
         if self._stopped:
             return
+        self.wait()
         self._settings = settings
         self.parent_run_id = None
-        self.run_ids, self._open, self._buffer = {}, {}, {}
+        self.run_ids, self._open, self._buffer, self._params = {}, {}, {}, {}
         self._parent_noted = False
-        with self._guard(f"the start of study {settings.study_name!r}"):
-            self.experiment_id = self._experiment_id(self.experiment or settings.study_name)
+
+        def start() -> str:
+            experiment_id = self._experiment_id(self.experiment or settings.study_name)
             run = self._client.create_run(
-                self.experiment_id,
+                experiment_id,
                 run_name=settings.study_name,
                 tags={
                     ROLE_TAG: "study",
@@ -367,46 +413,55 @@ class MlflowTracker:
                     "task": settings.task_name,
                 },
             )
-            self.parent_run_id = run.info.run_id
-            params = {**settings_params(settings), **probe_params(probe)}
-            metrics = probe_metrics(probe, _now_ms()) if probe is not None else []
-            self._log(self.parent_run_id, params=params, metrics=metrics)
-            if probe is not None:
-                self._log_probe_artifacts(probe)
+            self.experiment_id = experiment_id
+            return run.info.run_id
+
+        self.parent_run_id = self._call(f"the start of study {settings.study_name!r}", start)
+        if self.parent_run_id is None:
+            return
+        parent = self.parent_run_id
+        params = {**settings_params(settings), **probe_params(probe)}
+        metrics = probe_metrics(probe, _now_ms()) if probe is not None else []
+        self._send(
+            "the study's settings", lambda: self._log(parent, params=params, metrics=metrics)
+        )
+        if probe is not None:
+            self._send("the probe's chart", lambda: self._log_probe_artifacts(parent, probe))
 
     def trial_started(self, trial: Any, record: TrialRecord) -> None:
         """Create the trial's child run and store its id on the Optuna trial."""
         if self._stopped or self.parent_run_id is None:
             return
-        run_id = None
-        with self._guard(f"the start of trial {record.number}"):
-            settings = self._settings
-            run = self._client.create_run(
-                self.experiment_id,
-                run_name=f"trial-{record.number}",
-                tags={
-                    PARENT_TAG: self.parent_run_id,
-                    TRIAL_TAG: str(record.number),
-                    ROLE_TAG: "trial",
-                    STUDY_TAG: settings.study_name,
-                    "state": "running",
-                },
-            )
-            run_id = run.info.run_id
-            params = {
-                "batch_size": record.batch_size,
-                "lr": record.lr,
-                "lr_multiplier": record.lr_multiplier,
-                "lr_rule": record.lr_rule,
-                "max_epochs": record.max_epochs,
-                "seed": record.seed,
-                "iterations_per_epoch": record.iterations_per_epoch,
-                "device": settings.device,
-                "precision": settings.precision,
-            }
-            self._log(run_id, params={k: _param_value(v) for k, v in params.items()})
-        if run_id is None:
+        settings = self._settings
+        tags = {
+            PARENT_TAG: self.parent_run_id,
+            TRIAL_TAG: str(record.number),
+            ROLE_TAG: "trial",
+            STUDY_TAG: settings.study_name,
+            "state": "running",
+        }
+        run = self._call(
+            f"the start of trial {record.number}",
+            lambda: self._client.create_run(
+                self.experiment_id, run_name=f"trial-{record.number}", tags=tags
+            ),
+        )
+        if run is None:
             return
+        run_id = run.info.run_id
+        params = {
+            "batch_size": record.batch_size,
+            "lr": record.lr,
+            "lr_multiplier": record.lr_multiplier,
+            "lr_rule": record.lr_rule,
+            "max_epochs": record.max_epochs,
+            "seed": record.seed,
+            "iterations_per_epoch": record.iterations_per_epoch,
+            "device": settings.device,
+            "precision": settings.precision,
+        }
+        # Sent with the trial's first metrics: one request fewer per trial.
+        self._params[run_id] = {k: _param_value(v) for k, v in params.items()}
         self.run_ids[record.number] = run_id
         self._open[record.number] = run_id
         # On the Optuna trial and study, so the tuner's records and a resumed study find them.
@@ -417,7 +472,7 @@ class MlflowTracker:
             self._parent_noted = True
 
     def evaluated(self, record: TrialRecord, point: EvalPoint) -> None:
-        """Buffer the evaluation; send buffered metrics when the flush interval has passed."""
+        """Buffer the evaluation; hand buffered metrics to the sender every second or so."""
         run_id = self._open.get(record.number)
         if self._stopped or run_id is None:
             return
@@ -427,41 +482,49 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
-        """Send every buffered metric now."""
-        if self._stopped or not self._buffer:
+        """Hand every buffered metric (and trial parameters not yet sent) to the sender."""
+        if self._stopped or not (self._buffer or self._params):
             return
-        pending, self._buffer = self._buffer, {}
-        start = time.monotonic()
-        with self._guard("training metrics"):
-            for run_id, metrics in pending.items():
-                self._log(run_id, metrics=metrics)
+        metrics, self._buffer = self._buffer, {}
+        params, self._params = self._params, {}
         self._last_flush = time.monotonic()
-        self._flush_cost = self._last_flush - start
+
+        def send() -> None:
+            start = time.monotonic()
+            for run_id in {**params, **metrics}:
+                self._log(run_id, params=params.get(run_id), metrics=metrics.get(run_id, ()))
+            self._flush_cost = time.monotonic() - start
+
+        self._send("training metrics", send)
 
     def trial_finished(self, record: TrialRecord) -> None:
         """Log the trial's summary metrics and state, and end its child run."""
         run_id = self._open.pop(record.number, None)
         if self._stopped or run_id is None:
             return
-        self.flush()
-        if self._stopped:
-            return
-        with self._guard(f"the end of trial {record.number}"):
-            step = record.curve[-1].samples if record.curve else 0
-            now = _now_ms()
-            values = {name: getattr(record, name) for name in FINAL_METRICS}
-            values["total_train_seconds"] = record.train_seconds
-            values["objective_value"] = record.value
-            metrics = [
-                Metric(key, float(value), now, step)
-                for key, value in values.items()
-                if isinstance(value, int | float) and math.isfinite(value)
-            ]
-            tags = {"state": record.state}
-            if record.reason:
-                tags["reason"] = record.reason
-            self._log(run_id, metrics=metrics, tags=tags)
-            self._client.set_terminated(run_id, self._final_status(record))
+        # What is still buffered for this run goes out with the summary, in one request.
+        buffered = self._buffer.pop(run_id, [])
+        params = self._params.pop(run_id, None)
+        step = record.curve[-1].samples if record.curve else 0
+        now = _now_ms()
+        values = {name: getattr(record, name) for name in FINAL_METRICS}
+        values["total_train_seconds"] = record.train_seconds
+        values["objective_value"] = record.value
+        metrics = buffered + [
+            Metric(key, float(value), now, step)
+            for key, value in values.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        ]
+        tags = {"state": record.state}
+        if record.reason:
+            tags["reason"] = record.reason
+        status = self._final_status(record)
+
+        def finish() -> None:
+            self._log(run_id, params=params, metrics=metrics, tags=tags)
+            self._client.set_terminated(run_id, status)
+
+        self._send(f"the end of trial {record.number}", finish)
 
     def study_finished(self, result: Any) -> None:
         """Log the recommendation and the study's charts and tables; end the parent run."""
@@ -469,38 +532,36 @@ class MlflowTracker:
             return
         self.flush()
         self._end_open_runs("KILLED", "the study ended before this trial did")
-        if self._stopped:
-            return
-        with self._guard("the study's recommendation and charts"):
-            recommendation = {
-                "recommended_batch_size": result.batch_size,
-                "recommended_epochs": result.epochs,
-                "recommended_lr": result.lr,
-                "recommended_lr_multiplier": result.lr_multiplier,
-                "best_trial": result.best_trial,
-            }
-            metrics = [
-                Metric(key, float(value), _now_ms(), 0) for key, value in recommendation.items()
-            ]
-            if result.target_loss is not None and math.isfinite(result.target_loss):
-                metrics.append(Metric("target_loss", float(result.target_loss), _now_ms(), 0))
-            tags = {
-                "warnings": "\n".join(result.warnings)[:_TAG_LIMIT],
-                "mlflow.note.content": self._summary(result)[:_TAG_LIMIT],
-            }
-            best_run = self.run_ids.get(result.best_trial) or next(
-                (t.mlflow_run_id for t in result.trials if t.number == result.best_trial), None
-            )
-            if best_run:
-                tags["best_run_id"] = best_run
-            self._log(
-                self.parent_run_id,
-                params={k: _param_value(v) for k, v in recommendation.items()},
-                metrics=metrics,
-                tags=tags,
-            )
-            self._log_result_artifacts(result)
-            self._client.set_terminated(self.parent_run_id, "FINISHED")
+        parent = self.parent_run_id
+        recommendation = {
+            "recommended_batch_size": result.batch_size,
+            "recommended_epochs": result.epochs,
+            "recommended_lr": result.lr,
+            "recommended_lr_multiplier": result.lr_multiplier,
+            "best_trial": result.best_trial,
+        }
+        metrics = [Metric(key, float(value), _now_ms(), 0) for key, value in recommendation.items()]
+        if result.target_loss is not None and math.isfinite(result.target_loss):
+            metrics.append(Metric("target_loss", float(result.target_loss), _now_ms(), 0))
+        tags = {
+            "warnings": "\n".join(result.warnings)[:_TAG_LIMIT],
+            "mlflow.note.content": self._summary(result)[:_TAG_LIMIT],
+        }
+        best_run = self.run_ids.get(result.best_trial) or next(
+            (t.mlflow_run_id for t in result.trials if t.number == result.best_trial), None
+        )
+        if best_run:
+            tags["best_run_id"] = best_run
+        params = {k: _param_value(v) for k, v in recommendation.items()}
+
+        def finish() -> None:
+            self._log(parent, params=params, metrics=metrics, tags=tags)
+            self._log_result_artifacts(parent, result)
+            self._client.set_terminated(parent, "FINISHED")
+
+        self._send("the study's recommendation and charts", finish)
+        # The study run is complete in MLflow when tune() returns.
+        self.close()
 
     def study_interrupted(self, reason: str) -> None:
         """Mark the open trial runs and the study run KILLED."""
@@ -508,11 +569,14 @@ class MlflowTracker:
             return
         self.flush()
         self._end_open_runs("KILLED", reason)
-        if self._stopped:
-            return
-        with self._guard("the interruption of the study"):
-            self._log(self.parent_run_id, tags={"interrupted": str(reason)[:_TAG_LIMIT]})
-            self._client.set_terminated(self.parent_run_id, "KILLED")
+        parent = self.parent_run_id
+
+        def finish() -> None:
+            self._log(parent, tags={"interrupted": str(reason)[:_TAG_LIMIT]})
+            self._client.set_terminated(parent, "KILLED")
+
+        self._send("the interruption of the study", finish)
+        self.close()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -543,15 +607,23 @@ class MlflowTracker:
         metrics: Sequence[Metric] = (),
         tags: dict[str, str] | None = None,
     ) -> None:
-        """``log_batch`` within MLflow's per-request limits, every text value redacted."""
+        """As few ``log_batch`` requests as MLflow's limits allow, every text value redacted."""
         param_list = [Param(k, redact_url(v)) for k, v in (params or {}).items()]
         tag_list = [RunTag(k, redact_url(v)) for k, v in (tags or {}).items()]
-        for chunk in _chunks(param_list, _BATCH_PARAMS):
-            self._client.log_batch(run_id, params=chunk, synchronous=True)
-        for chunk in _chunks(tag_list, _BATCH_PARAMS):
-            self._client.log_batch(run_id, tags=chunk, synchronous=True)
-        for chunk in _chunks(list(metrics), _BATCH_METRICS):
-            self._client.log_batch(run_id, metrics=chunk, synchronous=True)
+        metric_list = list(metrics)
+        requests_needed = max(
+            math.ceil(len(param_list) / _BATCH_PARAMS),
+            math.ceil(len(tag_list) / _BATCH_PARAMS),
+            math.ceil(len(metric_list) / _BATCH_METRICS),
+        )
+        for i in range(requests_needed):
+            self._client.log_batch(
+                run_id,
+                metrics=metric_list[i * _BATCH_METRICS : (i + 1) * _BATCH_METRICS],
+                params=param_list[i * _BATCH_PARAMS : (i + 1) * _BATCH_PARAMS],
+                tags=tag_list[i * _BATCH_PARAMS : (i + 1) * _BATCH_PARAMS],
+                synchronous=True,
+            )
 
     def _final_status(self, record: TrialRecord) -> str:
         if record.reason == "interrupted":
@@ -563,22 +635,25 @@ class MlflowTracker:
     def _end_open_runs(self, status: str, reason: str) -> None:
         open_runs, self._open = self._open, {}
         for number, run_id in open_runs.items():
-            with self._guard(f"the end of trial {number}"):
-                self._log(run_id, tags={"state": "interrupted", "reason": str(reason)[:_TAG_LIMIT]})
-                self._client.set_terminated(run_id, status)
-            if self._stopped:
-                return
+            params = self._params.pop(run_id, None)
+            tags = {"state": "interrupted", "reason": str(reason)[:_TAG_LIMIT]}
 
-    def _log_probe_artifacts(self, probe: ProbeResult) -> None:
+            def end(run_id: str = run_id, params: Any = params, tags: Any = tags) -> None:
+                self._log(run_id, params=params, tags=tags)
+                self._client.set_terminated(run_id, status)
+
+            self._send(f"the end of trial {number}", end)
+
+    def _log_probe_artifacts(self, run_id: str, probe: ProbeResult) -> None:
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
             directory = Path(folder)
             text = redact_url(json.dumps(json_safe(probe.to_dict()), indent=2))
             (directory / "probe.json").write_text(text)
             figure = plots.probe_memory_figure(probe)
             plots.save_png(figure, directory / "probe_memory.png")
-            self._client.log_artifacts(self.parent_run_id, folder)
+            self._client.log_artifacts(run_id, folder)
 
-    def _log_result_artifacts(self, result: Any) -> None:
+    def _log_result_artifacts(self, run_id: str, result: Any) -> None:
         settings = result.settings
         trials = list(result.trials)
         level = (
@@ -602,7 +677,7 @@ class MlflowTracker:
             data = json_safe(result.to_dict())
             data.pop("study", None)
             (directory / "recommendation.json").write_text(redact_url(json.dumps(data, indent=2)))
-            self._client.log_artifacts(self.parent_run_id, folder)
+            self._client.log_artifacts(run_id, folder)
 
     def _summary(self, result: Any) -> str:
         """The recommendation as Markdown: the run description in the MLflow UI."""
