@@ -85,8 +85,39 @@ def _load(args: argparse.Namespace) -> Any:
 # -- probe --------------------------------------------------------------------------------
 
 
-def _add_probe_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_memory_options(parser: argparse.ArgumentParser) -> None:
+    """Where to run and how much memory to fit in: shared by probe and tune."""
     from autobatch.probe import DEFAULT_HEADROOM
+
+    parser.add_argument(
+        "--device",
+        help="device to run on: cuda, cuda:1, mps, xpu or cpu (default: the task's device)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="memory to fit in, e.g. 2GiB or 512MB; on cpu a simulated accelerator of that "
+        "size (required by probe), a cap elsewhere",
+    )
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        metavar="FRACTION",
+        help=f"fraction of memory the probe keeps free (default: {DEFAULT_HEADROOM})",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, metavar="N", help="never try more than N samples"
+    )
+
+
+def _memory_budget(args: argparse.Namespace) -> int | None:
+    if args.memory_budget is None:
+        return None
+    return parse_bytes(args.memory_budget, name="--memory-budget")
+
+
+def _add_probe_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
 
     parser = sub.add_parser(
         "probe",
@@ -96,26 +127,7 @@ def _add_probe_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         "largest that fits in accelerator memory. Every size reported has run.",
     )
     _add_target_argument(parser)
-    parser.add_argument(
-        "--device",
-        help="device to probe: cuda, cuda:1, mps, xpu or cpu (default: the task's device)",
-    )
-    parser.add_argument(
-        "--memory-budget",
-        metavar="SIZE",
-        help="memory to fit in, e.g. 2GiB or 512MB; required on cpu (a simulated "
-        "accelerator of that size), a cap elsewhere",
-    )
-    parser.add_argument(
-        "--headroom",
-        type=float,
-        default=DEFAULT_HEADROOM,
-        metavar="FRACTION",
-        help=f"fraction of memory kept free (default: {DEFAULT_HEADROOM})",
-    )
-    parser.add_argument(
-        "--max-batch-size", type=int, metavar="N", help="never try more than N samples"
-    )
+    _add_memory_options(parser)
     parser.add_argument(
         "--multiple-of",
         type=int,
@@ -136,11 +148,7 @@ def _add_probe_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 def _cmd_probe(args: argparse.Namespace) -> int:
     from autobatch.probe import probe
 
-    budget = (
-        None
-        if args.memory_budget is None
-        else parse_bytes(args.memory_budget, name="--memory-budget")
-    )
+    budget = _memory_budget(args)
     task = _load(args)
     log.info("probing %s on %s", task.name, task.device)
     result = probe(
@@ -214,7 +222,6 @@ def _batch_sizes(text: str) -> list[int]:
 
 def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from autobatch.lr_rules import RULES
-    from autobatch.probe import DEFAULT_HEADROOM
     from autobatch.tuner import OBJECTIVES
 
     parser = sub.add_parser(
@@ -284,22 +291,7 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     parser.add_argument(
         "--study-name", metavar="NAME", help="study name (default: autobatch-<task name>)"
     )
-    parser.add_argument("--device", help="device to train on (default: the task's device)")
-    parser.add_argument(
-        "--memory-budget",
-        metavar="SIZE",
-        help="memory to fit in, e.g. 2GiB; on cpu, a simulated accelerator",
-    )
-    parser.add_argument(
-        "--headroom",
-        type=float,
-        default=DEFAULT_HEADROOM,
-        metavar="FRACTION",
-        help=f"fraction of memory the probe keeps free (default: {DEFAULT_HEADROOM})",
-    )
-    parser.add_argument(
-        "--max-batch-size", type=int, metavar="N", help="never try more than N samples"
-    )
+    _add_memory_options(parser)
     parser.add_argument(
         "--tracking-uri",
         metavar="URI",
@@ -319,11 +311,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from autobatch.tracking.report import Report, format_report
     from autobatch.tuner import tune
 
-    budget = (
-        None
-        if args.memory_budget is None
-        else parse_bytes(args.memory_budget, name="--memory-budget")
-    )
+    budget = _memory_budget(args)
     task = _load(args)
     tracking_uri = None
     if args.mlflow:

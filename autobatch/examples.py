@@ -19,6 +19,32 @@ def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
     return (x[train], y[train]), (x[val], y[val])
 
 
+def _classification(
+    name: str,
+    model: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    val_fraction: float = 0.1,
+    lr: float = 1e-3,
+) -> Task:
+    """A classification task with AdamW at batch size 32, on a seeded train/validation split."""
+    train, val = _split(x, y, val_fraction, seed)
+    return Task(
+        model=model,
+        train_data=train,
+        val_data=val,
+        loss=nn.functional.cross_entropy,
+        optimizer=torch.optim.AdamW,
+        lr=lr,
+        batch_size=32,
+        metric="accuracy",
+        name=name,
+        seed=seed,
+    )
+
+
 def digits(seed: int = 0) -> Task:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) and a small MLP."""
     from sklearn.datasets import load_digits
@@ -26,20 +52,15 @@ def digits(seed: int = 0) -> Task:
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    train, val = _split(x, y, 0.2, seed)
-    return Task(
-        model=lambda: nn.Sequential(
+    return _classification(
+        "digits",
+        lambda: nn.Sequential(
             nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
         ),
-        train_data=train,
-        val_data=val,
-        loss=nn.functional.cross_entropy,
-        optimizer=torch.optim.AdamW,
-        lr=1e-3,
-        batch_size=32,
-        metric="accuracy",
-        name="digits",
+        x,
+        y,
         seed=seed,
+        val_fraction=0.2,
     )
 
 
@@ -60,24 +81,19 @@ def blobs(seed: int = 0, samples: int = 20_000, features: int = 40, classes: int
     )
     x = torch.tensor(x, dtype=torch.float32)
     x = (x - x.mean(0)) / x.std(0)
-    train, val = _split(x, torch.tensor(y, dtype=torch.long), 0.2, seed)
-    return Task(
-        model=lambda: nn.Sequential(
+    return _classification(
+        "blobs",
+        lambda: nn.Sequential(
             nn.Linear(features, 256),
             nn.ReLU(),
             nn.Linear(256, 256),
             nn.ReLU(),
             nn.Linear(256, classes),
         ),
-        train_data=train,
-        val_data=val,
-        loss=nn.functional.cross_entropy,
-        optimizer=torch.optim.AdamW,
-        lr=1e-3,
-        batch_size=32,
-        metric="accuracy",
-        name="blobs",
+        x,
+        torch.tensor(y, dtype=torch.long),
         seed=seed,
+        val_fraction=0.2,
     )
 
 
@@ -119,19 +135,7 @@ def cnn(seed: int = 0, samples: int = 4096) -> Task:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (samples,), generator=generator)
-    train, val = _split(x, y, 0.1, seed)
-    return Task(
-        model=_SmallCnn,
-        train_data=train,
-        val_data=val,
-        loss=nn.functional.cross_entropy,
-        optimizer=torch.optim.AdamW,
-        lr=1e-3,
-        batch_size=32,
-        metric="accuracy",
-        name="cnn",
-        seed=seed,
-    )
+    return _classification("cnn", _SmallCnn, x, y, seed=seed)
 
 
 def transformer(seed: int = 0, samples: int = 4096, length: int = 64) -> Task:
@@ -139,19 +143,7 @@ def transformer(seed: int = 0, samples: int = 4096, length: int = 64) -> Task:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 1000, (samples, length), generator=generator)
     y = torch.randint(0, 4, (samples,), generator=generator)
-    train, val = _split(x, y, 0.1, seed)
-    return Task(
-        model=_TinyEncoder,
-        train_data=train,
-        val_data=val,
-        loss=nn.functional.cross_entropy,
-        optimizer=torch.optim.AdamW,
-        lr=3e-4,
-        batch_size=32,
-        metric="accuracy",
-        name="transformer",
-        seed=seed,
-    )
+    return _classification("transformer", _TinyEncoder, x, y, seed=seed, lr=3e-4)
 
 
 def mlp(seed: int = 0, samples: int = 50_000) -> Task:
@@ -159,19 +151,13 @@ def mlp(seed: int = 0, samples: int = 50_000) -> Task:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, 256, generator=generator)
     y = torch.randint(0, 10, (samples,), generator=generator)
-    train, val = _split(x, y, 0.1, seed)
-    return Task(
-        model=lambda: nn.Sequential(
+    return _classification(
+        "mlp",
+        lambda: nn.Sequential(
             nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
         ),
-        train_data=train,
-        val_data=val,
-        loss=nn.functional.cross_entropy,
-        optimizer=torch.optim.AdamW,
-        lr=1e-3,
-        batch_size=32,
-        metric="accuracy",
-        name="mlp",
+        x,
+        y,
         seed=seed,
     )
 

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from autobatch.tracking import (
     redact_url,
     resolve_tracking_uri,
 )
+from autobatch.tuner import TuneResult
 
 try:  # tests/ on sys.path (pytest's default rootdir import mode)
     from mlflow_server import (  # noqa: F401  (fixtures are found by name)
@@ -148,37 +149,6 @@ def make_curve(batch_size: int, points: int, speed: float) -> tuple[EvalPoint, .
     return tuple(curve)
 
 
-@dataclass(frozen=True)
-class FakeTuneResult:
-    """The attributes a TuneResult gives its observers."""
-
-    batch_size: int
-    epochs: int
-    lr: float
-    lr_multiplier: float
-    best_trial: int
-    target_loss: float | None
-    probe: ProbeResult | None
-    trials: tuple[TrialRecord, ...]
-    settings: StudySettings
-    warnings: tuple[str, ...] = ()
-    study: Any = field(default=None, compare=False, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "lr_multiplier": self.lr_multiplier,
-            "best_trial": self.best_trial,
-            "target_loss": self.target_loss,
-            "probe": None if self.probe is None else self.probe.to_dict(),
-            "trials": [t.summary() for t in self.trials],
-            "settings": self.settings.to_dict(),
-            "warnings": self.warnings,
-        }
-
-
 # batch size, final state, evaluations, speed (loss decay per second)
 PLAN = (
     (32, COMPLETE, 8, 2.0),
@@ -231,13 +201,13 @@ def run_trial(tracker: MlflowTracker, study: optuna.Study, plan: tuple) -> Trial
     return record
 
 
-def run_study(tracker: MlflowTracker, name: str, plan=PLAN) -> tuple[optuna.Study, FakeTuneResult]:
+def run_study(tracker: MlflowTracker, name: str, plan=PLAN) -> tuple[optuna.Study, TuneResult]:
     settings = make_settings(name)
     study = optuna.create_study(study_name=name)
     tracker.study_started(settings, make_probe())
     records = tuple(run_trial(tracker, study, step) for step in plan)
     best = min((r for r in records if r.value is not None), key=lambda r: r.value)
-    result = FakeTuneResult(
+    result = TuneResult(
         batch_size=best.batch_size,
         epochs=3,
         lr=best.lr,
@@ -270,7 +240,7 @@ class LoggedStudy:
     url: str
     client: MlflowClient
     study: optuna.Study
-    result: FakeTuneResult
+    result: TuneResult
     tracker: MlflowTracker
     parent: Any
     children: dict[int, Any]
@@ -639,7 +609,7 @@ def test_server_killed_mid_study_warns_once_and_goes_on(
     next_trial = study.ask()
     tracker.trial_started(next_trial, replace(record, number=next_trial.number))
     tracker.study_finished(
-        FakeTuneResult(256, 3, 0.01, 1.0, 0, TARGET, None, (record,), make_settings("doomed"))
+        TuneResult(256, 3, 0.01, 1.0, 0, TARGET, None, (record,), make_settings("doomed"))
     )
     tracker.study_interrupted("interrupted by the user")
     later = time.perf_counter() - start

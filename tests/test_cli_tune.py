@@ -1,0 +1,78 @@
+"""`autobatch tune` and `autobatch report` end to end, in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autobatch.cli import main
+
+QUICK = ["--n-trials", "3", "--max-epochs", "1", "--batch-sizes", "16,32,64"]
+
+
+@pytest.fixture(autouse=True)
+def _here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # autobatch.db and mlflow.db land in the test's folder
+
+
+@pytest.mark.slow
+def test_tune_prints_table_and_recommendation_and_report_rebuilds_it(capsys, tmp_path):
+    assert main(["tune", "digits", *QUICK]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith(("Recommendation:", "Warning:"))
+    recommendation = next(line for line in out if line.startswith("Recommendation:"))
+    assert "batch size" in recommendation and "epochs" in recommendation
+    ui = next(line for line in out if line.startswith("MLflow:"))
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in ui
+    assert (tmp_path / "autobatch.db").exists() and (tmp_path / "mlflow.db").exists()
+    table = [line for line in out if line.strip()[:1].isdigit()]
+    assert len(table) == 3  # one row per trial
+
+    # the same study, read back from MLflow alone and from the Optuna storage alone
+    assert main(["report", "--experiment", "autobatch-digits"]) == 0
+    from_mlflow = capsys.readouterr().out
+    assert recommendation in from_mlflow
+    assert (
+        main(["report", "--storage", "sqlite:///autobatch.db", "--study-name", "autobatch-digits"])
+        == 0
+    )
+    assert recommendation in capsys.readouterr().out
+
+    # running it again resumes the study: 3 more trials, 6 in all
+    assert main(["tune", "digits", *QUICK[:1], "6", *QUICK[2:], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["trials"]) == 6
+
+
+@pytest.mark.slow
+def test_tune_without_mlflow_writes_no_mlflow_store(capsys, tmp_path):
+    assert (
+        main(["tune", "digits", *QUICK, "--no-mlflow", "--storage", f"sqlite:///{tmp_path}/s.db"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "MLflow:" not in out and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--objective", "fastest"], "invalid choice"),
+        (["--target-loss", "low"], "invalid float"),
+        (["--batch-sizes", "a,b"], "batch sizes"),
+        (["--storage", "postgresql://u:hunter2@127.0.0.1:1/db"], "cannot open the study storage"),
+        (["--tracking-uri", "http://127.0.0.1:1"], "127.0.0.1:1"),
+        (["--n-trials", "0"], "n_trials"),
+    ],
+)
+def test_tune_bad_input_is_one_line_exit_2(capsys, args, message):
+    assert main(["tune", "digits", *QUICK, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert "Traceback" not in err and "hunter2" not in err
+
+
+def test_report_needs_a_study(capsys):
+    assert main(["report"]) == 2
+    assert "--run-id" in capsys.readouterr().err
