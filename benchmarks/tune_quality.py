@@ -187,6 +187,10 @@ def run_tune(
     )
     wall = time.perf_counter() - start
     trials = result.table()
+    for row, record in zip(trials, result.trials, strict=True):
+        row["curve"] = [
+            (p.samples, p.seconds, p.val_loss_smoothed, p.samples_per_second) for p in record.curve
+        ]
     return {
         "seed": seed,
         "batch_size": result.batch_size,

@@ -35,6 +35,7 @@ def _step_failing_at(batch_size: int, error: Exception | None):
     return step
 
 
+@pytest.mark.slow
 def test_seeded_trials_run_first_and_recommendation_is_a_complete_trial(task):
     result = tune(task, n_trials=4, **FAST)
     first = result.trials[:3]
@@ -52,6 +53,7 @@ def test_seeded_trials_run_first_and_recommendation_is_a_complete_trial(task):
     assert result.to_dict()["batch_size"] == result.batch_size
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_that_trial_and_the_study_goes_on(task):
     broken = dataclasses.replace(task, step=_step_failing_at(128, None))
     result = tune(broken, n_trials=3, **FAST)
@@ -60,6 +62,7 @@ def test_nan_loss_fails_that_trial_and_the_study_goes_on(task):
     assert states[32].state == COMPLETE and states[64].state == COMPLETE
 
 
+@pytest.mark.slow
 def test_oom_marks_the_batch_size_infeasible_and_it_is_not_sampled_again(task):
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     broken = dataclasses.replace(task, step=_step_failing_at(128, oom))
@@ -73,6 +76,7 @@ def test_oom_marks_the_batch_size_infeasible_and_it_is_not_sampled_again(task):
     assert result.batch_size != 128
 
 
+@pytest.mark.slow
 def test_other_errors_stop_the_study_with_the_original_error(task):
     broken = dataclasses.replace(task, step=_step_failing_at(32, KeyError("labels")))
     with pytest.raises(KeyError, match="labels"):
@@ -93,6 +97,7 @@ class _InterruptAt:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_and_keeps_finished_trials(task, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     kwargs = dict(n_trials=5, storage=storage, study_name="resume", **FAST)
@@ -112,6 +117,7 @@ def test_interrupted_study_resumes_and_keeps_finished_trials(task, tmp_path):
     assert any(t.batch_size == 64 and t.state == COMPLETE for t in result.trials)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_study(task):
     a = tune(task, n_trials=5, objective="loss", seed=7, **FAST)
     b = tune(task, n_trials=5, objective="loss", seed=7, **FAST)
@@ -125,6 +131,7 @@ def test_same_seed_gives_the_same_study(task):
         assert [p.samples for p in ta.curve[:n]] == [p.samples for p in tb.curve[:n]]
 
 
+@pytest.mark.slow
 def test_changed_search_space_on_an_existing_study_is_refused(task, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     first = tune(task, n_trials=1, storage=storage, study_name="s", **FAST)
@@ -155,6 +162,7 @@ def test_bad_input_is_one_clear_error(task, kwargs, message):
     assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_candidates_above_the_ceiling_are_dropped_with_a_note(task):
     options = {**FAST, "candidates": [32, 64, 100_000]}
     result = tune(task, n_trials=1, **options)
