@@ -177,3 +177,22 @@ def test_missing_validation_set_and_tiny_data_are_refused(task):
     tiny = dataclasses.replace(task, train_data=(x[:1], y[:1]))
     with pytest.raises(InvalidInputError, match="at least 2"):
         tune(tiny, n_trials=1, mlflow=False)
+
+
+@pytest.mark.slow
+def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = {**FAST, "mlflow": True}
+    with pytest.raises(StudyInterrupted):
+        tune(task, n_trials=4, tracking_uri=uri, observers=[_InterruptAt(1)], **options)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("autobatch-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    assert statuses["trial-0"] == "FINISHED"
+    assert statuses["trial-1"] == "KILLED"
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "KILLED"
+    assert "RUNNING" not in statuses.values()
