@@ -24,9 +24,9 @@ from autobatch import curves
 from autobatch.data import BatchSource
 from autobatch.errors import AutobatchError, InvalidInputError, StudyInterrupted
 from autobatch.lr_rules import check_rule, rule_for, scale_lr
-from autobatch.memory import MemoryMeter
+from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.oom import drop_failed_attempt, is_oom_error
-from autobatch.probe import ProbeResult, probe
+from autobatch.probe import DEFAULT_HEADROOM, ProbeResult, probe
 from autobatch.records import (
     COMPLETE,
     FAILED,
@@ -214,7 +214,7 @@ def tune(
     probe_result: ProbeResult | None = None,
     memory_budget: str | int | None = None,
     meter: MemoryMeter | None = None,
-    headroom: float = 0.05,
+    headroom: float = DEFAULT_HEADROOM,
     max_batch_size: int | None = None,
     mlflow: bool = True,
     tracking_uri: str | None = None,
@@ -313,6 +313,12 @@ def tune(
         train_size=task.train_size,
     )
     study = _open_study(settings, opened_storage, seed)
+    # Trials read peak memory from the device's own meter; the simulated one would slow every
+    # operation, so trials on the CPU run unmetered.
+    if meter is not None and not isinstance(meter, TrackedMeter):
+        trial_meter = meter
+    else:
+        trial_meter = None if task.device.type == "cpu" else meter_for(task.device)
     runner = _StudyRunner(
         task=task,
         study=study,
@@ -321,7 +327,7 @@ def tune(
         probe=probed,
         observers=_Observers(all_observers),
         progress=progress,
-        meter=meter,
+        meter=trial_meter,
     )
     for note in notes:
         log.warning(note)
