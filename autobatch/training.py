@@ -48,6 +48,7 @@ class TrainStep:
         self.model = model
         self.optimizer = optimizer
         self.scaler = torch.amp.GradScaler(task.device.type) if task.precision == "fp16" else None
+        self._autocast = autocast(task)  # re-entered every step, made once
 
     def __call__(
         self,
@@ -56,7 +57,7 @@ class TrainStep:
         after_backward: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """``after_forward``/``after_backward`` let the probe read memory between phases."""
-        with autocast(self.task):
+        with self._autocast:
             loss = forward_loss(self.task, self.model, batch)
         if after_forward is not None:
             after_forward()

@@ -93,7 +93,10 @@ def train(
     interval = evaluation_interval(size)
     next_eval = interval
     run = TrialRun()
-    loss_sum = torch.zeros((), device=task.device)
+    # Step losses stay on the device, unreduced: appending costs no kernel launch, and one
+    # reduction per evaluation turns them into the mean.
+    losses: list[torch.Tensor] = []
+    sizes: list[int] = []
     loss_samples = 0
     val_losses: list[float] = []
     window_samples, window_seconds = 0, 0.0
@@ -106,7 +109,8 @@ def train(
             epoch_train = run.train_seconds
             for batch in train_data.epoch(batch_size, generator):
                 n = batch_length(batch)
-                loss_sum.add_(step(batch), alpha=n)
+                losses.append(step(batch))
+                sizes.append(n)
                 loss_samples += n
                 run.samples += n
                 if run.samples < next_eval and run.samples < max_samples:
@@ -116,7 +120,8 @@ def train(
                 run.train_seconds += now - epoch_start
                 window_seconds += now - epoch_start
                 window_samples += loss_samples
-                train_loss = (loss_sum / max(loss_samples, 1)).item()
+                weights = torch.tensor(sizes, device=task.device, dtype=torch.float32)
+                train_loss = ((torch.stack(losses).float() * weights).sum() / loss_samples).item()
                 val_loss, accuracy = evaluate(task, model, val_data, eval_batch_size)
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     raise TrialFailed(
@@ -137,7 +142,8 @@ def train(
                     timestamp_ms=int(time.time() * 1000),
                 )
                 run.points.append(point)
-                loss_sum.zero_()
+                losses.clear()
+                sizes.clear()
                 loss_samples = 0
                 window_samples, window_seconds = 0, 0.0
                 next_eval = (run.samples // interval + 1) * interval

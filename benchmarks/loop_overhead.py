@@ -8,7 +8,7 @@ is throughput (training samples per second) relative to the plain loop: target >
 With ``--mlflow`` it also measures what MLflow logging adds to a trial's wall time (every
 evaluation logged to a local SQLite store through autobatch's tracker): target <= 2%.
 
-    python benchmarks/loop_overhead.py [--repeats 5] [--epochs 3] [--mlflow]
+    python benchmarks/loop_overhead.py [--repeats 9] [--epochs 3] [--mlflow]
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def measure_mlflow(repeats: int, epochs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--mlflow", action="store_true", help="also measure MLflow logging cost")
     args = parser.parse_args()

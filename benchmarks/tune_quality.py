@@ -19,12 +19,15 @@ and batch size 32) this benchmark
      candidates, multiplier log-uniform over the same range), each trial trained for the full
      budget and scored by its best validation loss, no pruning, no epoch selection, stopped
      when its training seconds reach the compute tune() used with the same seed;
-5. re-runs every method's configuration from scratch ``--repeats`` times, interleaved (one of
-   each per round) so load drift on a shared machine hits every method alike, and reports
-   medians. tune() and plain TPE use seed ``r`` in round ``r``: their medians cover both the
-   search's randomness and the timing noise. The grid's best configuration is re-run the same
-   way; that median is the reference for the 10% target, because the grid's own figure is a
-   minimum over many noisy runs and so is biased low (it is printed too).
+5. re-runs every method's configuration from scratch, for the full budget, ``--reruns`` times
+   per seed, interleaved (one of each per round) so load drift on a shared machine hits every
+   method alike, and reports medians. In round ``r`` tune() and plain TPE contribute the
+   configuration their seed-``r`` run chose, so their medians cover both the search's
+   randomness and the timing noise. The grid's fastest ``--grid-top`` (3) configurations are
+   re-run the same way, and the lowest of their medians is the grid best, the reference for
+   the 10% target: each grid figure is one noisy measurement, so the grid's minimum is biased
+   low and picks a lucky configuration about as often as the fastest one (the grid's own
+   figures are printed too).
 
 Targets (exit status 1 when missed): autobatch's median time to target within 10% of the grid
 best's, at <= 25% of the grid's compute (median over seeds), and a shorter median time to
@@ -35,7 +38,7 @@ threads made a batch-32 epoch of this task 40-60x slower and its timings meaning
 
 Run::
 
-    python benchmarks/tune_quality.py                  # full budget, about 15 minutes on 2 cores
+    python benchmarks/tune_quality.py                  # full budget, about 10 minutes on 2 cores
     python benchmarks/tune_quality.py --quick          # smoke test, under a minute
     python benchmarks/tune_quality.py --json /tmp/tune_quality.json --repeats 5
     python benchmarks/tune_quality.py --reuse-grid /tmp/tune_quality.json --tune-target own
@@ -46,7 +49,9 @@ hour at 10-40 s per epoch); multipliers 0.25, 0.5, 1, 2, 4 (tune() searches 0.25
 ``--max-epochs`` 8; tune() gets its default ``--n-trials`` 20; ``--repeats`` 3 seeds x
 ``--reruns`` 3 re-runs of each configuration, so each median is over 9 runs.
 ``--tune-target own`` lets tune() derive the target from its own baseline trial instead of
-passing ``target_loss=L*`` (same definition, same value; see the pruning note in the output).
+passing ``target_loss=L*`` (same definition, so the same value on a deterministic CPU run; the
+log prints tune()'s target). ``--reuse-grid`` skips the grid; the compute fraction then divides
+seconds measured at different times, under possibly different machine load.
 """
 
 from __future__ import annotations
@@ -284,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         "trial (the same definition, so the same L* on a deterministic CPU run)",
     )
     parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument(
+        "--grid-top", type=int, default=3, help="re-run the grid's fastest N; best median wins"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a small budget: a smoke test")
     parser.add_argument("--json", metavar="PATH", help="save every figure and run here")
@@ -338,10 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     if not reached:
         print("no grid configuration reached the target; raise --max-epochs", file=sys.stderr)
         return 1
-    grid_best = min(reached, key=lambda c: c["time_to_target"])
+    # the grid's fastest few, each measured once: all re-run, the best median is the reference
+    top = sorted(reached, key=lambda c: c["time_to_target"])[: max(1, args.grid_top)]
     log(
-        f"grid: {len(grid)} runs, {grid_compute:.0f} training s; best bs={grid_best['batch_size']}"
-        f" x{grid_best['multiplier']:g} at {grid_best['time_to_target']:.2f} s"
+        f"grid: {len(grid)} runs, {grid_compute:.0f} training s; fastest "
+        + ", ".join(
+            f"bs={c['batch_size']} x{c['multiplier']:g} {c['time_to_target']:.2f} s" for c in top
+        )
     )
 
     # 3-4. tune() and plain TPE with the same compute, one of each per seed
@@ -364,13 +375,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. re-runs from scratch, interleaved
     fixed = {
-        "grid best": (grid_best["batch_size"], grid_best["lr"]),
+        **{f"grid #{i + 1}": (c["batch_size"], c["lr"]) for i, c in enumerate(top)},
         "probed max": (max(sizes), bench.lr(max(sizes), 1.0)),
         "task default": (task.batch_size, task.lr),
     }
-    reruns: dict[str, list[Run]] = {
-        k: [] for k in ("grid best", "autobatch", "probed max", "task default", "plain TPE")
-    }
+    names = [f"grid #{i + 1}" for i in range(len(top))]
+    names += ["autobatch", "probed max", "task default", "plain TPE"]
+    reruns: dict[str, list[Run]] = {k: [] for k in names}
     for r in range(args.repeats):
         for k in range(args.reruns):
             for name in reruns:
@@ -385,7 +396,12 @@ def main(argv: list[str] | None = None) -> int:
                 ttt = "miss" if run.time_to_target is None else f"{run.time_to_target:.2f} s"
                 log(f"  re-run {r}.{k} {name:<12} bs={size:<5} lr={lr:.2e} to target {ttt}")
 
-    reference = time_median(reruns["grid best"])
+    grid_runs = [reruns.pop(f"grid #{i + 1}") for i in range(len(top))]
+    top_medians = [time_median(runs) for runs in grid_runs]
+    best_index = min(range(len(top)), key=top_medians.__getitem__)
+    grid_best = top[best_index]
+    reruns = {"grid best": grid_runs[best_index], **reruns}
+    reference = top_medians[best_index]
     compute = {
         "grid best": 1.0,
         "autobatch": median([t["compute_seconds"] for t in tunes]) / grid_compute,
@@ -421,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         f"training s until smoothed val loss <= {bench.level:.4f} (+{args.tolerance:.0%})"
     )
     print(
-        f"grid: {len(grid)} runs, {grid_compute:.1f} training s; its best: bs "
-        f"{grid_best['batch_size']} x{grid_best['multiplier']:g} at "
-        f"{grid_best['time_to_target']:.2f} s in the grid, {reference:.2f} s re-run (median)"
+        f"grid: {len(grid)} runs, {grid_compute:.1f} training s; its fastest {len(top)} re-run "
+        "(grid s -> median re-run s): "
+        + ", ".join(
+            f"bs {c['batch_size']} x{c['multiplier']:g} {c['time_to_target']:.2f} -> {m:.2f}"
+            for c, m in zip(top, top_medians, strict=True)
+        )
+        + f"; grid best = bs {grid_best['batch_size']} x{grid_best['multiplier']:g}"
     )
     print(
         f"autobatch: tune(n_trials={args.n_trials}, target {args.tune_target}) per seed: compute "
@@ -477,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                     "grid": grid,
                     "grid_compute_seconds": grid_compute,
                     "grid_best": grid_best,
+                    "grid_top": [
+                        {**c, "rerun_median": m} for c, m in zip(top, top_medians, strict=True)
+                    ],
                     "tune": tunes,
                     "plain_tpe": tpes,
                     "reruns": {k: [asdict(r) for r in v] for k, v in reruns.items()},
