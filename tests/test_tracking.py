@@ -395,7 +395,6 @@ def test_metrics_are_sent_in_few_batches(mlflow_server: str) -> None:
         tracker.evaluated(record, point)
     buffering = time.perf_counter() - start
     tracker.trial_finished(replace(record, state=COMPLETE, curve=tuple(points)))
-    tracker.wait()
     metric_batches = [n for n in calls if n]
     # The first evaluation goes out at once, the rest at the end of the trial (in chunks of
     # at most 800 metrics): a handful of requests for 400 evaluations.
@@ -599,7 +598,6 @@ def test_server_killed_mid_study_warns_once_and_goes_on(
     start = time.perf_counter()
     tracker.evaluated(record, curve[0])  # the first evaluation is sent at once, and fails
     handed_over = time.perf_counter() - start
-    tracker.wait()
     failed_after = time.perf_counter() - start
     assert tracker.stopped
     start = time.perf_counter()
