@@ -443,7 +443,7 @@ class MlflowTracker:
             self._parent_noted = True
 
     def evaluated(self, record: TrialRecord, point: EvalPoint) -> None:
-        """Buffer the evaluation; hand buffered metrics to the sender every second or so."""
+        """Buffer the evaluation; send what is buffered at most every ``flush_interval`` s."""
         run_id = self._open.get(record.number)
         if self._stopped or run_id is None:
             return
@@ -453,7 +453,7 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
-        """Hand every buffered metric (and trial parameters not yet sent) to the sender."""
+        """Send every buffered metric (and trial parameters not yet sent)."""
         if self._stopped or not (self._buffer or self._params):
             return
         metrics, self._buffer = self._buffer, {}
