@@ -342,13 +342,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return EXIT_OK
     report = Report(
-        recommendation={
-            "batch_size": result.batch_size,
-            "epochs": result.epochs,
-            "lr": result.lr,
-            "lr_multiplier": result.lr_multiplier,
-            "best_trial": result.best_trial,
-        },
+        recommendation=result.recommendation(),
         trials=tuple(result.table()),
         source="mlflow" if result.mlflow_run_id else "optuna",
         study_name=result.settings.study_name,

@@ -66,6 +66,16 @@ class TuneResult:
     mlflow_run_id: str | None = None
     study: optuna.Study | None = field(default=None, compare=False, repr=False)
 
+    def recommendation(self) -> dict[str, Any]:
+        """What to train with, and the trial it comes from."""
+        return {
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "lr_multiplier": self.lr_multiplier,
+            "best_trial": self.best_trial,
+        }
+
     def table(self) -> list[dict[str, Any]]:
         """One row per trial, without learning curves."""
         return [t.summary() for t in self.trials]
@@ -471,16 +481,7 @@ class _StudyRunner:
             if bar is not None:
                 bar.close()
         result = self._result()
-        self.study.set_user_attr(
-            "autobatch_recommendation",
-            {
-                "batch_size": result.batch_size,
-                "epochs": result.epochs,
-                "lr": result.lr,
-                "lr_multiplier": result.lr_multiplier,
-                "best_trial": result.best_trial,
-            },
-        )
+        self.study.set_user_attr("autobatch_recommendation", result.recommendation())
         self.observers.study_finished(result)
         return result
 

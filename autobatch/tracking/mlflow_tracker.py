@@ -505,11 +505,8 @@ class MlflowTracker:
         self._end_open_runs("KILLED", "the study ended before this trial did")
         parent = self.parent_run_id
         recommendation = {
-            "recommended_batch_size": result.batch_size,
-            "recommended_epochs": result.epochs,
-            "recommended_lr": result.lr,
-            "recommended_lr_multiplier": result.lr_multiplier,
-            "best_trial": result.best_trial,
+            key if key == "best_trial" else f"recommended_{key}": value
+            for key, value in result.recommendation().items()
         }
         metrics = [Metric(key, float(value), _now_ms(), 0) for key, value in recommendation.items()]
         if result.target_loss is not None and math.isfinite(result.target_loss):
