@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("time", "loss", "pareto")
 #: A trial that never reaches the target scores its whole training time times this.
 MISS_PENALTY = 2.0
+_INFEASIBLE_VALUE = 1e12
 _SPACE_KEYS = ("objective", "lr_rule", "lr_multiplier_range", "candidates", "max_epochs", "seed")
 
 
@@ -351,7 +352,10 @@ def tune(
 def _open_study(settings: StudySettings, storage: Any, seed: int) -> optuna.Study:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
+        # Random start-up trials on top of the three seeded ones: a quarter of the budget, so
+        # a short study still spends most of its trials guided.
+        startup = min(8, max(2, (settings.n_trials or 20) // 4))
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
     pruner = optuna.pruners.NopPruner() if settings.objective == "pareto" else _LazyHalvingPruner()
     kwargs: dict[str, Any] = {}
     if settings.objective == "pareto":
@@ -492,10 +496,14 @@ class _StudyRunner:
             size = trial.params["batch_size"]
             if size not in self.infeasible:
                 return trial
-            # Known not to fit: told as failed at once, no training, not counted as a trial.
+            # Known not to fit: no training, not counted as a trial. Told as the worst possible
+            # result, with its constraint violated, so the sampler learns to avoid the size (a
+            # failed trial would be ignored by TPE and proposed again and again).
             trial.set_user_attr("autobatch_counted", False)
             trial.set_user_attr("reason", f"batch size {size} is known to be infeasible")
-            self.study.tell(trial, state=TrialState.FAIL)
+            trial.set_constraint("final_loss", _INFEASIBLE_VALUE)
+            worst = [_INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
+            self.study.tell(trial, worst if len(worst) > 1 else worst[0])
         return None
 
     def _one_trial(self, bar: Any) -> bool:
@@ -615,11 +623,13 @@ class _StudyRunner:
 
     def _tell(self, trial: optuna.Trial, record: TrialRecord) -> None:
         objective = self.settings.objective
-        if record.state == COMPLETE and self.target is None and record.best_val_loss is not None:
-            # The first completed trial (the baseline) sets the target everyone must reach,
-            # and its run time sets the pruner's first rung.
-            self.study.set_user_attr("autobatch_target_loss", record.best_val_loss)
-            self.study.set_user_attr("autobatch_baseline_ms", int(record.train_seconds * 1000))
+        if record.state == COMPLETE and record.best_val_loss is not None:
+            # The first completed trial (the baseline) sets the pruner's first rung, and the
+            # target everyone must reach unless the user gave one.
+            if "autobatch_baseline_ms" not in self.study.user_attrs:
+                self.study.set_user_attr("autobatch_baseline_ms", int(record.train_seconds * 1000))
+            if self.target is None:
+                self.study.set_user_attr("autobatch_target_loss", record.best_val_loss)
         target = self.target
         if record.state == COMPLETE and target is not None:
             level = curves.threshold(target, self.settings.tolerance)

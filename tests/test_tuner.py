@@ -196,3 +196,11 @@ def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     assert "RUNNING" not in statuses.values()
+
+
+@pytest.mark.slow
+def test_a_given_target_still_prunes(task):
+    result = tune(task, n_trials=10, target_loss=0.3, seed=1, **{**FAST, "max_epochs": 4})
+    assert result.target_loss == 0.3
+    assert result.study.user_attrs["autobatch_baseline_ms"] > 0
+    assert any(t.state == PRUNED for t in result.trials)
