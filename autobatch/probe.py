@@ -344,21 +344,9 @@ def _search_with_model(
 
 
 def _refine(search: _Search, multiple_of: int, tolerance: float) -> None:
-    """Close the gap between the largest success and the smallest failure: by the line
-    through both where the failure left a peak reading (it ran, but over budget), else by
-    bisection."""
-    while _open_gap(search, multiple_of, tolerance):
-        lo, hi = search.best.batch_size, search.smallest_failure
-        mid = _round_down((lo + hi) / 2, multiple_of)
-        last = search.attempts[-1]
-        if not last.fitted and not last.oom and last.peak_bytes is not None:
-            refit = _fit_attempts([search.best, last])
-            steer = _round_down(refit.largest_under(search.budget), multiple_of)
-            if lo < steer < hi:
-                mid = steer
-        if mid <= lo:
-            break
-        search.run(mid, "refine")
+    """Close the gap after a missed prediction, steered by the line through the best size and
+    a failure that left a peak reading (it ran, but over budget)."""
+    _close_gap(search, multiple_of, tolerance, "refine", steer=True)
 
 
 def _search_without_peaks(search: _Search, upper: int, multiple_of: int, tolerance: float) -> None:
@@ -379,12 +367,26 @@ def _open_gap(search: _Search, multiple_of: int, tolerance: float) -> bool:
 
 
 def _bisect(search: _Search, multiple_of: int, tolerance: float) -> None:
+    _close_gap(search, multiple_of, tolerance, "search", steer=False)
+
+
+def _close_gap(
+    search: _Search, multiple_of: int, tolerance: float, phase: str, *, steer: bool
+) -> None:
+    """Try sizes between the largest success and the smallest failure until they are within
+    ``tolerance``: the midpoint, or where the refitted line points when ``steer`` allows."""
     while _open_gap(search, multiple_of, tolerance):
         lo, hi = search.best.batch_size, search.smallest_failure
         mid = _round_down((lo + hi) / 2, multiple_of)
+        last = search.attempts[-1]
+        if steer and not last.fitted and not last.oom and last.peak_bytes is not None:
+            refit = _fit_attempts([search.best, last])
+            target = _round_down(refit.largest_under(search.budget), multiple_of)
+            if lo < target < hi:
+                mid = target
         if mid <= lo:
             break
-        search.run(mid, "search")
+        search.run(mid, phase)
 
 
 def probe(

@@ -32,6 +32,7 @@ from autobatch.records import (
     FAILED,
     INFEASIBLE,
     PRUNED,
+    RUNNING,
     EvalPoint,
     StudySettings,
     TrialRecord,
@@ -516,7 +517,7 @@ class _StudyRunner:
         lr = scale_lr(self.task.lr, self.task.batch_size, size, rule) * multiplier
         record = TrialRecord(
             number=trial.number,
-            state="running",
+            state=RUNNING,
             batch_size=size,
             lr=lr,
             lr_multiplier=multiplier,
