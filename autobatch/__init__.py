@@ -1,42 +1,107 @@
-"""autobatch: the batch size, epochs and learning rate to train with, measured, not guessed."""
+"""autobatch: the batch size, epochs and learning rate to train with, measured, not guessed.
 
-from autobatch.errors import (
-    AutobatchError,
-    BatchSizeOneDoesNotFit,
-    InvalidInputError,
-    StudyInterrupted,
-)
-from autobatch.memory import CudaMeter, MemoryMeter, MpsMeter, TrackedMeter, XpuMeter, meter_for
-from autobatch.oom import is_oom_error
-from autobatch.probe import MemoryModel, ProbeAttempt, ProbeResult, find_max_batch_size, probe
-from autobatch.records import EvalPoint, StudySettings, TrialRecord, TuneObserver
-from autobatch.task import Task
-from autobatch.tuner import TuneResult, tune
+Names load on first use (``autobatch.tune`` imports the tuner, and torch, when first read), so
+a process that needs only the plain records, such as the MLflow logging process, starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autobatch.errors import (
+        AutobatchError,
+        BatchSizeOneDoesNotFit,
+        InvalidInputError,
+        StudyInterrupted,
+    )
+    from autobatch.memory import (
+        CudaMeter,
+        MemoryMeter,
+        MpsMeter,
+        TrackedMeter,
+        XpuMeter,
+        meter_for,
+    )
+    from autobatch.oom import is_oom_error
+    from autobatch.probing import find_max_batch_size, probe
+    from autobatch.records import (
+        EvalPoint,
+        MemoryModel,
+        ProbeAttempt,
+        ProbeResult,
+        StudySettings,
+        TrialRecord,
+        TuneObserver,
+        TuneResult,
+    )
+    from autobatch.task import Task
+    from autobatch.tuner import tune
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "AutobatchError": "errors",
+    "BatchSizeOneDoesNotFit": "errors",
+    "InvalidInputError": "errors",
+    "StudyInterrupted": "errors",
+    "CudaMeter": "memory",
+    "MemoryMeter": "memory",
+    "MpsMeter": "memory",
+    "TrackedMeter": "memory",
+    "XpuMeter": "memory",
+    "meter_for": "memory",
+    "is_oom_error": "oom",
+    "find_max_batch_size": "probing",
+    "probe": "probing",
+    "EvalPoint": "records",
+    "MemoryModel": "records",
+    "ProbeAttempt": "records",
+    "ProbeResult": "records",
+    "StudySettings": "records",
+    "TrialRecord": "records",
+    "TuneObserver": "records",
+    "TuneResult": "records",
+    "Task": "task",
+    "tune": "tuner",
+}
 
 __all__ = [
     "AutobatchError",
     "BatchSizeOneDoesNotFit",
     "CudaMeter",
+    "EvalPoint",
+    "find_max_batch_size",
     "InvalidInputError",
+    "is_oom_error",
     "MemoryMeter",
     "MemoryModel",
+    "meter_for",
     "MpsMeter",
+    "probe",
     "ProbeAttempt",
     "ProbeResult",
-    "EvalPoint",
-    "StudySettings",
-    "TrialRecord",
-    "TuneObserver",
-    "TuneResult",
-    "tune",
     "StudyInterrupted",
+    "StudySettings",
     "Task",
     "TrackedMeter",
+    "TrialRecord",
+    "tune",
+    "TuneObserver",
+    "TuneResult",
     "XpuMeter",
-    "find_max_batch_size",
-    "is_oom_error",
-    "meter_for",
-    "probe",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'autobatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"autobatch.{home}"), name)
+    globals()[name] = value  # later reads skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -87,7 +87,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _add_memory_options(parser: argparse.ArgumentParser) -> None:
     """Where to run and how much memory to fit in: shared by probe and tune."""
-    from autobatch.probe import DEFAULT_HEADROOM
+    from autobatch.probing import DEFAULT_HEADROOM
 
     parser.add_argument(
         "--device",
@@ -146,7 +146,7 @@ def _add_probe_parser(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from autobatch.probe import probe
+    from autobatch.probing import probe
 
     budget = _memory_budget(args)
     task = _load(args)

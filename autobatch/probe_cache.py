@@ -17,7 +17,7 @@ from autobatch.data import BatchSource
 
 if TYPE_CHECKING:
     from autobatch.memory import MemoryMeter
-    from autobatch.probe import ProbeResult
+    from autobatch.records import ProbeResult
     from autobatch.task import Task
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def key(
 
 
 def load(digest: str, directory: str | os.PathLike | None = None) -> ProbeResult | None:
-    from autobatch.probe import ProbeResult
+    from autobatch.records import ProbeResult
 
     path = Path(directory or default_dir()) / f"{digest}.json"
     try:

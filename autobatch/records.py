@@ -1,18 +1,22 @@
-"""What a study produces, as plain data: evaluation points, trial records, study settings.
+"""What autobatch produces, as plain data: probe results, evaluation points, trial records,
+study settings and the tune result.
 
-The tuner fills these in; observers (MLflow logging, progress bars) read them. Nothing here
-knows about Optuna's or MLflow's objects, so every consumer sees the same facts.
+The probe and the tuner fill these in; observers (MLflow logging, progress bars) and reports
+read them. Nothing here imports torch, Optuna or MLflow, so every consumer sees the same facts
+and the MLflow logging process can load them cheaply.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import optuna
 
-    from autobatch.probe import ProbeResult
+#: What MemoryModel.largest_under answers when memory does not grow with the batch.
+NO_BOUND = 1 << 24
 
 #: Trial states as autobatch reports them.
 COMPLETE, PRUNED, FAILED, INFEASIBLE, RUNNING = (
@@ -109,6 +113,105 @@ class StudySettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeAttempt:
+    """One tried batch size."""
+
+    batch_size: int
+    fitted: bool
+    oom: bool
+    peak_bytes: int | None
+    seconds: float
+    phase: str  # "measure", "predict", "refine" or "search"
+    scaling_peak_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak bytes ~ ``fixed_bytes + bytes_per_sample * batch_size``."""
+
+    fixed_bytes: float
+    bytes_per_sample: float
+
+    def predict(self, batch_size: int) -> float:
+        return self.fixed_bytes + self.bytes_per_sample * batch_size
+
+    def largest_under(self, budget: int) -> int:
+        if self.bytes_per_sample <= 0:
+            return NO_BOUND
+        return max(int(math.floor((budget - self.fixed_bytes) / self.bytes_per_sample)), 0)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The largest batch size that ran within ``budget_bytes``, and how it was found."""
+
+    batch_size: int
+    capacity_bytes: int
+    headroom: float
+    budget_bytes: int
+    memory_model: MemoryModel | None
+    attempts: tuple[ProbeAttempt, ...]
+    steps: int
+    seconds: float
+    device: str
+    upper_bound: int | None = None
+    cached: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ooms(self) -> int:
+        return sum(a.oom for a in self.attempts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        data = dict(data)
+        model = data.get("memory_model")
+        data["memory_model"] = MemoryModel(**model) if model else None
+        data["attempts"] = tuple(ProbeAttempt(**a) for a in data["attempts"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The recommendation and the evidence behind it."""
+
+    batch_size: int
+    epochs: int
+    lr: float
+    lr_multiplier: float
+    best_trial: int
+    target_loss: float | None
+    probe: ProbeResult | None
+    trials: tuple[TrialRecord, ...]
+    settings: StudySettings
+    warnings: tuple[str, ...] = ()
+    mlflow_run_id: str | None = None
+    study: optuna.Study | None = field(default=None, compare=False, repr=False)
+
+    def recommendation(self) -> dict[str, Any]:
+        """What to train with, and the trial it comes from."""
+        return {
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "lr_multiplier": self.lr_multiplier,
+            "best_trial": self.best_trial,
+        }
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per trial, without learning curves."""
+        return [t.summary() for t in self.trials]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(replace(self, study=None)).items() if k != "study"}
+        data["trials"] = self.table()
+        return data
 
 
 class TuneObserver(Protocol):

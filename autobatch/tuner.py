@@ -12,7 +12,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -26,7 +26,7 @@ from autobatch.errors import AutobatchError, InvalidInputError, StudyInterrupted
 from autobatch.lr_rules import check_rule, rule_for, scale_lr
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.oom import drop_failed_attempt, is_oom_error
-from autobatch.probe import DEFAULT_HEADROOM, ProbeResult, probe
+from autobatch.probing import DEFAULT_HEADROOM, probe
 from autobatch.records import (
     COMPLETE,
     FAILED,
@@ -34,9 +34,11 @@ from autobatch.records import (
     PRUNED,
     RUNNING,
     EvalPoint,
+    ProbeResult,
     StudySettings,
     TrialRecord,
     TuneObserver,
+    TuneResult,
 )
 from autobatch.task import Task
 from autobatch.tracking.redact import redact_url
@@ -49,43 +51,6 @@ OBJECTIVES = ("time", "loss", "pareto")
 MISS_PENALTY = 2.0
 _INFEASIBLE_VALUE = 1e12
 _SPACE_KEYS = ("objective", "lr_rule", "lr_multiplier_range", "candidates", "max_epochs", "seed")
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    """The recommendation and the evidence behind it."""
-
-    batch_size: int
-    epochs: int
-    lr: float
-    lr_multiplier: float
-    best_trial: int
-    target_loss: float | None
-    probe: ProbeResult | None
-    trials: tuple[TrialRecord, ...]
-    settings: StudySettings
-    warnings: tuple[str, ...] = ()
-    mlflow_run_id: str | None = None
-    study: optuna.Study | None = field(default=None, compare=False, repr=False)
-
-    def recommendation(self) -> dict[str, Any]:
-        """What to train with, and the trial it comes from."""
-        return {
-            "batch_size": self.batch_size,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "lr_multiplier": self.lr_multiplier,
-            "best_trial": self.best_trial,
-        }
-
-    def table(self) -> list[dict[str, Any]]:
-        """One row per trial, without learning curves."""
-        return [t.summary() for t in self.trials]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(replace(self, study=None)).items() if k != "study"}
-        data["trials"] = self.table()
-        return data
 
 
 def default_candidates(ceiling: int, base: int) -> list[int]:

@@ -23,12 +23,14 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from autobatch.errors import InvalidInputError
-from autobatch.probe import MemoryModel, ProbeAttempt, ProbeResult
 from autobatch.records import (
     COMPLETE,
     INFEASIBLE,
     PRUNED,
     EvalPoint,
+    MemoryModel,
+    ProbeAttempt,
+    ProbeResult,
     StudySettings,
     TrialRecord,
 )

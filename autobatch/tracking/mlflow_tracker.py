@@ -42,8 +42,7 @@ from mlflow.exceptions import MlflowException
 
 from autobatch import curves
 from autobatch.errors import InvalidInputError
-from autobatch.probe import ProbeResult
-from autobatch.records import FAILED, INFEASIBLE, EvalPoint, StudySettings, TrialRecord
+from autobatch.records import FAILED, INFEASIBLE, EvalPoint, ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking import plots
 from autobatch.tracking.redact import redact_url
 

@@ -23,8 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-from autobatch.probe import ProbeResult
-from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED, TrialRecord
+from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED, ProbeResult, TrialRecord
 
 DPI = 120
 # Viridis without its pale yellow end, which vanishes on a white background.

@@ -9,11 +9,10 @@ verify it, and refined by bisection if the prediction misses. Every size returne
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from autobatch.data import BatchSource
 from autobatch.errors import BatchSizeOneDoesNotFit, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.oom import drop_failed_attempt, is_oom_error
+from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult
 from autobatch.snapshot import RngState, TrainingState
 from autobatch.task import Task
 from autobatch.training import TrainStep, build
@@ -33,20 +33,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HEADROOM = 0.05
 DEFAULT_TOLERANCE = 0.02
-_NO_BOUND = 1 << 24
-
-
-@dataclass(frozen=True)
-class ProbeAttempt:
-    """One tried batch size."""
-
-    batch_size: int
-    fitted: bool
-    oom: bool
-    peak_bytes: int | None
-    seconds: float
-    phase: str  # "measure", "predict", "refine" or "search"
-    scaling_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,55 +51,6 @@ class StepReading:
     base_bytes: int
     activation_bytes: int
     peak_bytes: int | None = None  # the whole attempt's peak, where the step reset the meter
-
-
-@dataclass(frozen=True)
-class MemoryModel:
-    """Peak bytes ~ ``fixed_bytes + bytes_per_sample * batch_size``."""
-
-    fixed_bytes: float
-    bytes_per_sample: float
-
-    def predict(self, batch_size: int) -> float:
-        return self.fixed_bytes + self.bytes_per_sample * batch_size
-
-    def largest_under(self, budget: int) -> int:
-        if self.bytes_per_sample <= 0:
-            return _NO_BOUND
-        return max(int(math.floor((budget - self.fixed_bytes) / self.bytes_per_sample)), 0)
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """The largest batch size that ran within ``budget_bytes``, and how it was found."""
-
-    batch_size: int
-    capacity_bytes: int
-    headroom: float
-    budget_bytes: int
-    memory_model: MemoryModel | None
-    attempts: tuple[ProbeAttempt, ...]
-    steps: int
-    seconds: float
-    device: str
-    upper_bound: int | None = None
-    cached: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ooms(self) -> int:
-        return sum(a.oom for a in self.attempts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
-        data = dict(data)
-        model = data.get("memory_model")
-        data["memory_model"] = MemoryModel(**model) if model else None
-        data["attempts"] = tuple(ProbeAttempt(**a) for a in data["attempts"])
-        return cls(**data)
 
 
 def _check_bounds(
@@ -243,7 +180,7 @@ def find_max_batch_size(
     start = time.perf_counter()
     capacity = meter.capacity()
     budget = int(capacity * (1 - headroom))
-    upper = _round_down(max_batch_size or _NO_BOUND, multiple_of)
+    upper = _round_down(max_batch_size or NO_BOUND, multiple_of)
     search = _Search(step, meter, budget, steps_per_call)
     smallest = -(-(min_batch_size or multiple_of) // multiple_of) * multiple_of
     if smallest > upper:
