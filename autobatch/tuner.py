@@ -248,68 +248,76 @@ def tune(
         raise InvalidInputError(
             f"Task.train_data has {task.train_size} sample(s); tuning needs at least 2"
         )
-    # Everything that can be unreachable is contacted before any training.
+    # Everything that can be unreachable is contacted before any trial. The MLflow logging
+    # process starts now and opens its store while the probe runs.
     opened_storage = _storage(storage)
     all_observers = list(observers)
     tracker = None
     if mlflow:
-        from autobatch.tracking import MlflowTracker, resolve_tracking_uri
+        from autobatch.tracking import BackgroundTracker, resolve_tracking_uri
 
-        tracker = MlflowTracker(resolve_tracking_uri(tracking_uri), experiment=experiment)
+        uri = resolve_tracking_uri(tracking_uri)
+        tracker = BackgroundTracker(uri, experiment=experiment, wait=False)
         all_observers.append(tracker)
-    probed, ceiling = _resolve_probe(
-        task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
-    )
-    sizes = _check_candidates(candidates, ceiling, task.batch_size, notes)
-    if objective == "pareto":
-        notes.append("objective 'pareto' has two objectives, so pruning is off")
-    if lr_rule == "auto":
-        lr_rule = rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
+    try:
+        probed, ceiling = _resolve_probe(
+            task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
+        )
+        sizes = _check_candidates(candidates, ceiling, task.batch_size, notes)
+        if objective == "pareto":
+            notes.append("objective 'pareto' has two objectives, so pruning is off")
+        if lr_rule == "auto":
+            lr_rule = rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
 
-    name = study_name or f"autobatch-{task.name}"
-    settings = StudySettings(
-        study_name=name,
-        storage=redact_url(storage) if storage else "in-memory",
-        objective=objective,
-        lr_rule=lr_rule,
-        lr_multiplier_range=(float(low), float(high)),
-        candidates=tuple(sizes),
-        max_epochs=float(max_epochs),
-        n_trials=n_trials,
-        timeout=timeout,
-        seed=seed,
-        sampler="TPESampler",
-        pruner="none" if objective == "pareto" else "SuccessiveHalving(training ms)",
-        tolerance=tolerance,
-        target_loss=target_loss,
-        task_name=task.name,
-        device=str(task.device),
-        precision=task.precision,
-        base_lr=task.lr,
-        base_batch_size=task.batch_size,
-        train_size=task.train_size,
-    )
-    study = _open_study(settings, opened_storage, seed)
-    # Trials read peak memory from the device's own meter; the simulated one would slow every
-    # operation, so trials on the CPU run unmetered.
-    if meter is not None and not isinstance(meter, TrackedMeter):
-        trial_meter = meter
-    else:
-        trial_meter = None if task.device.type == "cpu" else meter_for(task.device)
-    runner = _StudyRunner(
-        task=task,
-        study=study,
-        settings=settings,
-        ceiling=ceiling,
-        probe=probed,
-        observers=_Observers(all_observers),
-        progress=progress,
-        meter=trial_meter,
-    )
-    for note in notes:
-        log.warning(note)
-    runner.notes.extend(notes)
-    result = runner.run()
+        name = study_name or f"autobatch-{task.name}"
+        settings = StudySettings(
+            study_name=name,
+            storage=redact_url(storage) if storage else "in-memory",
+            objective=objective,
+            lr_rule=lr_rule,
+            lr_multiplier_range=(float(low), float(high)),
+            candidates=tuple(sizes),
+            max_epochs=float(max_epochs),
+            n_trials=n_trials,
+            timeout=timeout,
+            seed=seed,
+            sampler="TPESampler",
+            pruner="none" if objective == "pareto" else "SuccessiveHalving(training ms)",
+            tolerance=tolerance,
+            target_loss=target_loss,
+            task_name=task.name,
+            device=str(task.device),
+            precision=task.precision,
+            base_lr=task.lr,
+            base_batch_size=task.batch_size,
+            train_size=task.train_size,
+        )
+        if tracker is not None:
+            tracker.wait_ready()
+        study = _open_study(settings, opened_storage, seed)
+        # Trials read peak memory from the device's own meter; the simulated one would slow every
+        # operation, so trials on the CPU run unmetered.
+        if meter is not None and not isinstance(meter, TrackedMeter):
+            trial_meter = meter
+        else:
+            trial_meter = None if task.device.type == "cpu" else meter_for(task.device)
+        runner = _StudyRunner(
+            task=task,
+            study=study,
+            settings=settings,
+            ceiling=ceiling,
+            probe=probed,
+            observers=_Observers(all_observers),
+            progress=progress,
+            meter=trial_meter,
+        )
+        for note in notes:
+            log.warning(note)
+        runner.notes.extend(notes)
+        result = runner.run()
+    finally:
+        if tracker is not None:
+            tracker.close()  # however the study ended; a no-op once it has closed itself
     if tracker is not None:
         result = replace(result, mlflow_run_id=tracker.parent_run_id)
     return result
@@ -492,7 +500,6 @@ class _StudyRunner:
             seed=self.task.seed,
         )
         self.observers.trial_started(trial, record)
-        record = replace(record, mlflow_run_id=trial.user_attrs.get("mlflow_run_id"))
         if bar is not None:
             bar.start_trial(record, int(self.settings.max_epochs * self.settings.train_size))
         points: list[EvalPoint] = []
@@ -538,6 +545,7 @@ class _StudyRunner:
         except KeyboardInterrupt:
             # Not counted, and queued again, so the resumed study runs it from the start.
             record = replace(record, state=FAILED, reason="interrupted", curve=tuple(points))
+            self._finish(trial, record)
             trial.set_user_attr("autobatch_counted", False)
             trial.set_user_attr("reason", "interrupted")
             self.study.tell(trial, state=TrialState.FAIL)
@@ -545,7 +553,6 @@ class _StudyRunner:
                 trial.params,
                 user_attrs={"autobatch_seed": trial.user_attrs.get("autobatch_seed", False)},
             )
-            self.observers.trial_finished(record)
             if bar is not None:
                 bar.end_trial(record)
             raise
@@ -616,15 +623,24 @@ class _StudyRunner:
             )
             trial.set_constraint("final_loss", record.best_val_loss - level)
             record = replace(record, value=values if objective != "pareto" else values[0])
-            trial.set_user_attr("autobatch_record", record.to_dict())
+            self._finish(trial, record)
             self.study.tell(trial, values)
         else:
-            trial.set_user_attr("autobatch_record", record.to_dict())
+            self._finish(trial, record)
             if record.reason:
                 trial.set_user_attr("reason", record.reason)
             state = TrialState.PRUNED if record.state == PRUNED else TrialState.FAIL
             self.study.tell(trial, state=state)
+
+    def _finish(self, trial: optuna.Trial, record: TrialRecord) -> None:
+        """Tell the observers, then keep the record on the trial with its MLflow run id.
+
+        Before Optuna is told: until then an observer can still set the trial's user
+        attributes, which is how the MLflow tracker links the trial to its run.
+        """
         self.observers.trial_finished(record)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        trial.set_user_attr("autobatch_record", replace(record, mlflow_run_id=run_id).to_dict())
 
     def _result(self) -> TuneResult:
         records = self._records()

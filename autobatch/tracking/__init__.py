@@ -10,18 +10,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from autobatch.tracking.mlflow_tracker import (
-        MlflowTracker,
-        mlflow_ui_command,
-        resolve_tracking_uri,
-    )
+    from autobatch.tracking.background import BackgroundTracker
+    from autobatch.tracking.mlflow_tracker import MlflowTracker
     from autobatch.tracking.redact import redact_url
     from autobatch.tracking.report import Report, format_report, load_report
+    from autobatch.tracking.uri import mlflow_ui_command, resolve_tracking_uri
 
 _HOMES = {
+    "BackgroundTracker": "background",
     "MlflowTracker": "mlflow_tracker",
-    "mlflow_ui_command": "mlflow_tracker",
-    "resolve_tracking_uri": "mlflow_tracker",
+    "mlflow_ui_command": "uri",
+    "resolve_tracking_uri": "uri",
     "redact_url": "redact",
     "Report": "report",
     "format_report": "report",
@@ -29,6 +28,7 @@ _HOMES = {
 }
 
 __all__ = [
+    "BackgroundTracker",
     "MlflowTracker",
     "Report",
     "format_report",

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,10 +44,10 @@ from autobatch.errors import InvalidInputError
 from autobatch.records import FAILED, INFEASIBLE, EvalPoint, ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking import plots
 from autobatch.tracking.redact import redact_url
+from autobatch.tracking.uri import sqlite_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB = "mlflow.db"
 #: Tags that tell autobatch's runs apart from anything else in the experiment.
 ROLE_TAG, STUDY_TAG, TRIAL_TAG = "autobatch_role", "autobatch_study", "trial_number"
 PARENT_TAG = "mlflow.parentRunId"
@@ -77,40 +76,6 @@ _STORE_ERRORS = (
     OSError,
     sqlalchemy.exc.SQLAlchemyError,
 )
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The tracking URI to use, always explicit and absolute.
-
-    ``None`` means ``sqlite:///<current directory>/mlflow.db``; a relative SQLite path or a
-    bare ``*.db`` file name is made absolute, so ``mlflow ui`` finds the store from anywhere.
-    """
-    if uri is None or not str(uri).strip():
-        return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
-    uri = str(uri).strip()
-    if "://" not in uri and uri.endswith(".db"):
-        return f"sqlite:///{Path(uri).expanduser().resolve()}"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        path = uri[len(prefix) :]
-        if path and not path.startswith("/") and not path.startswith(":memory:"):
-            return f"{prefix}{Path(path).resolve()}"
-    return uri
-
-
-def mlflow_ui_command(uri: str) -> str:
-    """What to run (or open) to see the study in the MLflow UI."""
-    if uri.startswith(("http://", "https://")):
-        return f"open {redact_url(uri)} in a browser"
-    return f"mlflow ui --backend-store-uri {shlex.quote(redact_url(uri))}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    path = uri[len(prefix) :].split("?", 1)[0]
-    return None if not path or path.startswith(":memory:") else Path(path)
 
 
 @contextlib.contextmanager
@@ -153,7 +118,7 @@ def open_client(tracking_uri: str, *, timeout: int = 5, create: bool = True) -> 
     does not exist is an error instead of a new empty store.
     """
     shown = redact_url(tracking_uri)
-    path = _sqlite_path(tracking_uri)
+    path = sqlite_path(tracking_uri)
     if path is not None and not create and not path.exists():
         raise InvalidInputError(f"no MLflow store at {shown}: {path} does not exist")
     if path is not None and not path.parent.is_dir():
@@ -548,7 +513,7 @@ class MlflowTracker:
         experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
             location = None
-            db = _sqlite_path(self.tracking_uri)
+            db = sqlite_path(self.tracking_uri)
             if db is not None:
                 # Next to the database rather than MLflow's default ./mlruns under whatever
                 # directory the study happens to run in.

@@ -113,8 +113,8 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
         TRIAL_TAG,
         http_limits,
         open_client,
-        resolve_tracking_uri,
     )
+    from autobatch.tracking.uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     client = open_client(uri, create=False)

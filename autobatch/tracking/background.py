@@ -1,0 +1,417 @@
+"""MLflow logging in a process of its own, so that training never waits for the tracking store.
+
+``BackgroundTracker`` is the tracker ``tune`` uses. It hands each study event to a child
+process that runs an :class:`~autobatch.tracking.mlflow_tracker.MlflowTracker`, and handing one
+over costs a pickle and a pipe write, a few microseconds. Logging inside the training process
+cost 60-110 ms per trial on the default SQLite store (creating the run, one ``log_batch`` of a
+few hundred metrics, ending the run). A sending thread would not help: it competes with the
+training loop for the interpreter lock. A process does neither.
+
+The child is the only writer to MLflow. Events reach it in order over its stdin. What it
+learns (run ids, warnings) comes back over its stdout and is applied on the training thread at
+the next event. Training waits in three places only:
+
+- at the start, for the store check, so a wrong URI fails before any trial;
+- when a trial ends, for that trial's run id (normally already there);
+- when the study ends, until everything is sent.
+
+If the training process dies, the child sees its stdin close, marks the open runs KILLED and
+exits. The child ignores Ctrl-C, so an interrupted study is still recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any
+
+from autobatch.errors import InvalidInputError
+from autobatch.records import EvalPoint, ProbeResult, StudySettings, TrialRecord
+from autobatch.tracking.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!I")
+
+
+def _write(stream: IO[bytes], message: tuple) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _read(stream: IO[bytes]) -> tuple | None:
+    """The next message, or None at the end of the stream."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    size = _HEADER.unpack(header)[0]
+    data = stream.read(size)
+    return None if len(data) < size else pickle.loads(data)
+
+
+def _pump(stream: IO[bytes], inbox: queue.Queue) -> None:
+    """Move messages from ``stream`` to ``inbox`` until the stream ends; then put None."""
+    try:
+        while (message := _read(stream)) is not None:
+            inbox.put(message)
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError):
+        pass
+    finally:
+        inbox.put(None)
+
+
+class BackgroundTracker:
+    """A TuneObserver that logs to MLflow from a child process; same results as MlflowTracker.
+
+    ``wait=True`` checks the store before returning, so a wrong URI raises InvalidInputError
+    here. ``wait=False`` returns at once; call :meth:`wait_ready` before the first trial (the
+    tuner overlaps the child's start with the probe).
+    """
+
+    #: Seconds to wait for the child to start and reach the store, for a trial's run id, and
+    #: for the last events (the study's charts included) to be sent.
+    start_timeout, id_timeout, end_timeout = 120.0, 60.0, 300.0
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str | None = None,
+        *,
+        wait: bool = True,
+        flush_interval: float = 5.0,
+    ) -> None:
+        if not isinstance(tracking_uri, str) or not tracking_uri.strip():
+            raise InvalidInputError(
+                f"tracking_uri={tracking_uri!r} must be an MLflow URI such as "
+                "sqlite:///mlflow.db or http://127.0.0.1:5000"
+            )
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.flush_interval = flush_interval
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.run_ids: dict[int, str] = {}
+        self._stopped = False
+        self._process: subprocess.Popen[bytes] | None = None
+        self._start()
+        if wait:
+            self.wait_ready()
+
+    @property
+    def stopped(self) -> bool:
+        """True once logging has stopped for good: the store failed or the child is gone."""
+        return self._stopped
+
+    # -- the child process ---------------------------------------------------------------------
+
+    def _start(self) -> None:
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "autobatch.tracking.background"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            # Out of the terminal's process group: Ctrl-C stops training, not the logging.
+            start_new_session=os.name == "posix",
+        )
+        self._inbox: queue.Queue = queue.Queue()
+        threading.Thread(
+            target=_pump, args=(self._process.stdout, self._inbox), daemon=True
+        ).start()
+        self._ready = self._gone = self._closing = False
+        self._sent = self._done = 0
+        self._trials: dict[int, Any] = {}  # trial number -> Optuna trial, while it runs
+        self._started: dict[int, int] = {}  # trial number -> message number of its start
+        self._study: Any = None
+        self._post("open", self.tracking_uri, self.experiment, self.flush_interval)
+
+    def wait_ready(self) -> None:
+        """Block until the child has opened the store; InvalidInputError if it cannot."""
+        deadline = time.monotonic() + self.start_timeout
+        while not self._ready:
+            message = self._next(deadline)
+            if message is None or message[0] == "invalid":
+                gone = self._gone
+                self.close(timeout=5)
+                shown = redact_url(self.tracking_uri)
+                if message is not None:
+                    reason = message[1]
+                elif gone:
+                    reason = (
+                        f"the MLflow logging process for {shown} exited before it opened the "
+                        "store (its error is printed above); pass --no-mlflow to tune without it"
+                    )
+                else:
+                    reason = (
+                        f"the MLflow logging process did not open {shown} within "
+                        f"{self.start_timeout:.0f} s; check --tracking-uri or pass --no-mlflow"
+                    )
+                raise InvalidInputError(reason)
+            self._apply(message)
+
+    def _post(self, *message: Any) -> int:
+        """Send a message to the child; its number, or 0 when nothing can be sent any more."""
+        if self._gone or self._process is None or self._process.stdin is None:
+            return 0
+        self._sent += 1
+        try:
+            _write(self._process.stdin, (self._sent, *message))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            log.warning("MLflow logging skipped %s: cannot pass it on (%s)", message[0], exc)
+        except (OSError, ValueError):  # the child is gone; _apply says so once
+            self._gone = True
+            self._end_of_child()
+        return self._sent
+
+    def _next(self, deadline: float | None) -> tuple | None:
+        """The child's next message; None when it has exited or ``deadline`` passed."""
+        if self._gone:
+            return None
+        try:
+            if deadline is None:
+                message = self._inbox.get_nowait()
+            else:
+                message = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        if message is None:
+            self._gone = True
+            self._end_of_child()
+        return message
+
+    def _drain(self) -> None:
+        """Apply whatever the child has said so far, without waiting."""
+        while (message := self._next(None)) is not None:
+            self._apply(message)
+
+    def _wait_for(self, number: int, timeout: float) -> bool:
+        """Apply the child's messages until it has handled message ``number``."""
+        deadline = time.monotonic() + timeout
+        while self._done < number:
+            message = self._next(deadline)
+            if message is None:
+                return False
+            self._apply(message)
+        return True
+
+    def _apply(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            self._ready = True
+        elif kind == "done":
+            _, self._done, state = message
+            if state is not None:  # None: unchanged since the last one
+                self.parent_run_id = state["parent_run_id"]
+                self.experiment_id = state["experiment_id"]
+                self.run_ids = state["run_ids"]
+                self._stopped = self._stopped or state["stopped"]
+        elif kind == "attr":
+            _, number, key, value = message
+            target = self._study if number is None else self._trials.get(number)
+            if target is not None:
+                target.set_user_attr(key, value)
+        elif kind == "log":
+            _, name, level, text = message
+            logging.getLogger(name).log(level, text)
+
+    def _end_of_child(self) -> None:
+        code = None if self._process is None else self._process.poll()
+        # Before the child is ready, wait_ready says what went wrong; when closing, it is due.
+        if self._ready and not self._stopped and not self._closing:
+            log.warning(
+                "the MLflow logging process ended unexpectedly (exit code %s); the rest of the "
+                "study is not logged to %s. Training goes on, and the trials stay in the Optuna "
+                "storage (autobatch report --storage ...)",
+                code,
+                redact_url(self.tracking_uri),
+            )
+        self._stopped = True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Let the child send what it holds and exit; wait up to ``timeout`` seconds for it."""
+        process = self._process
+        if process is None:
+            return
+        self._closing = True
+        number = self._post("close")
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        finished = self._wait_for(number, self.end_timeout if timeout is None else timeout)
+        self._drain()
+        if not finished and process.poll() is None:
+            log.warning(
+                "MLflow logging is still sending to %s (process %d); it goes on in the "
+                "background and exits by itself when done",
+                redact_url(self.tracking_uri),
+                process.pid,
+            )
+        else:
+            process.wait()
+        self._process = None
+
+    # -- TuneObserver ------------------------------------------------------------------------
+
+    def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
+        if self._process is None:  # a second study through the same tracker
+            self._start()
+            self.wait_ready()
+        self._post("study_started", settings, probe)
+
+    def trial_started(self, trial: Any, record: TrialRecord) -> None:
+        self._trials[record.number] = trial
+        self._study = getattr(trial, "study", self._study)
+        self._started[record.number] = self._post("trial_started", record.number, record)
+        self._drain()
+
+    def evaluated(self, record: TrialRecord, point: EvalPoint) -> None:
+        self._post("evaluated", record, point)
+        self._drain()
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        """Send the trial's end; wait for its run id, so it is on the trial before Optuna
+        closes it (the tuner tells Optuna after this)."""
+        self._post("trial_finished", record)
+        started = self._started.pop(record.number, 0)
+        if started and not self._wait_for(started, self.id_timeout) and not self._gone:
+            log.warning(
+                "MLflow logging is behind: trial %d's run id was not known after %.0f s, so "
+                "the trial does not name its MLflow run",
+                record.number,
+                self.id_timeout,
+            )
+        self._trials.pop(record.number, None)
+
+    def study_finished(self, result: Any) -> None:
+        """Send the recommendation and charts; wait until everything is logged."""
+        self._post("study_finished", replace(result, study=None))
+        self.close()
+
+    def study_interrupted(self, reason: str) -> None:
+        self._post("study_interrupted", reason)
+        self.close()
+
+
+# -- the child ---------------------------------------------------------------------------------
+
+
+class _StudyNotes:
+    """Stands in for the Optuna study in the child: user attributes go back to the parent."""
+
+    def __init__(self, reply: Any) -> None:
+        self._reply = reply
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self._reply("attr", None, key, value)
+
+
+class _TrialNotes:
+    """Stands in for an Optuna trial in the child, as _StudyNotes does for the study."""
+
+    def __init__(self, number: int, reply: Any) -> None:
+        self.number, self._reply = number, reply
+        self.study = _StudyNotes(reply)
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self._reply("attr", self.number, key, value)
+
+
+class _Forward(logging.Handler):
+    """Log records of the child, re-logged by the parent under the same logger name."""
+
+    def __init__(self, reply: Any) -> None:
+        super().__init__(logging.WARNING)
+        self._reply = reply
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self._reply("log", record.name, record.levelno, text)
+
+
+def main() -> int:
+    """Run an MlflowTracker on the events arriving on stdin until stdin ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt replies
+    lock = threading.Lock()
+
+    def reply(*message: Any) -> None:
+        with lock:
+            _write(replies, message)
+
+    inbox: queue.Queue = queue.Queue()
+    # Read stdin continuously, so the parent's writes never block on a full pipe.
+    threading.Thread(target=_pump, args=(sys.stdin.buffer, inbox), daemon=True).start()
+    ours = logging.getLogger("autobatch")
+    ours.addHandler(_Forward(reply))
+    ours.setLevel(logging.WARNING)
+    ours.propagate = False
+
+    first = inbox.get()
+    if first is None:
+        return 0
+    _, kind, uri, experiment, flush_interval = first
+    from autobatch.tracking.mlflow_tracker import MlflowTracker
+
+    try:
+        tracker = MlflowTracker(uri, experiment)
+    except InvalidInputError as exc:
+        reply("invalid", str(exc))
+        return 0
+    tracker.flush_interval = flush_interval
+    reply("ready")
+    open_study, last_state = False, None
+
+    def done(number: int) -> None:
+        nonlocal last_state
+        state = _state(tracker)
+        reply("done", number, None if state == last_state else state)
+        last_state = state
+
+    while (message := inbox.get()) is not None:
+        number, kind, *args = message
+        if kind == "close":
+            done(number)
+            break
+        try:
+            if kind == "trial_started":
+                args = [_TrialNotes(args[0], reply), args[1]]
+            getattr(tracker, kind)(*args)
+        except Exception:  # a bug of ours: say it, keep logging the rest
+            log.warning("MLflow logging of %s failed", kind, exc_info=True)
+        open_study = kind not in ("study_finished", "study_interrupted") and (
+            open_study or kind == "study_started"
+        )
+        done(number)
+    if open_study:  # the training process went away in the middle of the study
+        tracker.study_interrupted("the tuning process ended before the study did")
+    return 0
+
+
+def _state(tracker: Any) -> dict[str, Any]:
+    return {
+        "parent_run_id": tracker.parent_run_id,
+        "experiment_id": tracker.experiment_id,
+        "run_ids": dict(tracker.run_ids),
+        "stopped": tracker.stopped,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
