@@ -249,7 +249,7 @@ def tune(
             f"Task.train_data has {task.train_size} sample(s); tuning needs at least 2"
         )
     # Everything that can be unreachable is contacted before any trial. The MLflow logging
-    # process starts now and opens its store while the probe runs.
+    # process starts now and imports MLflow while the probe and the first trial run.
     opened_storage = _storage(storage)
     all_observers = list(observers)
     tracker = None
@@ -293,7 +293,7 @@ def tune(
             train_size=task.train_size,
         )
         if tracker is not None:
-            tracker.wait_ready()
+            tracker.ensure_usable()
         study = _open_study(settings, opened_storage, seed)
         # Trials read peak memory from the device's own meter; the simulated one would slow every
         # operation, so trials on the CPU run unmetered.

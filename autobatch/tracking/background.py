@@ -11,17 +11,22 @@ The child is the only writer to MLflow. Events reach it in order over its stdin.
 learns (run ids, warnings) comes back over its stdout and is applied on the training thread at
 the next event. Training waits in three places only:
 
-- at the start, for the store check, so a wrong URI fails before any trial;
+- at the start, for the store check, so a wrong URI fails before any trial. A SQLite file and
+  a server's answer are checked here without MLflow, in milliseconds; other stores wait for
+  the child to open them (importing MLflow takes seconds);
 - when a trial ends, for that trial's run id (normally already there);
 - when the study ends, until everything is sent.
 
-If the training process dies, the child sees its stdin close, marks the open runs KILLED and
-exits. The child ignores Ctrl-C, so an interrupted study is still recorded.
+The child runs at a lower CPU priority, so on a machine with no idle core it takes time from
+training only when training waits. If the training process dies, the child sees its stdin
+close, marks the open runs KILLED and exits. It ignores Ctrl-C, so an interrupted study is
+still recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import pickle
@@ -39,6 +44,7 @@ from typing import IO, Any
 from autobatch.errors import InvalidInputError
 from autobatch.records import EvalPoint, ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking.redact import redact_url
+from autobatch.tracking.uri import check_store
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +81,11 @@ def _pump(stream: IO[bytes], inbox: queue.Queue) -> None:
 class BackgroundTracker:
     """A TuneObserver that logs to MLflow from a child process; same results as MlflowTracker.
 
-    ``wait=True`` checks the store before returning, so a wrong URI raises InvalidInputError
-    here. ``wait=False`` returns at once; call :meth:`wait_ready` before the first trial (the
-    tuner overlaps the child's start with the probe).
+    A wrong URI raises InvalidInputError here when it is cheap to see (a missing folder, a
+    server that does not answer). ``wait=True`` also waits until the child has opened the
+    store; with ``wait=False`` call :meth:`ensure_usable` before the first trial, which waits
+    only for stores the quick check cannot vouch for (the tuner lets the child start while
+    it probes and trains).
     """
 
     #: Seconds to wait for the child to start and reach the store, for a trial's run id, and
@@ -104,6 +112,7 @@ class BackgroundTracker:
         self.parent_run_id: str | None = None
         self.run_ids: dict[int, str] = {}
         self._stopped = False
+        self._checked = check_store(tracking_uri)
         self._process: subprocess.Popen[bytes] | None = None
         self._start()
         if wait:
@@ -132,18 +141,27 @@ class BackgroundTracker:
         threading.Thread(
             target=_pump, args=(self._process.stdout, self._inbox), daemon=True
         ).start()
-        self._ready = self._gone = self._closing = False
+        self._ready = self._gone = self._closing = self._waiting = False
         self._sent = self._done = 0
         self._trials: dict[int, Any] = {}  # trial number -> Optuna trial, while it runs
         self._started: dict[int, int] = {}  # trial number -> message number of its start
         self._study: Any = None
         self._post("open", self.tracking_uri, self.experiment, self.flush_interval)
 
+    def ensure_usable(self) -> None:
+        """Return once the store is known to be usable; InvalidInputError if it is not."""
+        if not self._checked:
+            self.wait_ready()
+
     def wait_ready(self) -> None:
         """Block until the child has opened the store; InvalidInputError if it cannot."""
         deadline = time.monotonic() + self.start_timeout
         while not self._ready:
-            message = self._next(deadline)
+            self._waiting = True
+            try:
+                message = self._next(deadline)
+            finally:
+                self._waiting = False
             if message is None or message[0] == "invalid":
                 gone = self._gone
                 self.close(timeout=5)
@@ -212,6 +230,9 @@ class BackgroundTracker:
         kind = message[0]
         if kind == "ready":
             self._ready = True
+        elif kind == "invalid":  # found by the child while training went on
+            log.warning("MLflow logging is off for this study: %s", message[1])
+            self._stopped = True
         elif kind == "done":
             _, self._done, state = message
             if state is not None:  # None: unchanged since the last one
@@ -230,8 +251,8 @@ class BackgroundTracker:
 
     def _end_of_child(self) -> None:
         code = None if self._process is None else self._process.poll()
-        # Before the child is ready, wait_ready says what went wrong; when closing, it is due.
-        if self._ready and not self._stopped and not self._closing:
+        # wait_ready raises for what went wrong; when closing, the end is due.
+        if not (self._stopped or self._closing or self._waiting):
             log.warning(
                 "the MLflow logging process ended unexpectedly (exit code %s); the rest of the "
                 "study is not logged to %s. Training goes on, and the trials stay in the Optuna "
@@ -260,8 +281,8 @@ class BackgroundTracker:
                 redact_url(self.tracking_uri),
                 process.pid,
             )
-        else:
-            process.wait()
+        # Everything is sent; MLflow's own shutdown takes about a second more, not waited for.
+        threading.Thread(target=process.wait, daemon=True).start()
         self._process = None
 
     # -- TuneObserver ------------------------------------------------------------------------
@@ -347,6 +368,8 @@ class _Forward(logging.Handler):
 def main() -> int:
     """Run an MlflowTracker on the events arriving on stdin until stdin ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "nice"):
+        os.nice(10)  # training first, where both want the same core
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt replies
     lock = threading.Lock()
@@ -376,6 +399,8 @@ def main() -> int:
         return 0
     tracker.flush_interval = flush_interval
     reply("ready")
+    # The charts at the end need matplotlib (half a second to import): load it while idle.
+    threading.Thread(target=importlib.import_module, args=("autobatch.tracking.plots",)).start()
     open_study, last_state = False, None
 
     def done(number: int) -> None:

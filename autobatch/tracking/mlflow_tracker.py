@@ -42,9 +42,8 @@ from mlflow.exceptions import MlflowException
 from autobatch import curves
 from autobatch.errors import InvalidInputError
 from autobatch.records import FAILED, INFEASIBLE, EvalPoint, ProbeResult, StudySettings, TrialRecord
-from autobatch.tracking import plots
 from autobatch.tracking.redact import redact_url
-from autobatch.tracking.uri import sqlite_path
+from autobatch.tracking.uri import check_store, sqlite_path, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -117,28 +116,18 @@ def open_client(tracking_uri: str, *, timeout: int = 5, create: bool = True) -> 
     or a stopped server costs seconds, not a study. With ``create=False`` a SQLite file that
     does not exist is an error instead of a new empty store.
     """
-    shown = redact_url(tracking_uri)
-    path = sqlite_path(tracking_uri)
-    if path is not None and not create and not path.exists():
-        raise InvalidInputError(f"no MLflow store at {shown}: {path} does not exist")
-    if path is not None and not path.parent.is_dir():
-        raise InvalidInputError(
-            f"cannot create the MLflow store {shown}: folder {path.parent} does not exist"
-        )
+    check_store(tracking_uri, create=create, timeout=timeout)
     try:
         with http_limits(retries=0, timeout=timeout):
             client = MlflowClient(tracking_uri=tracking_uri)
             client.search_experiments(max_results=1)
     except _STORE_ERRORS as exc:
         if tracking_uri.startswith(("http://", "https://")):
-            raise InvalidInputError(
-                f"cannot reach MLflow tracking server at {shown} ({_first_line(exc, 160)}); "
-                "start it (mlflow server --host 127.0.0.1 --port <port>), fix --tracking-uri, "
-                "or pass --no-mlflow"
-            ) from None
+            raise unreachable(tracking_uri, _first_line(exc, 160)) from None
         raise InvalidInputError(
-            f"cannot open the MLflow tracking store {shown} ({_first_line(exc, 160)}); "
-            "fix --tracking-uri (e.g. sqlite:///mlflow.db) or pass --no-mlflow"
+            f"cannot open the MLflow tracking store {redact_url(tracking_uri)} "
+            f"({_first_line(exc, 160)}); fix --tracking-uri (e.g. sqlite:///mlflow.db) or pass "
+            "--no-mlflow"
         ) from None
     return client
 
@@ -574,6 +563,8 @@ class MlflowTracker:
             self._send(f"the end of trial {number}", end)
 
     def _log_probe_artifacts(self, run_id: str, probe: ProbeResult) -> None:
+        from autobatch.tracking import plots  # matplotlib: loaded when a chart is due
+
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
             directory = Path(folder)
             text = redact_url(json.dumps(json_safe(probe.to_dict()), indent=2))
@@ -583,6 +574,8 @@ class MlflowTracker:
             self._client.log_artifacts(run_id, folder)
 
     def _log_result_artifacts(self, run_id: str, result: Any) -> None:
+        from autobatch.tracking import plots
+
         settings = result.settings
         trials = list(result.trials)
         level = (

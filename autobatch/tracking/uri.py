@@ -1,14 +1,18 @@
-"""Where MLflow data goes: the tracking URI made explicit, and how to open it in the UI.
+"""Where MLflow data goes: the tracking URI made explicit, checked, and opened in the UI.
 
-Kept apart from the tracker so the tuner and the CLI can name the store without importing
-MLflow.
+Kept apart from the tracker so the tuner and the CLI can name and check the store without
+importing MLflow (seconds).
 """
 
 from __future__ import annotations
 
 import shlex
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+from autobatch.errors import InvalidInputError
 from autobatch.tracking.redact import redact_url
 
 DEFAULT_DB = "mlflow.db"
@@ -47,3 +51,55 @@ def sqlite_path(uri: str) -> Path | None:
         return None
     path = uri[len(prefix) :].split("?", 1)[0]
     return None if not path or path.startswith(":memory:") else Path(path)
+
+
+def unreachable(uri: str, detail: str) -> InvalidInputError:
+    """The error for a tracking server that does not answer: what, where, and the fixes."""
+    return InvalidInputError(
+        f"cannot reach MLflow tracking server at {redact_url(uri)} ({redact_url(detail)}); "
+        "start it (mlflow server --host 127.0.0.1 --port <port>), fix --tracking-uri, "
+        "or pass --no-mlflow"
+    )
+
+
+def check_store(uri: str, *, create: bool = True, timeout: float = 5.0) -> bool:
+    """Fail fast, without MLflow, on what is cheap to see; True when that settles it.
+
+    A SQLite store in a folder that does not exist (or, with ``create=False``, a file that
+    does not exist) and a server that does not answer raise InvalidInputError. True for a
+    SQLite file and for a server that answered at all; False for other stores, which only
+    MLflow itself can check.
+    """
+    path = sqlite_path(uri)
+    if path is not None:
+        if not create and not path.exists():
+            raise InvalidInputError(f"no MLflow store at {redact_url(uri)}: {path} does not exist")
+        if not path.parent.is_dir():
+            raise InvalidInputError(
+                f"cannot create the MLflow store {redact_url(uri)}: folder {path.parent} "
+                "does not exist"
+            )
+        return True
+    if not uri.startswith(("http://", "https://")):
+        return False
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError as exc:  # a port that is not a number
+        raise unreachable(uri, str(exc)) from None
+    # No credentials: /health needs none, and urllib would take them for part of the host.
+    health = urllib.parse.urlunsplit(
+        (parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "")
+    )
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered; whether it is MLflow, the tracker's first request tells
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise unreachable(uri, f"{type(exc).__name__}: {reason}"[:160]) from None
+    return True
