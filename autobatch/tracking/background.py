@@ -373,14 +373,23 @@ def main() -> int:
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt replies
     lock = threading.Lock()
+    parent_gone = False
 
     def reply(*message: Any) -> None:
+        nonlocal parent_gone
         with lock:
-            _write(replies, message)
+            if parent_gone:
+                return
+            try:
+                _write(replies, message)
+            except OSError:  # nobody listens any more; the logging itself goes on
+                parent_gone = True
 
     inbox: queue.Queue = queue.Queue()
-    # Read stdin continuously, so the parent's writes never block on a full pipe.
-    threading.Thread(target=_pump, args=(sys.stdin.buffer, inbox), daemon=True).start()
+    # Read stdin continuously, so the parent's writes never block on a full pipe. Through a
+    # file of its own: a thread still blocked in sys.stdin at exit makes Python abort.
+    events = os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    threading.Thread(target=_pump, args=(events, inbox), daemon=True).start()
     ours = logging.getLogger("autobatch")
     ours.addHandler(_Forward(reply))
     ours.setLevel(logging.WARNING)
@@ -396,6 +405,10 @@ def main() -> int:
         tracker = MlflowTracker(uri, experiment)
     except InvalidInputError as exc:
         reply("invalid", str(exc))
+        return 0
+    except Exception as exc:  # MLflow itself failed to start: say so in one line
+        shown = redact_url(f"{type(exc).__name__}: {exc}".splitlines()[0])[:200]
+        reply("invalid", f"cannot log to MLflow at {redact_url(uri)} ({shown}); pass --no-mlflow")
         return 0
     tracker.flush_interval = flush_interval
     reply("ready")

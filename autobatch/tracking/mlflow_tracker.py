@@ -75,6 +75,8 @@ _STORE_ERRORS = (
     OSError,
     sqlalchemy.exc.SQLAlchemyError,
 )
+# Opening a store can also fail for want of its database driver (psycopg, pymysql).
+_OPEN_ERRORS = (*_STORE_ERRORS, ImportError)
 
 
 @contextlib.contextmanager
@@ -121,9 +123,15 @@ def open_client(tracking_uri: str, *, timeout: int = 5, create: bool = True) -> 
         with http_limits(retries=0, timeout=timeout):
             client = MlflowClient(tracking_uri=tracking_uri)
             client.search_experiments(max_results=1)
-    except _STORE_ERRORS as exc:
+    except _OPEN_ERRORS as exc:
         if tracking_uri.startswith(("http://", "https://")):
             raise unreachable(tracking_uri, _first_line(exc, 160)) from None
+        if isinstance(exc, ImportError) and exc.name:
+            raise InvalidInputError(
+                f"cannot open the MLflow tracking store {redact_url(tracking_uri)}: its database "
+                f"driver is not installed (pip install {exc.name.split('.')[0]}), or pass "
+                "--no-mlflow"
+            ) from None
         raise InvalidInputError(
             f"cannot open the MLflow tracking store {redact_url(tracking_uri)} "
             f"({_first_line(exc, 160)}); fix --tracking-uri (e.g. sqlite:///mlflow.db) or pass "

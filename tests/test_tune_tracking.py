@@ -1,0 +1,195 @@
+"""``tune`` logging to MLflow through its logging process, checked through MLflow's own client.
+
+Against a real ``mlflow server`` over HTTP (tests/mlflow_server.py) and a local SQLite store:
+what lands in MLflow, what the Optuna trials link to, and what happens when the server or the
+training process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from autobatch import InvalidInputError, tune
+from autobatch.examples import digits
+from autobatch.records import COMPLETE
+from autobatch.tracking.uri import check_store
+
+try:  # tests/ on sys.path (pytest's default rootdir import mode)
+    from mlflow_server import (  # noqa: F401  (fixtures are found by name)
+        MlflowServer,
+        free_port,
+        mlflow_server_fixture,
+        mlflow_server_process_fixture,
+    )
+except ImportError:  # pragma: no cover
+    from tests.mlflow_server import (  # noqa: F401
+        MlflowServer,
+        free_port,
+        mlflow_server_fixture,
+        mlflow_server_process_fixture,
+    )
+
+FAST = dict(max_epochs=2, candidates=[16, 32, 64, 128], n_trials=4, progress=False)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def task():
+    return digits()
+
+
+def _runs(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r}"
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {int(r.data.tags["trial_number"]): r for r in runs if r not in parents}
+    return parents, children
+
+
+@pytest.mark.slow
+def test_tune_against_a_real_server(task, mlflow_server: str, tmp_path: Path) -> None:
+    result = tune(task, tracking_uri=mlflow_server, experiment="tune-over-http", **FAST)
+    client = MlflowClient(mlflow_server)
+    parents, children = _runs(client, "tune-over-http")
+
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_id == result.mlflow_run_id
+    assert parent.info.status == "FINISHED"
+    assert sorted(children) == [t.number for t in result.trials]
+    for number, child in children.items():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        record = next(t for t in result.trials if t.number == number)
+        assert record.mlflow_run_id == child.info.run_id  # linked both ways
+        assert child.data.tags["state"] == record.state
+        history = client.get_metric_history(child.info.run_id, "val_loss")
+        assert [m.step for m in history] == [p.samples for p in record.curve]
+        assert [m.value for m in history] == pytest.approx([p.val_loss for p in record.curve])
+    trials = {t.number: t for t in result.study.get_trials()}
+    assert {n: trials[n].user_attrs["mlflow_run_id"] for n in children} == {
+        n: c.info.run_id for n, c in children.items()
+    }
+
+    assert parent.data.params["recommended_batch_size"] == str(result.batch_size)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    charts = {"probe_memory.png"} if result.probe else set()
+    charts |= {"learning_curves.png", "batch_size_tradeoff.png"}
+    assert artifacts >= charts | {"trials.csv", "recommendation.json"}
+    for name in charts:
+        path = client.download_artifacts(parent.info.run_id, name, str(tmp_path))
+        assert Path(path).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_unreachable_server_fails_before_any_trial(task) -> None:
+    started = []
+
+    class Count:
+        def __getattr__(self, name):
+            return lambda *args: started.append(name) if name == "trial_started" else None
+
+    url = f"http://admin:secret@127.0.0.1:{free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(InvalidInputError, match="--no-mlflow") as error:
+        tune(task, tracking_uri=url, observers=[Count()], **FAST)
+    assert time.perf_counter() - start < 5
+    assert "secret" not in str(error.value) and "127.0.0.1" in str(error.value)
+    assert started == []
+
+
+@pytest.mark.slow
+def test_store_only_mlflow_can_check_is_checked_before_any_trial(task) -> None:
+    # No quick check for PostgreSQL: the tuner waits for the logging process to open it.
+    url = "postgresql://optuna:secret@127.0.0.1:1/mlflow"
+    with pytest.raises(InvalidInputError, match="--no-mlflow") as error:
+        tune(task, tracking_uri=url, **FAST)
+    message = str(error.value)  # the driver missing or the server refusing: both name the store
+    assert "postgresql://optuna:***@127.0.0.1:1/mlflow" in message
+    assert "secret" not in message and "\n" not in message
+
+
+def test_quick_check_accepts_any_answer_and_ignores_credentials(mlflow_server: str) -> None:
+    with_credentials = mlflow_server.replace("http://", "http://user:pass@")
+    assert check_store(with_credentials) is True
+    assert check_store(f"{mlflow_server}/some/prefix") is True  # answered (404): reachable
+    assert check_store("postgresql://u:p@db/mlflow") is False  # only MLflow can tell
+
+
+@pytest.mark.slow
+def test_killed_training_process_leaves_runs_killed(tmp_path: Path) -> None:
+    """SIGKILL the tuning process mid-trial: its logging process still ends the runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = tmp_path / "doomed.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal
+            from autobatch import tune
+            from autobatch.examples import digits
+
+            class KillAt:
+                def __getattr__(self, name):
+                    return lambda *args: None
+
+                def evaluated(self, record, point):
+                    if record.number == 1:
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+            tune(digits(), tracking_uri={uri!r}, observers=[KillAt()], max_epochs=2,
+                 candidates=[16, 32, 64], n_trials=3, progress=False)
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 60
+    while True:  # the logging process finishes on its own after its parent died
+        parents, children = _runs(client, "autobatch-digits")
+        statuses = [r.info.status for r in [*parents, *children.values()]]
+        if "RUNNING" not in statuses or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert children[0].info.status == "FINISHED"
+    assert children[1].info.status == "KILLED"
+    assert parents[0].info.status == "KILLED"
+    assert "ended before the study did" in parents[0].data.tags["interrupted"]
+
+
+# -- kills the shared server: keep last ---
+
+
+@pytest.mark.slow
+def test_server_killed_mid_tune_warns_once_and_the_study_completes(
+    task, mlflow_server_process: MlflowServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = mlflow_server_process.ensure_running()
+
+    class KillServerAt:
+        def __getattr__(self, name):
+            return lambda *args: None
+
+        def evaluated(self, record, point):
+            if record.number == 1 and mlflow_server_process.running():
+                mlflow_server_process.kill()
+
+    caplog.set_level(logging.WARNING, logger="autobatch.tracking")
+    result = tune(
+        task, tracking_uri=url, experiment="doomed-tune", observers=[KillServerAt()], **FAST
+    )
+    assert len(result.trials) == FAST["n_trials"]
+    assert all(t.state != "failed" for t in result.trials)
+    assert any(t.state == COMPLETE for t in result.trials)
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("autobatch.tracking")]
+    assert len(warnings) == 1, warnings
+    assert url in warnings[0] and "not logged" in warnings[0]
+    assert result.study.get_trials()[0].user_attrs.get("mlflow_run_id")
