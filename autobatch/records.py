@@ -216,7 +216,11 @@ class TuneResult:
 
 class TuneObserver(Protocol):
     """Receives a study's events as they happen. Every method may be called from the thread
-    that runs the trials; an observer must not raise for its own failures (log and go on)."""
+    that runs the trials; an observer must not raise for its own failures (log and go on).
+
+    ``trial_finished`` comes before Optuna is told the trial's result, so an observer can
+    still set user attributes on the trial it received in ``trial_started``.
+    """
 
     def study_started(self, settings: StudySettings, probe: ProbeResult) -> None: ...
 
