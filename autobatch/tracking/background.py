@@ -51,9 +51,13 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")
 
 
-def _write(stream: IO[bytes], message: tuple) -> None:
+def _frame(message: tuple) -> bytes:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def _write(stream: IO[bytes], message: tuple) -> None:
+    stream.write(_frame(message))
     stream.flush()
 
 
@@ -185,14 +189,19 @@ class BackgroundTracker:
         """Send a message to the child; its number, or 0 when nothing can be sent any more."""
         if self._gone or self._process is None or self._process.stdin is None:
             return 0
-        self._sent += 1
         try:
-            _write(self._process.stdin, (self._sent, *message))
+            frame = _frame((self._sent + 1, *message))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             log.warning("MLflow logging skipped %s: cannot pass it on (%s)", message[0], exc)
-        except (OSError, ValueError):  # the child is gone; _apply says so once
+            return 0
+        try:
+            self._process.stdin.write(frame)
+            self._process.stdin.flush()
+        except (OSError, ValueError):  # the child is gone
             self._gone = True
             self._end_of_child()
+            return 0
+        self._sent += 1
         return self._sent
 
     def _next(self, deadline: float | None) -> tuple | None:
@@ -243,8 +252,11 @@ class BackgroundTracker:
         elif kind == "attr":
             _, number, key, value = message
             target = self._study if number is None else self._trials.get(number)
-            if target is not None:
-                target.set_user_attr(key, value)
+            try:
+                if target is not None:
+                    target.set_user_attr(key, value)
+            except Exception:  # the link is a convenience; the messages after it are not
+                log.debug("could not set %s on trial %s", key, number, exc_info=True)
         elif kind == "log":
             _, name, level, text = message
             logging.getLogger(name).log(level, text)
@@ -398,7 +410,7 @@ def main() -> int:
     first = inbox.get()
     if first is None:
         return 0
-    _, kind, uri, experiment, flush_interval = first
+    _, _open, uri, experiment, flush_interval = first
     from autobatch.tracking.mlflow_tracker import MlflowTracker
 
     try:
