@@ -451,7 +451,7 @@ class _StudyRunner:
         except KeyboardInterrupt:
             self.observers.study_interrupted("interrupted by the user")
             raise StudyInterrupted(
-                f"interrupted: {self._finished_count()} finished trial(s) are kept in "
+                f"{self._finished_count()} finished trial(s) are kept in "
                 f"{self.settings.storage}; run the same command (same study name and storage) "
                 "to resume"
             ) from None
@@ -545,14 +545,12 @@ class _StudyRunner:
         except KeyboardInterrupt:
             # Not counted, and queued again, so the resumed study runs it from the start.
             record = replace(record, state=FAILED, reason="interrupted", curve=tuple(points))
-            self._finish(trial, record)
             trial.set_user_attr("autobatch_counted", False)
-            trial.set_user_attr("reason", "interrupted")
-            self.study.tell(trial, state=TrialState.FAIL)
             self.study.enqueue_trial(
                 trial.params,
                 user_attrs={"autobatch_seed": trial.user_attrs.get("autobatch_seed", False)},
             )
+            self._finish(trial, record)
             if bar is not None:
                 bar.end_trial(record)
             raise
@@ -623,24 +621,34 @@ class _StudyRunner:
             )
             trial.set_constraint("final_loss", record.best_val_loss - level)
             record = replace(record, value=values if objective != "pareto" else values[0])
-            self._finish(trial, record)
-            self.study.tell(trial, values)
+            self._finish(trial, record, values)
         else:
             self._finish(trial, record)
+
+    def _finish(self, trial: optuna.Trial, record: TrialRecord, values: Any = None) -> None:
+        """Tell the observers, keep the record on the trial, and tell Optuna ``values`` (or,
+        without them, that the trial was pruned or failed).
+
+        Observers come first: until Optuna is told, an observer can still set the trial's user
+        attributes, which is how the MLflow tracker links the trial to its run. A Ctrl-C while
+        they are told still records the trial in Optuna, then stops the study.
+        """
+        interrupted = False
+        try:
+            self.observers.trial_finished(record)
+        except KeyboardInterrupt:
+            interrupted = True
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        trial.set_user_attr("autobatch_record", replace(record, mlflow_run_id=run_id).to_dict())
+        if values is not None:
+            self.study.tell(trial, values)
+        else:
             if record.reason:
                 trial.set_user_attr("reason", record.reason)
             state = TrialState.PRUNED if record.state == PRUNED else TrialState.FAIL
             self.study.tell(trial, state=state)
-
-    def _finish(self, trial: optuna.Trial, record: TrialRecord) -> None:
-        """Tell the observers, then keep the record on the trial with its MLflow run id.
-
-        Before Optuna is told: until then an observer can still set the trial's user
-        attributes, which is how the MLflow tracker links the trial to its run.
-        """
-        self.observers.trial_finished(record)
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        trial.set_user_attr("autobatch_record", replace(record, mlflow_run_id=run_id).to_dict())
+        if interrupted:
+            raise KeyboardInterrupt
 
     def _result(self) -> TuneResult:
         records = self._records()

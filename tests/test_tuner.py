@@ -179,6 +179,29 @@ def test_missing_validation_set_and_tiny_data_are_refused(task):
         tune(tiny, n_trials=1, mlflow=False)
 
 
+class _InterruptWhileTold(_InterruptAt):
+    """Presses Ctrl-C while observers hear that trial ``number`` ended (as while waiting for
+    its MLflow run id)."""
+
+    def evaluated(self, record, point):
+        pass
+
+    def trial_finished(self, record):
+        if record.number == self.number:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_as_a_trial_ends_still_records_it(task, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    kwargs = dict(FAST, n_trials=3, storage=storage, study_name="told")
+    with pytest.raises(StudyInterrupted, match="1 finished trial"):
+        tune(task, observers=[_InterruptWhileTold(0)], **kwargs)
+    trials = optuna.load_study(study_name="told", storage=storage).get_trials()
+    assert trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert trials[0].user_attrs["autobatch_record"]["state"] == COMPLETE
+    assert optuna.trial.TrialState.RUNNING not in {t.state for t in trials}
+
+
 @pytest.mark.slow
 def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
     from mlflow import MlflowClient

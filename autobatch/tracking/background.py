@@ -280,6 +280,11 @@ class BackgroundTracker:
         if process is None:
             return
         self._closing = True
+        if self._sent <= 1:  # no study event yet, nothing to log: no need to wait for MLflow
+            process.kill()
+            threading.Thread(target=process.wait, daemon=True).start()
+            self._process = None
+            return
         number = self._post("close")
         if process.stdin is not None:
             with contextlib.suppress(OSError):
