@@ -240,23 +240,30 @@ def main() -> None:
             f"\nMLflow logging to SQLite, blobs batch 64, {args.epochs} epochs, "
             f"median of {args.repeats} trials each"
         )
-        print(f"{'tracker':<20} {'trial wall s':>12} {'vs none':>8} {'in hooks ms/trial':>18}")
+        print(
+            f"{'tracker':<20} {'trial wall s':>12} {'vs none':>8} {'in hooks ms/trial':>18} "
+            f"{'share':>7}"
+        )
         for r in m["rows"]:
             print(
                 f"{r['tracker']:<20} {r['wall']:>12.3f} {r['overhead']:>+8.1%} "
-                f"{r['hook_ms']:>18.2f}"
+                f"{r['hook_ms']:>18.2f} {r['hook_ms'] / 1000 / r['wall']:>7.2%}"
             )
         ours = next(r for r in m["rows"] if r["tracker"] == "background process")
-        verdict = "MET" if ours["overhead"] <= 0.02 else "MISSED"
+        share = ours["hook_ms"] / 1000 / ours["wall"]
+        # The share of the trial the training thread spends in logging calls is the measure;
+        # wall times agree within their run-to-run noise (a few percent on a shared CPU).
+        verdict = "MET" if share <= 0.02 and ours["overhead"] <= 0.02 else "MISSED"
         print(
-            f"tune's logging (background process): trial wall {ours['overhead']:+.2%} "
-            f"(target <= 2%): {verdict}; start-up {m['startup']:.2f} s once per study, "
-            "overlapping the probe"
+            f"tune's logging (background process): {share:.2%} of the trial in logging calls, "
+            f"trial wall {ours['overhead']:+.2%} (target <= 2%): {verdict}; start-up "
+            f"{m['startup']:.2f} s once per study, during the probe and first trial"
         )
         s = measure_study(max(3, args.repeats // 3))
         print(
             f"whole tune() (6 trials, no pruning): {s['off']:.2f} s without MLflow, "
-            f"{s['on']:.2f} s with ({s['overhead']:+.1%}, start-up and final charts included)"
+            f"{s['on']:.2f} s with (+{s['on'] - s['off']:.2f} s, {s['overhead']:+.1%}: the "
+            "logging process's start and the final charts, fixed per study)"
         )
 
 
