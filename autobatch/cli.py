@@ -308,6 +308,10 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    if args.mlflow:  # MLflow's import (seconds) overlaps torch's and the task's loading
+        from autobatch.tracking.background import prestart
+
+        prestart()
     from autobatch.tracking.report import Report, format_report
     from autobatch.tuner import tune
 

@@ -25,6 +25,7 @@ still recorded.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import logging
@@ -49,6 +50,10 @@ from autobatch.tracking.uri import check_store
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
+#: The events the child acknowledges (with the run ids so far): those the parent may wait for.
+#: Every other reply would wake the parent's reading thread, which then takes the interpreter
+#: lock from the training loop.
+_ANSWERED = frozenset({"trial_started", "close"})
 
 
 def _frame(message: tuple) -> bytes:
@@ -80,6 +85,48 @@ def _pump(stream: IO[bytes], inbox: queue.Queue) -> None:
         pass
     finally:
         inbox.put(None)
+
+
+_spare: subprocess.Popen[bytes] | None = None
+
+
+def _spawn() -> subprocess.Popen[bytes]:
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "autobatch.tracking.background"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        # Out of the terminal's process group: Ctrl-C stops training, not the logging.
+        start_new_session=os.name == "posix",
+    )
+
+
+def prestart() -> None:
+    """Start a logging process now, for the next BackgroundTracker to take.
+
+    It imports MLflow (seconds) while the caller goes on, e.g. loading torch and its task; the
+    CLI calls this first thing. One left unused is stopped when the program exits.
+    """
+    global _spare
+    if _spare is None:
+        _spare = _spawn()
+        atexit.register(_take_spare, kill=True)
+
+
+def _take_spare(kill: bool = False) -> subprocess.Popen[bytes] | None:
+    """The pre-started logging process if it still runs (and it is no longer spare)."""
+    global _spare
+    process, _spare = _spare, None
+    if process is None or process.poll() is not None:
+        return None
+    if kill:
+        process.kill()
+        process.wait()
+        return None
+    return process
 
 
 class BackgroundTracker:
@@ -130,17 +177,7 @@ class BackgroundTracker:
     # -- the child process ---------------------------------------------------------------------
 
     def _start(self) -> None:
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "autobatch.tracking.background"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            # Out of the terminal's process group: Ctrl-C stops training, not the logging.
-            start_new_session=os.name == "posix",
-        )
+        self._process = _take_spare() or _spawn()
         self._inbox: queue.Queue = queue.Queue()
         threading.Thread(
             target=_pump, args=(self._process.stdout, self._inbox), daemon=True
@@ -412,12 +449,13 @@ def main() -> int:
     ours.setLevel(logging.WARNING)
     ours.propagate = False
 
+    # Before the first message, which may come seconds later from a pre-started process.
+    from autobatch.tracking.mlflow_tracker import MlflowTracker
+
     first = inbox.get()
     if first is None:
         return 0
     _, _open, uri, experiment, flush_interval = first
-    from autobatch.tracking.mlflow_tracker import MlflowTracker
-
     try:
         tracker = MlflowTracker(uri, experiment)
     except InvalidInputError as exc:
@@ -453,7 +491,8 @@ def main() -> int:
         open_study = kind not in ("study_finished", "study_interrupted") and (
             open_study or kind == "study_started"
         )
-        done(number)
+        if kind in _ANSWERED:
+            done(number)
     if open_study:  # the training process went away in the middle of the study
         tracker.study_interrupted("the tuning process ended before the study did")
     return 0
