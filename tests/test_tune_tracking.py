@@ -165,6 +165,44 @@ def test_killed_training_process_leaves_runs_killed(tmp_path: Path) -> None:
     assert "ended before the study did" in parents[0].data.tags["interrupted"]
 
 
+@pytest.mark.slow
+def test_logging_process_dying_mid_study_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import optuna
+
+    from autobatch.records import EvalPoint, StudySettings, TrialRecord
+    from autobatch.tracking import BackgroundTracker
+
+    settings = StudySettings(
+        "dies", "in-memory", "time", "sqrt", (0.25, 4.0), (32,), 2.0, 3, None, 0,
+        "TPESampler", "none", 0.05, None, "t", "cpu", "fp32", 0.01, 32, 100,
+    )  # fmt: skip
+    tracker = BackgroundTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.study_started(settings, None)
+    study = optuna.create_study()
+    caplog.set_level(logging.WARNING, logger="autobatch.tracking")
+    for number in range(3):
+        trial = study.ask()
+        record = TrialRecord(trial.number, "running", 32, 0.01, 1.0, "sqrt", 4, 2.0, 0)
+        tracker.trial_started(trial, record)
+        if number == 1:
+            tracker._process.kill()
+            tracker._process.wait()
+        for i in range(3):
+            point = EvalPoint(32 * i, 0.1 * i, 0.5, 1.0, 1.0, 1.0, None, 1e3, None, 0)
+            tracker.evaluated(record, point)
+        start = time.perf_counter()
+        tracker.trial_finished(record)
+        assert time.perf_counter() - start < 5  # no waiting for a process that is gone
+        study.tell(trial, 1.0)
+    tracker.study_interrupted("over")
+    assert tracker.stopped
+    assert study.trials[0].user_attrs.get("mlflow_run_id")
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("autobatch.tracking")]
+    assert len(warnings) == 1 and "ended unexpectedly" in warnings[0], warnings
+
+
 # -- kills the shared server: keep last ---
 
 
