@@ -210,6 +210,12 @@ def tune(
     e.g. ``sqlite:///autobatch.db``) the study is resumable: rerunning the same
     ``study_name`` continues it up to ``n_trials`` trials in total.
 
+    With ``mlflow`` (the default) the study, every trial and the recommendation are logged to
+    ``tracking_uri`` (default ``sqlite:///mlflow.db`` in the working directory) into
+    ``experiment`` (default: the study's name), from a separate process, so logging does not
+    slow the trials; ``result.mlflow_run_id`` is the study's run. ``observers`` receive every
+    event as it happens (see :class:`TuneObserver`).
+
     Example::
 
         from autobatch.examples import digits
