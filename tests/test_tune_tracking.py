@@ -187,8 +187,8 @@ def test_logging_process_dying_mid_study_warns_once(
         record = TrialRecord(trial.number, "running", 32, 0.01, 1.0, "sqrt", 4, 2.0, 0)
         tracker.trial_started(trial, record)
         if number == 1:
-            tracker._process.kill()
-            tracker._process.wait()
+            tracker._child.process.kill()
+            tracker._child.process.wait()
         for i in range(3):
             point = EvalPoint(32 * i, 0.1 * i, 0.5, 1.0, 1.0, 1.0, None, 1e3, None, 0)
             tracker.evaluated(record, point)

@@ -87,46 +87,72 @@ def _pump(stream: IO[bytes], inbox: queue.Queue) -> None:
         inbox.put(None)
 
 
-_spare: subprocess.Popen[bytes] | None = None
+class _Child:
+    """A logging process and the thread that moves its replies into ``inbox``."""
+
+    def __init__(self) -> None:
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "autobatch.tracking.background"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            # Out of the terminal's process group: Ctrl-C stops training, not the logging.
+            start_new_session=os.name == "posix",
+        )
+        self.inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_pump, args=(self.process.stdout, self.inbox), daemon=True).start()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def end(self, kill: bool = False) -> None:
+        """Close its stdin, so it exits once done (at once with ``kill``); do not wait."""
+        if kill:
+            self.process.kill()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        # Reaped in the background: MLflow's own shutdown takes about a second.
+        threading.Thread(target=self.process.wait, daemon=True).start()
 
 
-def _spawn() -> subprocess.Popen[bytes]:
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, "-m", "autobatch.tracking.background"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        # Out of the terminal's process group: Ctrl-C stops training, not the logging.
-        start_new_session=os.name == "posix",
-    )
+#: A started logging process waiting for its next study: pre-started, or kept from the last.
+_spare: _Child | None = None
 
 
 def prestart() -> None:
     """Start a logging process now, for the next BackgroundTracker to take.
 
     It imports MLflow (seconds) while the caller goes on, e.g. loading torch and its task; the
-    CLI calls this first thing. One left unused is stopped when the program exits.
+    CLI calls this first thing.
     """
     global _spare
-    if _spare is None:
-        _spare = _spawn()
-        atexit.register(_take_spare, kill=True)
+    if _spare is None or not _spare.alive():
+        _keep(_Child())
 
 
-def _take_spare(kill: bool = False) -> subprocess.Popen[bytes] | None:
-    """The pre-started logging process if it still runs (and it is no longer spare)."""
+def _keep(child: _Child) -> None:
+    """Keep ``child`` for the next study in this process; it ends when the program does."""
     global _spare
-    process, _spare = _spare, None
-    if process is None or process.poll() is not None:
-        return None
-    if kill:
-        process.kill()
-        process.wait()
-        return None
-    return process
+    if _spare is not None and _spare is not child:
+        _spare.end()
+    _spare = child
+    atexit.unregister(_end_spare)
+    atexit.register(_end_spare)
+
+
+def _take_spare() -> _Child | None:
+    global _spare
+    child, _spare = _spare, None
+    return child if child is not None and child.alive() else None
+
+
+def _end_spare() -> None:
+    child = _take_spare()
+    if child is not None:
+        child.end()
 
 
 class BackgroundTracker:
@@ -164,7 +190,7 @@ class BackgroundTracker:
         self.run_ids: dict[int, str] = {}
         self._stopped = False
         self._checked = check_store(tracking_uri)
-        self._process: subprocess.Popen[bytes] | None = None
+        self._child: _Child | None = None
         self._start()
         if wait:
             self.wait_ready()
@@ -177,11 +203,8 @@ class BackgroundTracker:
     # -- the child process ---------------------------------------------------------------------
 
     def _start(self) -> None:
-        self._process = _take_spare() or _spawn()
-        self._inbox: queue.Queue = queue.Queue()
-        threading.Thread(
-            target=_pump, args=(self._process.stdout, self._inbox), daemon=True
-        ).start()
+        self._child = _take_spare() or _Child()
+        self._inbox = self._child.inbox
         self._ready = self._gone = self._closing = self._waiting = False
         self._sent = self._done = 0
         self._trials: dict[int, Any] = {}  # trial number -> Optuna trial, while it runs
@@ -224,7 +247,7 @@ class BackgroundTracker:
 
     def _post(self, *message: Any) -> int:
         """Send a message to the child; its number, or 0 when nothing can be sent any more."""
-        if self._gone or self._process is None or self._process.stdin is None:
+        if self._gone or self._child is None:
             return 0
         try:
             frame = _frame((self._sent + 1, *message))
@@ -232,8 +255,8 @@ class BackgroundTracker:
             log.warning("MLflow logging skipped %s: cannot pass it on (%s)", message[0], exc)
             return 0
         try:
-            self._process.stdin.write(frame)
-            self._process.stdin.flush()
+            self._child.process.stdin.write(frame)
+            self._child.process.stdin.flush()
         except (OSError, ValueError):  # the child is gone
             self._gone = True
             self._end_of_child()
@@ -299,7 +322,7 @@ class BackgroundTracker:
             logging.getLogger(name).log(level, text)
 
     def _end_of_child(self) -> None:
-        code = None if self._process is None else self._process.poll()
+        code = None if self._child is None else self._child.process.poll()
         # wait_ready raises for what went wrong; when closing, the end is due.
         if not (self._stopped or self._closing or self._waiting):
             log.warning(
@@ -312,37 +335,36 @@ class BackgroundTracker:
         self._stopped = True
 
     def close(self, timeout: float | None = None) -> None:
-        """Let the child send what it holds and exit; wait up to ``timeout`` seconds for it."""
-        process = self._process
-        if process is None:
+        """Let the child send what it holds; wait up to ``timeout`` seconds for it. The child
+        then waits for this process's next study (MLflow already imported)."""
+        child = self._child
+        if child is None:
             return
         self._closing = True
         if self._sent <= 1:  # no study event yet, nothing to log: no need to wait for MLflow
-            process.kill()
-            threading.Thread(target=process.wait, daemon=True).start()
-            self._process = None
+            self._child = None
+            child.end(kill=True)
             return
         number = self._post("close")
-        if process.stdin is not None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
+        self._child = None
         finished = self._wait_for(number, self.end_timeout if timeout is None else timeout)
         self._drain()
-        if not finished and process.poll() is None:
+        if finished and not self._gone:
+            _keep(child)
+            return
+        if child.alive():
             log.warning(
                 "MLflow logging is still sending to %s (process %d); it goes on in the "
                 "background and exits by itself when done",
                 redact_url(self.tracking_uri),
-                process.pid,
+                child.process.pid,
             )
-        # Everything is sent; MLflow's own shutdown takes about a second more, not waited for.
-        threading.Thread(target=process.wait, daemon=True).start()
-        self._process = None
+        child.end()
 
     # -- TuneObserver ------------------------------------------------------------------------
 
     def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
-        if self._process is None:  # a second study through the same tracker
+        if self._child is None:  # a second study through the same tracker
             self._start()
             self.wait_ready()
         self._post("study_started", settings, probe)
@@ -452,49 +474,62 @@ def main() -> int:
     # Before the first message, which may come seconds later from a pre-started process.
     from autobatch.tracking.mlflow_tracker import MlflowTracker
 
-    first = inbox.get()
-    if first is None:
-        return 0
-    _, _open, uri, experiment, flush_interval = first
-    try:
-        tracker = MlflowTracker(uri, experiment)
-    except InvalidInputError as exc:
-        reply("invalid", str(exc))
-        return 0
-    except Exception as exc:  # MLflow itself failed to start: say so in one line
-        shown = redact_url(f"{type(exc).__name__}: {exc}".splitlines()[0])[:200]
-        reply("invalid", f"cannot log to MLflow at {redact_url(uri)} ({shown}); pass --no-mlflow")
-        return 0
-    tracker.flush_interval = flush_interval
-    reply("ready")
-    # The charts at the end need matplotlib (half a second to import): load it while idle.
-    threading.Thread(target=importlib.import_module, args=("autobatch.tracking.plots",)).start()
+    preloading: threading.Thread | None = None
+    tracker: MlflowTracker | None = None
     open_study, last_state = False, None
 
     def done(number: int) -> None:
         nonlocal last_state
-        state = _state(tracker)
+        state = None if tracker is None else _state(tracker)
         reply("done", number, None if state == last_state else state)
         last_state = state
 
+    def abandon(reason: str) -> None:
+        nonlocal open_study
+        if tracker is not None and open_study:
+            tracker.study_interrupted(reason)
+        open_study = False
+
+    # One session per study: "open" ... events ... "close"; then the next "open", if any.
     while (message := inbox.get()) is not None:
         number, kind, *args = message
+        if kind == "open":
+            abandon("the tuning process started another study before this one ended")
+            uri, experiment, flush_interval = args
+            tracker, last_state = None, None
+            try:
+                tracker = MlflowTracker(uri, experiment)
+            except InvalidInputError as exc:
+                reply("invalid", str(exc))
+                continue
+            except Exception as exc:  # MLflow itself failed to start: say so in one line
+                shown = redact_url(f"{type(exc).__name__}: {exc}".splitlines()[0])[:200]
+                reply("invalid", f"cannot log to MLflow at {redact_url(uri)} ({shown}); "
+                      "pass --no-mlflow")  # fmt: skip
+                continue
+            tracker.flush_interval = flush_interval
+            reply("ready")
+            if preloading is None:  # the charts at the end need matplotlib: load it while idle
+                preloading = threading.Thread(
+                    target=importlib.import_module, args=("autobatch.tracking.plots",)
+                )
+                preloading.start()
+            continue
         if kind == "close":
-            done(number)
-            break
-        try:
-            if kind == "trial_started":
-                args = [_TrialNotes(args[0], reply), args[1]]
-            getattr(tracker, kind)(*args)
-        except Exception:  # a bug of ours: say it, keep logging the rest
-            log.warning("MLflow logging of %s failed", kind, exc_info=True)
-        open_study = kind not in ("study_finished", "study_interrupted") and (
-            open_study or kind == "study_started"
-        )
+            abandon("the tuning process stopped logging before the study ended")
+        elif tracker is not None:
+            try:
+                if kind == "trial_started":
+                    args = [_TrialNotes(args[0], reply), args[1]]
+                getattr(tracker, kind)(*args)
+            except Exception:  # a bug of ours: say it, keep logging the rest
+                log.warning("MLflow logging of %s failed", kind, exc_info=True)
+            open_study = kind not in ("study_finished", "study_interrupted") and (
+                open_study or kind == "study_started"
+            )
         if kind in _ANSWERED:
             done(number)
-    if open_study:  # the training process went away in the middle of the study
-        tracker.study_interrupted("the tuning process ended before the study did")
+    abandon("the tuning process ended before the study did")
     return 0
 
 
