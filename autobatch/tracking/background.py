@@ -17,8 +17,8 @@ the next event. Training waits in three places only:
 - when a trial ends, for that trial's run id (normally already there);
 - when the study ends, until everything is sent.
 
-The child runs at a lower CPU priority, so on a machine with no idle core it takes time from
-training only when training waits. If the training process dies, the child sees its stdin
+The child runs at the lowest CPU priority (nice 19), so on a machine with no idle core it
+takes little time from training. If the training process dies, the child sees its stdin
 close, marks the open runs KILLED and exits. It ignores Ctrl-C, so an interrupted study is
 still recorded.
 """
@@ -444,8 +444,8 @@ class _Forward(logging.Handler):
 def main() -> int:
     """Run an MlflowTracker on the events arriving on stdin until stdin ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(os, "nice"):
-        os.nice(10)  # training first, where both want the same core
+    with contextlib.suppress(AttributeError, OSError):  # training first, where both want a core
+        os.nice(19)
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt replies
     lock = threading.Lock()
