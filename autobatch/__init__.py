@@ -6,8 +6,9 @@ a process that needs only the plain records, such as the MLflow logging process,
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from autobatch.lazy import lazy_names
 
 if TYPE_CHECKING:
     from autobatch.errors import (
@@ -94,14 +95,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'autobatch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"autobatch.{home}"), name)
-    globals()[name] = value  # later reads skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

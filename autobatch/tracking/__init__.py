@@ -6,8 +6,9 @@ pay for importing MLflow and matplotlib until a tracker or report is actually ma
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from autobatch.lazy import lazy_names
 
 if TYPE_CHECKING:
     from autobatch.tracking.background import BackgroundTracker
@@ -39,8 +40,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'autobatch.tracking' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"autobatch.tracking.{home}"), name)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

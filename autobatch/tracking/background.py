@@ -177,11 +177,7 @@ class BackgroundTracker:
         wait: bool = True,
         flush_interval: float = 5.0,
     ) -> None:
-        if not isinstance(tracking_uri, str) or not tracking_uri.strip():
-            raise InvalidInputError(
-                f"tracking_uri={tracking_uri!r} must be an MLflow URI such as "
-                "sqlite:///mlflow.db or http://127.0.0.1:5000"
-            )
+        self._checked = check_store(tracking_uri)  # first: a wrong URI fails at once
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.flush_interval = flush_interval
@@ -189,7 +185,6 @@ class BackgroundTracker:
         self.parent_run_id: str | None = None
         self.run_ids: dict[int, str] = {}
         self._stopped = False
-        self._checked = check_store(tracking_uri)
         self._child: _Child | None = None
         self._start()
         if wait:

@@ -268,14 +268,9 @@ class MlflowTracker:
     retries, timeout = 1, 15
 
     def __init__(self, tracking_uri: str, experiment: str | None = None) -> None:
-        if not isinstance(tracking_uri, str) or not tracking_uri.strip():
-            raise InvalidInputError(
-                f"tracking_uri={tracking_uri!r} must be an MLflow URI such as "
-                "sqlite:///mlflow.db or http://127.0.0.1:5000"
-            )
+        self._client = open_client(tracking_uri)  # first: a wrong URI fails at once
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self._client = open_client(tracking_uri)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.run_ids: dict[int, str] = {}  # trial number -> child run id, for every trial

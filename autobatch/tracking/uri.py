@@ -70,6 +70,11 @@ def check_store(uri: str, *, create: bool = True, timeout: float = 5.0) -> bool:
     SQLite file and for a server that answered at all; False for other stores, which only
     MLflow itself can check.
     """
+    if not isinstance(uri, str) or not uri.strip():
+        raise InvalidInputError(
+            f"tracking_uri={uri!r} must be an MLflow URI such as sqlite:///mlflow.db or "
+            "http://127.0.0.1:5000"
+        )
     path = sqlite_path(uri)
     if path is not None:
         if not create and not path.exists():
