@@ -1,7 +1,8 @@
 """autobatch: the batch size, epochs and learning rate to train with, measured, not guessed.
 
-Names load on first use (``autobatch.tune`` imports the tuner, and torch, when first read), so
-a process that needs only the plain records, such as the MLflow logging process, starts fast.
+Names load on first use (``autobatch.tune`` imports the tuning package, and torch, when first
+read), so a process that needs only the plain records, such as the MLflow logging process,
+starts fast.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
         TuneResult,
     )
     from autobatch.task import Task
-    from autobatch.tuner import tune
+    from autobatch.tuning import join_study, recommend, tune
 
 __version__ = "0.1.0"
 
@@ -65,7 +66,9 @@ _HOMES = {
     "TuneObserver": "records",
     "TuneResult": "records",
     "Task": "task",
-    "tune": "tuner",
+    "join_study": "tuning",
+    "recommend": "tuning",
+    "tune": "tuning",
 }
 
 __all__ = [
@@ -76,6 +79,7 @@ __all__ = [
     "find_max_batch_size",
     "InvalidInputError",
     "is_oom_error",
+    "join_study",
     "MemoryMeter",
     "MemoryModel",
     "meter_for",
@@ -83,6 +87,7 @@ __all__ = [
     "probe",
     "ProbeAttempt",
     "ProbeResult",
+    "recommend",
     "StudyInterrupted",
     "StudySettings",
     "Task",

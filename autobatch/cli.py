@@ -221,8 +221,8 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from autobatch.lr_rules import RULES
-    from autobatch.tuner import OBJECTIVES
+    from autobatch.tuning.prepare import OBJECTIVES
+    from autobatch.tuning.space import RULES
 
     parser = sub.add_parser(
         "tune",
@@ -313,7 +313,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
         prestart()
     from autobatch.tracking.report import Report, format_report
-    from autobatch.tuner import tune
+    from autobatch.tuning import tune
 
     budget = _memory_budget(args)
     task = _load(args)

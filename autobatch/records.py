@@ -9,7 +9,7 @@ and the MLflow logging process can load them cheaply.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -26,6 +26,9 @@ COMPLETE, PRUNED, FAILED, INFEASIBLE, RUNNING = (
     "infeasible",
     "running",
 )
+#: The seeded trials, run before any sampled one: the task's own batch size and learning rate
+#: (whose result fixes the target), the ceiling, and the middle candidate.
+BASELINE, CEILING, MIDDLE = "baseline", "ceiling", "middle"
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,20 @@ class TrialRecord:
     auc: float | None = None  # area under validation loss vs training seconds
     value: float | None = None  # the objective value Optuna saw
     mlflow_run_id: str | None = None
+    role: str | None = None  # BASELINE, CEILING or MIDDLE for a seeded trial
+    worker: str | None = None  # host:pid of the process that ran it
+    device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3" or "cpu (1 thread)"
+    reference_step_seconds: float | None = None  # its worker's step time at the base batch size
+    started_ms: int | None = None  # wall-clock start and end, ms since the epoch
+    ended_ms: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
-        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # written by another version
         data["curve"] = tuple(EvalPoint(**p) for p in data.get("curve", ()))
         return cls(**data)
 
@@ -109,10 +119,18 @@ class StudySettings:
     base_lr: float
     base_batch_size: int
     train_size: int
+    ceiling: int | None = None  # the largest batch size that fits (or the training set size)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudySettings:
+        data = dict(data)
+        data["lr_multiplier_range"] = tuple(data["lr_multiplier_range"])
+        data["candidates"] = tuple(data["candidates"])
+        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 from autobatch.data import BatchSource
 from autobatch.examples import blobs, digits
 from autobatch.training import build
-from autobatch.trial_loop import train
+from autobatch.tuning.loop import train
 
 
 def plain_loop(task, batch_size: int, epochs: int) -> float:

@@ -68,14 +68,14 @@ from dataclasses import asdict, dataclass, field
 import optuna
 import torch
 
-from autobatch import curves, tune
+from autobatch import tune
 from autobatch.data import BatchSource
 from autobatch.examples import blobs
-from autobatch.lr_rules import rule_for, scale_lr
 from autobatch.records import COMPLETE, PRUNED
 from autobatch.task import Task
-from autobatch.trial_loop import StopTrial, TrialFailed, train
-from autobatch.tuner import default_candidates
+from autobatch.tuning import curves
+from autobatch.tuning.loop import StopTrial, TrialFailed, train
+from autobatch.tuning.space import default_candidates, rule_for, scale_lr
 
 MAX_TIME_RATIO = 1.10  # autobatch's time to target / the grid best's
 MAX_COMPUTE_FRACTION = 0.25  # of the grid's training seconds

@@ -1,7 +1,7 @@
 """Draw docs/images/concepts_batch_sizes.png from real runs of the built-in ``digits`` task.
 
 Three runs of the same model from the same seed, through autobatch's own trial loop
-(``autobatch.trial_loop.train``): batch size 1 (stochastic), 32 (the task's mini-batch) and the
+(``autobatch.tuning.loop.train``): batch size 1 (stochastic), 32 (the task's mini-batch) and the
 whole training set (full batch). The learning rate follows the sqrt rule autobatch uses for
 AdamW, from the task's 1e-3 at batch size 32: ``1e-3 * sqrt(batch_size / 32)``. Each run trains
 the same number of epochs; the left panel puts validation loss against training seconds
@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from autobatch.data import BatchSource  # noqa: E402
 from autobatch.examples import digits  # noqa: E402
-from autobatch.lr_rules import scale_lr  # noqa: E402
-from autobatch.trial_loop import train  # noqa: E402
+from autobatch.tuning.loop import train  # noqa: E402
+from autobatch.tuning.space import scale_lr  # noqa: E402
 
 OUT = Path(__file__).parent / "images" / "concepts_batch_sizes.png"
 

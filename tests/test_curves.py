@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from autobatch import curves
+from autobatch.tuning import curves
 
 
 def test_smooth_is_causal_and_debiased():

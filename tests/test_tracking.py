@@ -33,6 +33,7 @@ from autobatch.records import (
     ProbeResult,
     StudySettings,
     TrialRecord,
+    TuneResult,
 )
 from autobatch.tracking import (
     MlflowTracker,
@@ -43,7 +44,7 @@ from autobatch.tracking import (
     redact_url,
     resolve_tracking_uri,
 )
-from autobatch.tuner import TuneResult
+from autobatch.tuning import recommend
 
 try:  # tests/ on sys.path (pytest's default rootdir import mode)
     from mlflow_server import (  # noqa: F401  (fixtures are found by name)
@@ -291,8 +292,8 @@ def test_one_parent_run_and_a_child_run_per_trial(logged: LoggedStudy) -> None:
 
 
 @pytest.mark.slow
-def test_settings_probe_and_recommendation_are_parameters(logged: LoggedStudy) -> None:
-    params = logged.parent.data.params
+def test_settings_and_probe_are_parameters_the_recommendation_tags(logged: LoggedStudy) -> None:
+    params, tags = logged.parent.data.params, logged.parent.data.tags
     assert params["storage"] == "postgresql://optuna:***@db:5432/studies"
     assert "hunter2" not in json.dumps(params)
     assert params["candidates"] == "[32, 256, 1000, 2048]"
@@ -301,11 +302,14 @@ def test_settings_probe_and_recommendation_are_parameters(logged: LoggedStudy) -
     assert params["probe.batch_size"] == "1000"
     assert params["probe.capacity_bytes"] == str(4 * GiB)
     assert params["probe.bytes_per_sample"] == str(int(3.5 * MiB))
-    assert params["recommended_batch_size"] == str(logged.result.batch_size)
-    assert params["best_trial"] == str(logged.result.best_trial)
-    assert logged.parent.data.metrics["recommended_epochs"] == 3
-    assert "above the ceiling" in logged.parent.data.tags["warnings"]
-    assert "Recommendation" in logged.parent.data.tags["mlflow.note.content"]
+    # Tags, which a study extended later can update; no one-point metrics.
+    assert tags["recommended_batch_size"] == str(logged.result.batch_size)
+    assert tags["best_trial"] == str(logged.result.best_trial)
+    assert tags["recommended_epochs"] == "3"
+    assert "recommended_epochs" not in logged.parent.data.metrics
+    assert "recommended_batch_size" not in params
+    assert "above the ceiling" in tags["warnings"]
+    assert "Recommendation" in tags["mlflow.note.content"]
 
 
 @pytest.mark.slow
@@ -351,7 +355,6 @@ def test_artifacts_are_uploaded_and_readable(logged: LoggedStudy, tmp_path: Path
 def test_run_ids_are_stored_on_the_optuna_trials(logged: LoggedStudy) -> None:
     for trial in logged.study.trials:
         assert trial.user_attrs["mlflow_run_id"] == logged.children[trial.number].info.run_id
-    assert logged.study.user_attrs["mlflow_parent_run_id"] == logged.parent.info.run_id
 
 
 @pytest.mark.slow
@@ -505,14 +508,17 @@ def test_resolve_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_report_from_optuna_storage(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     study = optuna.create_study(study_name="offline", storage=storage)
+    study.set_user_attr("autobatch_settings", make_settings("offline").to_dict())
     records = []
-    for plan in PLAN:
-        size, state, points, _ = plan
+    for number, plan in enumerate(PLAN):
+        size, state, points, speed = plan
         trial = study.ask()
         record = TrialRecord(
             trial.number, state, size, 0.01, 1.0, "sqrt", math.ceil(TRAIN_SIZE / size), 4.0, 0,
-            curve=make_curve(size, points, 1.0), best_val_loss=0.3 if points else None,
-            time_to_target=1.5 if state == COMPLETE else None,
+            curve=make_curve(size, points, speed),
+            best_val_loss=min(p.val_loss_smoothed for p in make_curve(size, points, speed))
+            if points else None,
+            role="baseline" if number == 0 else None,
         )  # fmt: skip
         trial.set_user_attr("autobatch_record", record.to_dict())
         if state == COMPLETE:
@@ -520,23 +526,20 @@ def test_report_from_optuna_storage(tmp_path: Path) -> None:
         else:
             study.tell(trial, state=TrialState.FAIL)
         records.append(record)
-    recommendation = {
-        "batch_size": 256,
-        "epochs": 3,
-        "lr": 0.04,
-        "lr_multiplier": 1.0,
-        "best_trial": 1,
-    }
-    study.set_user_attr("autobatch_recommendation", recommendation)
+    # Recomputed from the records: the baseline (32) fixes the target, 256 reaches it first.
+    result = recommend(study)
+    recommendation = result.recommendation()
+    assert recommendation["batch_size"] == 256 and recommendation["best_trial"] == 1
 
     report = load_report(storage=storage)  # the only study in the storage
     assert report.source == "optuna"
     assert report.study_name == "offline"
     assert report.recommendation == recommendation
-    assert report.trials == tuple(r.summary() for r in records)
+    assert report.trials == tuple(r.summary() for r in result.trials)
     text = format_report(report)
-    assert "Recommendation: batch size 256, 3 epochs" in text
-    assert len(text.splitlines()) == 4 + len(records) + 2
+    assert f"Recommendation: batch size 256, {result.epochs} epochs" in text
+    # header, blank, columns, rule, a row per trial, blank, recommendation, one warning
+    assert len(text.splitlines()) == 4 + len(records) + 2 + len(result.warnings)
     with pytest.raises(InvalidInputError, match="no study 'other'"):
         load_report(storage=storage, study_name="other")
     with pytest.raises(InvalidInputError, match="does not exist"):

@@ -11,6 +11,7 @@ import torch
 from autobatch import InvalidInputError, StudyInterrupted, Task, tune
 from autobatch.examples import digits
 from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED
+from autobatch.tuning.scoring import infeasible_sizes, pruning_scale_ms
 
 FAST = dict(max_epochs=2, mlflow=False, candidates=[16, 32, 64, 128])
 
@@ -69,7 +70,7 @@ def test_oom_marks_the_batch_size_infeasible_and_it_is_not_sampled_again(task):
     result = tune(broken, n_trials=8, seed=3, **FAST)
     at_128 = [t for t in result.trials if t.batch_size == 128]
     assert len(at_128) == 1 and at_128[0].state == INFEASIBLE
-    assert result.study.user_attrs["autobatch_infeasible"] == [128]
+    assert infeasible_sizes(result.trials) == {128}
     others = [t for t in result.trials if t.batch_size != 128]
     assert len(others) == 7  # the study went on to its full budget
     assert {t.state for t in others} <= {COMPLETE, PRUNED}
@@ -225,9 +226,8 @@ def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
 def test_a_given_target_still_prunes(task):
     result = tune(task, n_trials=10, target_loss=0.3, seed=1, **{**FAST, "max_epochs": 4})
     assert result.target_loss == 0.3
-    baseline_ms = result.study.user_attrs["autobatch_baseline_ms"]
-    assert baseline_ms > 0
+    baseline = next(t for t in result.trials if t.role == "baseline")
     # The pruner's first rung comes from the baseline (whether a trial then falls behind at it
     # depends on timing, so that is not asserted here).
-    inner = result.study.pruner._inner
-    assert inner is not None and inner._min_resource == max(1, baseline_ms // 5)
+    assert result.study.pruner.min_resource_ms == pruning_scale_ms(result.trials)
+    assert pruning_scale_ms(result.trials) == max(1, int(baseline.train_seconds * 1000 / 5))

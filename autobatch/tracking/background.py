@@ -53,7 +53,7 @@ _HEADER = struct.Struct("!I")
 #: The events the child acknowledges (with the run ids so far): those the parent may wait for.
 #: Every other reply would wake the parent's reading thread, which then takes the interpreter
 #: lock from the training loop.
-_ANSWERED = frozenset({"trial_started", "close"})
+_ANSWERED = frozenset({"open_study_run", "trial_started", "close"})
 
 
 def _frame(message: tuple) -> bytes:
@@ -356,13 +356,39 @@ class BackgroundTracker:
             )
         child.end()
 
-    # -- TuneObserver ------------------------------------------------------------------------
+    # -- the study's run -------------------------------------------------------------------
 
-    def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
+    def open_study_run(
+        self, settings: StudySettings, probe: ProbeResult | None, run_id: str | None = None
+    ) -> str | None:
+        """Open (or reopen) the study's run and wait for its id; None if logging is off."""
+        self._restart()
+        number = self._post("open_study_run", settings, probe, run_id)
+        if number and not self._wait_for(number, self.start_timeout):
+            log.warning(
+                "MLflow logging did not open the study's run within %.0f s", self.start_timeout
+            )
+        return self.parent_run_id
+
+    def attach(self, parent_run_id: str, experiment_id: str) -> None:
+        """Log this process's trials under a study run another process opened."""
+        self._restart()
+        self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
+        self._post("attach", parent_run_id, experiment_id)
+
+    def _restart(self) -> None:
         if self._child is None:  # a second study through the same tracker
             self._start()
             self.wait_ready()
+
+    # -- TuneObserver ------------------------------------------------------------------------
+
+    def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
+        self._restart()
         self._post("study_started", settings, probe)
+
+    def trial_abandoned(self, number: int, attrs: dict[str, Any]) -> None:
+        self._post("trial_abandoned", number, attrs)
 
     def trial_started(self, trial: Any, record: TrialRecord) -> None:
         self._trials[record.number] = trial
@@ -520,7 +546,7 @@ def main() -> int:
             except Exception:  # a bug of ours: say it, keep logging the rest
                 log.warning("MLflow logging of %s failed", kind, exc_info=True)
             open_study = kind not in ("study_finished", "study_interrupted") and (
-                open_study or kind == "study_started"
+                open_study or kind in ("open_study_run", "attach", "study_started")
             )
         if kind in _ANSWERED:
             done(number)

@@ -41,11 +41,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
-from autobatch import curves
 from autobatch.errors import InvalidInputError
 from autobatch.records import FAILED, INFEASIBLE, EvalPoint, ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking.redact import redact_url
 from autobatch.tracking.uri import check_store, sqlite_path, unreachable
+from autobatch.tuning import curves
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class MlflowTracker:
         self._last_flush = 0.0
         self._flush_cost = 0.0
         self._settings: StudySettings | None = None
-        self._parent_noted = False
+        self.owns_parent = False  # opened (or reopened) here: ends with this process's study
         self._stopped = False
 
     @property
@@ -322,14 +322,26 @@ class MlflowTracker:
 
     # -- TuneObserver -----------------------------------------------------------------------
 
-    def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
-        """Create (or reuse) the experiment and the study's parent run; log settings and probe."""
+    def open_study_run(
+        self, settings: StudySettings, probe: ProbeResult | None, run_id: str | None = None
+    ) -> str | None:
+        """The study's run: ``run_id`` marked running again when it is in this store, else a
+        new one with the settings and the probe. One per study, whatever joins it later."""
         if self._stopped:
-            return
+            return None
         self._settings = settings
-        self.parent_run_id = None
-        self.run_ids, self._open, self._buffer, self._params = {}, {}, {}, {}
-        self._parent_noted = False
+
+        def reopen() -> str | None:
+            try:
+                run = self._client.get_run(run_id)
+            except MlflowException:
+                return None  # logged to another store before
+            if run.info.lifecycle_stage == "deleted":
+                return None
+            if run.info.status != "RUNNING":
+                self._client.update_run(run_id, status="RUNNING")
+            self.experiment_id = run.info.experiment_id
+            return run_id
 
         def start() -> str:
             experiment_id = self._experiment_id(self.experiment or settings.study_name)
@@ -345,9 +357,14 @@ class MlflowTracker:
             self.experiment_id = experiment_id
             return run.info.run_id
 
+        found = self._send("the study's run", reopen) if run_id else None
+        if found is not None:
+            self.parent_run_id, self.owns_parent = found, True
+            return found
         self.parent_run_id = self._send(f"the start of study {settings.study_name!r}", start)
         if self.parent_run_id is None:
-            return
+            return None
+        self.owns_parent = True
         parent = self.parent_run_id
         params = {**settings_params(settings), **probe_params(probe)}
         metrics = probe_metrics(probe, _now_ms()) if probe is not None else []
@@ -356,6 +373,21 @@ class MlflowTracker:
         )
         if probe is not None:
             self._send("the probe's chart", lambda: self._log_probe_artifacts(parent, probe))
+        return parent
+
+    def attach(self, parent_run_id: str, experiment_id: str) -> None:
+        """Log this process's trials under a study run another process opened."""
+        self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
+
+    def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
+        """This process starts running trials of the study; opens the study's run unless
+        :meth:`open_study_run` or :meth:`attach` named it."""
+        if self._stopped:
+            return
+        self._settings = settings
+        self.run_ids, self._open, self._buffer, self._params = {}, {}, {}, {}
+        if self.parent_run_id is None:
+            self.open_study_run(settings, probe)
 
     def trial_started(self, trial: Any, record: TrialRecord) -> None:
         """Create the trial's child run and store its id on the Optuna trial."""
@@ -372,7 +404,10 @@ class MlflowTracker:
         run = self._send(
             f"the start of trial {record.number}",
             lambda: self._client.create_run(
-                self.experiment_id, run_name=f"trial-{record.number}", tags=tags
+                self.experiment_id,
+                start_time=record.started_ms,
+                run_name=f"trial-{record.number}",
+                tags=tags,
             ),
         )
         if run is None:
@@ -393,12 +428,8 @@ class MlflowTracker:
         self._params[run_id] = {k: _param_value(v) for k, v in params.items()}
         self.run_ids[record.number] = run_id
         self._open[record.number] = run_id
-        # On the Optuna trial and study, so the tuner's records and a resumed study find them.
+        # On the Optuna trial, so its record and a rerun of a dead worker's trial find it.
         trial.set_user_attr("mlflow_run_id", run_id)
-        study = getattr(trial, "study", None)
-        if study is not None and not self._parent_noted:
-            study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
-            self._parent_noted = True
 
     def evaluated(self, record: TrialRecord, point: EvalPoint) -> None:
         """Buffer the evaluation; send what is buffered at most every ``flush_interval`` s."""
@@ -451,9 +482,26 @@ class MlflowTracker:
 
         def finish() -> None:
             self._log(run_id, params=params, metrics=metrics, tags=tags)
-            self._client.set_terminated(run_id, status)
+            self._client.set_terminated(run_id, status, end_time=record.ended_ms)
 
         self._send(f"the end of trial {record.number}", finish)
+
+    def trial_abandoned(self, number: int, attrs: dict[str, Any]) -> None:
+        """Another worker died running trial ``number``: end its run, if it is still open."""
+        run_id = attrs.get("mlflow_run_id")
+        if self._stopped or not run_id:
+            return
+
+        def end() -> None:
+            if self._client.get_run(run_id).info.status != "RUNNING":
+                return  # its own logging process ended it
+            self._log(
+                run_id,
+                tags={"state": "abandoned", "reason": "its worker stopped; the trial runs again"},
+            )
+            self._client.set_terminated(run_id, "KILLED")
+
+        self._send(f"the end of trial {number}'s abandoned run", end)
 
     def study_finished(self, result: Any) -> None:
         """Log the recommendation and the study's charts and tables; end the parent run."""
@@ -462,37 +510,37 @@ class MlflowTracker:
         self.flush()
         self._end_open_runs("KILLED", "the study ended before this trial did")
         parent = self.parent_run_id
-        recommendation = {
-            key if key == "best_trial" else f"recommended_{key}": value
+        # Tags, not parameters: a study given more trials later gets a new recommendation.
+        tags = {
+            key if key == "best_trial" else f"recommended_{key}": _param_value(value)
             for key, value in result.recommendation().items()
         }
-        metrics = [Metric(key, float(value), _now_ms(), 0) for key, value in recommendation.items()]
         if result.target_loss is not None and math.isfinite(result.target_loss):
-            metrics.append(Metric("target_loss", float(result.target_loss), _now_ms(), 0))
-        tags = {
-            "warnings": "\n".join(result.warnings)[:_TAG_LIMIT],
-            "mlflow.note.content": self._summary(result)[:_TAG_LIMIT],
-        }
+            tags["target_loss"] = _param_value(result.target_loss)
+        tags["warnings"] = "\n".join(result.warnings)[:_TAG_LIMIT]
+        tags["mlflow.note.content"] = self._summary(result)[:_TAG_LIMIT]
         best_run = self.run_ids.get(result.best_trial) or next(
             (t.mlflow_run_id for t in result.trials if t.number == result.best_trial), None
         )
         if best_run:
             tags["best_run_id"] = best_run
-        params = {k: _param_value(v) for k, v in recommendation.items()}
 
         def finish() -> None:
-            self._log(parent, params=params, metrics=metrics, tags=tags)
+            self._log(parent, tags=tags)
             self._log_result_artifacts(parent, result)
             self._client.set_terminated(parent, "FINISHED")
 
         self._send("the study's recommendation and charts", finish)
 
     def study_interrupted(self, reason: str) -> None:
-        """Mark the open trial runs and the study run KILLED."""
+        """Mark the open trial runs KILLED, and the study run too if this process opened it
+        (other workers may still be adding trials to a run opened elsewhere)."""
         if self._stopped or self.parent_run_id is None:
             return
         self.flush()
         self._end_open_runs("KILLED", reason)
+        if not self.owns_parent:
+            return
         parent = self.parent_run_id
 
         def finish() -> None:

@@ -167,7 +167,8 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
         # study logged at its end (trials.csv) has them all.
         for row in _logged_table(client, parent_id):
             rows.setdefault(row["number"], row)
-    params = parent.data.params
+    # Tags since one run serves a study however often it is extended; parameters before.
+    params = {**parent.data.params, **parent.data.tags}
     recommendation = {
         key: _coerce(key, params.get(name))
         for key, name in (
@@ -241,7 +242,8 @@ def _typed_recommendation(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_optuna(storage: str, study_name: str | None) -> Report:
-    import optuna
+    from autobatch.errors import AutobatchError
+    from autobatch.tuning.recommendation import load_study, recommend
 
     shown = redact_url(storage)
     if storage.startswith("sqlite:///"):
@@ -249,41 +251,25 @@ def _from_optuna(storage: str, study_name: str | None) -> Report:
         if not path.exists():
             # optuna would create an empty database here; a report should not.
             raise InvalidInputError(f"no Optuna storage at {shown}: {path} does not exist")
+    study = load_study(storage, study_name)
+    warnings: tuple[str, ...] = ()
     try:
-        names = optuna.study.get_all_study_names(storage=storage)
-    except Exception as exc:  # SQLAlchemy/driver errors of every kind mean "unusable"
-        raise InvalidInputError(
-            f"cannot open the Optuna storage {shown}: {type(exc).__name__}; check the URL"
-        ) from None
-    if study_name is None:
-        if len(names) != 1:
-            raise InvalidInputError(
-                f"{shown} holds {len(names)} studies ({', '.join(names) or 'none'}); "
-                "give --study-name"
-            )
-        study_name = names[0]
-    if study_name not in names:
-        raise InvalidInputError(
-            f"no study {study_name!r} in {shown}; it holds: {', '.join(names) or 'none'}"
-        )
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    rows = []
-    for trial in study.get_trials(deepcopy=False):
-        data = trial.user_attrs.get("autobatch_record")
-        if data is not None:
-            rows.append(_row(data))
-    rows.sort(key=lambda r: r["number"])
-    recommendation = _typed_recommendation(
-        dict(study.user_attrs.get("autobatch_recommendation") or {})
-    )
-    warnings = () if recommendation else ("the study has no recommendation yet (interrupted?)",)
+        result = recommend(study)
+        recommendation, trials = result.recommendation(), result.table()
+        warnings = result.warnings
+    except AutobatchError as exc:
+        from autobatch.tuning.storage import records
+
+        recommendation, trials = {}, [r.summary() for r in records(study.get_trials())]
+        warnings = (str(exc),)
+    mlflow = study.user_attrs.get("autobatch_mlflow") or {}
     return Report(
         recommendation=recommendation,
-        trials=tuple(rows),
+        trials=tuple(_row(t) for t in trials),
         source="optuna",
-        study_name=study_name,
-        parent_run_id=study.user_attrs.get("mlflow_parent_run_id"),
-        warnings=warnings,
+        study_name=study.study_name,
+        parent_run_id=mlflow.get("parent_run_id"),
+        warnings=tuple(warnings),
     )
 
 

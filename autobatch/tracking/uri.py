@@ -16,6 +16,8 @@ from autobatch.errors import InvalidInputError
 from autobatch.tracking.redact import redact_url
 
 DEFAULT_DB = "mlflow.db"
+#: Database servers MLflow can use as a tracking store (SQLAlchemy URL schemes).
+_DATABASES = ("postgresql", "postgres", "mysql", "mssql")
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -85,6 +87,9 @@ def check_store(uri: str, *, create: bool = True, timeout: float = 5.0) -> bool:
                 "does not exist"
             )
         return True
+    if uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES:
+        _check_database(uri, timeout)
+        return False  # reachable; whether MLflow's tables are there, MLflow tells
     if not uri.startswith(("http://", "https://")):
         return False
     parts = urllib.parse.urlsplit(uri)
@@ -108,3 +113,29 @@ def check_store(uri: str, *, create: bool = True, timeout: float = 5.0) -> bool:
         reason = getattr(exc, "reason", exc)
         raise unreachable(uri, f"{type(exc).__name__}: {reason}"[:160]) from None
     return True
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """One connection attempt: MLflow itself retries a database that does not answer for
+    about 100 s before it gives up."""
+    import sqlalchemy
+
+    connect_args = {} if uri.startswith("mssql") else {"connect_timeout": max(1, int(timeout))}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"cannot open the MLflow tracking store {redact_url(uri)}: its database driver is "
+            f"not installed (pip install {(exc.name or 'psycopg').split('.')[0]}), or pass "
+            "--no-mlflow"
+        ) from None
+    except Exception as exc:  # SQLAlchemy/driver errors of every kind: unreachable or refused
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InvalidInputError(
+            f"cannot open the MLflow tracking store {redact_url(uri)} "
+            f"({redact_url(f'{type(exc).__name__}: {first}')[:160]}); fix --tracking-uri or "
+            "pass --no-mlflow"
+        ) from None

@@ -39,6 +39,14 @@ def first_reaching(values: Sequence[float], level: float) -> int | None:
     return next((i for i, v in enumerate(values) if v <= level), None)
 
 
+def plateaued(smoothed: Sequence[float], level: float, patience: int = 3) -> bool:
+    """Target reached and no new best for ``patience`` evaluations: nothing left to learn."""
+    if first_reaching(smoothed, level) is None or len(smoothed) <= patience:
+        return False
+    best_index = min(range(len(smoothed)), key=smoothed.__getitem__)
+    return len(smoothed) - 1 - best_index >= patience
+
+
 @dataclass(frozen=True)
 class EpochChoice:
     """Where to stop training, read off one smoothed validation curve."""

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autobatch.curves import smooth
 from autobatch.data import BatchSource, batch_length
 from autobatch.memory import MemoryMeter
 from autobatch.records import EvalPoint
 from autobatch.task import Task
 from autobatch.training import TrainStep, autocast, build, forward_loss
+from autobatch.tuning.curves import smooth
 
 
 class TrialFailed(Exception):
@@ -100,7 +100,7 @@ def train(
     loss_samples = 0
     val_losses: list[float] = []
     window_samples, window_seconds = 0, 0.0
-    sync = meter.synchronize if meter is not None else _synchronizer(task.device)
+    sync = meter.synchronize if meter is not None else synchronizer(task.device)
     if meter is not None:
         meter.reset_peak()
     try:
@@ -163,7 +163,7 @@ def train(
     return run
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     if device.type == "mps":

@@ -1,0 +1,463 @@
+"""Prepare a study: check the inputs, probe, and write every study-level fact once, before any
+worker runs a trial.
+
+The facts: the settings (search space, budget, the task it was made for), the probe result,
+the notes a user should see, the seeded trials in the queue, where the study logs to MLflow and
+on which host it was prepared. Workers only read them and add trials, so nothing shared is ever
+read, changed and written back.
+
+A study that already exists is joined as it is: its facts win over a new probe (on a machine
+with another GPU, say); a search space that differs from the stored one is an error, a larger
+``n_trials`` adds trials. Two processes preparing the same new study at once are safe: the study
+is created atomically, and the one that loses the race joins the winner's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import optuna
+import torch
+
+from autobatch.errors import InvalidInputError
+from autobatch.memory import MemoryMeter
+from autobatch.probing import probe
+from autobatch.records import ProbeResult, StudySettings, TuneObserver
+from autobatch.task import Task
+from autobatch.tracking.redact import redact_url
+from autobatch.tuning import space, storage
+from autobatch.tuning.pruner import TimeHalvingPruner
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("time", "loss", "pareto")
+#: Seconds to wait for another process that is creating the same study to finish preparing it.
+PREPARE_WAIT = 60.0
+
+
+@dataclass
+class Prepared:
+    """A study ready for workers, and what this process set up for it."""
+
+    study: optuna.Study
+    settings: StudySettings
+    probe: ProbeResult | None
+    observers: list[TuneObserver]
+    tracker: Any = None  # the BackgroundTracker, when logging to MLflow
+    notes: list[str] = field(default_factory=list)  # for this run only, beside the stored ones
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()  # however the study ended; a no-op once it has closed itself
+
+
+def check_tune_inputs(
+    task: Task,
+    *,
+    n_trials: int | None,
+    timeout: float | None,
+    max_epochs: float,
+    objective: str,
+    lr_rule: str,
+    lr_multiplier_range: tuple[float, float],
+    target_loss: float | None,
+) -> None:
+    """Everything about a tune call that can be judged before anything is built or opened."""
+    if not isinstance(task, Task):
+        raise InvalidInputError(f"tune() needs an autobatch.Task; got {type(task).__name__}")
+    if task.val_data is None:
+        raise InvalidInputError(
+            "Task.val_data is missing; the tuner scores trials on validation loss, so give "
+            "val_data=(inputs, targets) or a Dataset (e.g. hold out 10-20% of the training set)"
+        )
+    if objective not in OBJECTIVES:
+        raise InvalidInputError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
+    space.check_rule(lr_rule)
+    if target_loss is not None and (
+        isinstance(target_loss, bool)
+        or not isinstance(target_loss, int | float)
+        or not math.isfinite(target_loss)
+    ):
+        raise InvalidInputError(f"target_loss={target_loss!r} must be a finite number, e.g. 0.25")
+    low, high = lr_multiplier_range
+    if not 0 < low <= 1 <= high:
+        raise InvalidInputError(
+            f"lr_multiplier_range={lr_multiplier_range!r} must satisfy 0 < low <= 1 <= high"
+        )
+    if n_trials is None and timeout is None:
+        raise InvalidInputError("give n_trials, timeout or both, so the study ends")
+    if n_trials is not None and n_trials < 1:
+        raise InvalidInputError(f"n_trials={n_trials} must be >= 1")
+    if not max_epochs > 0:
+        raise InvalidInputError(f"max_epochs={max_epochs} must be > 0")
+    if task.train_size < 2:
+        raise InvalidInputError(
+            f"Task.train_data has {task.train_size} sample(s); tuning needs at least 2"
+        )
+
+
+def prepare(
+    task: Task,
+    *,
+    n_trials: int | None,
+    timeout: float | None,
+    max_epochs: float,
+    candidates: Sequence[int] | None,
+    objective: str,
+    lr_rule: str,
+    lr_multiplier_range: tuple[float, float],
+    target_loss: float | None,
+    tolerance: float,
+    seed: int,
+    storage_url: str | None,
+    study_name: str | None,
+    probe_result: ProbeResult | None,
+    memory_budget: str | int | None,
+    meter: MemoryMeter | None,
+    headroom: float,
+    max_batch_size: int | None,
+    mlflow: bool,
+    tracking_uri: str | None,
+    experiment: str | None,
+    observers: Sequence[TuneObserver],
+    heartbeat_interval: int,
+    grace_period: int,
+) -> Prepared:
+    """A study for ``task`` with its facts written (see the module docstring)."""
+    check_tune_inputs(
+        task,
+        n_trials=n_trials,
+        timeout=timeout,
+        max_epochs=max_epochs,
+        objective=objective,
+        lr_rule=lr_rule,
+        lr_multiplier_range=lr_multiplier_range,
+        target_loss=target_loss,
+    )
+    # Everything that can be unreachable is contacted before any trial. The MLflow logging
+    # process starts now and imports MLflow while the probe runs.
+    opened = storage.open_storage(
+        storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+    )
+    name = study_name or f"autobatch-{task.name}"
+    tracker = _start_tracker(tracking_uri, experiment) if mlflow else None
+    try:
+        if lr_rule == "auto":
+            lr_rule = space.rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
+        wanted = {
+            "objective": objective,
+            "lr_rule": lr_rule,
+            "lr_multiplier_range": [float(lr_multiplier_range[0]), float(lr_multiplier_range[1])],
+            "max_epochs": float(max_epochs),
+            "seed": seed,
+            "tolerance": tolerance,
+            "target_loss": target_loss,
+        }
+        study = _existing(opened, name, storage_url)
+        notes: list[str] = []
+        if study is None:
+            probed, ceiling = _resolve_probe(
+                task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
+            )
+            sizes = space.check_candidates(candidates, ceiling, task.batch_size, notes)
+            if objective == "pareto":
+                notes.append("objective 'pareto' has two objectives, so pruning is off")
+            settings = StudySettings(
+                study_name=name,
+                storage=redact_url(storage_url) if storage_url else "in-memory",
+                objective=objective,
+                lr_rule=lr_rule,
+                lr_multiplier_range=tuple(wanted["lr_multiplier_range"]),
+                candidates=tuple(sizes),
+                max_epochs=float(max_epochs),
+                n_trials=n_trials,
+                timeout=timeout,
+                seed=seed,
+                sampler="TPESampler",
+                pruner="none" if objective == "pareto" else "SuccessiveHalving(training ms)",
+                tolerance=tolerance,
+                target_loss=target_loss,
+                task_name=task.name,
+                device=str(task.device),
+                precision=task.precision,
+                base_lr=task.lr,
+                base_batch_size=task.batch_size,
+                train_size=task.train_size,
+                ceiling=ceiling,
+            )
+            if tracker is not None:
+                tracker.ensure_usable()
+            study = _create(opened, settings, probed, notes)
+        if study is not None and storage.settings_of(study) is None:
+            study = None  # lost the race to create it: wait for the winner's facts
+        if study is None:
+            study = wait_prepared(opened, name, PREPARE_WAIT)
+        settings = _joined(study, task, wanted, candidates, n_trials)
+        for note in study.user_attrs.get(storage.NOTES, []):
+            log.warning(note)
+        prepared = Prepared(
+            study=study,
+            settings=settings,
+            probe=storage.probe_of(study),
+            observers=list(observers),
+            tracker=tracker,
+        )
+        finished = storage.progress(study.get_trials(deepcopy=False)).finished
+        if settings.n_trials is not None and finished >= settings.n_trials:
+            prepared.notes.append(
+                f"the study already has {finished} finished trials (n_trials={settings.n_trials}); "
+                "raise n_trials (--n-trials) to add trials"
+            )
+            if tracker is not None:  # nothing to log: no run is opened again
+                tracker.close()
+                prepared.tracker = None
+        elif tracker is not None:
+            tracker.ensure_usable()
+            _open_study_run(study, tracker, settings)
+            prepared.observers.append(tracker)
+        return prepared
+    except BaseException:
+        if tracker is not None:
+            tracker.close()
+        raise
+
+
+def sampler_for(settings: StudySettings, worker: str | None = None) -> optuna.samplers.BaseSampler:
+    """TPE, seeded by the study's seed; a joining ``worker`` draws its own stream, so two
+    workers never propose the same trial. Running trials count as losses (constant liar), so
+    parallel workers spread out."""
+    n = settings.n_trials or 20
+    # Random start-up trials on top of the seeded ones: a quarter of the budget, so a short
+    # study still spends most of its trials guided.
+    startup = min(8, max(2, n // 4))
+    seed = settings.seed if worker is None else zlib.crc32(f"{settings.seed}:{worker}".encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True
+        )
+
+
+def pruner_for(settings: StudySettings) -> optuna.pruners.BasePruner:
+    return optuna.pruners.NopPruner() if settings.objective == "pareto" else TimeHalvingPruner()
+
+
+def load(opened: optuna.storages.BaseStorage, name: str, worker: str | None = None) -> optuna.Study:
+    """The prepared study ``name``, with this process's sampler and pruner."""
+    study = optuna.load_study(study_name=name, storage=opened)
+    settings = storage.settings_of(study)
+    if settings is not None:
+        study.sampler = sampler_for(settings, worker)
+        study.pruner = pruner_for(settings)
+    return study
+
+
+def wait_prepared(
+    opened: optuna.storages.BaseStorage, name: str, seconds: float, worker: str | None = None
+) -> optuna.Study:
+    """The study ``name`` once its facts are written; waits up to ``seconds`` for it."""
+    deadline = time.monotonic() + seconds
+    announced = False
+    while True:
+        try:
+            study = load(opened, name, worker)
+        except KeyError:
+            study = None
+        if study is not None and storage.settings_of(study) is not None:
+            return study
+        if time.monotonic() >= deadline:
+            state = "exists but was never prepared" if study is not None else "does not exist"
+            raise InvalidInputError(
+                f"study {name!r} {state} after {seconds:.0f} s; start it with "
+                "`autobatch tune` (same --storage and --study-name), or delete a broken one "
+                "with `optuna delete-study`"
+            )
+        if not announced:
+            log.warning("waiting for study %r to be prepared by `autobatch tune`", name)
+            announced = True
+        time.sleep(0.5)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _start_tracker(tracking_uri: str | None, experiment: str | None) -> Any:
+    from autobatch.tracking import BackgroundTracker, resolve_tracking_uri
+
+    return BackgroundTracker(resolve_tracking_uri(tracking_uri), experiment=experiment, wait=False)
+
+
+def _existing(
+    opened: optuna.storages.BaseStorage, name: str, url: str | None
+) -> optuna.Study | None:
+    """The study ``name`` if it exists, checked to be usable from this machine."""
+    try:
+        opened.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    study = load(opened, name, storage.worker_name())
+    check_shareable(study, url)
+    if storage.settings_of(study) is None and (
+        study.user_attrs.get(storage.SPACE) is not None or study.get_trials(deepcopy=False)
+    ):
+        raise InvalidInputError(
+            f"study {name!r} in {redact_url(url or 'memory')} was made by an older autobatch; "
+            "give a new --study-name"
+        )
+    return study
+
+
+def check_shareable(study: optuna.Study, url: str | None) -> None:
+    """A SQLite study is for the machine that prepared it; one line saying so elsewhere."""
+    host = study.user_attrs.get(storage.HOST)
+    if url and url.startswith("sqlite") and host and host != storage.hostname():
+        raise InvalidInputError(
+            f"study {study.study_name!r} in {redact_url(url)} was prepared on {host}: a SQLite "
+            "file is for one machine; workers on several machines share a database server "
+            "(e.g. --storage postgresql://user@host/db, see docs/scale-out.md)"
+        )
+
+
+def _create(
+    opened: optuna.storages.BaseStorage,
+    settings: StudySettings,
+    probed: ProbeResult | None,
+    notes: list[str],
+) -> optuna.Study | None:
+    """Create the study and write its facts; None if another process created it first."""
+    kwargs: dict[str, Any] = (
+        {"directions": ["minimize", "minimize"]}
+        if settings.objective == "pareto"
+        else {"direction": "minimize"}
+    )
+    try:
+        study = optuna.create_study(
+            storage=opened,
+            study_name=settings.study_name,
+            sampler=sampler_for(settings),
+            pruner=pruner_for(settings),
+            load_if_exists=False,
+            **kwargs,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        return None
+    study.set_user_attr(storage.HOST, storage.hostname())
+    study.set_user_attr(storage.PROBE, None if probed is None else probed.to_dict())
+    study.set_user_attr(storage.NOTES, list(notes))
+    for role, size in space.seeds(settings.candidates, settings.base_batch_size):
+        study.enqueue_trial(
+            {"batch_size": size, "lr_multiplier": 1.0}, user_attrs={storage.ROLE: role}
+        )
+    study.set_user_attr(storage.SETTINGS, settings.to_dict())  # last: the study is prepared
+    return study
+
+
+def _joined(
+    study: optuna.Study,
+    task: Task,
+    wanted: dict[str, Any],
+    candidates: Sequence[int] | None,
+    n_trials: int | None,
+) -> StudySettings:
+    """The stored settings, checked against this call's; a new ``n_trials`` is stored."""
+    settings = storage.settings_of(study)
+    assert settings is not None
+    check_same_task(settings, task)
+    stored = settings.to_dict()
+    stored["lr_multiplier_range"] = list(stored["lr_multiplier_range"])
+    changed = sorted(key for key, value in wanted.items() if stored[key] != value)
+    ceiling = settings.ceiling
+    if candidates is not None and ceiling is not None:
+        kept = sorted({c for c in candidates if c <= ceiling})
+        if kept != list(settings.candidates):
+            changed.append("candidates")
+    if changed:
+        raise InvalidInputError(
+            f"study {settings.study_name!r} already exists in {settings.storage} with a "
+            f"different search space ({', '.join(changed)}); use a new --study-name, or the "
+            "same settings to continue it"
+        )
+    if n_trials != settings.n_trials:
+        settings = replace(settings, n_trials=n_trials)
+        study.set_user_attr(storage.SETTINGS, settings.to_dict())
+    return settings
+
+
+def check_same_task(settings: StudySettings, task: Task) -> None:
+    """A worker's task must be the one the study was prepared for."""
+    mine = {
+        "task": task.name,
+        "training samples": task.train_size,
+        "learning rate": task.lr,
+        "batch size": task.batch_size,
+        "precision": task.precision,
+    }
+    theirs = {
+        "task": settings.task_name,
+        "training samples": settings.train_size,
+        "learning rate": settings.base_lr,
+        "batch size": settings.base_batch_size,
+        "precision": settings.precision,
+    }
+    differ = [
+        f"{key} {mine[key]!r} here, {theirs[key]!r} in the study"
+        for key in mine
+        if mine[key] != theirs[key]
+    ]
+    if differ:
+        raise InvalidInputError(
+            f"this task is not the one study {settings.study_name!r} was prepared for "
+            f"({'; '.join(differ)}); give the same TARGET, or a new --study-name"
+        )
+
+
+def _open_study_run(study: optuna.Study, tracker: Any, settings: StudySettings) -> None:
+    """One MLflow run per study: reopened when the study has one in this store, else made and
+    its id stored on the study for every worker."""
+    known = study.user_attrs.get(storage.MLFLOW) or {}
+    uri = redact_url(tracker.tracking_uri)
+    run_id = known.get("parent_run_id") if known.get("tracking_uri") == uri else None
+    parent = tracker.open_study_run(settings, storage.probe_of(study), run_id)
+    if parent is not None and parent != run_id:
+        study.set_user_attr(
+            storage.MLFLOW,
+            {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent},
+        )
+
+
+def _resolve_probe(
+    task: Task,
+    given: ProbeResult | None,
+    memory_budget: str | int | None,
+    meter: MemoryMeter | None,
+    headroom: float,
+    max_batch_size: int | None,
+    notes: list[str],
+) -> tuple[ProbeResult | None, int]:
+    train_size = task.train_size
+    if given is not None:
+        if not isinstance(given, ProbeResult):
+            raise InvalidInputError("probe= must be a ProbeResult from autobatch.probe()")
+        return given, min(given.batch_size, train_size)
+    if task.device.type == "cpu" and memory_budget is None and meter is None:
+        ceiling = min(train_size, max_batch_size or train_size)
+        notes.append(
+            f"probe skipped: the CPU has no accelerator memory to probe, so batch sizes go up to "
+            f"{ceiling} (give memory_budget to simulate an accelerator)"
+        )
+        return None, ceiling
+    result = probe(
+        task,
+        memory_budget=memory_budget,
+        meter=meter,
+        headroom=headroom,
+        max_batch_size=max_batch_size,
+    )
+    return result, result.batch_size

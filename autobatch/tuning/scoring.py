@@ -1,0 +1,193 @@
+"""How trials are judged: pure functions of trial records and the study's settings.
+
+A worker calls them when its trial ends, for the value Optuna is told; the recommendation calls
+them again on every stored record, so whichever process reads a study gets the same answer, and
+an early trial is judged by the same target as a late one.
+
+Seconds are compared on one clock: the reference trial's hardware. A trial run on a device of
+another name has its seconds multiplied by the ratio of the two workers' step times at the base
+batch size (:func:`speed_factor`); on a single kind of device that factor is exactly 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from autobatch.errors import AutobatchError
+from autobatch.records import (
+    BASELINE,
+    COMPLETE,
+    INFEASIBLE,
+    ProbeResult,
+    StudySettings,
+    TrialRecord,
+    TuneResult,
+)
+from autobatch.tuning import curves
+
+#: What a trial that never reached the target scores, before its distance to the target is
+#: added: more seconds than any trial that reached it can take, so a miss never ranks above a
+#: hit, for the sampler or in a sorted table.
+MISS_OFFSET = 1e9
+#: What a batch size known not to fit scores (never trained, so never a recommendation).
+INFEASIBLE_VALUE = 1e12
+
+
+@dataclass(frozen=True)
+class Score:
+    """A finished trial judged against a target."""
+
+    values: tuple[float, ...]  # what Optuna is told: one value, or (time, loss) for pareto
+    constraint: float  # best loss minus the level to reach: <= 0 when the target was reached
+    time_to_target: float | None  # seconds on the reference hardware
+    samples_to_target: int | None
+
+    @property
+    def reached(self) -> bool:
+        return self.time_to_target is not None
+
+
+def reference(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The trial that fixes the target, the pruner's time scale and the reference clock.
+
+    The baseline when it completed. When it ended otherwise (diverged, out of memory), the
+    first trial that completed. None while the baseline has not ended.
+    """
+    baseline = [r for r in records if r.role == BASELINE]
+    for record in baseline:
+        if _completed(record):
+            return record
+    if not baseline:
+        return None
+    done = sorted((r for r in records if _completed(r)), key=lambda r: r.number)
+    return done[0] if done else None
+
+
+def target_loss(records: Sequence[TrialRecord], settings: StudySettings) -> float | None:
+    """The loss every trial must reach (times ``1 + tolerance``): the user's, or the
+    reference trial's best."""
+    if settings.target_loss is not None:
+        return float(settings.target_loss)
+    ref = reference(records)
+    return None if ref is None else ref.best_val_loss
+
+
+def speed_factor(record: TrialRecord, ref: TrialRecord | None) -> float:
+    """What turns ``record``'s seconds into seconds on the reference trial's hardware."""
+    if ref is None or record.device_name == ref.device_name:
+        return 1.0
+    if not record.reference_step_seconds or not ref.reference_step_seconds:
+        return 1.0
+    return ref.reference_step_seconds / record.reference_step_seconds
+
+
+def score(
+    record: TrialRecord, settings: StudySettings, target: float | None, factor: float = 1.0
+) -> Score | None:
+    """``record`` judged against ``target``; None when it did not complete or no target is
+    known yet (the ``loss`` objective needs none)."""
+    if not _completed(record):
+        return None
+    best = float(record.best_val_loss)
+    if target is None:
+        if settings.objective != "loss":
+            return None
+        return Score((best,), 0.0, None, None)
+    level = curves.threshold(target, settings.tolerance)
+    smoothed = [p.val_loss_smoothed for p in record.curve]
+    hit = curves.first_reaching(smoothed, level)
+    time = samples = None
+    if hit is not None:
+        time = record.curve[hit].seconds * factor
+        samples = record.curve[hit].samples
+        speed = time
+    else:
+        # Among misses, the closer one ranks first; every miss ranks after every hit.
+        speed = MISS_OFFSET + (best - level) / max(abs(level), 1e-12)
+    values = {"time": (speed,), "loss": (best,), "pareto": (speed, best)}[settings.objective]
+    return Score(values, best - level, time, samples)
+
+
+def rescore(records: Sequence[TrialRecord], settings: StudySettings) -> list[TrialRecord]:
+    """Every record judged by today's target, with its value and time to target updated."""
+    ref = reference(records)
+    target = target_loss(records, settings)
+    out = []
+    for record in records:
+        judged = score(record, settings, target, speed_factor(record, ref))
+        if judged is not None:
+            record = replace(
+                record,
+                value=judged.values[0],
+                time_to_target=judged.time_to_target,
+                samples_to_target=judged.samples_to_target,
+            )
+        out.append(record)
+    return out
+
+
+def pruning_scale_ms(records: Sequence[TrialRecord]) -> int | None:
+    """The pruner's first rung, in training milliseconds: a fifth of the reference trial's
+    training time, so a trial is first judged once it has trained that long."""
+    ref = reference(records)
+    if ref is None or ref.train_seconds <= 0:
+        return None
+    return max(1, int(ref.train_seconds * 1000 / 5))
+
+
+def infeasible_sizes(records: Sequence[TrialRecord]) -> set[int]:
+    """Batch sizes that ran out of memory in some trial."""
+    return {r.batch_size for r in records if r.state == INFEASIBLE}
+
+
+def recommend(
+    records: Sequence[TrialRecord],
+    settings: StudySettings,
+    probe: ProbeResult | None = None,
+    notes: Sequence[str] = (),
+) -> TuneResult:
+    """The configuration to train with, from every finished trial's record.
+
+    Among the completed trials that reached the target, the fastest to reach it (the lowest
+    best loss for ``objective="loss"``); when none did, the one that came closest.
+    """
+    records = sorted(rescore(records, settings), key=lambda r: r.number)
+    target = target_loss(records, settings)
+    complete = [r for r in records if _completed(r) and r.value is not None]
+    if not complete:
+        raise AutobatchError(
+            "no trial completed, so there is nothing to recommend; see the trial reasons "
+            "(e.g. a learning rate that diverges: narrow lr_multiplier_range) and rerun"
+        )
+    reached = [r for r in complete if r.time_to_target is not None]
+    pool = reached or complete
+    if settings.objective == "loss":
+        best = min(pool, key=lambda r: (r.best_val_loss, r.number))
+    else:
+        best = min(pool, key=lambda r: (r.value, r.best_val_loss, r.number))
+    warnings = list(notes)
+    choice = curves.choose_epochs(
+        [p.epoch for p in best.curve],
+        [p.val_loss_smoothed for p in best.curve],
+        settings.max_epochs,
+        settings.tolerance,
+    )
+    if choice.warning:
+        warnings.append(f"trial {best.number}: {choice.warning}")
+    return TuneResult(
+        batch_size=best.batch_size,
+        epochs=choice.epochs,
+        lr=best.lr,
+        lr_multiplier=best.lr_multiplier,
+        best_trial=best.number,
+        target_loss=target,
+        probe=probe,
+        trials=tuple(records),
+        settings=settings,
+        warnings=tuple(warnings),
+    )
+
+
+def _completed(record: TrialRecord) -> bool:
+    return record.state == COMPLETE and record.best_val_loss is not None and bool(record.curve)

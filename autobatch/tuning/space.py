@@ -1,0 +1,104 @@
+"""The search space: candidate batch sizes, the seeded trials, and how the learning rate
+moves with the batch size.
+
+With a larger batch the gradient is averaged over more samples: less noise, fewer updates per
+epoch. SGD-style optimizers keep the same progress per sample when the learning rate grows in
+proportion (``linear``); Adam-style optimizers normalise the update size, and the square root
+works better (``sqrt``). Both rules fail at very large batches, so the tuner multiplies the rule's
+value by a tuned factor and lets the study correct it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from autobatch.errors import InvalidInputError
+from autobatch.records import BASELINE, CEILING, MIDDLE
+
+RULES = ("linear", "sqrt", "none")
+_ADAPTIVE = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+)
+
+
+def rule_for(optimizer: torch.optim.Optimizer) -> str:
+    """``sqrt`` for adaptive optimizers (Adam family), ``linear`` for SGD and the rest."""
+    return "sqrt" if isinstance(optimizer, _ADAPTIVE) else "linear"
+
+
+def check_rule(rule: str) -> str:
+    if rule not in (*RULES, "auto"):
+        raise InvalidInputError(
+            f"lr_rule={rule!r} is not one of auto, {', '.join(RULES)}; 'auto' picks sqrt for "
+            "Adam-style optimizers and linear for SGD"
+        )
+    return rule
+
+
+def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str) -> float:
+    """The rule's learning rate at ``batch_size``, from one known to work at ``base_batch_size``."""
+    ratio = batch_size / base_batch_size
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    if rule == "none":
+        return base_lr
+    raise InvalidInputError(f"unknown lr_rule {rule!r}")
+
+
+def default_candidates(ceiling: int, base: int) -> list[int]:
+    """Powers of two up to the ceiling, the ceiling itself, and the task's own batch size."""
+    sizes = {2**k for k in range(int(math.log2(ceiling)) + 1)} | {ceiling}
+    if base <= ceiling:
+        sizes.add(base)
+    return sorted(sizes)
+
+
+def check_candidates(
+    candidates: Sequence[int] | None, ceiling: int, base: int, notes: list[str]
+) -> list[int]:
+    """The candidate batch sizes at or below ``ceiling``; what was dropped goes to ``notes``."""
+    if candidates is None:
+        return default_candidates(ceiling, base)
+    values = list(candidates)
+    if not values or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in values):
+        raise InvalidInputError(
+            f"candidates={values!r} must be a list of positive integers, e.g. [16, 32, 64]"
+        )
+    too_big = sorted(c for c in values if c > ceiling)
+    kept = sorted({c for c in values if c <= ceiling})
+    if too_big:
+        notes.append(
+            f"dropped candidate batch sizes {too_big}: above the ceiling of {ceiling} "
+            "(what fits in memory, or the training set size)"
+        )
+    if not kept:
+        raise InvalidInputError(
+            f"no candidate batch size is at or below the ceiling of {ceiling}; give smaller ones"
+        )
+    return kept
+
+
+def seeds(candidates: Sequence[int], base_batch_size: int) -> list[tuple[str, int]]:
+    """The seeded trials, in the order they run: (role, batch size), each at the rule's rate.
+
+    The baseline (the candidate nearest the task's own batch size) runs first: its result fixes
+    the target. The ceiling and the middle candidate then bracket the range.
+    """
+    sizes = sorted(candidates)
+    base = min(sizes, key=lambda s: abs(s - base_batch_size))
+    chosen: dict[int, str] = {}
+    for role, size in ((BASELINE, base), (CEILING, sizes[-1]), (MIDDLE, sizes[len(sizes) // 2])):
+        chosen.setdefault(size, role)
+    return [(role, size) for size, role in chosen.items()]

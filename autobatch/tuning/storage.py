@@ -1,0 +1,215 @@
+"""The study in Optuna storage: how it is opened, where autobatch keeps its facts, and which
+trials count.
+
+One source of truth for every worker: study-level facts are user attributes written once by
+*prepare*; each trial carries its own record. Nothing here is read, changed and written back by
+workers, so any number of them can share a study.
+
+A trial *counts* towards ``n_trials`` while it is queued or running, and once finished with a
+record. Trials skipped (a batch size known not to fit), interrupted (queued again), given up by
+a dead worker (failed by the heartbeat and queued again) or started past the study's budget do
+not count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from autobatch.errors import InvalidInputError
+from autobatch.records import ProbeResult, StudySettings, TrialRecord
+from autobatch.tracking.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+# Study attributes, written by prepare only.
+SETTINGS = "autobatch_settings"  # StudySettings; written last: its presence means "prepared"
+SPACE = "autobatch_space"  # the settings that a rerun must match
+PROBE = "autobatch_probe"
+NOTES = "autobatch_notes"
+HOST = "autobatch_prepared_on"
+MLFLOW = "autobatch_mlflow"  # {"tracking_uri", "experiment_id", "parent_run_id"}
+# Trial attributes, written by the worker running the trial.
+RECORD = "autobatch_record"
+COUNTED = "autobatch_counted"
+ROLE = "autobatch_role"
+RUN_ID = "mlflow_run_id"
+REASON = "reason"
+
+SPACE_KEYS = ("objective", "lr_rule", "lr_multiplier_range", "candidates", "max_epochs", "seed")
+
+#: Seconds between a running trial's heartbeats, and without one before it counts as dead.
+HEARTBEAT_INTERVAL = 10
+GRACE_PERIOD = 30
+#: How often a dead worker's trial is run again before the study gives up on it.
+MAX_RETRY = 2
+
+
+class StaleTrials:
+    """Optuna's heartbeat callback for a trial whose worker died: queue it again (Optuna's
+    ``RetryHeartbeatStaleTrialCallback``), then tell the listeners (the MLflow tracker ends
+    the dead run)."""
+
+    def __init__(self, max_retry: int = MAX_RETRY) -> None:
+        self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.listeners: list[Callable[[FrozenTrial], None]] = []
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        log.warning(
+            "trial %d stopped sending heartbeats (its worker died); it is failed and queued again",
+            trial.number,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._retry(study, trial)
+        for listener in list(self.listeners):
+            listener(trial)
+
+
+def open_storage(
+    url: str | None,
+    *,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
+) -> optuna.storages.BaseStorage:
+    """The Optuna storage at ``url`` (in memory for None), with heartbeats for databases.
+
+    A database error becomes one line that names the store and the fix.
+    """
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    try:
+        if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=StaleTrials(),
+                )
+        return optuna.storages.get_storage(url)
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"cannot open the study storage {redact_url(url)}: its database driver is not "
+            f"installed ({exc.name or exc}); for PostgreSQL: "
+            "pip install 'torch-autobatch[postgres]'"
+        ) from None
+    except Exception as exc:  # SQLAlchemy/driver errors of every kind, all meaning "unusable"
+        raise InvalidInputError(
+            f"cannot open the study storage {redact_url(url)}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}; check the URL (e.g. sqlite:///autobatch.db) "
+            "and that the database server is running"
+        ) from None
+
+
+def stale_listeners(study: optuna.Study) -> list[Callable[[FrozenTrial], None]] | None:
+    """Where to register for dead workers' trials; None when the storage has no heartbeat."""
+    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache
+    callback = getattr(storage, "heartbeat_stale_trial_callback", None)
+    return callback.listeners if isinstance(callback, StaleTrials) else None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the running trials of dead workers and queue them again (Optuna's heartbeat)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def worker_name() -> str:
+    """This process, as trial records name it."""
+    return f"{hostname()}:{os.getpid()}"
+
+
+# -- study facts -----------------------------------------------------------------------------
+
+
+def settings_of(study: optuna.Study) -> StudySettings | None:
+    data = study.user_attrs.get(SETTINGS)
+    return None if data is None else StudySettings.from_dict(data)
+
+
+def probe_of(study: optuna.Study) -> ProbeResult | None:
+    data = study.user_attrs.get(PROBE)
+    return None if data is None else ProbeResult.from_dict(data)
+
+
+def space_of(settings: StudySettings) -> dict[str, Any]:
+    data = settings.to_dict()
+    return {
+        key: list(data[key]) if isinstance(data[key], tuple) else data[key] for key in SPACE_KEYS
+    }
+
+
+# -- trials ----------------------------------------------------------------------------------
+
+
+def counts(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` counts towards ``n_trials`` (see the module's docstring)."""
+    if trial.user_attrs.get(COUNTED) is False:
+        return False
+    if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+        return True
+    return RECORD in trial.user_attrs
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a study is, from its trials."""
+
+    finished: int  # counted and finished
+    running: int  # counted and running (here or in another worker)
+    waiting: int  # queued
+
+    def complete(self, n_trials: int | None) -> bool:
+        return n_trials is not None and self.finished >= n_trials
+
+
+def progress(trials: Sequence[FrozenTrial]) -> Progress:
+    finished = running = waiting = 0
+    for trial in trials:
+        if not counts(trial):
+            continue
+        if trial.state == TrialState.RUNNING:
+            running += 1
+        elif trial.state == TrialState.WAITING:
+            waiting += 1
+        else:
+            finished += 1
+    return Progress(finished, running, waiting)
+
+
+def claimed_before(trials: Sequence[FrozenTrial], number: int) -> int:
+    """Trials numbered below ``number`` that count. A trial runs only if fewer than
+    ``n_trials`` did: trial numbers are handed out atomically, so two workers asking at once
+    never both take the last place."""
+    return sum(1 for t in trials if t.number < number and counts(t))
+
+
+def fixed_params(study: optuna.Study, trial: optuna.Trial) -> dict[str, Any] | None:
+    """The parameters a queued trial was enqueued with; None for a sampled one."""
+    return study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+
+
+def records(trials: Sequence[FrozenTrial]) -> list[TrialRecord]:
+    """The records of the finished trials that count, in trial order."""
+    out = []
+    for trial in trials:
+        data = trial.user_attrs.get(RECORD)
+        if data is not None and trial.state.is_finished() and counts(trial):
+            out.append(TrialRecord.from_dict(data))
+    return sorted(out, key=lambda r: r.number)

@@ -1,0 +1,221 @@
+"""The two ways into a study: ``tune()`` prepares it, runs trials and recommends, in one
+process; ``join_study()`` adds a worker to a study prepared elsewhere.
+
+Any number of processes, on any machines that reach the storage (a PostgreSQL server, say), can
+call either on the same study: the first to arrive prepares it, the others join, and all of them
+run trials until the study has its ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from autobatch.errors import InvalidInputError
+from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
+from autobatch.probing import DEFAULT_HEADROOM
+from autobatch.records import ProbeResult, TuneObserver, TuneResult
+from autobatch.task import Task
+from autobatch.tracking.redact import redact_url
+from autobatch.tuning import prepare as preparing
+from autobatch.tuning.recommendation import recommend
+from autobatch.tuning.storage import (
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    MLFLOW,
+    open_storage,
+    settings_of,
+    worker_name,
+)
+from autobatch.tuning.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def tune(
+    task: Task,
+    *,
+    n_trials: int | None = 20,
+    timeout: float | None = None,
+    max_epochs: float = 10,
+    candidates: Sequence[int] | None = None,
+    objective: str = "time",
+    lr_rule: str = "auto",
+    lr_multiplier_range: tuple[float, float] = (0.25, 4.0),
+    target_loss: float | None = None,
+    tolerance: float = 0.05,
+    seed: int = 0,
+    storage: str | None = None,
+    study_name: str | None = None,
+    probe_result: ProbeResult | None = None,
+    memory_budget: str | int | None = None,
+    meter: MemoryMeter | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    max_batch_size: int | None = None,
+    mlflow: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    observers: Sequence[TuneObserver] = (),
+    progress: bool = False,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
+) -> TuneResult:
+    """Recommend a batch size, epoch count and learning rate for ``task``.
+
+    Probes the memory ceiling (or takes ``probe_result``), then runs an Optuna study over
+    batch sizes up to it and learning-rate multipliers around the rule-scaled rate. The
+    baseline (the task's own batch size and learning rate), the ceiling and the middle of the
+    range run first. ``objective="time"`` minimises training seconds until the smoothed
+    validation loss reaches ``target_loss x (1 + tolerance)``; ``"loss"`` minimises the best
+    validation loss; ``"pareto"`` keeps both (no pruning).
+
+    With ``storage`` (any Optuna URL, e.g. ``sqlite:///autobatch.db`` or
+    ``postgresql://user@host/db``) the study is resumable and shareable: calling ``tune`` again
+    with the same ``study_name`` continues it up to ``n_trials`` trials in total, and other
+    processes may run trials of it at the same time (``join_study``, ``autobatch worker``).
+    A running trial whose process dies is failed after ``grace_period`` seconds without a
+    heartbeat (one every ``heartbeat_interval`` seconds) and run again.
+
+    With ``mlflow`` (the default) the study, every trial and the recommendation are logged to
+    ``tracking_uri`` (default ``sqlite:///mlflow.db`` in the working directory) into
+    ``experiment`` (default: the study's name), from a separate process, so logging does not
+    slow the trials; ``result.mlflow_run_id`` is the study's run. ``observers`` receive every
+    event as it happens (see :class:`TuneObserver`).
+
+    Example::
+
+        from autobatch.examples import digits
+        result = tune(digits(), n_trials=8, max_epochs=5, mlflow=False)
+        print(result.batch_size, result.epochs, result.lr)
+    """
+    prepared = preparing.prepare(
+        task,
+        n_trials=n_trials,
+        timeout=timeout,
+        max_epochs=max_epochs,
+        candidates=candidates,
+        objective=objective,
+        lr_rule=lr_rule,
+        lr_multiplier_range=lr_multiplier_range,
+        target_loss=target_loss,
+        tolerance=tolerance,
+        seed=seed,
+        storage_url=storage,
+        study_name=study_name,
+        probe_result=probe_result,
+        memory_budget=memory_budget,
+        meter=meter,
+        headroom=headroom,
+        max_batch_size=max_batch_size,
+        mlflow=mlflow,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        observers=observers,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+    )
+    try:
+        for note in prepared.notes:
+            log.warning(note)
+        worker = Worker(
+            task,
+            prepared.study,
+            observers=prepared.observers,
+            meter=_trial_meter(task, meter),
+            progress=progress,
+            timeout=timeout,
+            notes=prepared.notes,
+        )
+        outcome = worker.run()
+        return outcome.result or recommend(prepared.study, notes=worker.notes)
+    finally:
+        prepared.close()
+
+
+def join_study(
+    task: Task,
+    *,
+    storage: str,
+    study_name: str | None = None,
+    timeout: float | None = None,
+    wait: float = 600.0,
+    mlflow: bool = True,
+    tracking_uri: str | None = None,
+    observers: Sequence[TuneObserver] = (),
+    progress: bool = False,
+    meter: MemoryMeter | None = None,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
+) -> TuneResult:
+    """Run trials of the study ``study_name`` in ``storage`` until it has its ``n_trials``;
+    return its recommendation.
+
+    The study must have been (or, within ``wait`` seconds, be) prepared by ``tune`` for the
+    same task; its settings come from the storage. Trials are logged to the study's MLflow run
+    (``tracking_uri`` is the study's unless given; it must name the same store).
+
+    Example (on every machine of a cluster, with the study started by ``autobatch tune``)::
+
+        result = join_study(my_task(), storage="postgresql://tuner@db/studies",
+                            study_name="autobatch-my-task")
+    """
+    if not isinstance(task, Task):
+        raise InvalidInputError(f"join_study() needs an autobatch.Task; got {type(task).__name__}")
+    name = study_name or f"autobatch-{task.name}"
+    opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    study = preparing.wait_prepared(opened, name, wait, worker_name())
+    preparing.check_shareable(study, storage)
+    settings = settings_of(study)
+    assert settings is not None
+    preparing.check_same_task(settings, task)
+    tracker = _attach_tracker(study, tracking_uri) if mlflow else None
+    try:
+        worker = Worker(
+            task,
+            study,
+            observers=[*observers, *([tracker] if tracker is not None else [])],
+            meter=_trial_meter(task, meter),
+            progress=progress,
+            timeout=timeout,
+        )
+        outcome = worker.run()
+        return outcome.result or recommend(study, notes=worker.notes)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _trial_meter(task: Task, meter: MemoryMeter | None) -> MemoryMeter | None:
+    """Trials read peak memory from the device's own meter; the simulated one would slow every
+    operation, so trials on the CPU run unmetered."""
+    if meter is not None and not isinstance(meter, TrackedMeter):
+        return meter
+    return None if task.device.type == "cpu" else meter_for(task.device)
+
+
+def _attach_tracker(study, tracking_uri: str | None):
+    """A logging process attached to the study's MLflow run; None when the study has none."""
+    from autobatch.tracking import BackgroundTracker, resolve_tracking_uri
+
+    known = study.user_attrs.get(MLFLOW)
+    if not known:
+        log.warning(
+            "study %r logs no MLflow runs (it was prepared with --no-mlflow); this worker "
+            "logs none either",
+            study.study_name,
+        )
+        return None
+    uri = resolve_tracking_uri(tracking_uri) if tracking_uri else known["tracking_uri"]
+    if redact_url(uri) != known["tracking_uri"]:
+        raise InvalidInputError(
+            f"study {study.study_name!r} logs to MLflow at {known['tracking_uri']}, not "
+            f"{redact_url(uri)}: give --tracking-uri {known['tracking_uri']} or --no-mlflow"
+        )
+    if "***" in uri:
+        raise InvalidInputError(
+            f"study {study.study_name!r} logs to MLflow at {known['tracking_uri']}, whose "
+            "password is not stored: give --tracking-uri with it, or --no-mlflow"
+        )
+    tracker = BackgroundTracker(uri)
+    tracker.attach(known["parent_run_id"], known["experiment_id"])
+    return tracker

@@ -1,0 +1,487 @@
+"""A worker: runs trials of a prepared study until the study has its ``n_trials``.
+
+Any number of workers, in processes on any machines that reach the study's storage, share one
+study. Each trial trains a fresh model (same seed, same data order) at one batch size and
+learning rate. Workers coordinate only through Optuna: ``study.ask`` hands out trials (queued
+ones first), a heartbeat thread marks each running trial alive, and before each trial a worker
+fails the trials of dead workers and queues them again (Optuna's heartbeat machinery). Every
+shared fact is read from trial records or was written once by *prepare*.
+
+Until the reference trial (the baseline) has ended, one trial runs at a time: its result fixes
+the target, the pruner's first rung and the reference clock that every other trial is judged
+by. Then workers run in parallel. A worker that finds the last trials running elsewhere waits
+for them, failing and rerunning any whose worker dies, so a study never ends with a trial of a
+dead worker still RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as optimize() uses
+from optuna.trial import FrozenTrial, TrialState
+
+from autobatch.data import BatchSource
+from autobatch.errors import StudyInterrupted
+from autobatch.memory import MemoryMeter
+from autobatch.oom import drop_failed_attempt, is_oom_error
+from autobatch.records import (
+    COMPLETE,
+    FAILED,
+    INFEASIBLE,
+    PRUNED,
+    RUNNING,
+    EvalPoint,
+    ProbeResult,
+    StudySettings,
+    TrialRecord,
+    TuneObserver,
+    TuneResult,
+)
+from autobatch.task import Task
+from autobatch.training import TrainStep, build
+from autobatch.tuning import curves, scoring, storage
+from autobatch.tuning.loop import StopTrial, TrialFailed, synchronizer, train
+from autobatch.tuning.progress import Progress
+from autobatch.tuning.recommendation import recommend
+from autobatch.tuning.space import scale_lr
+
+log = logging.getLogger(__name__)
+
+PRUNED_REASON = "successive halving: behind other trials at equal training time"
+
+
+class Observers:
+    """Fan-out to observers; one observer's failure never stops training."""
+
+    def __init__(self, observers: Sequence[TuneObserver]) -> None:
+        self.observers = list(observers)
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def call(*args: Any) -> None:
+            for observer in self.observers:
+                method = getattr(observer, name, None)
+                if method is None:  # an observer written before this event existed
+                    continue
+                try:
+                    method(*args)
+                except Exception:  # an observer must never stop the study
+                    log.warning(
+                        "observer %s failed in %s", type(observer).__name__, name, exc_info=True
+                    )
+
+        return call
+
+
+def describe_device(device: torch.device) -> str:
+    """What decides a device's speed, as a name: workers of equal names are compared as is."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+    return device.type
+
+
+def reference_step_seconds(
+    task: Task, source: BatchSource, batch_size: int, warmup: int = 2, steps: int = 5
+) -> float | None:
+    """Seconds per training step at ``batch_size`` on this worker's device, after warm-up;
+    None if that size does not fit here. Random generators are left as they were."""
+    sync = synchronizer(task.device)
+    devices = [task.device] if task.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model = optimizer = step = batch = None
+        try:
+            model, optimizer = build(task)
+            step = TrainStep(task, model, optimizer)
+            batch = source.first(min(batch_size, len(source)))
+            for _ in range(warmup):
+                step(batch)
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(batch)
+            sync()
+            return (time.perf_counter() - start) / steps
+        except BaseException as exc:
+            if not is_oom_error(exc):
+                raise
+            drop_failed_attempt(exc)
+            return None
+        finally:
+            model = optimizer = step = batch = None
+
+
+@dataclass(frozen=True)
+class WorkerOutcome:
+    """How a worker's run ended."""
+
+    trials: int  # trials this worker finished that count
+    complete: bool  # the study has its n_trials
+    result: TuneResult | None  # the recommendation, when this worker ended the study
+    stopped: str  # why it stopped: "complete", "timeout" or "infeasible"
+
+
+class Worker:
+    """Runs trials of ``study`` (prepared: its settings are stored on it) for ``task``."""
+
+    def __init__(
+        self,
+        task: Task,
+        study: optuna.Study,
+        *,
+        observers: Sequence[TuneObserver] = (),
+        meter: MemoryMeter | None = None,
+        progress: bool = False,
+        timeout: float | None = None,
+        poll_seconds: float = 1.0,
+        notes: Sequence[str] = (),
+    ) -> None:
+        settings = storage.settings_of(study)
+        if settings is None:
+            raise ValueError(f"study {study.study_name!r} is not prepared")
+        self.task = task
+        self.study = study
+        self.settings: StudySettings = settings
+        self.probe: ProbeResult | None = storage.probe_of(study)
+        self.observers = Observers(observers)
+        self.meter = meter
+        self.progress = progress
+        self.timeout = timeout
+        self.poll_seconds = poll_seconds
+        self.name = storage.worker_name()
+        self.device_name = describe_device(task.device)
+        self.train_data = BatchSource(task.train_data, task.device, task.collate_fn).to_device()
+        self.val_data = BatchSource(task.val_data, task.device, task.collate_fn).to_device()
+        self.notes: list[str] = list(notes)  # for this run's result, beside the stored ones
+        self._step_seconds: float | None = None
+        self._measured = False
+        self._bar: Progress | None = None
+        self._completed_here = False
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> WorkerOutcome:
+        """Run trials until the study has its ``n_trials`` (or ``timeout`` passes)."""
+        listeners = storage.stale_listeners(self.study)
+        if listeners is not None:
+            listeners.append(self._abandoned)
+        self.observers.study_started(self.settings, self.probe)
+        start = time.monotonic()
+        done = 0
+        stopped = "complete"
+        waiting_for: tuple[int, ...] = ()
+        try:
+            while True:
+                storage.fail_stale_trials(self.study)
+                self.settings = storage.settings_of(self.study) or self.settings
+                n_trials = self.settings.n_trials
+                trials = self.study.get_trials(deepcopy=False)
+                state = storage.progress(trials)
+                if self.progress and self._bar is None:
+                    self._bar = Progress(n_trials, state.finished)
+                if self._bar is not None:
+                    self._bar.finished_elsewhere(state.finished)
+                if state.complete(n_trials):
+                    break
+                if self.timeout is not None and time.monotonic() - start >= self.timeout:
+                    stopped = "timeout"
+                    break
+                records = storage.records(trials)
+                if set(self.settings.candidates) <= scoring.infeasible_sizes(records):
+                    self.notes.append("every candidate batch size is infeasible; stopped early")
+                    stopped = "infeasible"
+                    break
+                full = n_trials is not None and state.finished + state.running >= n_trials
+                serial = (
+                    state.running > 0
+                    and self.settings.target_loss is None
+                    and scoring.reference(records) is None
+                )
+                if full or serial:
+                    running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
+                    if running != waiting_for:
+                        waiting_for = running
+                        log.info(
+                            "waiting for trial(s) %s in other workers (%s)",
+                            ", ".join(map(str, running)),
+                            "the study's last trials" if full else "the reference trial",
+                        )
+                    time.sleep(self.poll_seconds)
+                    continue
+                done += self._one_trial()
+        except KeyboardInterrupt:
+            self.observers.study_interrupted("interrupted by the user")
+            finished = storage.progress(self.study.get_trials(deepcopy=False)).finished
+            raise StudyInterrupted(
+                f"{finished} finished trial(s) are kept in {self.settings.storage}; run the same "
+                "command (same study name and storage) to resume"
+            ) from None
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            if listeners is not None and self._abandoned in listeners:
+                listeners.remove(self._abandoned)
+        trials = self.study.get_trials(deepcopy=False)
+        state = storage.progress(trials)
+        complete = state.complete(self.settings.n_trials)
+        result = None
+        # The study's end is reported once: by the worker whose trial completed it or, when
+        # workers stop on their own (timeout), by whichever stops last.
+        if self._completed_here or (not complete and state.running == 0 and state.finished):
+            result = recommend(self.study, notes=self.notes)
+            self.observers.study_finished(result)
+        return WorkerOutcome(done, complete, result, stopped)
+
+    def _abandoned(self, trial: FrozenTrial) -> None:
+        self.observers.trial_abandoned(trial.number, dict(trial.user_attrs))
+
+    # -- one trial ----------------------------------------------------------------------------
+
+    def _one_trial(self) -> int:
+        """Ask for a trial and run it; 1 if it counts towards ``n_trials``."""
+        study, settings = self.study, self.settings
+        if not self._measured:
+            # Before the first trial, outside its training time: this worker's clock.
+            self._step_seconds = reference_step_seconds(
+                self.task, self.train_data, self._base_size()
+            )
+            self._measured = True
+        with warnings.catch_warnings():
+            # The pieces of optimize(), used directly: Optuna warns that heartbeats are meant
+            # for optimize(), and they work the same here.
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = study.ask()
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            trials = study.get_trials(deepcopy=False)
+            if (
+                settings.n_trials is not None
+                and storage.claimed_before(trials, trial.number) >= settings.n_trials
+            ):
+                self._give_back(trial)
+                return 0
+            size = int(trial.suggest_categorical("batch_size", list(settings.candidates)))
+            multiplier = float(
+                trial.suggest_float("lr_multiplier", *settings.lr_multiplier_range, log=True)
+            )
+            if size in scoring.infeasible_sizes(storage.records(trials)):
+                self._skip(trial, size)
+                return 0
+            return self._train(trial, size, multiplier)
+
+    def _base_size(self) -> int:
+        base = self.settings.base_batch_size
+        return min(self.settings.candidates, key=lambda s: abs(s - base))
+
+    def _train(self, trial: optuna.Trial, size: int, multiplier: float) -> int:
+        settings = self.settings
+        if trial.user_attrs.get(storage.RUN_ID):  # a rerun of a dead worker's trial
+            trial.set_user_attr(storage.RUN_ID, None)
+        record = TrialRecord(
+            number=trial.number,
+            state=RUNNING,
+            batch_size=size,
+            lr=scale_lr(settings.base_lr, settings.base_batch_size, size, settings.lr_rule)
+            * multiplier,
+            lr_multiplier=multiplier,
+            lr_rule=settings.lr_rule,
+            iterations_per_epoch=math.ceil(settings.train_size / size),
+            max_epochs=settings.max_epochs,
+            seed=self.task.seed,
+            role=trial.user_attrs.get(storage.ROLE),
+            worker=self.name,
+            device_name=self.device_name,
+            reference_step_seconds=self._step_seconds,
+            started_ms=int(time.time() * 1000),
+        )
+        records = storage.records(self.study.get_trials(deepcopy=False))
+        factor = scoring.speed_factor(record, scoring.reference(records))
+        target = scoring.target_loss(records, settings)
+        level = None if target is None else curves.threshold(target, settings.tolerance)
+        self.observers.trial_started(trial, record)
+        bar = self._bar
+        if bar is not None:
+            bar.start_trial(record, int(settings.max_epochs * settings.train_size))
+        points: list[EvalPoint] = []
+        pruned = False
+        last_step = 0
+        objective = settings.objective
+        # Seeded trials are the reference points every other trial is judged against.
+        prunable = objective != "pareto" and record.role is None
+
+        def on_eval(point: EvalPoint) -> None:
+            nonlocal pruned, last_step
+            points.append(point)
+            self.observers.evaluated(record, point)
+            if bar is not None:
+                bar.evaluated(point)
+            if objective == "pareto":
+                return
+            last_step = max(last_step + 1, int(point.seconds * factor * 1000))
+            trial.report(point.val_loss_smoothed, step=last_step)
+            smoothed = [p.val_loss_smoothed for p in points]
+            reached = level is not None and curves.first_reaching(smoothed, level) is not None
+            # Asked even when the answer is ignored: asking registers this trial's loss at the
+            # rung, so later trials are compared with it.
+            if trial.should_prune() and prunable and not reached:
+                pruned = True
+                raise StopTrial
+            if objective == "time" and level is not None and curves.plateaued(smoothed, level):
+                raise StopTrial
+
+        state, reason, run = COMPLETE, None, None
+        try:
+            run = train(
+                self.task,
+                self.train_data,
+                self.val_data,
+                batch_size=size,
+                lr=record.lr,
+                max_epochs=settings.max_epochs,
+                eval_batch_size=min(
+                    settings.ceiling or max(settings.candidates),
+                    max(size, 256),
+                    len(self.val_data),
+                ),
+                on_eval=on_eval,
+                meter=self.meter,
+            )
+        except TrialFailed as exc:
+            state, reason = FAILED, str(exc)
+        except KeyboardInterrupt:
+            # Not counted, and queued again, so the resumed study runs it from the start.
+            record = replace(record, state=FAILED, reason="interrupted", curve=tuple(points))
+            trial.set_user_attr(storage.COUNTED, False)
+            self._queue_again(trial)
+            self._finish(trial, record)
+            raise
+        except BaseException as exc:
+            if not is_oom_error(exc):
+                trial.set_user_attr(storage.REASON, f"{type(exc).__name__}: {exc}"[:500])
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.observers.study_interrupted(f"error in trial {trial.number}: {exc!r}"[:500])
+                raise
+            drop_failed_attempt(exc)
+            state, reason = INFEASIBLE, f"out of memory at batch size {size}"
+        if pruned:
+            state, reason = PRUNED, PRUNED_REASON
+        record = _measured(record, points, run, state, reason, settings)
+        if state == COMPLETE:
+            self._tell_complete(trial, record)
+        else:
+            self._finish(trial, record)
+        finished = storage.progress(self.study.get_trials(deepcopy=False))
+        self._completed_here = finished.complete(settings.n_trials)
+        return 1
+
+    def _tell_complete(self, trial: optuna.Trial, record: TrialRecord) -> None:
+        """Judge the trial by the current target and tell Optuna."""
+        records = [*storage.records(self.study.get_trials(deepcopy=False)), record]
+        ref = scoring.reference(records)
+        target = scoring.target_loss(records, self.settings)
+        judged = scoring.score(record, self.settings, target, scoring.speed_factor(record, ref))
+        if judged is None:  # no target yet: only when the reference trial ran elsewhere
+            judged = scoring.Score(
+                (scoring.MISS_OFFSET,) * (2 if self.settings.objective == "pareto" else 1),
+                0.0,
+                None,
+                None,
+            )
+        trial.set_constraint("final_loss", judged.constraint)
+        record = replace(
+            record,
+            value=judged.values[0],
+            time_to_target=judged.time_to_target,
+            samples_to_target=judged.samples_to_target,
+        )
+        self._finish(trial, record, judged.values)
+
+    def _finish(
+        self, trial: optuna.Trial, record: TrialRecord, values: Sequence[float] | None = None
+    ) -> None:
+        """Tell the observers, keep the record on the trial, and tell Optuna ``values`` (or,
+        without them, that the trial was pruned or failed).
+
+        Observers come first: until Optuna is told, an observer can still set the trial's user
+        attributes, which is how the MLflow tracker links the trial to its run. A Ctrl-C while
+        they are told still records the trial in Optuna, then stops the study.
+        """
+        record = replace(record, ended_ms=int(time.time() * 1000))
+        interrupted = False
+        try:
+            self.observers.trial_finished(record)
+        except KeyboardInterrupt:
+            interrupted = True
+        run_id = trial.user_attrs.get(storage.RUN_ID)
+        trial.set_user_attr(storage.RECORD, replace(record, mlflow_run_id=run_id).to_dict())
+        if values is not None:
+            self.study.tell(trial, list(values) if len(values) > 1 else values[0])
+        else:
+            if record.reason:
+                trial.set_user_attr(storage.REASON, record.reason)
+            state = TrialState.PRUNED if record.state == PRUNED else TrialState.FAIL
+            self.study.tell(trial, state=state)
+        if self._bar is not None:
+            self._bar.end_trial(record)
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _skip(self, trial: optuna.Trial, size: int) -> None:
+        """A batch size known not to fit: no training, not counted. Told as the worst possible
+        result, with its constraint violated, so the sampler learns to avoid the size (a failed
+        trial would be ignored by TPE and proposed again and again)."""
+        trial.set_user_attr(storage.COUNTED, False)
+        trial.set_user_attr(storage.REASON, f"batch size {size} is known to be infeasible")
+        trial.set_constraint("final_loss", scoring.INFEASIBLE_VALUE)
+        worst = [scoring.INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
+        self.study.tell(trial, worst if len(worst) > 1 else worst[0])
+
+    def _give_back(self, trial: optuna.Trial) -> None:
+        """Asked for a trial past the study's budget (another worker took the last place at the
+        same moment): not run, not counted; a queued one goes back in the queue."""
+        trial.set_user_attr(storage.COUNTED, False)
+        trial.set_user_attr(storage.REASON, "not run: the study already had its n_trials")
+        if storage.fixed_params(self.study, trial) is not None:
+            self._queue_again(trial)
+        self.study.tell(trial, state=TrialState.FAIL)
+
+    def _queue_again(self, trial: optuna.Trial) -> None:
+        role = trial.user_attrs.get(storage.ROLE)
+        params = storage.fixed_params(self.study, trial) or trial.params
+        self.study.enqueue_trial(params, user_attrs={storage.ROLE: role} if role else None)
+
+
+def _measured(
+    record: TrialRecord,
+    points: list[EvalPoint],
+    run: Any,
+    state: str,
+    reason: str | None,
+    settings: StudySettings,
+) -> TrialRecord:
+    """The record with what its run measured: curve, times, best loss and epochs."""
+    updates: dict[str, Any] = {"state": state, "reason": reason, "curve": tuple(points)}
+    if run is not None:
+        updates["train_seconds"] = run.train_seconds
+        updates["epoch_seconds"] = run.epoch_seconds
+    if points:
+        smoothed = [p.val_loss_smoothed for p in points]
+        choice = curves.choose_epochs(
+            [p.epoch for p in points], smoothed, settings.max_epochs, settings.tolerance
+        )
+        updates["best_val_loss"] = min(smoothed)
+        updates["recommended_epochs"] = float(choice.epochs)
+        updates["auc"] = curves.area_under([p.seconds for p in points], smoothed)
+        if choice.warning and state == COMPLETE:
+            updates["reason"] = choice.warning
+    return replace(record, **updates)
