@@ -303,8 +303,70 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     parser.add_argument(
         "--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the trials in N worker processes on this machine, sharing the study "
+        "(default: 1, in this process; with --devices: one per device)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=_devices,
+        metavar="LIST",
+        help="the workers' devices in turn, e.g. cuda:0,cuda:1 (default: every visible GPU "
+        "for a CUDA task, else the task's device)",
+    )
+    _add_threads_option(parser)
+    _add_heartbeat_options(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=_cmd_tune)
+
+
+def _devices(text: str) -> list[str]:
+    devices = [part.strip() for part in text.split(",") if part.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError("give at least one device, e.g. cuda:0,cuda:1")
+    return devices
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 1:
+        raise InvalidInputError(f"--threads {threads} must be >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _add_heartbeat_options(parser: argparse.ArgumentParser) -> None:
+    from autobatch.tuning.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
+
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=HEARTBEAT_INTERVAL,
+        metavar="SECONDS",
+        help=f"how often a running trial reports it is alive (default: {HEARTBEAT_INTERVAL})",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=GRACE_PERIOD,
+        metavar="SECONDS",
+        help="after how long without a heartbeat a trial's worker counts as dead, and the "
+        f"trial runs again (default: {GRACE_PERIOD})",
+    )
+
+
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads per worker (default: 1 for CPU workers started by --workers, "
+        "else torch's default)",
+    )
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -312,7 +374,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         from autobatch.tracking.background import prestart
 
         prestart()
-    from autobatch.tracking.report import Report, format_report
     from autobatch.tuning import tune
 
     budget = _memory_budget(args)
@@ -322,8 +383,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         from autobatch.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    workers = args.workers or (len(args.devices) if args.devices else 1)
+    if args.threads is not None and workers == 1:
+        _set_threads(args.threads)
     result = tune(
         task,
+        workers=workers,
+        target=args.target,
+        devices=args.devices,
+        threads=args.threads,
+        verbose=args.verbose,
         n_trials=args.n_trials,
         timeout=args.timeout,
         max_epochs=args.max_epochs,
@@ -341,10 +410,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri,
         experiment=args.experiment,
         progress=not args.json,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return EXIT_OK
+    print(_result_text(result, tracking_uri))
+    return EXIT_OK
+
+
+def _result_text(result: Any, tracking_uri: str | None) -> str:
+    """The trial table, the study's whereabouts and, last, the recommendation."""
+    from autobatch.tracking.report import Report, format_report
+
     report = Report(
         recommendation=result.recommendation(),
         trials=tuple(result.table()),
@@ -355,24 +434,102 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     )
     text = format_report(report).splitlines()
     recommendation = [line for line in text if line.startswith(("Recommendation", "Warning"))]
-    print("\n".join(line for line in text if line not in recommendation))
+    lines = [line for line in text if line not in recommendation]
+    settings = result.settings
     if result.target_loss is not None:
-        print(
-            f"Target: validation loss <= {result.target_loss:.4f} x "
-            f"(1 + {result.settings.tolerance:g})"
+        lines.append(
+            f"Target: validation loss <= {result.target_loss:.4f} x (1 + {settings.tolerance:g})"
         )
-    print(
-        f"Study: {result.settings.study_name} in {result.settings.storage} "
-        "(run the same command to add trials)"
+    lines.append(
+        f"Study: {settings.study_name} in {settings.storage}, {len(result.trials)} trials finished "
+        f"(n_trials {settings.n_trials}); to add trials, run the same command with a larger "
+        "--n-trials"
     )
     if result.mlflow_run_id:
         from autobatch.tracking import mlflow_ui_command
 
-        print(
-            f"MLflow: parent run {result.mlflow_run_id}; review with: "
-            f"{mlflow_ui_command(tracking_uri)}"
-        )
-    print("\n".join(recommendation))
+        if tracking_uri is not None:
+            lines.append(
+                f"MLflow: study run {result.mlflow_run_id}; review with: "
+                f"{mlflow_ui_command(tracking_uri)}"
+            )
+    lines += recommendation
+    return "\n".join(lines)
+
+
+# -- worker -------------------------------------------------------------------------------
+
+
+def _add_worker_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from autobatch.tuning.storage import GRACE_PERIOD
+
+    parser = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run trials of a study started by 'autobatch tune', from any machine",
+        description="Join a study that 'autobatch tune' prepared (same TARGET, --storage and "
+        "--study-name) and run its trials until it has its n_trials. Start one per GPU, on as "
+        "many machines as you like: they share the study through the storage (a PostgreSQL "
+        f"server across machines). A worker that dies is noticed within {GRACE_PERIOD} s and "
+        "its trial runs again.",
+    )
+    _add_target_argument(parser)
+    parser.add_argument(
+        "--storage", required=True, metavar="URL", help="the study's Optuna storage URL"
+    )
+    parser.add_argument(
+        "--study-name", metavar="NAME", help="study name (default: autobatch-<task name>)"
+    )
+    parser.add_argument(
+        "--device", help="device to run on: cuda, cuda:1, mps, xpu or cpu (default: the task's)"
+    )
+    _add_threads_option(parser)
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop starting new trials after this"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for the study to be prepared (default: 600)",
+    )
+    parser.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the study's)"
+    )
+    parser.add_argument(
+        "--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--quiet", action="store_true", help="print nothing when done (errors still go to stderr)"
+    )
+    _add_heartbeat_options(parser)
+    parser.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        _set_threads(args.threads)
+    from autobatch.tuning import join_study
+
+    task = _load(args)
+    result = join_study(
+        task,
+        storage=args.storage,
+        study_name=args.study_name,
+        timeout=args.timeout,
+        wait=args.wait,
+        mlflow=args.mlflow,
+        tracking_uri=args.tracking_uri,
+        progress=not (args.json or args.quiet),
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    elif not args.quiet:
+        print(_result_text(result, None))
     return EXIT_OK
 
 
@@ -443,6 +600,7 @@ def _cmd_examples(args: argparse.Namespace) -> int:
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
     _add_probe_parser,
     _add_tune_parser,
+    _add_worker_parser,
     _add_report_parser,
     _add_examples_parser,
 )

@@ -45,11 +45,15 @@ def _healthy(url: str) -> bool:
 
 
 class MlflowServer:
-    """``mlflow server`` with a SQLite store and artifacts uploaded over HTTP, in ``directory``."""
+    """``mlflow server`` with artifacts uploaded over HTTP, in ``directory``, and its runs in
+    ``backend_store_uri`` (by default a SQLite file there)."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, backend_store_uri: str | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.directory / 'mlflow.db'}"
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.directory / "server.log"
@@ -62,7 +66,7 @@ class MlflowServer:
             "mlflow",
             "server",
             "--backend-store-uri",
-            f"sqlite:///{self.directory / 'mlflow.db'}",
+            self.backend_store_uri,
             "--serve-artifacts",
             "--artifacts-destination",
             str(self.directory / "artifacts"),

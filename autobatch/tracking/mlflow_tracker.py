@@ -544,6 +544,8 @@ class MlflowTracker:
         parent = self.parent_run_id
 
         def finish() -> None:
+            if self._client.get_run(parent).info.status != "RUNNING":
+                return  # a worker elsewhere ended the study
             self._log(parent, tags={"interrupted": str(reason)[:_TAG_LIMIT]})
             self._client.set_terminated(parent, "KILLED")
 

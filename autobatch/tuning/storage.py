@@ -13,11 +13,12 @@ not count.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,11 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from autobatch.errors import InvalidInputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; creation races stay possible there
+    fcntl = None
 from autobatch.records import ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking.redact import redact_url
 
@@ -44,6 +50,7 @@ COUNTED = "autobatch_counted"
 ROLE = "autobatch_role"
 RUN_ID = "mlflow_run_id"
 REASON = "reason"
+WORKER = "autobatch_worker"
 
 SPACE_KEYS = ("objective", "lr_rule", "lr_multiplier_range", "candidates", "max_epochs", "seed")
 
@@ -89,7 +96,7 @@ def open_storage(
         return optuna.storages.InMemoryStorage()
     try:
         if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
-            with warnings.catch_warnings():
+            with _creation_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     url,
@@ -98,6 +105,11 @@ def open_storage(
                     heartbeat_stale_trial_callback=StaleTrials(),
                 )
         return optuna.storages.get_storage(url)
+    except OSError as exc:  # the SQLite file or its folder
+        raise InvalidInputError(
+            f"cannot write the study storage {redact_url(url)} ({exc.strerror or exc}); run "
+            "where you can write files, or give --storage a path you can write to"
+        ) from None
     except ImportError as exc:
         raise InvalidInputError(
             f"cannot open the study storage {redact_url(url)}: its database driver is not "
@@ -110,6 +122,28 @@ def open_storage(
             f"{str(exc).splitlines()[0][:200]}; check the URL (e.g. sqlite:///autobatch.db) "
             "and that the database server is running"
         ) from None
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock on a SQLite file while Optuna opens it: two processes creating
+    its tables at once break the file (a duplicate ``alembic_version`` row)."""
+    prefix = "sqlite:///"
+    path = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
+    if not path or path.startswith(":memory:") or fcntl is None:
+        yield
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InvalidInputError(
+            f"cannot create the study storage {redact_url(url)}: folder {folder} does not exist"
+        )
+    with open(path, "ab") as handle:  # an empty file is an empty SQLite database
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def stale_listeners(study: optuna.Study) -> list[Callable[[FrozenTrial], None]] | None:

@@ -59,6 +59,11 @@ def tune(
     progress: bool = False,
     heartbeat_interval: int = HEARTBEAT_INTERVAL,
     grace_period: int = GRACE_PERIOD,
+    workers: int = 1,
+    target: str | None = None,
+    devices: Sequence[str] | None = None,
+    threads: int | None = None,
+    verbose: int = 0,
 ) -> TuneResult:
     """Recommend a batch size, epoch count and learning rate for ``task``.
 
@@ -82,12 +87,30 @@ def tune(
     slow the trials; ``result.mlflow_run_id`` is the study's run. ``observers`` receive every
     event as it happens (see :class:`TuneObserver`).
 
+    With ``workers`` > 1 the trials run in that many ``autobatch worker`` processes on this
+    machine, sharing the study through ``storage``; each builds the task from ``target`` (as
+    the CLI names it, e.g. ``"mypackage.tasks:make_task"``) on its device (``devices`` in
+    turn; by default every visible GPU in turn, or the task's device with ``threads`` torch
+    threads each, 1 on the CPU).
+
     Example::
 
         from autobatch.examples import digits
         result = tune(digits(), n_trials=8, max_epochs=5, mlflow=False)
         print(result.batch_size, result.epochs, result.lr)
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InvalidInputError(f"workers={workers!r} must be an integer >= 1")
+    if workers > 1 and not target:
+        raise InvalidInputError(
+            f"workers={workers} needs target='package.module:function' (or a built-in "
+            "example's name), so that each worker process can build the task"
+        )
+    if workers > 1 and (storage is None or ":memory:" in storage):
+        raise InvalidInputError(
+            f"workers={workers} needs a study storage the workers share, e.g. "
+            "storage='sqlite:///autobatch.db' (this machine) or 'postgresql://user@host/db'"
+        )
     prepared = preparing.prepare(
         task,
         n_trials=n_trials,
@@ -117,6 +140,23 @@ def tune(
     try:
         for note in prepared.notes:
             log.warning(note)
+        if workers > 1:
+            from autobatch.tuning.launch import run_workers, worker_devices
+
+            return run_workers(
+                target,
+                prepared,
+                storage_url=storage,
+                devices=worker_devices(task.device, workers, devices),
+                threads=threads or (1 if task.device.type == "cpu" else None),
+                mlflow=mlflow,
+                tracking_uri=tracking_uri,
+                timeout=timeout,
+                progress=progress,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                verbose=verbose,
+            )
         worker = Worker(
             task,
             prepared.study,

@@ -287,6 +287,7 @@ class Worker:
         settings = self.settings
         if trial.user_attrs.get(storage.RUN_ID):  # a rerun of a dead worker's trial
             trial.set_user_attr(storage.RUN_ID, None)
+        trial.set_user_attr(storage.WORKER, self.name)  # who runs it, while it runs
         record = TrialRecord(
             number=trial.number,
             state=RUNNING,

@@ -1,0 +1,230 @@
+"""Many workers on one study, as on a cluster: real PostgreSQL storage, a real MLflow server on
+PostgreSQL, real worker processes, one of them SIGKILLed mid-trial.
+
+Each test runs the ``autobatch`` command in subprocesses and checks the study through Optuna
+and MLflow's own clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from autobatch import InvalidInputError, join_study, tune
+from autobatch.examples import digits
+from autobatch.tuning import recommend
+from autobatch.tuning.storage import HOST, RECORD, ROLE, RUN_ID, WORKER, counts
+
+try:  # tests/ on sys.path (pytest's default rootdir import mode)
+    from mlflow_server import MlflowServer
+    from postgres import postgres_fixture  # noqa: F401  (found by name)
+except ImportError:  # pragma: no cover
+    from tests.mlflow_server import MlflowServer
+    from tests.postgres import postgres_fixture  # noqa: F401
+
+STUDY = "autobatch-digits"
+QUICK = ["--max-epochs", "2", "--batch-sizes", "16,32,64,128"]
+
+pytestmark = pytest.mark.slow
+
+
+def _autobatch(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autobatch", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _trials(storage: str, name: str = STUDY) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def _finished(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state.is_finished() and counts(t)]
+
+
+def _runs(client: MlflowClient, experiment: str = STUDY):
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {int(r.data.tags["trial_number"]): r for r in runs if r not in parents}
+    return parents, children
+
+
+def _slow_target(folder: Path) -> str:
+    """A TARGET whose trials take a few seconds: digits with a short sleep in every step."""
+    (folder / "slow_digits.py").write_text(
+        textwrap.dedent(
+            """
+            import dataclasses, time
+            import torch
+            from autobatch.examples import digits
+
+            def step(model, batch):
+                time.sleep(0.004)
+                inputs, targets = batch
+                return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+            def task():
+                return dataclasses.replace(digits(), step=step, name="slow-digits")
+            """
+        )
+    )
+    return "slow_digits.py:task"
+
+
+def test_workers_share_one_study_and_one_mlflow_run(postgres, tmp_path: Path) -> None:
+    """The issue's check: --workers on PostgreSQL ends with exactly n_trials finished, none
+    RUNNING, each seeded trial run once, and one MLflow run with a child per trial."""
+    storage = postgres()
+    server = MlflowServer(tmp_path / "mlflow", backend_store_uri=postgres())
+    url = server.start()
+    try:
+        done = _autobatch(
+            "tune", "digits", "--workers", "3", "--n-trials", "8", "--storage", storage,
+            "--tracking-uri", url, *QUICK, "--json", cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        trials = _trials(storage)
+        assert TrialState.RUNNING not in {t.state for t in trials}
+        finished = _finished(trials)
+        assert len(finished) == 8
+        roles = sorted(t.user_attrs[ROLE] for t in finished if t.user_attrs.get(ROLE))
+        assert roles == ["baseline", "ceiling", "middle"]
+        workers = {t.user_attrs[RECORD]["worker"] for t in finished}
+        assert len(workers) >= 2  # the trials were shared
+
+        parents, children = _runs(MlflowClient(url))
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert sorted(children) == sorted(t.number for t in finished)
+        assert "RUNNING" not in {c.info.status for c in children.values()}
+        assert parents[0].data.tags["recommended_batch_size"]
+
+        # The same recommendation, whoever reads it.
+        printed = json.loads(done.stdout)
+        here = recommend(storage, STUDY).recommendation()
+        assert here == {key: printed[key] for key in here}
+        report = _autobatch("report", "--storage", storage, "--study-name", STUDY, "--json",
+                            cwd=tmp_path)  # fmt: skip
+        assert report.returncode == 0, report.stderr[-2000:]
+        assert json.loads(report.stdout)["recommendation"] == here
+    finally:
+        server.stop()
+
+
+def test_a_killed_worker_s_trial_is_failed_and_run_again(postgres, tmp_path: Path) -> None:
+    storage = postgres()
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    target = _slow_target(tmp_path)
+    study = "autobatch-slow-digits"
+    tuning = subprocess.Popen(
+        [
+            sys.executable, "-m", "autobatch", "tune", target, "--workers", "2",
+            "--n-trials", "6", "--storage", storage, "--tracking-uri", tracking,
+            "--heartbeat-interval", "1", "--grace-period", "3", "--max-epochs", "3",
+            "--batch-sizes", "16,32,64", "--json",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        victim = None
+        deadline = time.monotonic() + 240
+        while victim is None and time.monotonic() < deadline and tuning.poll() is None:
+            try:
+                running = [
+                    t
+                    for t in _trials(storage, study)
+                    if t.state == TrialState.RUNNING
+                    and t.user_attrs.get(WORKER)
+                    and t.user_attrs.get(ROLE) != "baseline"
+                ]
+            except KeyError:  # not created yet
+                running = []
+            victim = running[0] if running else None
+            time.sleep(0.1)
+        assert victim is not None, "no trial ran in a worker"
+        os.kill(int(victim.user_attrs[WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
+        out, err = tuning.communicate(timeout=300)
+    finally:
+        if tuning.poll() is None:
+            tuning.kill()
+    assert tuning.returncode == 0, err[-3000:]
+    assert "worker 0 exited with code -9" in out or "worker 1 exited with code -9" in out
+
+    trials = _trials(storage, study)
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and RECORD not in killed.user_attrs
+    rerun = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(rerun) == 1 and rerun[0].state.is_finished()
+    assert rerun[0].params == killed.params
+    assert len(_finished(trials)) == 6
+
+    # Its MLflow run was ended (by the dead worker's logging process or by the survivor).
+    client = MlflowClient(tracking)
+    dead_run = client.get_run(killed.user_attrs[RUN_ID])
+    deadline = time.monotonic() + 30
+    while dead_run.info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        dead_run = client.get_run(killed.user_attrs[RUN_ID])
+    assert dead_run.info.status == "KILLED"
+    parents, _ = _runs(client, study)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_two_tunes_at_once_on_a_new_sqlite_study_run_n_trials_in_all(tmp_path: Path) -> None:
+    """The first creates the file and the study, the second joins it: nothing breaks and the
+    trials are shared, n_trials in all."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    command = [
+        sys.executable, "-m", "autobatch", "tune", "digits", "--n-trials", "6",
+        "--storage", storage, "--no-mlflow", *QUICK, "--json",
+    ]  # fmt: skip
+    both = [
+        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in both]
+    for process, (_, err) in zip(both, results, strict=True):
+        assert process.returncode == 0, err.decode()[-3000:]
+    trials = _trials(storage)
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    finished = _finished(trials)
+    assert len(finished) == 6
+    assert sorted(t.user_attrs[ROLE] for t in finished if t.user_attrs.get(ROLE)) == [
+        "baseline",
+        "ceiling",
+        "middle",
+    ]
+    answers = [json.loads(out)["batch_size"] for out, _ in results]
+    assert answers[0] == answers[1]
+
+
+def test_joining_checks_the_study_and_the_task(tmp_path: Path, monkeypatch) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    task = digits()
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        join_study(task, storage=storage, study_name="nope", wait=0.5, mlflow=False)
+    tune(task, n_trials=1, max_epochs=1, candidates=[32], storage=storage, mlflow=False)
+    other = digits(seed=1)
+    other.name = "other"
+    with pytest.raises(InvalidInputError, match="not the one study"):
+        join_study(other, storage=storage, study_name=STUDY, mlflow=False)
+    optuna.load_study(study_name=STUDY, storage=storage).set_user_attr(HOST, "far-away")
+    with pytest.raises(InvalidInputError, match="prepared on far-away"):
+        join_study(task, storage=storage, mlflow=False)
