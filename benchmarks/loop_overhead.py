@@ -141,24 +141,30 @@ def measure_mlflow(repeats: int, epochs: int) -> dict:
     from autobatch.tracking import BackgroundTracker, MlflowTracker
 
     task, batch_size = blobs(), 64
-    walls: dict[str, list[float]] = {"none": [], "in-process": [], "background process": []}
+    modes = ("none", "in-process", "in-process async", "background process")
+    walls: dict[str, list[float]] = {mode: [] for mode in modes}
     hooks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         background = BackgroundTracker(f"sqlite:///{tmp}/background.db", experiment="overhead")
         startup = time.perf_counter() - start
+        # MLflow's own asynchronous logging: log_batch queued on its logging thread; creating
+        # and ending a run stay synchronous (MLflow has no asynchronous form of them).
+        queued = MlflowTracker(f"sqlite:///{tmp}/async.db", "overhead")
+        queued.synchronous = False
         trackers = {
             "in-process": _Timed(MlflowTracker(f"sqlite:///{tmp}/inprocess.db", "overhead")),
+            "in-process async": _Timed(queued),
             "background process": _Timed(background),
         }
         for tracker in trackers.values():
             tracker.study_started(_settings(task, batch_size, epochs, repeats), None)
         study = optuna.create_study()
-        modes = list(walls)
         for i in range(repeats):
             # Each mode takes each place in the order equally often: the place alone moves a
             # trial's time by several percent on a shared CPU.
-            for name in modes[i % 3 :] + modes[: i % 3]:
+            turn = i % len(modes)
+            for name in modes[turn:] + modes[:turn]:
                 if name == "none":
                     walls[name].append(trial_loop(task, batch_size, epochs)[1])
                     continue
@@ -179,6 +185,9 @@ def measure_mlflow(repeats: int, epochs: int) -> dict:
         for name, tracker in trackers.items():
             hooks[name] = tracker.seconds / repeats
             tracker.study_interrupted("benchmark over")
+        import mlflow
+
+        mlflow.flush_async_logging()
     base = statistics.median(walls["none"])
     rows = [
         dict(
@@ -267,16 +276,17 @@ def main() -> None:
                 f"{r['tracker']:<20} {r['wall']:>12.3f} {r['overhead']:>+8.1%} "
                 f"{r['hook_ms']:>18.2f} {r['hook_ms'] / 1000 / r['wall']:>7.2%}"
             )
-        ours = next(r for r in m["rows"] if r["tracker"] == "background process")
-        share = ours["hook_ms"] / 1000 / ours["wall"]
         # The share of the trial the training thread spends in logging calls is the measure:
         # medians of trial wall time still move by a few percent between runs on a shared
         # CPU, as much as the effect, so they are shown, not judged.
-        verdict = "MET" if share <= 0.02 else "MISSED"
+        for name in ("in-process async", "background process"):
+            row = next(r for r in m["rows"] if r["tracker"] == name)
+            share = row["hook_ms"] / 1000 / row["wall"]
+            verdict = "MET" if share <= 0.02 else "MISSED"
+            print(f"{name}: {share:.2%} of the trial in logging calls (target <= 2%): {verdict}")
         print(
-            f"tune's logging (background process): {share:.2%} of the trial in logging calls "
-            f"(target <= 2%): {verdict}; its start took {m['startup']:.2f} s, once per study, "
-            "during the probe and first trial"
+            f"the logging process's start took {m['startup']:.2f} s, once per study, during "
+            "the probe and first trial"
         )
         s = measure_study(max(3, args.repeats // 3))
         print(

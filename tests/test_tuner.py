@@ -231,3 +231,12 @@ def test_a_given_target_still_prunes(task):
     # depends on timing, so that is not asserted here).
     assert result.study.pruner.min_resource_ms == pruning_scale_ms(result.trials)
     assert pruning_scale_ms(result.trials) == max(1, int(baseline.train_seconds * 1000 / 5))
+
+
+@pytest.mark.slow
+def test_a_trial_that_reached_the_target_is_never_pruned(task):
+    # Every trial is under this target at its first evaluation: its score is known, so
+    # halving never stops it (it ends when its curve levels off).
+    result = tune(task, n_trials=8, target_loss=5.0, seed=1, **{**FAST, "max_epochs": 4})
+    assert len(result.trials) == 8
+    assert all(t.state == COMPLETE and t.time_to_target is not None for t in result.trials)

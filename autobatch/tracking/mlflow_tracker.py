@@ -266,6 +266,9 @@ class MlflowTracker:
     cost_factor = 100.0
     #: HTTP settings after the first contact: one quick retry for a blip, then give up.
     retries, timeout = 1, 15
+    #: ``log_batch`` waits for the store; False queues it on MLflow's own logging thread
+    #: (measured against the logging process in benchmarks/loop_overhead.py --mlflow).
+    synchronous = True
 
     def __init__(self, tracking_uri: str, experiment: str | None = None) -> None:
         self._client = open_client(tracking_uri)  # first: a wrong URI fails at once
@@ -595,7 +598,7 @@ class MlflowTracker:
                 metrics=metric_list[i * _BATCH_METRICS : (i + 1) * _BATCH_METRICS],
                 params=param_list[i * _BATCH_PARAMS : (i + 1) * _BATCH_PARAMS],
                 tags=tag_list[i * _BATCH_PARAMS : (i + 1) * _BATCH_PARAMS],
-                synchronous=True,
+                synchronous=self.synchronous,
             )
 
     def _final_status(self, record: TrialRecord) -> str:

@@ -14,13 +14,40 @@ trial that already reached the target (its score is known).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import optuna
 
 from autobatch.tuning import scoring, storage
 
+#: Each rung keeps the best third of the trials that reach it, and lies three times further.
+REDUCTION_FACTOR = 3
+
+
+@dataclass
+class Rungs:
+    """The training times at which a trial is compared: ``first_ms`` times a power of the
+    reduction factor. A worker reports and asks the pruner only there."""
+
+    first_ms: int | None
+    reduction_factor: int = REDUCTION_FACTOR
+    asked_ms: int = 0
+
+    def due(self, step_ms: int) -> bool:
+        """True when a rung lies after the last step asked about, at or before ``step_ms``."""
+        if self.first_ms is None:
+            return False
+        rung = self.first_ms
+        while rung <= self.asked_ms:
+            rung *= self.reduction_factor
+        if step_ms < rung:
+            return False
+        self.asked_ms = step_ms
+        return True
+
 
 class TimeHalvingPruner(optuna.pruners.BasePruner):
-    def __init__(self, reduction_factor: int = 3) -> None:
+    def __init__(self, reduction_factor: int = REDUCTION_FACTOR) -> None:
         self.reduction_factor = reduction_factor
         self._inner: optuna.pruners.SuccessiveHalvingPruner | None = None
 

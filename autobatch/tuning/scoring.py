@@ -39,7 +39,6 @@ class Score:
     """A finished trial judged against a target."""
 
     values: tuple[float, ...]  # what Optuna is told: one value, or (time, loss) for pareto
-    constraint: float  # best loss minus the level to reach: <= 0 when the target was reached
     time_to_target: float | None  # seconds on the reference hardware
     samples_to_target: int | None
 
@@ -93,7 +92,7 @@ def score(
     if target is None:
         if settings.objective != "loss":
             return None
-        return Score((best,), 0.0, None, None)
+        return Score((best,), None, None)
     level = curves.threshold(target, settings.tolerance)
     smoothed = [p.val_loss_smoothed for p in record.curve]
     hit = curves.first_reaching(smoothed, level)
@@ -106,7 +105,7 @@ def score(
         # Among misses, the closer one ranks first; every miss ranks after every hit.
         speed = MISS_OFFSET + (best - level) / max(abs(level), 1e-12)
     values = {"time": (speed,), "loss": (best,), "pareto": (speed, best)}[settings.objective]
-    return Score(values, best - level, time, samples)
+    return Score(values, time, samples)
 
 
 def rescore(records: Sequence[TrialRecord], settings: StudySettings) -> list[TrialRecord]:

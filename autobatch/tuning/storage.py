@@ -96,14 +96,19 @@ def open_storage(
         return optuna.storages.InMemoryStorage()
     try:
         if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+            sqlite = url.startswith("sqlite:")
             with _creation_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                opened = optuna.storages.RDBStorage(
                     url,
+                    engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else None,
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=StaleTrials(),
                 )
+            if sqlite and ":memory:" not in url:
+                _fast_sqlite(opened.engine)
+            return opened
         return optuna.storages.get_storage(url)
     except OSError as exc:  # the SQLite file or its folder
         raise InvalidInputError(
@@ -122,6 +127,22 @@ def open_storage(
             f"{str(exc).splitlines()[0][:200]}; check the URL (e.g. sqlite:///autobatch.db) "
             "and that the database server is running"
         ) from None
+
+
+def _fast_sqlite(engine: Any) -> None:
+    """Write-ahead logging, synced at checkpoints: a commit costs a fraction of a millisecond
+    instead of a sync to disk, and readers never block the workers' writes. A crash of the
+    process loses nothing; a power cut may lose the last commits."""
+    import sqlalchemy
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    sqlalchemy.event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections opened while creating the tables reconnect with them
 
 
 @contextlib.contextmanager

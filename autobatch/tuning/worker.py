@@ -51,6 +51,7 @@ from autobatch.training import TrainStep, build
 from autobatch.tuning import curves, scoring, storage
 from autobatch.tuning.loop import StopTrial, TrialFailed, synchronizer, train
 from autobatch.tuning.progress import Progress
+from autobatch.tuning.pruner import REDUCTION_FACTOR, Rungs
 from autobatch.tuning.recommendation import recommend
 from autobatch.tuning.space import scale_lr
 
@@ -180,19 +181,26 @@ class Worker:
         done = 0
         stopped = "complete"
         waiting_for: tuple[int, ...] = ()
+        ended_one = False  # a trial of this worker ended since the last look at the study
         try:
             while True:
                 storage.fail_stale_trials(self.study)
-                self.settings = storage.settings_of(self.study) or self.settings
-                n_trials = self.settings.n_trials
                 trials = self.study.get_trials(deepcopy=False)
                 state = storage.progress(trials)
                 if self.progress and self._bar is None:
-                    self._bar = Progress(n_trials, state.finished)
+                    self._bar = Progress(self.settings.n_trials, state.finished)
                 if self._bar is not None:
                     self._bar.finished_elsewhere(state.finished)
-                if state.complete(n_trials):
-                    break
+                if state.complete(self.settings.n_trials) or ended_one is None:
+                    # Done, unless a rerun of ``tune`` raised n_trials meanwhile.
+                    self.settings = storage.settings_of(self.study) or self.settings
+                    if state.complete(self.settings.n_trials):
+                        # The study's end is reported once: by the worker(s) whose trial
+                        # completed it (one, unless two ended at the same moment).
+                        self._completed_here = ended_one is True
+                        break
+                n_trials = self.settings.n_trials
+                ended_one = False
                 if self.timeout is not None and time.monotonic() - start >= self.timeout:
                     stopped = "timeout"
                     break
@@ -208,6 +216,7 @@ class Worker:
                     and scoring.reference(records) is None
                 )
                 if full or serial:
+                    ended_one = None  # waiting: look at n_trials again next time
                     running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
                     if running != waiting_for:
                         waiting_for = running
@@ -218,7 +227,9 @@ class Worker:
                         )
                     time.sleep(self.poll_seconds)
                     continue
-                done += self._one_trial()
+                counted = self._one_trial()
+                done += counted
+                ended_one = bool(counted)
         except KeyboardInterrupt:
             self.observers.study_interrupted("interrupted by the user")
             finished = storage.progress(self.study.get_trials(deepcopy=False)).finished
@@ -232,12 +243,11 @@ class Worker:
                 self._bar = None
             if listeners is not None and self._abandoned in listeners:
                 listeners.remove(self._abandoned)
-        trials = self.study.get_trials(deepcopy=False)
-        state = storage.progress(trials)
+        if stopped != "complete":
+            state = storage.progress(self.study.get_trials(deepcopy=False))
         complete = state.complete(self.settings.n_trials)
         result = None
-        # The study's end is reported once: by the worker whose trial completed it or, when
-        # workers stop on their own (timeout), by whichever stops last.
+        # Workers that stop on their own (timeout) leave the end to whichever stops last.
         if self._completed_here or (not complete and state.running == 0 and state.finished):
             result = recommend(self.study, notes=self.notes)
             self.observers.study_finished(result)
@@ -274,16 +284,20 @@ class Worker:
             multiplier = float(
                 trial.suggest_float("lr_multiplier", *settings.lr_multiplier_range, log=True)
             )
-            if size in scoring.infeasible_sizes(storage.records(trials)):
+            records = storage.records(trials)
+            if size in scoring.infeasible_sizes(records):
                 self._skip(trial, size)
                 return 0
-            return self._train(trial, size, multiplier)
+            return self._train(trial, size, multiplier, records)
 
     def _base_size(self) -> int:
         base = self.settings.base_batch_size
         return min(self.settings.candidates, key=lambda s: abs(s - base))
 
-    def _train(self, trial: optuna.Trial, size: int, multiplier: float) -> int:
+    def _train(
+        self, trial: optuna.Trial, size: int, multiplier: float, records: list[TrialRecord]
+    ) -> int:
+        """Train the trial; ``records``: the study's finished trials when it started."""
         settings = self.settings
         if trial.user_attrs.get(storage.RUN_ID):  # a rerun of a dead worker's trial
             trial.set_user_attr(storage.RUN_ID, None)
@@ -305,9 +319,9 @@ class Worker:
             reference_step_seconds=self._step_seconds,
             started_ms=int(time.time() * 1000),
         )
-        records = storage.records(self.study.get_trials(deepcopy=False))
         factor = scoring.speed_factor(record, scoring.reference(records))
         target = scoring.target_loss(records, settings)
+        rungs = Rungs(scoring.pruning_scale_ms(records), REDUCTION_FACTOR)
         level = None if target is None else curves.threshold(target, settings.tolerance)
         self.observers.trial_started(trial, record)
         bar = self._bar
@@ -328,15 +342,18 @@ class Worker:
                 bar.evaluated(point)
             if objective == "pareto":
                 return
-            last_step = max(last_step + 1, int(point.seconds * factor * 1000))
-            trial.report(point.val_loss_smoothed, step=last_step)
             smoothed = [p.val_loss_smoothed for p in points]
-            reached = level is not None and curves.first_reaching(smoothed, level) is not None
-            # Asked even when the answer is ignored: asking registers this trial's loss at the
-            # rung, so later trials are compared with it.
-            if trial.should_prune() and prunable and not reached:
-                pruned = True
-                raise StopTrial
+            step = max(last_step + 1, int(point.seconds * factor * 1000))
+            # Reported and asked at the rungs only, where halving compares trials: two storage
+            # requests per rung instead of per evaluation. Asked even when the answer is
+            # ignored: asking registers this trial's loss at the rung for later trials.
+            if rungs.due(step):
+                last_step = step
+                trial.report(point.val_loss_smoothed, step=step)
+                reached = level is not None and curves.first_reaching(smoothed, level) is not None
+                if trial.should_prune() and prunable and not reached:
+                    pruned = True
+                    raise StopTrial
             if objective == "time" and level is not None and curves.plateaued(smoothed, level):
                 raise StopTrial
 
@@ -378,27 +395,27 @@ class Worker:
             state, reason = PRUNED, PRUNED_REASON
         record = _measured(record, points, run, state, reason, settings)
         if state == COMPLETE:
-            self._tell_complete(trial, record)
+            if target is None:  # the reference trial, or one run beside it: read it now
+                records = storage.records(self.study.get_trials(deepcopy=False))
+            self._tell_complete(trial, record, records)
         else:
             self._finish(trial, record)
-        finished = storage.progress(self.study.get_trials(deepcopy=False))
-        self._completed_here = finished.complete(settings.n_trials)
         return 1
 
-    def _tell_complete(self, trial: optuna.Trial, record: TrialRecord) -> None:
-        """Judge the trial by the current target and tell Optuna."""
-        records = [*storage.records(self.study.get_trials(deepcopy=False)), record]
+    def _tell_complete(
+        self, trial: optuna.Trial, record: TrialRecord, records: list[TrialRecord]
+    ) -> None:
+        """Judge the trial by the target and tell Optuna."""
+        records = [*records, record]
         ref = scoring.reference(records)
         target = scoring.target_loss(records, self.settings)
         judged = scoring.score(record, self.settings, target, scoring.speed_factor(record, ref))
         if judged is None:  # no target yet: only when the reference trial ran elsewhere
             judged = scoring.Score(
                 (scoring.MISS_OFFSET,) * (2 if self.settings.objective == "pareto" else 1),
-                0.0,
                 None,
                 None,
             )
-        trial.set_constraint("final_loss", judged.constraint)
         record = replace(
             record,
             value=judged.values[0],
@@ -439,11 +456,10 @@ class Worker:
 
     def _skip(self, trial: optuna.Trial, size: int) -> None:
         """A batch size known not to fit: no training, not counted. Told as the worst possible
-        result, with its constraint violated, so the sampler learns to avoid the size (a failed
-        trial would be ignored by TPE and proposed again and again)."""
+        result, so the sampler learns to avoid the size (a failed trial would be ignored by TPE
+        and proposed again and again)."""
         trial.set_user_attr(storage.COUNTED, False)
         trial.set_user_attr(storage.REASON, f"batch size {size} is known to be infeasible")
-        trial.set_constraint("final_loss", scoring.INFEASIBLE_VALUE)
         worst = [scoring.INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
         self.study.tell(trial, worst if len(worst) > 1 else worst[0])
 

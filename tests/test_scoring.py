@@ -1,0 +1,155 @@
+"""How trials are judged, on constructed records: misses against hits, the reference trial,
+hardware of different speeds, and the pruner's rungs."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from autobatch.records import (
+    BASELINE,
+    COMPLETE,
+    FAILED,
+    INFEASIBLE,
+    EvalPoint,
+    StudySettings,
+    TrialRecord,
+)
+from autobatch.tuning import scoring
+from autobatch.tuning.pruner import TimeHalvingPruner
+from autobatch.tuning.storage import RECORD
+
+
+def settings(**changes) -> StudySettings:
+    values = dict(
+        study_name="s", storage="in-memory", objective="time", lr_rule="sqrt",
+        lr_multiplier_range=(0.25, 4.0), candidates=(16, 64, 256), max_epochs=4.0, n_trials=10,
+        timeout=None, seed=0, sampler="TPESampler", pruner="SuccessiveHalving(training ms)",
+        tolerance=0.05, target_loss=None, task_name="t", device="cpu", precision="fp32",
+        base_lr=0.01, base_batch_size=16, train_size=1000,
+    )  # fmt: skip
+    values.update(changes)
+    return StudySettings(**values)
+
+
+def record(
+    number: int,
+    losses: list[float],
+    seconds_per_eval: float,
+    *,
+    batch_size: int = 64,
+    state: str = COMPLETE,
+    role: str | None = None,
+    device: str = "gpu-a",
+    step_seconds: float | None = 0.01,
+) -> TrialRecord:
+    """A trial whose smoothed validation loss takes ``losses``, one evaluation every
+    ``seconds_per_eval`` training seconds."""
+    curve = tuple(
+        EvalPoint(
+            samples=500 * (i + 1),
+            seconds=seconds_per_eval * (i + 1),
+            epoch=0.5 * (i + 1),
+            train_loss=loss,
+            val_loss=loss,
+            val_loss_smoothed=loss,
+            val_accuracy=None,
+            samples_per_second=1.0,
+            peak_memory_bytes=None,
+            timestamp_ms=0,
+        )  # fmt: skip
+        for i, loss in enumerate(losses)
+    )
+    return TrialRecord(
+        number=number, state=state, batch_size=batch_size, lr=0.01, lr_multiplier=1.0,
+        lr_rule="sqrt", iterations_per_epoch=1, max_epochs=4.0, seed=0, curve=curve,
+        train_seconds=seconds_per_eval * len(losses), best_val_loss=min(losses) if losses else None,
+        role=role, device_name=device, reference_step_seconds=step_seconds,
+    )  # fmt: skip
+
+
+BASE = record(0, [2.0, 1.0, 0.5, 0.4], 10.0, batch_size=16, role=BASELINE)  # target 0.4
+
+
+def test_a_miss_never_scores_better_than_a_hit() -> None:
+    slow_hit = record(1, [1.5, 0.8, 0.5, 0.41], 30.0)  # reaches 0.42 after 120 s
+    fast_miss = record(2, [1.2, 0.9], 0.5, batch_size=256)  # 1 s of training, never gets there
+    records = [BASE, slow_hit, fast_miss]
+    target = scoring.target_loss(records, settings())
+    hit = scoring.score(slow_hit, settings(), target)
+    miss = scoring.score(fast_miss, settings(), target)
+    assert hit.reached and not miss.reached
+    assert miss.values[0] > hit.values[0] > 0
+    # Among misses, the one that came closer ranks first.
+    closer = scoring.score(record(3, [0.6], 0.5), settings(), target)
+    assert hit.values[0] < closer.values[0] < miss.values[0]
+    result = scoring.recommend(records, settings())
+    assert result.best_trial in (0, 1)  # a trial that reached the target, never the miss
+    rescored = {r.number: r for r in result.trials}
+    assert rescored[2].value > rescored[1].value and rescored[2].time_to_target is None
+
+
+def test_the_baseline_fixes_the_target_and_a_failed_one_hands_over() -> None:
+    later = record(1, [1.0, 0.3], 5.0)
+    assert scoring.reference([BASE, later]) is BASE
+    assert scoring.target_loss([BASE, later], settings()) == 0.4
+    assert scoring.target_loss([BASE], settings(target_loss=0.7)) == 0.7
+    assert scoring.reference([later]) is None  # the baseline has not ended
+    diverged = record(0, [2.0, math.inf], 10.0, batch_size=16, state=FAILED, role=BASELINE)
+    assert scoring.reference([diverged, later]) is later
+    assert scoring.pruning_scale_ms([BASE]) == int(40.0 * 1000 / 5)
+
+
+def test_trials_on_other_hardware_are_timed_on_the_reference_clock() -> None:
+    # A worker twice as slow (0.02 s per step at the base batch size against 0.01).
+    twin = record(1, [1.0, 0.41], 10.0, device="gpu-a", step_seconds=0.013)
+    slower = record(2, [1.0, 0.41], 10.0, device="gpu-b", step_seconds=0.02)
+    assert scoring.speed_factor(twin, BASE) == 1.0  # same device name: compared as is
+    assert scoring.speed_factor(slower, BASE) == pytest.approx(0.5)
+    target = scoring.target_loss([BASE], settings())
+    assert scoring.score(slower, settings(), target, 0.5).time_to_target == pytest.approx(10.0)
+    assert scoring.score(twin, settings(), target, 1.0).time_to_target == pytest.approx(20.0)
+    unknown = record(3, [0.41], 10.0, device="gpu-c", step_seconds=None)
+    assert scoring.speed_factor(unknown, BASE) == 1.0
+
+
+def test_objectives_and_infeasible_sizes() -> None:
+    hit = record(1, [1.0, 0.41], 10.0)
+    target = 0.4
+    assert scoring.score(hit, settings(objective="loss"), target).values == (0.41,)
+    pareto = scoring.score(hit, settings(objective="pareto"), target)
+    assert pareto.values == (pytest.approx(20.0), 0.41)
+    oom = record(2, [], 0.0, batch_size=256, state=INFEASIBLE)
+    assert scoring.score(oom, settings(), target) is None
+    assert scoring.infeasible_sizes([hit, oom]) == {256}
+    with pytest.raises(Exception, match="no trial completed"):
+        scoring.recommend([oom], settings())
+
+
+def _pruned_at_first_rung(study: optuna.Study, loss: float, step: int) -> bool:
+    trial = study.ask()
+    trial.report(loss, step=step)
+    decision = trial.should_prune()
+    if decision:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, loss)
+    return decision
+
+
+def test_the_pruner_waits_for_the_reference_and_keeps_a_leading_trial() -> None:
+    study = optuna.create_study(pruner=TimeHalvingPruner())
+    # Before the reference trial has ended, nothing is pruned.
+    assert not _pruned_at_first_rung(study, 5.0, step=100_000)
+    done = study.ask()
+    done.set_user_attr(RECORD, BASE.to_dict())
+    study.tell(done, 0.4)
+    rung = scoring.pruning_scale_ms([BASE])
+    # The first sampled trial to reach the rung, ahead of everyone: kept (Optuna's
+    # bootstrap_count=2 pruned the first two whatever their loss).
+    assert not _pruned_at_first_rung(study, 0.9, step=rung)
+    assert not _pruned_at_first_rung(study, 0.8, step=rung)
+    # One far behind the trials already at that rung: pruned.
+    assert _pruned_at_first_rung(study, 3.0, step=rung)
