@@ -1,7 +1,8 @@
 """One study, one worker against two: what a second worker buys, and what the storage costs.
 
-1. The same 12-trial study of the ``blobs`` example (trials of about a second), run by ``autobatch tune --workers 1`` and
-   by ``--workers 2`` (one torch thread per worker), on SQLite and on PostgreSQL. The figure is
+1. The same 12-trial study of the ``blobs`` example (trials of about a second), run by
+   ``autobatch tune --workers 1`` and by ``--workers 2`` (one torch thread per worker), on
+   SQLite and on PostgreSQL. The figure is
    the study's wall-clock time from its first trial's start to its last trial's end, read from
    the storage, and its ratio 1 worker / 2 workers (target >= 1.7 on a 2-core machine). The
    command's own wall time (process starts, the task's loading and imports) is shown beside it.
@@ -174,8 +175,9 @@ def main() -> None:
         for backend, spans, one, two in rows:
             for workers in (1, 2):
                 runs = spans[workers]
+                span = statistics.median(r["span"] for r in runs)
                 print(
-                    f"{backend:<11} {workers:>7} {statistics.median(r['span'] for r in runs):>8.1f} "
+                    f"{backend:<11} {workers:>7} {span:>8.1f} "
                     f"{statistics.median(r['command'] for r in runs):>9.1f} "
                     f"{statistics.median(r['median_trial'] for r in runs):>8.2f}"
                 )

@@ -159,6 +159,9 @@ class Worker:
         self.progress = progress
         self.timeout = timeout
         self.poll_seconds = poll_seconds
+        # Dead workers' trials are looked for between trials, at most this often: a trial is
+        # only found dead after the grace period anyway.
+        self.stale_check_seconds = min(5.0, poll_seconds * 5)
         self.name = storage.worker_name()
         self.device_name = describe_device(task.device)
         self.train_data = BatchSource(task.train_data, task.device, task.collate_fn).to_device()
@@ -183,8 +186,11 @@ class Worker:
         waiting_for: tuple[int, ...] = ()
         ended_one = False  # a trial of this worker ended since the last look at the study
         try:
+            checked = -math.inf
             while True:
-                storage.fail_stale_trials(self.study)
+                if time.monotonic() - checked >= self.stale_check_seconds:
+                    storage.fail_stale_trials(self.study)
+                    checked = time.monotonic()
                 trials = self.study.get_trials(deepcopy=False)
                 state = storage.progress(trials)
                 if self.progress and self._bar is None:
