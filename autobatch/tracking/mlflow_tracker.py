@@ -425,6 +425,8 @@ class MlflowTracker:
             "seed": record.seed,
             "iterations_per_epoch": record.iterations_per_epoch,
             "device": settings.device,
+            "device_name": record.device_name,
+            "worker": record.worker,
             "precision": settings.precision,
         }
         # Sent with the trial's first metrics: one request fewer per trial.
