@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from mlflow import MlflowClient
 
 from autobatch.cli import main
 
@@ -39,10 +40,21 @@ def test_tune_prints_table_and_recommendation_and_report_rebuilds_it(capsys, tmp
     )
     assert recommendation in capsys.readouterr().out
 
-    # running it again resumes the study: 3 more trials, 6 in all
+    # running it again resumes the study: 3 more trials, 6 in all, in the same MLflow run
     assert main(["tune", "digits", *QUICK[:1], "6", *QUICK[2:], "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["trials"]) == 6
+
+    # the same command once more adds nothing, opens no run, and says how to add trials
+    assert main(["tune", "digits", *QUICK[:1], "6", *QUICK[2:]]) == 0
+    out = capsys.readouterr().out
+    assert "already has 6 finished trials" in out and "--n-trials" in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("autobatch-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    studies = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"
+    assert len(runs) == 1 + 6
 
 
 @pytest.mark.slow

@@ -142,22 +142,10 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(postgres, tmp_path: Pat
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        victim = None
-        deadline = time.monotonic() + 240
-        while victim is None and time.monotonic() < deadline and tuning.poll() is None:
-            try:
-                running = [
-                    t
-                    for t in _trials(storage, study)
-                    if t.state == TrialState.RUNNING
-                    and t.user_attrs.get(WORKER)
-                    and t.user_attrs.get(ROLE) != "baseline"
-                ]
-            except KeyError:  # not created yet
-                running = []
-            victim = running[0] if running else None
-            time.sleep(0.1)
-        assert victim is not None, "no trial ran in a worker"
+        # Once the baseline is done, trials run side by side: kill one of them.
+        victim = _wait_for_running(
+            storage, study, tuning, lambda t: t.user_attrs.get(ROLE) != "baseline"
+        )
         os.kill(int(victim.user_attrs[WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
         out, err = tuning.communicate(timeout=300)
     finally:
@@ -185,6 +173,54 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(postgres, tmp_path: Pat
     assert dead_run.info.status == "KILLED"
     parents, _ = _runs(client, study)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def _wait_for_running(storage: str, study: str, process: subprocess.Popen, wanted):
+    """The first trial seen RUNNING in a worker for which ``wanted(trial)`` holds."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            for trial in _trials(storage, study):
+                running = trial.state == TrialState.RUNNING and trial.user_attrs.get(WORKER)
+                if running and wanted(trial):
+                    return trial
+        except KeyError:  # not created yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError("no trial ran")
+
+
+def test_a_sigkilled_study_rerun_ends_with_no_trial_running(tmp_path: Path) -> None:
+    """SIGKILL `autobatch tune` while a seeded trial runs, then run the same command again:
+    the dead trial is failed and run again, seeded trials included."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = "autobatch-slow-digits"
+    command = [
+        sys.executable, "-m", "autobatch", "tune", _slow_target(tmp_path), "--n-trials", "4",
+        "--storage", storage, "--no-mlflow", "--heartbeat-interval", "1", "--grace-period", "2",
+        "--max-epochs", "3", "--batch-sizes", "16,32,64", "--json",
+    ]  # fmt: skip
+    doomed = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL)
+    try:
+        victim = _wait_for_running(
+            storage, study, doomed, lambda t: t.user_attrs.get(ROLE) == "ceiling"
+        )
+        doomed.kill()
+        doomed.wait()
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    assert next(t for t in _trials(storage, study) if t.number == victim.number).state == (
+        TrialState.RUNNING
+    )  # left behind, as a killed process leaves it
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = _trials(storage, study)
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
+    finished = _finished(trials)
+    assert len(finished) == 4
+    assert "ceiling" in {t.user_attrs.get(ROLE) for t in finished}  # the seed ran after all
 
 
 def test_two_tunes_at_once_on_a_new_sqlite_study_run_n_trials_in_all(tmp_path: Path) -> None:
