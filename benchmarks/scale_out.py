@@ -154,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     backends = ["sqlite"] + (["postgresql"] if args.postgres else [])
     print(
-        f"{os.cpu_count()} CPU cores; {args.n_trials}-trial digits study, {args.repeats} runs each"
+        f"{os.cpu_count()} CPU cores; {args.n_trials}-trial blobs study, {args.repeats} runs each"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -229,13 +229,14 @@ class Progress:
     finished: int  # counted and finished
     running: int  # counted and running (here or in another worker)
     waiting: int  # queued
+    seeds_waiting: int = 0  # queued seeded trials
 
     def complete(self, n_trials: int | None) -> bool:
         return n_trials is not None and self.finished >= n_trials
 
 
 def progress(trials: Sequence[FrozenTrial]) -> Progress:
-    finished = running = waiting = 0
+    finished = running = waiting = seeds = 0
     for trial in trials:
         if not counts(trial):
             continue
@@ -243,9 +244,10 @@ def progress(trials: Sequence[FrozenTrial]) -> Progress:
             running += 1
         elif trial.state == TrialState.WAITING:
             waiting += 1
+            seeds += ROLE in trial.user_attrs
         else:
             finished += 1
-    return Progress(finished, running, waiting)
+    return Progress(finished, running, waiting, seeds)
 
 
 def claimed_before(trials: Sequence[FrozenTrial], number: int) -> int:
@@ -258,6 +260,14 @@ def claimed_before(trials: Sequence[FrozenTrial], number: int) -> int:
 def fixed_params(study: optuna.Study, trial: optuna.Trial) -> dict[str, Any] | None:
     """The parameters a queued trial was enqueued with; None for a sampled one."""
     return study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+
+
+def claim_bound(seen: Sequence[FrozenTrial], number: int) -> int:
+    """At most how many trials numbered below ``number`` count, from an earlier read
+    ``seen``: those it shows, plus every number it does not show below ``number`` (trials
+    created since). Trials only stop counting, never start, so the bound holds."""
+    newest = max((t.number for t in seen), default=-1)
+    return claimed_before(seen, number) + max(0, number - newest - 1)
 
 
 def records(trials: Sequence[FrozenTrial]) -> list[TrialRecord]:

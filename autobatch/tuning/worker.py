@@ -34,6 +34,7 @@ from autobatch.errors import StudyInterrupted
 from autobatch.memory import MemoryMeter
 from autobatch.oom import drop_failed_attempt, is_oom_error
 from autobatch.records import (
+    BASELINE,
     COMPLETE,
     FAILED,
     INFEASIBLE,
@@ -123,6 +124,32 @@ def reference_step_seconds(
 
 
 @dataclass(frozen=True)
+class _Yardstick:
+    """What a running trial is measured against, from the study's records: the reference
+    trial (None until it has ended), the target level, the speed factor, the rungs."""
+
+    records: list[TrialRecord]
+    reference: TrialRecord | None
+    level: float | None
+    factor: float
+    rungs: Rungs
+
+    @classmethod
+    def of(
+        cls, records: list[TrialRecord], record: TrialRecord, settings: StudySettings
+    ) -> _Yardstick:
+        ref = scoring.reference(records)
+        target = scoring.target_loss(records, settings)
+        return cls(
+            records=records,
+            reference=ref,
+            level=None if target is None else curves.threshold(target, settings.tolerance),
+            factor=scoring.speed_factor(record, ref),
+            rungs=Rungs(scoring.pruning_scale_ms(records), REDUCTION_FACTOR),
+        )
+
+
+@dataclass(frozen=True)
 class WorkerOutcome:
     """How a worker's run ended."""
 
@@ -144,7 +171,7 @@ class Worker:
         meter: MemoryMeter | None = None,
         progress: bool = False,
         timeout: float | None = None,
-        poll_seconds: float = 1.0,
+        poll_seconds: float = 0.25,
         notes: Sequence[str] = (),
     ) -> None:
         settings = storage.settings_of(study)
@@ -161,7 +188,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         # Dead workers' trials are looked for between trials, at most this often: a trial is
         # only found dead after the grace period anyway.
-        self.stale_check_seconds = min(5.0, poll_seconds * 5)
+        self.stale_check_seconds = 5.0
         self.name = storage.worker_name()
         self.device_name = describe_device(task.device)
         self.train_data = BatchSource(task.train_data, task.device, task.collate_fn).to_device()
@@ -170,7 +197,6 @@ class Worker:
         self._step_seconds: float | None = None
         self._measured = False
         self._bar: Progress | None = None
-        self._completed_here = False
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -181,32 +207,24 @@ class Worker:
             listeners.append(self._abandoned)
         self.observers.study_started(self.settings, self.probe)
         start = time.monotonic()
-        done = 0
-        stopped = "complete"
+        done, stopped = 0, "complete"
+        ran_last = False  # this worker's trial ended since it last read the study
+        recheck = False  # read n_trials again: a rerun of ``tune`` may have raised it
+        looked = -math.inf
         waiting_for: tuple[int, ...] = ()
-        ended_one = False  # a trial of this worker ended since the last look at the study
         try:
-            checked = -math.inf
             while True:
-                if time.monotonic() - checked >= self.stale_check_seconds:
+                if time.monotonic() - looked >= self.stale_check_seconds:
                     storage.fail_stale_trials(self.study)
-                    checked = time.monotonic()
+                    looked = time.monotonic()
                 trials = self.study.get_trials(deepcopy=False)
                 state = storage.progress(trials)
-                if self.progress and self._bar is None:
-                    self._bar = Progress(self.settings.n_trials, state.finished)
-                if self._bar is not None:
-                    self._bar.finished_elsewhere(state.finished)
-                if state.complete(self.settings.n_trials) or ended_one is None:
-                    # Done, unless a rerun of ``tune`` raised n_trials meanwhile.
+                self._show(state)
+                if state.complete(self.settings.n_trials) or recheck:
                     self.settings = storage.settings_of(self.study) or self.settings
+                    recheck = False
                     if state.complete(self.settings.n_trials):
-                        # The study's end is reported once: by the worker(s) whose trial
-                        # completed it (one, unless two ended at the same moment).
-                        self._completed_here = ended_one is True
                         break
-                n_trials = self.settings.n_trials
-                ended_one = False
                 if self.timeout is not None and time.monotonic() - start >= self.timeout:
                     stopped = "timeout"
                     break
@@ -215,27 +233,18 @@ class Worker:
                     self.notes.append("every candidate batch size is infeasible; stopped early")
                     stopped = "infeasible"
                     break
-                full = n_trials is not None and state.finished + state.running >= n_trials
-                serial = (
-                    state.running > 0
-                    and self.settings.target_loss is None
-                    and scoring.reference(records) is None
-                )
-                if full or serial:
-                    ended_one = None  # waiting: look at n_trials again next time
+                reason = self._wait_reason(state, records)
+                if reason is not None:
                     running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
                     if running != waiting_for:
                         waiting_for = running
-                        log.info(
-                            "waiting for trial(s) %s in other workers (%s)",
-                            ", ".join(map(str, running)),
-                            "the study's last trials" if full else "the reference trial",
-                        )
+                        log.info("waiting for trial(s) %s of other workers (%s)",
+                                 ", ".join(map(str, running)), reason)  # fmt: skip
+                    ran_last, recheck = False, True
                     time.sleep(self.poll_seconds)
                     continue
-                counted = self._one_trial()
-                done += counted
-                ended_one = bool(counted)
+                ran_last = bool(self._one_trial(trials))
+                done += ran_last
         except KeyboardInterrupt:
             self.observers.study_interrupted("interrupted by the user")
             finished = storage.progress(self.study.get_trials(deepcopy=False)).finished
@@ -249,23 +258,48 @@ class Worker:
                 self._bar = None
             if listeners is not None and self._abandoned in listeners:
                 listeners.remove(self._abandoned)
-        if stopped != "complete":
+        complete = stopped == "complete"
+        if not complete:
             state = storage.progress(self.study.get_trials(deepcopy=False))
-        complete = state.complete(self.settings.n_trials)
+        # The study's end is reported once: by the worker whose trial completed it (two, if
+        # two ended at the same moment: the report is the same) or, when workers stop on
+        # their own (timeout), by whichever stops last.
         result = None
-        # Workers that stop on their own (timeout) leave the end to whichever stops last.
-        if self._completed_here or (not complete and state.running == 0 and state.finished):
+        if (complete and ran_last) or (not complete and state.running == 0 and state.finished):
             result = recommend(self.study, notes=self.notes)
             self.observers.study_finished(result)
         return WorkerOutcome(done, complete, result, stopped)
+
+    def _wait_reason(self, state: storage.Progress, records: list[TrialRecord]) -> str | None:
+        """Why this worker should not start a trial now, or None. Until the reference trial
+        has ended, only seeded trials start: a sampled one would run with no target to stop
+        at and no rung to be pruned at."""
+        n_trials = self.settings.n_trials
+        if n_trials is not None and state.finished + state.running >= n_trials:
+            return "the study's last trials"
+        if (
+            state.running
+            and not state.seeds_waiting
+            and self.settings.target_loss is None
+            and not scoring.reference(records)
+        ):
+            return "the reference trial, which fixes the target"
+        return None
+
+    def _show(self, state: storage.Progress) -> None:
+        if self.progress and self._bar is None:
+            self._bar = Progress(self.settings.n_trials, state.finished)
+        if self._bar is not None:
+            self._bar.finished_elsewhere(state.finished)
 
     def _abandoned(self, trial: FrozenTrial) -> None:
         self.observers.trial_abandoned(trial.number, dict(trial.user_attrs))
 
     # -- one trial ----------------------------------------------------------------------------
 
-    def _one_trial(self) -> int:
-        """Ask for a trial and run it; 1 if it counts towards ``n_trials``."""
+    def _one_trial(self, seen: list[FrozenTrial]) -> int:
+        """Ask for a trial and run it; 1 if it counts towards ``n_trials``. ``seen``: the
+        study's trials as this worker last read them."""
         study, settings = self.study, self.settings
         if not self._measured:
             # Before the first trial, outside its training time: this worker's clock.
@@ -279,13 +313,14 @@ class Worker:
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             trial = study.ask()
         with get_heartbeat_thread(trial._trial_id, study._storage):
-            trials = study.get_trials(deepcopy=False)
-            if (
-                settings.n_trials is not None
-                and storage.claimed_before(trials, trial.number) >= settings.n_trials
-            ):
-                self._give_back(trial)
-                return 0
+            trials = seen
+            n_trials = settings.n_trials
+            # Read the study again only when the last read cannot settle the claim.
+            if n_trials is not None and storage.claim_bound(seen, trial.number) >= n_trials:
+                trials = study.get_trials(deepcopy=False)
+                if storage.claimed_before(trials, trial.number) >= n_trials:
+                    self._give_back(trial)
+                    return 0
             size = int(trial.suggest_categorical("batch_size", list(settings.candidates)))
             multiplier = float(
                 trial.suggest_float("lr_multiplier", *settings.lr_multiplier_range, log=True)
@@ -325,10 +360,7 @@ class Worker:
             reference_step_seconds=self._step_seconds,
             started_ms=int(time.time() * 1000),
         )
-        factor = scoring.speed_factor(record, scoring.reference(records))
-        target = scoring.target_loss(records, settings)
-        rungs = Rungs(scoring.pruning_scale_ms(records), REDUCTION_FACTOR)
-        level = None if target is None else curves.threshold(target, settings.tolerance)
+        judge = _Yardstick.of(records, record, settings)
         self.observers.trial_started(trial, record)
         bar = self._bar
         if bar is not None:
@@ -341,19 +373,24 @@ class Worker:
         prunable = objective != "pareto" and record.role is None
 
         def on_eval(point: EvalPoint) -> None:
-            nonlocal pruned, last_step
+            nonlocal pruned, last_step, judge
             points.append(point)
             self.observers.evaluated(record, point)
             if bar is not None:
                 bar.evaluated(point)
             if objective == "pareto":
                 return
+            if judge.reference is None and record.role != BASELINE:
+                # A trial started beside the reference trial: look again until it has ended.
+                fresh = storage.records(self.study.get_trials(deepcopy=False))
+                judge = _Yardstick.of(fresh, record, settings)
             smoothed = [p.val_loss_smoothed for p in points]
-            step = max(last_step + 1, int(point.seconds * factor * 1000))
+            level = judge.level
+            step = max(last_step + 1, int(point.seconds * judge.factor * 1000))
             # Reported and asked at the rungs only, where halving compares trials: two storage
             # requests per rung instead of per evaluation. Asked even when the answer is
             # ignored: asking registers this trial's loss at the rung for later trials.
-            if rungs.due(step):
+            if judge.rungs.due(step):
                 last_step = step
                 trial.report(point.val_loss_smoothed, step=step)
                 reached = level is not None and curves.first_reaching(smoothed, level) is not None
@@ -401,12 +438,31 @@ class Worker:
             state, reason = PRUNED, PRUNED_REASON
         record = _measured(record, points, run, state, reason, settings)
         if state == COMPLETE:
-            if target is None:  # the reference trial, or one run beside it: read it now
-                records = storage.records(self.study.get_trials(deepcopy=False))
+            records = judge.records
+            if judge.reference is None:  # the reference trial, or a seed run beside it
+                records = self._reference_records(record)
             self._tell_complete(trial, record, records)
         else:
             self._finish(trial, record)
         return 1
+
+    def _reference_records(self, record: TrialRecord) -> list[TrialRecord]:
+        """The study's records once the reference trial has ended, to judge ``record`` by.
+        Waits while a baseline runs in another worker; gives up if none does (its worker
+        died, and the rerun is queued): ``record`` is then told a provisional score, and the
+        recommendation judges it again at the end."""
+        while True:
+            trials = self.study.get_trials(deepcopy=False)
+            records = storage.records(trials)
+            if record.role == BASELINE or scoring.reference([*records, record]) is not None:
+                return records
+            baseline_running = any(
+                t.state == TrialState.RUNNING and t.user_attrs.get(storage.ROLE) == BASELINE
+                for t in trials
+            )
+            if not baseline_running:
+                return records
+            time.sleep(self.poll_seconds)
 
     def _tell_complete(
         self, trial: optuna.Trial, record: TrialRecord, records: list[TrialRecord]
