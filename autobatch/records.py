@@ -75,6 +75,7 @@ class TrialRecord:
     worker: str | None = None  # host:pid of the process that ran it
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3" or "cpu (1 thread)"
     reference_step_seconds: float | None = None  # its worker's step time at the base batch size
+    throughput: float | None = None  # training samples per second over the whole trial
     started_ms: int | None = None  # wall-clock start and end, ms since the epoch
     ended_ms: int | None = None
 

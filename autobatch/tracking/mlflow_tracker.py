@@ -63,6 +63,7 @@ FINAL_METRICS = (
     "recommended_epochs",
     "auc",
     "epoch_seconds",
+    "throughput",
 )
 _PARAM_LIMIT = 6000  # MLflow's limit on a parameter value
 _TAG_LIMIT = 5000  # below MLflow's 8000, leaving room for multi-byte characters

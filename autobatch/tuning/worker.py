@@ -553,6 +553,8 @@ def _measured(
     if run is not None:
         updates["train_seconds"] = run.train_seconds
         updates["epoch_seconds"] = run.epoch_seconds
+        if run.train_seconds > 0:
+            updates["throughput"] = run.samples / run.train_seconds
     if points:
         smoothed = [p.val_loss_smoothed for p in points]
         choice = curves.choose_epochs(
