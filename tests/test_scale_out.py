@@ -142,9 +142,12 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(postgres, tmp_path: Pat
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        # Once the baseline is done, trials run side by side: kill one of them.
+        # A trial beside the baseline, once its MLflow run exists: kill its worker.
         victim = _wait_for_running(
-            storage, study, tuning, lambda t: t.user_attrs.get(ROLE) != "baseline"
+            storage,
+            study,
+            tuning,
+            lambda t: t.user_attrs.get(ROLE) != "baseline" and t.user_attrs.get(RUN_ID),
         )
         os.kill(int(victim.user_attrs[WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
         out, err = tuning.communicate(timeout=300)

@@ -197,6 +197,9 @@ class Worker:
         self._step_seconds: float | None = None
         self._measured = False
         self._bar: Progress | None = None
+        # Seeded trials that finished before the reference trial: still RUNNING in Optuna
+        # (their heartbeat goes on) until the target they are judged by exists.
+        self._deferred: list[tuple[optuna.Trial, TrialRecord, Any]] = []
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -218,6 +221,9 @@ class Worker:
                     storage.fail_stale_trials(self.study)
                     looked = time.monotonic()
                 trials = self.study.get_trials(deepcopy=False)
+                if self._settle(trials):
+                    ran_last = True
+                    trials = self.study.get_trials(deepcopy=False)
                 state = storage.progress(trials)
                 self._show(state)
                 if state.complete(self.settings.n_trials) or recheck:
@@ -246,6 +252,7 @@ class Worker:
                 ran_last = bool(self._one_trial(trials))
                 done += ran_last
         except KeyboardInterrupt:
+            self._settle(self.study.get_trials(deepcopy=False), force=True)
             self.observers.study_interrupted("interrupted by the user")
             finished = storage.progress(self.study.get_trials(deepcopy=False)).finished
             raise StudyInterrupted(
@@ -253,6 +260,8 @@ class Worker:
                 "command (same study name and storage) to resume"
             ) from None
         finally:
+            if self._deferred:  # an error: they trained, so they are kept
+                self._settle(self.study.get_trials(deepcopy=False), force=True)
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
@@ -312,7 +321,9 @@ class Worker:
             # for optimize(), and they work the same here.
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             trial = study.ask()
-        with get_heartbeat_thread(trial._trial_id, study._storage):
+        heartbeat = get_heartbeat_thread(trial._trial_id, study._storage)
+        heartbeat.start()
+        try:
             trials = seen
             n_trials = settings.n_trials
             # Read the study again only when the last read cannot settle the claim.
@@ -329,14 +340,22 @@ class Worker:
             if size in scoring.infeasible_sizes(records):
                 self._skip(trial, size)
                 return 0
-            return self._train(trial, size, multiplier, records)
+            return self._train(trial, size, multiplier, records, heartbeat)
+        finally:
+            if not any(t is trial for t, _, _ in self._deferred):
+                heartbeat.join()
 
     def _base_size(self) -> int:
         base = self.settings.base_batch_size
         return min(self.settings.candidates, key=lambda s: abs(s - base))
 
     def _train(
-        self, trial: optuna.Trial, size: int, multiplier: float, records: list[TrialRecord]
+        self,
+        trial: optuna.Trial,
+        size: int,
+        multiplier: float,
+        records: list[TrialRecord],
+        heartbeat: Any,
     ) -> int:
         """Train the trial; ``records``: the study's finished trials when it started."""
         settings = self.settings
@@ -437,32 +456,32 @@ class Worker:
         if pruned:
             state, reason = PRUNED, PRUNED_REASON
         record = _measured(record, points, run, state, reason, settings)
-        if state == COMPLETE:
-            records = judge.records
-            if judge.reference is None:  # the reference trial, or a seed run beside it
-                records = self._reference_records(record)
-            self._tell_complete(trial, record, records)
-        else:
+        if state != COMPLETE:
             self._finish(trial, record)
+        elif judge.reference is not None or record.role == BASELINE:
+            self._tell_complete(trial, record, judge.records)
+        else:  # a seed run beside the reference trial: judged once that has ended
+            self._deferred.append((trial, record, heartbeat))
+            self._settle(self.study.get_trials(deepcopy=False))
         return 1
 
-    def _reference_records(self, record: TrialRecord) -> list[TrialRecord]:
-        """The study's records once the reference trial has ended, to judge ``record`` by.
-        Waits while a baseline runs in another worker; gives up if none does (its worker
-        died, and the rerun is queued): ``record`` is then told a provisional score, and the
-        recommendation judges it again at the end."""
-        while True:
-            trials = self.study.get_trials(deepcopy=False)
-            records = storage.records(trials)
-            if record.role == BASELINE or scoring.reference([*records, record]) is not None:
-                return records
-            baseline_running = any(
-                t.state == TrialState.RUNNING and t.user_attrs.get(storage.ROLE) == BASELINE
-                for t in trials
-            )
-            if not baseline_running:
-                return records
-            time.sleep(self.poll_seconds)
+    def _settle(self, trials: list[FrozenTrial], force: bool = False) -> bool:
+        """Tell Optuna the deferred trials' scores once the reference trial has ended (or,
+        with ``force``, provisional ones: the recommendation judges them again at the end).
+        True if any was told."""
+        if not self._deferred:
+            return False
+        records = storage.records(trials)
+        waiting = [record for _, record, _ in self._deferred]
+        if scoring.reference([*records, *waiting]) is None and not force:
+            return False
+        deferred, self._deferred = self._deferred, []
+        for trial, record, heartbeat in deferred:
+            try:
+                self._tell_complete(trial, record, [*records, *waiting])
+            finally:
+                heartbeat.join()
+        return True
 
     def _tell_complete(
         self, trial: optuna.Trial, record: TrialRecord, records: list[TrialRecord]
@@ -472,7 +491,7 @@ class Worker:
         ref = scoring.reference(records)
         target = scoring.target_loss(records, self.settings)
         judged = scoring.score(record, self.settings, target, scoring.speed_factor(record, ref))
-        if judged is None:  # no target yet: only when the reference trial ran elsewhere
+        if judged is None:  # no target yet: a provisional score (see _settle)
             judged = scoring.Score(
                 (scoring.MISS_OFFSET,) * (2 if self.settings.objective == "pareto" else 1),
                 None,
