@@ -49,7 +49,7 @@ RECORD = "autobatch_record"
 COUNTED = "autobatch_counted"
 ROLE = "autobatch_role"
 RUN_ID = "mlflow_run_id"
-REASON = "reason"
+REASON = "reason"  # why a trial with no record (skipped, given back, broken) ended
 WORKER = "autobatch_worker"
 
 SPACE_KEYS = ("objective", "lr_rule", "lr_multiplier_range", "candidates", "max_epochs", "seed")

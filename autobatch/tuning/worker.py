@@ -525,9 +525,7 @@ class Worker:
         trial.set_user_attr(storage.RECORD, replace(record, mlflow_run_id=run_id).to_dict())
         if values is not None:
             self.study.tell(trial, list(values) if len(values) > 1 else values[0])
-        else:
-            if record.reason:
-                trial.set_user_attr(storage.REASON, record.reason)
+        else:  # why is in the record
             state = TrialState.PRUNED if record.state == PRUNED else TrialState.FAIL
             self.study.tell(trial, state=state)
         if self._bar is not None:
