@@ -27,6 +27,8 @@ def test_tune_prints_table_and_recommendation_and_report_rebuilds_it(capsys, tmp
     ui = next(line for line in out if line.startswith("MLflow:"))
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in ui
     assert (tmp_path / "autobatch.db").exists() and (tmp_path / "mlflow.db").exists()
+    study = next(line for line in out if line.startswith("Study:"))
+    assert f"sqlite:///{tmp_path}/autobatch.db" in study  # where it is, from anywhere
     table = [line for line in out if line.strip()[:1].isdigit()]
     assert len(table) == 3  # one row per trial
 

@@ -163,8 +163,8 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
             )
             row = _row(values)
             rows[row["number"]] = row
-        # A resumed study's earlier trials belong to earlier parent runs; the table the
-        # study logged at its end (trials.csv) has them all.
+        # Trials whose runs were not logged (a worker with --no-mlflow, a store that was
+        # down) are in the table the study logged at its end (trials.csv), which has them all.
         for row in _logged_table(client, parent_id):
             rows.setdefault(row["number"], row)
     # Tags since one run serves a study however often it is extended; parameters before.

@@ -82,6 +82,18 @@ class StaleTrials:
             listener(trial)
 
 
+def resolve_url(url: str | None) -> str | None:
+    """``url`` with a relative SQLite path made absolute: the study is then the same file
+    whichever folder a worker (or ``mlflow``-style tool) starts in, and says where it is."""
+    prefix = "sqlite:///"
+    if url is None or not url.startswith(prefix):
+        return url
+    path, _, query = url[len(prefix) :].partition("?")
+    if not path or path.startswith((":memory:", "/")):
+        return url
+    return f"{prefix}{os.path.abspath(path)}" + (f"?{query}" if query else "")
+
+
 def open_storage(
     url: str | None,
     *,

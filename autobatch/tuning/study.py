@@ -24,6 +24,7 @@ from autobatch.tuning.storage import (
     HEARTBEAT_INTERVAL,
     MLFLOW,
     open_storage,
+    resolve_url,
     settings_of,
     worker_name,
 )
@@ -111,6 +112,7 @@ def tune(
             f"workers={workers} needs a study storage the workers share, e.g. "
             "storage='sqlite:///autobatch.db' (this machine) or 'postgresql://user@host/db'"
         )
+    storage = resolve_url(storage)
     prepared = preparing.prepare(
         task,
         n_trials=n_trials,
@@ -202,6 +204,7 @@ def join_study(
     if not isinstance(task, Task):
         raise InvalidInputError(f"join_study() needs an autobatch.Task; got {type(task).__name__}")
     name = study_name or f"autobatch-{task.name}"
+    storage = resolve_url(storage)
     opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = preparing.wait_prepared(opened, name, wait, worker_name())
     preparing.check_shareable(study, storage)
