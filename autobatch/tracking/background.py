@@ -362,7 +362,7 @@ class BackgroundTracker:
         self, settings: StudySettings, probe: ProbeResult | None, run_id: str | None = None
     ) -> str | None:
         """Open (or reopen) the study's run and wait for its id; None if logging is off."""
-        self._restart()
+        self._ensure_child()
         number = self._post("open_study_run", settings, probe, run_id)
         if number and not self._wait_for(number, self.start_timeout):
             log.warning(
@@ -372,11 +372,11 @@ class BackgroundTracker:
 
     def attach(self, parent_run_id: str, experiment_id: str) -> None:
         """Log this process's trials under a study run another process opened."""
-        self._restart()
+        self._ensure_child()
         self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
         self._post("attach", parent_run_id, experiment_id)
 
-    def _restart(self) -> None:
+    def _ensure_child(self) -> None:
         if self._child is None:  # a second study through the same tracker
             self._start()
             self.wait_ready()
@@ -384,7 +384,7 @@ class BackgroundTracker:
     # -- TuneObserver ------------------------------------------------------------------------
 
     def study_started(self, settings: StudySettings, probe: ProbeResult | None) -> None:
-        self._restart()
+        self._ensure_child()
         self._post("study_started", settings, probe)
 
     def trial_abandoned(self, number: int, attrs: dict[str, Any]) -> None:

@@ -7,11 +7,12 @@ ones first), a heartbeat thread marks each running trial alive, and before each 
 fails the trials of dead workers and queues them again (Optuna's heartbeat machinery). Every
 shared fact is read from trial records or was written once by *prepare*.
 
-Until the reference trial (the baseline) has ended, one trial runs at a time: its result fixes
+Until the reference trial (the baseline) has ended, only seeded trials start: its result fixes
 the target, the pruner's first rung and the reference clock that every other trial is judged
-by. Then workers run in parallel. A worker that finds the last trials running elsewhere waits
-for them, failing and rerunning any whose worker dies, so a study never ends with a trial of a
-dead worker still RUNNING.
+by. A seed that ends first stays RUNNING in Optuna until then, and its worker goes on. Then
+workers run sampled trials in parallel. A worker that finds the last trials running elsewhere
+waits for them, failing and rerunning any whose worker dies, so a study never ends with a
+trial of a dead worker still RUNNING.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ class Worker:
                 "command (same study name and storage) to resume"
             ) from None
         finally:
-            if self._deferred:  # an error: they trained, so they are kept
+            if self._deferred:  # stopped before the reference ended: keep them, scored for now
                 self._settle(self.study.get_trials(deepcopy=False), force=True)
             if self._bar is not None:
                 self._bar.close()
