@@ -221,8 +221,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from autobatch.tuning.prepare import OBJECTIVES
-    from autobatch.tuning.space import RULES
+    from autobatch.validation import TUNE
 
     parser = sub.add_parser(
         "tune",
@@ -263,14 +262,14 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     )
     parser.add_argument(
         "--objective",
-        choices=OBJECTIVES,
+        choices=TUNE["objective"].options,
         default="time",
         help="time: seconds to the target loss (default); loss: best validation "
         "loss; pareto: both (no pruning)",
     )
     parser.add_argument(
         "--lr-rule",
-        choices=("auto", *RULES),
+        choices=TUNE["lr_rule"].options,
         default="auto",
         help="how the learning rate scales with batch size (default: auto, sqrt "
         "for Adam-style optimizers, linear for SGD)",
@@ -332,8 +331,9 @@ def _devices(text: str) -> list[str]:
 
 
 def _set_threads(threads: int) -> None:
-    if threads < 1:
-        raise InvalidInputError(f"--threads {threads} must be >= 1")
+    from autobatch import validation
+
+    validation.check(validation.TUNE, {"threads": threads})
     import torch
 
     torch.set_num_threads(threads)
@@ -383,7 +383,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         from autobatch.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    workers = args.workers or (len(args.devices) if args.devices else 1)
+    workers = args.workers
+    if workers is None:
+        workers = len(args.devices) if args.devices else 1
     if args.threads is not None and workers == 1:
         _set_threads(args.threads)
     result = tune(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch import probe_cache
+from autobatch import probe_cache, validation
 from autobatch.data import BatchSource
 from autobatch.errors import BatchSizeOneDoesNotFit, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
@@ -53,29 +53,12 @@ class StepReading:
     peak_bytes: int | None = None  # the whole attempt's peak, where the step reset the meter
 
 
-def _check_bounds(
-    headroom: float, max_batch_size: int | None, multiple_of: int, tolerance: float
-) -> None:
-    if not isinstance(headroom, int | float) or not 0 <= headroom < 1:
+def _check_bounds(max_batch_size: int | None, multiple_of: int) -> None:
+    if max_batch_size is not None and max_batch_size < multiple_of:
         raise InvalidInputError(
-            f"headroom={headroom!r} must be a fraction in [0, 1), e.g. 0.05 to keep 5% free"
+            f"max_batch_size={max_batch_size} is below the smallest allowed size "
+            f"(multiple_of={multiple_of}); raise max_batch_size or lower multiple_of"
         )
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise InvalidInputError(f"multiple_of={multiple_of!r} must be an integer >= 1, e.g. 8")
-    if max_batch_size is not None:
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
-            raise InvalidInputError(f"max_batch_size={max_batch_size!r} must be an integer")
-        if max_batch_size < multiple_of:
-            raise InvalidInputError(
-                f"max_batch_size={max_batch_size} is below the smallest allowed size "
-                f"(multiple_of={multiple_of}); raise max_batch_size or lower multiple_of"
-            )
-    if (
-        isinstance(tolerance, bool)
-        or not isinstance(tolerance, int | float)
-        or not 0 <= tolerance < 1
-    ):
-        raise InvalidInputError(f"tolerance={tolerance!r} must be a fraction in [0, 1)")
 
 
 class _Search:
@@ -176,7 +159,8 @@ def find_max_batch_size(
         )
     if not isinstance(meter, MemoryMeter):
         raise InvalidInputError("meter must be a MemoryMeter, e.g. TrackedMeter(capacity=2**30)")
-    _check_bounds(headroom, max_batch_size, multiple_of, tolerance)
+    validation.check(validation.FIND_MAX_BATCH_SIZE, locals())
+    _check_bounds(max_batch_size, multiple_of)
     start = time.perf_counter()
     capacity = meter.capacity()
     budget = int(capacity * (1 - headroom))
@@ -350,9 +334,10 @@ def probe(
     """
     if not isinstance(task, Task):
         raise InvalidInputError(f"probe() needs an autobatch.Task; got {type(task).__name__}")
+    validation.check(validation.PROBE, locals())
     if (model is None) != (optimizer is None):
         raise InvalidInputError("pass both model= and optimizer=, or neither")
-    _check_bounds(headroom, max_batch_size, multiple_of, tolerance)
+    _check_bounds(max_batch_size, multiple_of)
     meter = meter or meter_for(task.device, memory_budget)
     source = BatchSource(task.train_data, task.device, task.collate_fn)
     bound = min(len(source), max_batch_size or len(source))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from autobatch import validation
 from autobatch.errors import InvalidInputError
 
 Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 ModelFactory = Callable[[], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 #: A custom step computes the loss of one batch; autobatch does backward and the optimizer step.
@@ -81,24 +80,8 @@ class Task:
             raise InvalidInputError("Task.step must be callable as step(model, batch) -> loss")
         if self.collate_fn is not None and not callable(self.collate_fn):
             raise InvalidInputError("Task.collate_fn must be callable on a list of samples")
-        if (
-            isinstance(self.lr, bool)
-            or not isinstance(self.lr, int | float)
-            or not math.isfinite(self.lr)
-            or self.lr <= 0
-        ):
-            raise InvalidInputError(f"Task.lr={self.lr!r} must be a positive number such as 1e-3")
+        validation.check(validation.TASK, vars(self), prefix="Task.")
         self.lr = float(self.lr)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
-            raise InvalidInputError(f"Task.batch_size={self.batch_size!r} must be an integer >= 1")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"Task.batch_size={self.batch_size} must be >= 1")
-        if self.precision not in PRECISIONS:
-            raise InvalidInputError(
-                f"Task.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}"
-            )
-        if self.metric not in (None, "accuracy"):
-            raise InvalidInputError(f"Task.metric={self.metric!r} must be None or 'accuracy'")
         try:
             self.device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
@@ -140,11 +123,21 @@ def _check_data(data: Any, name: str) -> None:
             )
         if sizes == {0}:
             raise InvalidInputError(f"Task.{name} is empty; give at least one sample")
+        for tensor in data:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = "nan" if bool(torch.isnan(tensor).any()) else "inf"
+                raise InvalidInputError(
+                    f"Task.{name} holds {bad} values (in a tensor of shape "
+                    f"{tuple(tensor.shape)}); remove or impute those samples"
+                )
         return
-    if isinstance(data, tuple) and any(isinstance(t, torch.Tensor | np.ndarray) for t in data):
+    if isinstance(data, tuple | list) and any(
+        isinstance(t, torch.Tensor | np.ndarray) for t in data
+    ):
         # (inputs, targets) with an array or list among them would pass as a 2-sample Dataset.
+        kind = type(data).__name__
         raise InvalidInputError(
-            f"Task.{name} is a tuple of {', '.join(type(t).__name__ for t in data[:4])}; every "
+            f"Task.{name} is a {kind} of {', '.join(type(t).__name__ for t in data[:4])}; every "
             "element must be a torch tensor (convert with torch.as_tensor), or pass a torch Dataset"
         )
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):

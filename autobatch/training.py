@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,11 @@ class TrainStep:
         return loss.detach()
 
 
+#: The last model each factory returned, while it lives: a factory that hands back the same
+#: object is caught at its second call.
+_built: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+
+
 def build(task: Task, lr: float | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A fresh model on the task's device and its optimizer, from the task's seed."""
     with torch.random.fork_rng(devices=[]):
@@ -85,6 +91,13 @@ def build(task: Task, lr: float | None = None) -> tuple[nn.Module, torch.optim.O
         raise InvalidInputError(
             f"Task.model() returned {type(model).__name__}; it must return a torch.nn.Module"
         )
+    if _built.get(id(task.model)) is model:
+        raise InvalidInputError(
+            "Task.model() returned the same module object twice; it must build a fresh one on "
+            "every call (model=lambda: MyNet(), not model=lambda: net), or each trial would go "
+            "on from the weights the previous one left"
+        )
+    _built[id(task.model)] = model
     model = model.to(task.device)
     optimizer = task.optimizer(model.parameters(), task.lr if lr is None else lr)
     if not isinstance(optimizer, torch.optim.Optimizer):

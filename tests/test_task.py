@@ -98,6 +98,23 @@ def test_a_custom_step_replaces_the_loss():
             "Task.train_data",
             "torch.as_tensor",
         ),
+        (  # a list of arrays, like a tuple of them: not a 2-sample Dataset
+            {"train_data": [np.zeros((32, 8)), np.zeros(32)]},
+            "Task.train_data",
+            "torch.as_tensor",
+        ),
+        (
+            {"val_data": (torch.tensor([[0.0], [float("nan")]]), torch.zeros(2))},
+            "Task.val_data",
+            "nan",
+        ),
+        (
+            {"train_data": (torch.tensor([[1.0], [float("inf")]]), torch.zeros(2))},
+            "Task.train_data",
+            "inf",
+        ),
+        ({"seed": "x"}, "Task.seed", "integer"),
+        ({"name": ""}, "Task.name", "non-empty"),
     ],
 )
 def test_bad_fields_are_rejected_with_the_field_and_a_fix(overrides, names, fix):
@@ -125,3 +142,15 @@ def test_an_optimizer_factory_that_returns_no_optimizer_is_rejected_at_build():
         probe(task, memory_budget="1MiB", cache=False)
     assert "Task.optimizer" in str(info.value)
     assert "torch.optim.Optimizer" in str(info.value)
+
+
+def test_a_model_factory_that_returns_the_same_module_is_refused():
+    net = nn.Linear(8, 3)
+    task = make(model=lambda: net)
+    with pytest.raises(InvalidInputError, match="same module object twice") as info:
+        probe(task, memory_budget="1MiB", cache=False)
+        probe(task, memory_budget="1MiB", cache=False)
+    assert "lambda: MyNet()" in str(info.value)
+    fresh = make(model=lambda: nn.Linear(8, 3))
+    for _ in range(2):
+        probe(fresh, memory_budget="1MiB", cache=False)

@@ -123,6 +123,12 @@ def train(
                 weights = torch.tensor(sizes, device=task.device, dtype=torch.float32)
                 train_loss = ((torch.stack(losses).float() * weights).sum() / loss_samples).item()
                 val_loss, accuracy = evaluate(task, model, val_data, eval_batch_size)
+                if math.isfinite(train_loss) and not math.isfinite(val_loss):
+                    raise TrialFailed(
+                        f"the validation loss became {val_loss} after {run.samples} samples while "
+                        f"the training loss was {train_loss:.4g}: the model diverged, or "
+                        "val_data holds nan or inf values"
+                    )
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     raise TrialFailed(
                         f"loss became {'nan' if math.isnan(val_loss) else 'inf'} after "

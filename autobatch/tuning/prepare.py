@@ -15,7 +15,6 @@ is created atomically, and the one that loses the race joins the winner's.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 import zlib
@@ -26,6 +25,7 @@ from typing import Any
 import optuna
 import torch
 
+from autobatch import validation
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
@@ -37,7 +37,6 @@ from autobatch.tuning.pruner import TimeHalvingPruner
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("time", "loss", "pareto")
 #: Seconds to wait for another process that is creating the same study to finish preparing it.
 PREPARE_WAIT = 60.0
 
@@ -77,26 +76,9 @@ def check_tune_inputs(
             "Task.val_data is missing; the tuner scores trials on validation loss, so give "
             "val_data=(inputs, targets) or a Dataset (e.g. hold out 10-20% of the training set)"
         )
-    if objective not in OBJECTIVES:
-        raise InvalidInputError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
-    space.check_rule(lr_rule)
-    if target_loss is not None and (
-        isinstance(target_loss, bool)
-        or not isinstance(target_loss, int | float)
-        or not math.isfinite(target_loss)
-    ):
-        raise InvalidInputError(f"target_loss={target_loss!r} must be a finite number, e.g. 0.25")
-    low, high = lr_multiplier_range
-    if not 0 < low <= 1 <= high:
-        raise InvalidInputError(
-            f"lr_multiplier_range={lr_multiplier_range!r} must satisfy 0 < low <= 1 <= high"
-        )
+    validation.check(validation.TUNE, locals())
     if n_trials is None and timeout is None:
         raise InvalidInputError("give n_trials, timeout or both, so the study ends")
-    if n_trials is not None and n_trials < 1:
-        raise InvalidInputError(f"n_trials={n_trials} must be >= 1")
-    if not max_epochs > 0:
-        raise InvalidInputError(f"max_epochs={max_epochs} must be > 0")
     if task.train_size < 2:
         raise InvalidInputError(
             f"Task.train_data has {task.train_size} sample(s); tuning needs at least 2"

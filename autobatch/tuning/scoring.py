@@ -155,9 +155,12 @@ def recommend(
     target = target_loss(records, settings)
     complete = [r for r in records if _completed(r) and r.value is not None]
     if not complete:
+        why = "; ".join(f"trial {r.number} {r.state}: {r.reason}" for r in records if r.reason)
         raise AutobatchError(
-            "no trial completed, so there is nothing to recommend; see the trial reasons "
-            "(e.g. a learning rate that diverges: narrow lr_multiplier_range) and rerun"
+            "no trial completed, so there is nothing to recommend"
+            + (f" ({why[:300]})" if why else "")
+            + "; fix what the trials say (a learning rate that diverges: narrow "
+            "lr_multiplier_range) and rerun"
         )
     reached = [r for r in complete if r.time_to_target is not None]
     pool = reached or complete

@@ -36,15 +36,6 @@ def rule_for(optimizer: torch.optim.Optimizer) -> str:
     return "sqrt" if isinstance(optimizer, _ADAPTIVE) else "linear"
 
 
-def check_rule(rule: str) -> str:
-    if rule not in (*RULES, "auto"):
-        raise InvalidInputError(
-            f"lr_rule={rule!r} is not one of auto, {', '.join(RULES)}; 'auto' picks sqrt for "
-            "Adam-style optimizers and linear for SGD"
-        )
-    return rule
-
-
 def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str) -> float:
     """The rule's learning rate at ``batch_size``, from one known to work at ``base_batch_size``."""
     ratio = batch_size / base_batch_size
@@ -71,11 +62,7 @@ def check_candidates(
     """The candidate batch sizes at or below ``ceiling``; what was dropped goes to ``notes``."""
     if candidates is None:
         return default_candidates(ceiling, base)
-    values = list(candidates)
-    if not values or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in values):
-        raise InvalidInputError(
-            f"candidates={values!r} must be a list of positive integers, e.g. [16, 32, 64]"
-        )
+    values = list(candidates)  # checked at the boundary: positive integers
     too_big = sorted(c for c in values if c > ceiling)
     kept = sorted({c for c in values if c <= ceiling})
     if too_big:

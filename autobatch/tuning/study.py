@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from autobatch import validation
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.probing import DEFAULT_HEADROOM
@@ -100,8 +101,7 @@ def tune(
         result = tune(digits(), n_trials=8, max_epochs=5, mlflow=False)
         print(result.batch_size, result.epochs, result.lr)
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise InvalidInputError(f"workers={workers!r} must be an integer >= 1")
+    validation.check(validation.TUNE, locals())
     if workers > 1 and not target:
         raise InvalidInputError(
             f"workers={workers} needs target='package.module:function' (or a built-in "
@@ -203,6 +203,7 @@ def join_study(
     """
     if not isinstance(task, Task):
         raise InvalidInputError(f"join_study() needs an autobatch.Task; got {type(task).__name__}")
+    validation.check(validation.JOIN_STUDY, locals())
     name = study_name or f"autobatch-{task.name}"
     storage = resolve_url(storage)
     opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
