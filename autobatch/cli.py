@@ -687,6 +687,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("details", exc_info=True)
         _fail(exc)
         return EXIT_FAILED
+    except Exception as exc:
+        if not _is_storage_failure(exc):
+            raise  # the user's own code: its traceback shows where the bug is
+        log.debug("details", exc_info=True)
+        _fail(
+            f"the study storage failed ({type(exc).__name__}: {_one_line(exc)[:200]}); the "
+            "database may be damaged: restore it from a copy, or give a new --storage (the "
+            "trials logged to MLflow are kept there)"
+        )
+        return EXIT_FAILED
+
+
+def _is_storage_failure(exc: BaseException) -> bool:
+    """Optuna's storage errors and the database errors under them."""
+    kinds = {f"{type(e).__module__}.{type(e).__name__}" for e in (exc, exc.__cause__) if e}
+    return any(
+        kind.startswith(("optuna.exceptions.Storage", "sqlalchemy.exc.", "sqlite3."))
+        for kind in kinds
+    )
 
 
 def _command_names(parser: argparse.ArgumentParser) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,10 @@ class TrainingState:
 
     Copies live in host memory, so saving them costs no accelerator memory. ``restore`` writes
     the saved values back into the same tensors (so references the user holds stay valid) and
-    removes optimizer state that did not exist before.
+    removes optimizer state that did not exist before. Gradients too: the probe's steps set
+    ``p.grad`` to None between steps, and a gradient tensor the caller still holds is filled
+    with its saved values and put back as ``p.grad``; one nobody holds is freed during the
+    probe and restored as a new tensor with the same values.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -56,6 +60,10 @@ class TrainingState:
         self.grads = {
             name: None if p.grad is None else _host_copy(p.grad)
             for name, p in model.named_parameters()
+        }
+        # Weak: holding the tensors would keep their memory busy while the probe measures.
+        self.grad_objects = {
+            name: weakref.ref(p.grad) for name, p in model.named_parameters() if p.grad is not None
         }
         self.training = {name: m.training for name, m in model.named_modules()}
         self.optimizer_state: dict[int, dict[str, Any]] = {}
@@ -80,10 +88,16 @@ class TrainingState:
             saved = self.grads[name]
             if saved is None:
                 param.grad = None
-            elif param.grad is None:
+                continue
+            ref = self.grad_objects.get(name)
+            target = ref() if ref is not None else None
+            if target is None or target.shape != saved.shape:
+                target = param.grad if param.grad is not None else None
+            if target is None or target.shape != saved.shape:
                 param.grad = saved.to(param.device, copy=True)
             else:
-                param.grad.copy_(saved)
+                target.copy_(saved)
+                param.grad = target
         for name, module in self.model.named_modules():
             module.train(self.training.get(name, module.training))
         if self.optimizer is None:

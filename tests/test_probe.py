@@ -424,12 +424,16 @@ def test_probe_restores_model_optimizer_and_random_generators_bit_for_bit():
     np.random.seed(5)
     torch.manual_seed(5)
     before = snapshot(model, optimizer)
+    held = {name: p.grad for name, p in model.named_parameters()}  # references the user keeps
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     meter = TrackedMeter(MiB)
     # multiple_of=2: batch norm cannot train on a single sample.
     result = probe(task, meter=meter, model=model, optimizer=optimizer, multiple_of=2, cache=False)
     assert result.ooms > 0  # restored across failed attempts too
     assert_same(before, snapshot(model, optimizer))
+    # The same gradient tensors, holding what they held before.
+    assert all(p.grad is held[name] for name, p in model.named_parameters())
+    assert all(torch.equal(held[n], g) for n, g in before["grads"].items() if g is not None)
     assert [id(p) for p in model.parameters()] == param_ids
     assert [id(p) for g in optimizer.param_groups for p in g["params"]] == param_ids
     assert torch.equal(torch.get_rng_state(), rng[0])

@@ -41,10 +41,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from autobatch import sqlite_store
 from autobatch.errors import InvalidInputError
 from autobatch.records import FAILED, INFEASIBLE, EvalPoint, ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking.redact import redact_url
-from autobatch.tracking.uri import check_store, sqlite_path, unreachable
+from autobatch.tracking.uri import check_store, unreachable
 from autobatch.tuning import curves
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,12 @@ def open_client(tracking_uri: str, *, timeout: int = 5, create: bool = True) -> 
     """
     check_store(tracking_uri, create=create, timeout=timeout)
     try:
-        with http_limits(retries=0, timeout=timeout):
+        # The first use of a SQLite store creates and migrates its tables: one process at a
+        # time, or two first runs in a new folder leave it half-migrated for good.
+        with (
+            sqlite_store.creation_lock(sqlite_store.path_of(tracking_uri)),
+            http_limits(retries=0, timeout=timeout),
+        ):
             client = MlflowClient(tracking_uri=tracking_uri)
             client.search_experiments(max_results=1)
     except _OPEN_ERRORS as exc:
@@ -563,7 +569,7 @@ class MlflowTracker:
         experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
             location = None
-            db = sqlite_path(self.tracking_uri)
+            db = sqlite_store.path_of(self.tracking_uri)
             if db is not None:
                 # Next to the database rather than MLflow's default ./mlruns under whatever
                 # directory the study happens to run in.

@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from autobatch import sqlite_store
 from autobatch.errors import InvalidInputError
 from autobatch.tracking.redact import redact_url
 
@@ -46,15 +47,6 @@ def mlflow_ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(redact_url(uri))}"
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI; None for other stores and in-memory ones."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    path = uri[len(prefix) :].split("?", 1)[0]
-    return None if not path or path.startswith(":memory:") else Path(path)
-
-
 def unreachable(uri: str, detail: str) -> InvalidInputError:
     """The error for a tracking server that does not answer: what, where, and the fixes."""
     return InvalidInputError(
@@ -67,25 +59,21 @@ def unreachable(uri: str, detail: str) -> InvalidInputError:
 def check_store(uri: str, *, create: bool = True, timeout: float = 5.0) -> bool:
     """Fail fast, without MLflow, on what is cheap to see; True when that settles it.
 
-    A SQLite store in a folder that does not exist (or, with ``create=False``, a file that
-    does not exist) and a server that does not answer raise InvalidInputError. True for a
-    SQLite file and for a server that answered at all; False for other stores, which only
-    MLflow itself can check.
+    A SQLite store that cannot work (its folder missing or read-only, a file that is not a
+    database, or, with ``create=False``, no file at all) and a server that does not answer
+    raise InvalidInputError. True for a SQLite file and for a server that answered at all;
+    False for other stores, which only MLflow itself can check.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise InvalidInputError(
             f"tracking_uri={uri!r} must be an MLflow URI such as sqlite:///mlflow.db or "
             "http://127.0.0.1:5000"
         )
-    path = sqlite_path(uri)
+    path = sqlite_store.path_of(uri)
     if path is not None:
         if not create and not path.exists():
             raise InvalidInputError(f"no MLflow store at {redact_url(uri)}: {path} does not exist")
-        if not path.parent.is_dir():
-            raise InvalidInputError(
-                f"cannot create the MLflow store {redact_url(uri)}: folder {path.parent} "
-                "does not exist"
-            )
+        sqlite_store.check(path, "the MLflow store")
         return True
     if uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES:
         _check_database(uri, timeout)

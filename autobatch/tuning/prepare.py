@@ -144,6 +144,7 @@ def prepare(
         }
         study = _existing(opened, name, storage_url)
         notes: list[str] = []
+        created = False
         if study is None:
             probed, ceiling = _resolve_probe(
                 task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
@@ -174,11 +175,16 @@ def prepare(
                 train_size=task.train_size,
                 ceiling=ceiling,
             )
-            if tracker is not None:
-                tracker.ensure_usable()
             study = _create(opened, settings, probed, notes)
-        if study is not None and storage.settings_of(study) is None:
-            study = None  # lost the race to create it: wait for the winner's facts
+            if study is not None:
+                # The study's MLflow run before the mark "prepared": whoever joins finds it.
+                if tracker is not None:
+                    tracker.ensure_usable()
+                    _open_study_run(study, tracker, settings)
+                study.set_user_attr(storage.SETTINGS, settings.to_dict())
+                created = True
+        elif storage.settings_of(study) is None:
+            study = None  # another process is preparing it: wait for its facts
         if study is None:
             study = wait_prepared(opened, name, PREPARE_WAIT)
         settings = _joined(study, task, wanted, candidates, n_trials)
@@ -201,8 +207,9 @@ def prepare(
                 tracker.close()
                 prepared.tracker = None
         elif tracker is not None:
-            tracker.ensure_usable()
-            _open_study_run(study, tracker, settings)
+            if not created:
+                tracker.ensure_usable()
+                _open_study_run(study, tracker, settings)
             prepared.observers.append(tracker)
         return prepared
     except BaseException:
@@ -286,9 +293,7 @@ def _existing(
         return None
     study = load(opened, name, storage.worker_name())
     check_shareable(study, url)
-    if storage.settings_of(study) is None and (
-        study.user_attrs.get(storage.SPACE) is not None or study.get_trials(deepcopy=False)
-    ):
+    if storage.settings_of(study) is None and study.user_attrs.get(storage.SPACE) is not None:
         raise InvalidInputError(
             f"study {name!r} in {redact_url(url or 'memory')} was made by an older autobatch; "
             "give a new --study-name"
@@ -313,7 +318,8 @@ def _create(
     probed: ProbeResult | None,
     notes: list[str],
 ) -> optuna.Study | None:
-    """Create the study and write its facts; None if another process created it first."""
+    """Create the study and write its facts but the settings, which mark it prepared; None
+    if another process created it first."""
     kwargs: dict[str, Any] = (
         {"directions": ["minimize", "minimize"]}
         if settings.objective == "pareto"
@@ -337,7 +343,6 @@ def _create(
         study.enqueue_trial(
             {"batch_size": size, "lr_multiplier": 1.0}, user_attrs={storage.ROLE: role}
         )
-    study.set_user_attr(storage.SETTINGS, settings.to_dict())  # last: the study is prepared
     return study
 
 

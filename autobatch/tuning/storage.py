@@ -13,12 +13,11 @@ not count.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +25,8 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from autobatch import sqlite_store
 from autobatch.errors import InvalidInputError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; creation races stay possible there
-    fcntl = None
 from autobatch.records import ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking.redact import redact_url
 
@@ -39,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Study attributes, written by prepare only.
 SETTINGS = "autobatch_settings"  # StudySettings; written last: its presence means "prepared"
-SPACE = "autobatch_space"  # the settings that a rerun must match
+SPACE = "autobatch_space"  # written by autobatch before 0.2 only: marks an older study
 PROBE = "autobatch_probe"
 NOTES = "autobatch_notes"
 HOST = "autobatch_prepared_on"
@@ -52,7 +47,6 @@ RUN_ID = "mlflow_run_id"
 REASON = "reason"  # why a trial with no record (skipped, given back, broken) ended
 WORKER = "autobatch_worker"
 
-SPACE_KEYS = ("objective", "lr_rule", "lr_multiplier_range", "candidates", "max_epochs", "seed")
 
 #: Seconds between a running trial's heartbeats, and without one before it counts as dead.
 HEARTBEAT_INTERVAL = 10
@@ -109,7 +103,10 @@ def open_storage(
     try:
         if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
             sqlite = url.startswith("sqlite:")
-            with _creation_lock(url), warnings.catch_warnings():
+            path = sqlite_store.path_of(url)
+            if path is not None:
+                sqlite_store.check(path, "the study storage")
+            with sqlite_store.creation_lock(path), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 opened = optuna.storages.RDBStorage(
                     url,
@@ -122,6 +119,8 @@ def open_storage(
                 _fast_sqlite(opened.engine)
             return opened
         return optuna.storages.get_storage(url)
+    except InvalidInputError:
+        raise
     except OSError as exc:  # the SQLite file or its folder
         raise InvalidInputError(
             f"cannot write the study storage {redact_url(url)} ({exc.strerror or exc}); run "
@@ -155,28 +154,6 @@ def _fast_sqlite(engine: Any) -> None:
 
     sqlalchemy.event.listen(engine, "connect", pragmas)
     engine.dispose()  # connections opened while creating the tables reconnect with them
-
-
-@contextlib.contextmanager
-def _creation_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock on a SQLite file while Optuna opens it: two processes creating
-    its tables at once break the file (a duplicate ``alembic_version`` row)."""
-    prefix = "sqlite:///"
-    path = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
-    if not path or path.startswith(":memory:") or fcntl is None:
-        yield
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InvalidInputError(
-            f"cannot create the study storage {redact_url(url)}: folder {folder} does not exist"
-        )
-    with open(path, "ab") as handle:  # an empty file is an empty SQLite database
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def stale_listeners(study: optuna.Study) -> list[Callable[[FrozenTrial], None]] | None:
@@ -213,13 +190,6 @@ def settings_of(study: optuna.Study) -> StudySettings | None:
 def probe_of(study: optuna.Study) -> ProbeResult | None:
     data = study.user_attrs.get(PROBE)
     return None if data is None else ProbeResult.from_dict(data)
-
-
-def space_of(settings: StudySettings) -> dict[str, Any]:
-    data = settings.to_dict()
-    return {
-        key: list(data[key]) if isinstance(data[key], tuple) else data[key] for key in SPACE_KEYS
-    }
 
 
 # -- trials ----------------------------------------------------------------------------------
