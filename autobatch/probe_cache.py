@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -102,10 +103,12 @@ def load(digest: str, directory: str | os.PathLike | None = None) -> ProbeResult
 
 def store(digest: str, result: ProbeResult, directory: str | os.PathLike | None = None) -> None:
     path = Path(directory or default_dir())
+    tmp = path / f".{digest}.{os.getpid()}.tmp"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{digest}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(result.to_dict(), indent=1))
         tmp.replace(path / f"{digest}.json")
-    except OSError as exc:  # a read-only home must not fail the probe
+    except OSError as exc:  # a read-only home or a full disk must not fail the probe
         log.warning("could not write the probe cache in %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)

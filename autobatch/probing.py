@@ -157,8 +157,6 @@ def find_max_batch_size(
         raise InvalidInputError(
             f"step must be callable as step(batch_size); got {type(step).__name__}"
         )
-    if not isinstance(meter, MemoryMeter):
-        raise InvalidInputError("meter must be a MemoryMeter, e.g. TrackedMeter(capacity=2**30)")
     validation.check(validation.FIND_MAX_BATCH_SIZE, locals())
     _check_bounds(max_batch_size, multiple_of)
     start = time.perf_counter()

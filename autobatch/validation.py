@@ -15,7 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+from torch import nn
+
 from autobatch.errors import InvalidInputError
+from autobatch.memory.base import MemoryMeter
+from autobatch.records import ProbeResult
 from autobatch.units import parse_bytes
 
 NAN, INF = float("nan"), float("inf")
@@ -207,6 +212,31 @@ class MultiplierRange:
 
 
 @dataclass(frozen=True)
+class Instance:
+    """An object of one of ``kinds``, named by ``wanted`` in the message."""
+
+    kinds: tuple[type, ...]
+    wanted: str
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, self.kinds) else f"must be {self.wanted}"
+
+    def invalid(self) -> list[Any]:
+        return ["x", 3]
+
+
+@dataclass(frozen=True)
+class Observers:
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            return None
+        return "must be a list of observers (objects with the TuneObserver methods)"
+
+    def invalid(self) -> list[Any]:
+        return ["tracker", 3]
+
+
+@dataclass(frozen=True)
 class Optional:
     inner: Any
 
@@ -223,6 +253,7 @@ class Optional:
 # -- the declarations ---------------------------------------------------------------------------
 
 FRACTION = Real(0, 1, high_open=True, example=0.05)
+METER = Instance((MemoryMeter,), "a MemoryMeter, e.g. TrackedMeter(capacity=2**30)")
 
 TASK: dict[str, Spec] = {
     "lr": Real(0, low_open=True, example=1e-3),
@@ -234,6 +265,7 @@ TASK: dict[str, Spec] = {
 }
 
 FIND_MAX_BATCH_SIZE: dict[str, Spec] = {
+    "meter": METER,
     "max_batch_size": Optional(Integer(1, example=4096)),
     "headroom": FRACTION,
     "multiple_of": Integer(1, example=8),
@@ -243,6 +275,9 @@ FIND_MAX_BATCH_SIZE: dict[str, Spec] = {
 }
 
 PROBE: dict[str, Spec] = {
+    "meter": Optional(METER),
+    "model": Optional(Instance((nn.Module,), "a torch.nn.Module")),
+    "optimizer": Optional(Instance((torch.optim.Optimizer,), "a torch.optim.Optimizer")),
     "memory_budget": Optional(ByteSize()),
     "headroom": FRACTION,
     "max_batch_size": Optional(Integer(1, example=4096)),
@@ -257,6 +292,8 @@ _WORKER: dict[str, Spec] = {
     "timeout": Optional(Real(0, low_open=True, example=3600, unit=" (seconds)")),
     "mlflow": Flag(),
     "tracking_uri": Optional(Text("sqlite:///mlflow.db")),
+    "observers": Observers(),
+    "meter": Optional(METER),
     "progress": Flag(),
     "heartbeat_interval": Integer(1, example=10),
     "grace_period": Integer(1, example=30),
@@ -276,6 +313,7 @@ TUNE: dict[str, Spec] = {
     "storage": Optional(Text("sqlite:///autobatch.db")),
     "study_name": Optional(Text("my-study")),
     "memory_budget": Optional(ByteSize()),
+    "probe_result": Optional(Instance((ProbeResult,), "a ProbeResult from autobatch.probe()")),
     "headroom": FRACTION,
     "max_batch_size": Optional(Integer(1, example=4096)),
     "experiment": Optional(Text("my-experiment")),

@@ -637,6 +637,18 @@ def test_unreadable_cache_entry_is_ignored_and_replaced(tmp_path):
     assert json.loads(entry.read_text())["batch_size"] == first.batch_size
 
 
+def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path, caplog):
+    task = make_task(step=CountingStep())
+    first = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.json")
+    entry.unlink()
+    entry.mkdir()  # the entry's name is taken: the final rename fails
+    again = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    assert again.batch_size == first.batch_size  # the probe itself did not fail
+    assert "could not write the probe cache" in caplog.text
+    assert list(tmp_path.glob(".*.tmp")) == []
+
+
 class PlannedCardMeter(TrackedMeter):
     """Stands in for a hardware meter planning for a smaller card, like CudaMeter(limit=...)."""
 

@@ -82,7 +82,8 @@ def test_find_max_batch_size(name, bad):
     def step(batch_size: int) -> None:
         BUILT.append(batch_size)
 
-    refused(name, lambda: find_max_batch_size(step, meter=TrackedMeter(1 << 20), **{name: bad}))
+    options = {"meter": TrackedMeter(1 << 20), name: bad}
+    refused(name, lambda: find_max_batch_size(step, **options))
 
 
 @pytest.mark.parametrize(("name", "bad"), cases(v.JOIN_STUDY))

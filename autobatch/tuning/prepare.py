@@ -429,9 +429,7 @@ def _resolve_probe(
     notes: list[str],
 ) -> tuple[ProbeResult | None, int]:
     train_size = task.train_size
-    if given is not None:
-        if not isinstance(given, ProbeResult):
-            raise InvalidInputError("probe= must be a ProbeResult from autobatch.probe()")
+    if given is not None:  # checked at the boundary
         return given, min(given.batch_size, train_size)
     if task.device.type == "cpu" and memory_budget is None and meter is None:
         ceiling = min(train_size, max_batch_size or train_size)
