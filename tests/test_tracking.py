@@ -272,7 +272,7 @@ def test_one_parent_run_and_a_child_run_per_trial(logged: LoggedStudy) -> None:
     assert sorted(logged.children) == [0, 1, 2, 3]
     for number, child in logged.children.items():
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.info.run_name == f"trial-{number}"
+        assert child.info.run_name.startswith(f"t{number:02d} bs={PLAN[number][0]} lr=")
         assert child.data.params["batch_size"] == str(PLAN[number][0])
         assert child.data.params["device"] == "cuda:0"
         assert child.data.params["iterations_per_epoch"] == str(
@@ -289,6 +289,12 @@ def test_one_parent_run_and_a_child_run_per_trial(logged: LoggedStudy) -> None:
     assert logged.children[1].data.metrics["time_to_target"] > 0
     assert logged.result.best_trial == 1
     assert "time_to_target" not in logged.children[2].data.metrics
+    # At a glance: the outcome in the name (the winner marked best), a 0/1 metric, a line.
+    names = {n: c.info.run_name.split()[-1] for n, c in logged.children.items()}
+    assert names == {0: "reached", 1: "best", 2: "pruned", 3: "infeasible"}
+    reached = {n: c.data.metrics["reached_target"] for n, c in logged.children.items()}
+    assert reached == {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}
+    assert "reached the target after" in logged.children[1].data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow

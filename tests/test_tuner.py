@@ -214,9 +214,10 @@ def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("autobatch-digits")
     runs = client.search_runs([experiment.experiment_id])
-    statuses = {r.info.run_name: r.info.status for r in runs}
-    assert statuses["trial-0"] == "FINISHED"
-    assert statuses["trial-1"] == "KILLED"
+    statuses = {r.data.tags.get("trial_number"): r.info.status for r in runs}
+    names = {r.data.tags.get("trial_number"): r.info.run_name for r in runs}
+    assert statuses["0"] == "FINISHED"
+    assert statuses["1"] == "KILLED" and names["1"].endswith(" interrupted")
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     assert "RUNNING" not in statuses.values()

@@ -43,7 +43,15 @@ from mlflow.exceptions import MlflowException
 
 from autobatch import sqlite_store
 from autobatch.errors import InvalidInputError
-from autobatch.records import FAILED, INFEASIBLE, EvalPoint, ProbeResult, StudySettings, TrialRecord
+from autobatch.records import (
+    COMPLETE,
+    FAILED,
+    INFEASIBLE,
+    EvalPoint,
+    ProbeResult,
+    StudySettings,
+    TrialRecord,
+)
 from autobatch.tracking.redact import redact_url
 from autobatch.tracking.uri import check_store, unreachable
 from autobatch.tuning import curves
@@ -224,6 +232,40 @@ def point_metrics(point: EvalPoint) -> list[Metric]:
     ]
 
 
+def outcome(record: TrialRecord) -> str:
+    """How a trial ended, as a reviewer sorts trials: reached (the target), missed, pruned,
+    failed, infeasible, interrupted, running."""
+    if record.reason == "interrupted":
+        return "interrupted"
+    if record.state == COMPLETE:
+        return "reached" if record.time_to_target is not None else "missed"
+    return record.state
+
+
+def run_name(record: TrialRecord, label: str | None = None) -> str:
+    """``t03 bs=64 lr=5.4e-03 pruned``: the configuration and how it ended, at a glance (while
+    it runs, the configuration alone)."""
+    name = f"t{record.number:02d} bs={record.batch_size} lr={record.lr:.2g}"
+    return f"{name} {label}" if label else name
+
+
+def trial_summary(record: TrialRecord) -> str:
+    """One line describing the trial: the run's description in the MLflow UI."""
+    config = (
+        f"Batch size {record.batch_size}, learning rate {record.lr:.3g} "
+        f"(x{record.lr_multiplier:.3g} of the {record.lr_rule}-rule rate)"
+    )
+    best = "-" if record.best_val_loss is None else f"{record.best_val_loss:.4g}"
+    if record.time_to_target is not None:
+        return (
+            f"{config}: reached the target after {record.time_to_target:.3g} s of training "
+            f"({record.samples_to_target} samples); best loss {best}."
+        )
+    if record.state == COMPLETE:
+        return f"{config}: never reached the target; best loss {best}."
+    return f"{config}: {outcome(record)}" + (f" ({record.reason})." if record.reason else ".")
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with tuples as lists, non-finite floats as None and unknown objects as text."""
     if isinstance(value, dict):
@@ -287,6 +329,7 @@ class MlflowTracker:
         self._open: dict[int, str] = {}  # child runs not yet terminated
         self._buffer: dict[str, list[Metric]] = {}  # metrics not yet sent, by run id
         self._params: dict[str, dict[str, str]] = {}  # trial parameters not yet sent
+        self._names: dict[str, str] = {}  # run id -> its name while the trial runs
         self._last_flush = 0.0
         self._flush_cost = 0.0
         self._settings: StudySettings | None = None
@@ -416,7 +459,7 @@ class MlflowTracker:
             lambda: self._client.create_run(
                 self.experiment_id,
                 start_time=record.started_ms,
-                run_name=f"trial-{record.number}",
+                run_name=run_name(record),
                 tags=tags,
             ),
         )
@@ -440,6 +483,7 @@ class MlflowTracker:
         self._params[run_id] = {k: _param_value(v) for k, v in params.items()}
         self.run_ids[record.number] = run_id
         self._open[record.number] = run_id
+        self._names[run_id] = run_name(record)
         # On the Optuna trial, so its record and a rerun of a dead worker's trial find it.
         trial.set_user_attr("mlflow_run_id", run_id)
 
@@ -487,13 +531,20 @@ class MlflowTracker:
             for key, value in values.items()
             if isinstance(value, int | float) and math.isfinite(value)
         ]
-        tags = {"state": record.state}
+        reached = record.time_to_target is not None
+        metrics.append(Metric("reached_target", float(reached), now, step))
+        tags = {
+            "state": record.state,
+            "outcome": outcome(record),
+            "mlflow.note.content": trial_summary(record),
+        }
         if record.reason:
             tags["reason"] = record.reason
         status = self._final_status(record)
 
         def finish() -> None:
             self._log(run_id, params=params, metrics=metrics, tags=tags)
+            self._client.update_run(run_id, name=run_name(record, outcome(record)))
             self._client.set_terminated(run_id, status, end_time=record.ended_ms)
 
         self._send(f"the end of trial {record.number}", finish)
@@ -536,8 +587,12 @@ class MlflowTracker:
         )
         if best_run:
             tags["best_run_id"] = best_run
+        best = next((t for t in result.trials if t.number == result.best_trial), None)
 
         def finish() -> None:
+            if best_run and best is not None:
+                self._client.update_run(best_run, name=run_name(best, "best"))
+                self._log(best_run, tags={"outcome": "best"})
             self._log(parent, tags=tags)
             self._log_result_artifacts(parent, result)
             self._client.set_terminated(parent, "FINISHED")
@@ -621,10 +676,16 @@ class MlflowTracker:
         open_runs, self._open = self._open, {}
         for number, run_id in open_runs.items():
             params = self._params.pop(run_id, None)
-            tags = {"state": "interrupted", "reason": str(reason)[:_TAG_LIMIT]}
+            tags = {"state": "interrupted", "outcome": "interrupted"}
+            tags["reason"] = str(reason)[:_TAG_LIMIT]
+            name = self._names.get(run_id)
 
-            def end(run_id: str = run_id, params: Any = params, tags: Any = tags) -> None:
+            def end(
+                run_id: str = run_id, params: Any = params, tags: Any = tags, name: Any = name
+            ) -> None:
                 self._log(run_id, params=params, tags=tags)
+                if name:
+                    self._client.update_run(run_id, name=f"{name} interrupted")
                 self._client.set_terminated(run_id, status)
 
             self._send(f"the end of trial {number}", end)
@@ -685,7 +746,8 @@ class MlflowTracker:
             lines.append("\n**Warnings**\n")
             lines += [f"- {w}" for w in result.warnings]
         lines.append(
-            "\nCompare the child runs `trial-N` on `val_loss_smoothed` (step = training "
+            "\nCompare the child runs (`tNN bs=... lr=... outcome`) on `val_loss_smoothed` "
+            "(step = training "
             "samples); see `learning_curves.png` and `batch_size_tradeoff.png` below."
         )
         return "\n".join(lines)
