@@ -25,7 +25,6 @@ from typing import Any
 import optuna
 import torch
 
-from autobatch import validation
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
@@ -57,18 +56,9 @@ class Prepared:
             self.tracker.close()  # however the study ended; a no-op once it has closed itself
 
 
-def check_tune_inputs(
-    task: Task,
-    *,
-    n_trials: int | None,
-    timeout: float | None,
-    max_epochs: float,
-    objective: str,
-    lr_rule: str,
-    lr_multiplier_range: tuple[float, float],
-    target_loss: float | None,
-) -> None:
-    """Everything about a tune call that can be judged before anything is built or opened."""
+def check_tune_inputs(task: Task, *, n_trials: int | None, timeout: float | None) -> None:
+    """What a tune call's parameters say together, beyond each one's declaration (checked by
+    ``tune()`` against ``validation.TUNE``), before anything is built or opened."""
     if not isinstance(task, Task):
         raise InvalidInputError(f"tune() needs an autobatch.Task; got {type(task).__name__}")
     if task.val_data is None:
@@ -76,7 +66,6 @@ def check_tune_inputs(
             "Task.val_data is missing; the tuner scores trials on validation loss, so give "
             "val_data=(inputs, targets) or a Dataset (e.g. hold out 10-20% of the training set)"
         )
-    validation.check(validation.TUNE, locals())
     if n_trials is None and timeout is None:
         raise InvalidInputError("give n_trials, timeout or both, so the study ends")
     if task.train_size < 2:
@@ -113,16 +102,7 @@ def prepare(
     grace_period: int,
 ) -> Prepared:
     """A study for ``task`` with its facts written (see the module docstring)."""
-    check_tune_inputs(
-        task,
-        n_trials=n_trials,
-        timeout=timeout,
-        max_epochs=max_epochs,
-        objective=objective,
-        lr_rule=lr_rule,
-        lr_multiplier_range=lr_multiplier_range,
-        target_loss=target_loss,
-    )
+    check_tune_inputs(task, n_trials=n_trials, timeout=timeout)
     # Everything that can be unreachable is contacted before any trial. The MLflow logging
     # process starts now and imports MLflow while the probe runs.
     opened = storage.open_storage(
