@@ -108,6 +108,19 @@ def _length(data: Any) -> int:
     return len(data)
 
 
+def _non_finite(tensor: torch.Tensor, chunk_elements: int = 1 << 24) -> str | None:
+    """``"nan"`` or ``"inf"`` when a floating tensor holds one, else None. Row blocks of about
+    ``chunk_elements`` at a time, so a large dataset needs no second copy of itself."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    rows = max(1, chunk_elements // max(1, tensor[0].numel()))
+    for start in range(0, tensor.shape[0], rows):
+        block = tensor[start : start + rows]
+        if not bool(torch.isfinite(block).all()):
+            return "nan" if bool(torch.isnan(block).any()) else "inf"
+    return None
+
+
 def _check_data(data: Any, name: str) -> None:
     if isinstance(data, torch.Tensor):
         raise InvalidInputError(
@@ -124,8 +137,8 @@ def _check_data(data: Any, name: str) -> None:
         if sizes == {0}:
             raise InvalidInputError(f"Task.{name} is empty; give at least one sample")
         for tensor in data:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = "nan" if bool(torch.isnan(tensor).any()) else "inf"
+            bad = _non_finite(tensor)
+            if bad:
                 raise InvalidInputError(
                     f"Task.{name} holds {bad} values (in a tensor of shape "
                     f"{tuple(tensor.shape)}); remove or impute those samples"
