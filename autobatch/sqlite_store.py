@@ -33,6 +33,18 @@ def path_of(url: str) -> Path | None:
     return None if not path or path.startswith(":memory:") else Path(path)
 
 
+def absolute(url: str) -> str:
+    """``url`` with a relative SQLite path made absolute, so the store is the same file from
+    whichever folder a worker, ``mlflow ui`` or a report starts in; other URLs unchanged."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return url
+    path, mark, query = url[len(prefix) :].partition("?")
+    if not path or path.startswith((":memory:", "/")):
+        return url
+    return f"{prefix}{Path(path).resolve()}{mark}{query}"
+
+
 def check(path: Path, what: str) -> None:
     """InvalidInputError when ``path`` cannot serve as a SQLite store: its folder is missing
     or read-only, or the file is not a SQLite database. ``what`` names the store."""

@@ -32,12 +32,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     uri = str(uri).strip()
     if "://" not in uri and uri.endswith(".db"):
         return f"sqlite:///{Path(uri).expanduser().resolve()}"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        path = uri[len(prefix) :]
-        if path and not path.startswith("/") and not path.startswith(":memory:"):
-            return f"{prefix}{Path(path).resolve()}"
-    return uri
+    return sqlite_store.absolute(uri)
 
 
 def mlflow_ui_command(uri: str) -> str:

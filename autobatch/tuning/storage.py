@@ -76,18 +76,6 @@ class StaleTrials:
             listener(trial)
 
 
-def resolve_url(url: str | None) -> str | None:
-    """``url`` with a relative SQLite path made absolute: the study is then the same file
-    whichever folder a worker (or ``mlflow``-style tool) starts in, and says where it is."""
-    prefix = "sqlite:///"
-    if url is None or not url.startswith(prefix):
-        return url
-    path, _, query = url[len(prefix) :].partition("?")
-    if not path or path.startswith((":memory:", "/")):
-        return url
-    return f"{prefix}{os.path.abspath(path)}" + (f"?{query}" if query else "")
-
-
 def open_storage(
     url: str | None,
     *,
@@ -115,7 +103,7 @@ def open_storage(
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=StaleTrials(),
                 )
-            if sqlite and ":memory:" not in url:
+            if path is not None:
                 _fast_sqlite(opened.engine)
             return opened
         return optuna.storages.get_storage(url)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from autobatch import validation
+from autobatch import sqlite_store, validation
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.probing import DEFAULT_HEADROOM
@@ -25,7 +25,6 @@ from autobatch.tuning.storage import (
     HEARTBEAT_INTERVAL,
     MLFLOW,
     open_storage,
-    resolve_url,
     settings_of,
     worker_name,
 )
@@ -112,7 +111,8 @@ def tune(
             f"workers={workers} needs a study storage the workers share, e.g. "
             "storage='sqlite:///autobatch.db' (this machine) or 'postgresql://user@host/db'"
         )
-    storage = resolve_url(storage)
+    if storage is not None:
+        storage = sqlite_store.absolute(storage)
     prepared = preparing.prepare(
         task,
         n_trials=n_trials,
@@ -205,7 +205,7 @@ def join_study(
         raise InvalidInputError(f"join_study() needs an autobatch.Task; got {type(task).__name__}")
     validation.check(validation.JOIN_STUDY, locals())
     name = study_name or f"autobatch-{task.name}"
-    storage = resolve_url(storage)
+    storage = sqlite_store.absolute(storage)
     opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = preparing.wait_prepared(opened, name, wait, worker_name())
     preparing.check_shareable(study, storage)
