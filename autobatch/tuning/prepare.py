@@ -359,25 +359,15 @@ def _joined(
 
 def check_same_task(settings: StudySettings, task: Task) -> None:
     """A worker's task must be the one the study was prepared for."""
-    mine = {
-        "task": task.name,
-        "training samples": task.train_size,
-        "learning rate": task.lr,
-        "batch size": task.batch_size,
-        "precision": task.precision,
-    }
-    theirs = {
-        "task": settings.task_name,
-        "training samples": settings.train_size,
-        "learning rate": settings.base_lr,
-        "batch size": settings.base_batch_size,
-        "precision": settings.precision,
-    }
-    differ = [
-        f"{key} {mine[key]!r} here, {theirs[key]!r} in the study"
-        for key in mine
-        if mine[key] != theirs[key]
-    ]
+    pairs = (
+        ("task", task.name, settings.task_name),
+        ("training samples", task.train_size, settings.train_size),
+        ("learning rate", task.lr, settings.base_lr),
+        ("batch size", task.batch_size, settings.base_batch_size),
+        ("precision", task.precision, settings.precision),
+    )
+    differ = [f"{label} {mine!r} here, {theirs!r} in the study" for label, mine, theirs in pairs
+              if mine != theirs]  # fmt: skip
     if differ:
         raise InvalidInputError(
             f"this task is not the one study {settings.study_name!r} was prepared for "
