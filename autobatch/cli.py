@@ -439,22 +439,22 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
     lines = [line for line in text if line not in recommendation]
     settings = result.settings
     if result.target_loss is not None:
-        lines.append(
-            f"Target: validation loss <= {result.target_loss:.4f} x (1 + {settings.tolerance:g})"
-        )
+        lines.append(f"Target: {result.target()}")
     lines.append(
         f"Study: {settings.study_name} in {settings.storage}, {len(result.trials)} trials finished "
         f"(n_trials {settings.n_trials}); to add trials, run the same command with a larger "
         "--n-trials"
     )
-    if result.mlflow_run_id:
+    if result.mlflow_run_id and tracking_uri is not None:
         from autobatch.tracking import mlflow_ui_command
+        from autobatch.tracking.uri import study_run_url
+        from autobatch.tuning.storage import MLFLOW
 
-        if tracking_uri is not None:
-            lines.append(
-                f"MLflow: study run {result.mlflow_run_id}; review with: "
-                f"{mlflow_ui_command(tracking_uri)}"
-            )
+        known = (result.study.user_attrs.get(MLFLOW) if result.study else None) or {}
+        where = f"study run {result.mlflow_run_id}"
+        if known.get("experiment_id"):
+            where = study_run_url(tracking_uri, known["experiment_id"], result.mlflow_run_id)
+        lines.append(f"MLflow: {where}; review with: {mlflow_ui_command(tracking_uri)}")
     lines += recommendation
     return "\n".join(lines)
 

@@ -223,6 +223,18 @@ class TuneResult:
             "best_trial": self.best_trial,
         }
 
+    def target(self) -> str | None:
+        """The loss every trial had to reach, with where it came from: the one way the target
+        is shown (CLI, MLflow, charts)."""
+        if self.target_loss is None:
+            return None
+        level = self.target_loss + self.settings.tolerance * abs(self.target_loss)
+        basis = "target_loss" if self.settings.target_loss is not None else "the best loss found"
+        return (
+            f"validation loss <= {level:.4g} ({basis}, {self.target_loss:.4g}, "
+            f"+ {self.settings.tolerance:.0%})"
+        )
+
     def table(self) -> list[dict[str, Any]]:
         """One row per trial, without learning curves."""
         return [t.summary() for t in self.trials]

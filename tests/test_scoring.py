@@ -91,15 +91,49 @@ def test_a_miss_never_scores_better_than_a_hit() -> None:
     assert rescored[2].value > rescored[1].value and rescored[2].time_to_target is None
 
 
-def test_the_baseline_fixes_the_target_and_a_failed_one_hands_over() -> None:
+def test_the_baseline_is_the_reference_and_a_failed_one_hands_over() -> None:
     later = record(1, [1.0, 0.3], 5.0)
     assert scoring.reference([BASE, later]) is BASE
-    assert scoring.target_loss([BASE, later], settings()) == 0.4
+    assert scoring.target_loss([BASE], settings()) == 0.4
+    assert scoring.target_loss([later], settings()) is None  # nothing before the reference
+    assert scoring.target_loss([BASE, later], settings()) == 0.3  # follows the best loss
     assert scoring.target_loss([BASE], settings(target_loss=0.7)) == 0.7
     assert scoring.reference([later]) is None  # the baseline has not ended
     diverged = record(0, [2.0, math.inf], 10.0, batch_size=16, state=FAILED, role=BASELINE)
     assert scoring.reference([diverged, later]) is later
     assert scoring.pruning_scale_ms([BASE]) == int(40.0 * 1000 / 5)
+
+
+def test_the_target_follows_the_best_loss_and_the_recommendation_ends_near_it() -> None:
+    """A poor baseline (0.4) must not make speed to a poor loss the goal: the fast trial that
+    only gets to the baseline's loss loses to the one that gets near the best loss found,
+    and the epochs recommended are where the winner's curve first reached it."""
+    fast_to_poor = record(1, [0.6, 0.41, 0.40, 0.40], 2.0, batch_size=256)  # 4 s to 0.41
+    slow_to_best = record(2, [0.9, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2], 5.0)  # 0.2 at 20 s
+    near_best = record(3, [0.8, 0.4, 0.204, 0.203, 0.2035, 0.204], 4.0)  # 0.204 at 12 s
+    records = [BASE, fast_to_poor, slow_to_best, near_best]
+    result = scoring.recommend(records, settings(tolerance=0.02))
+    assert result.target_loss == 0.2
+    assert result.best_trial == 3  # within 2% of 0.2, and the fastest to get there
+    assert result.epochs == 2  # reached at the third evaluation: epoch 1.5, rounded up
+    judged = {r.number: r for r in result.trials}
+    assert judged[1].time_to_target is None and judged[1].value > judged[2].value
+    assert judged[3].time_to_target == pytest.approx(12.0)
+    # A target the user gave is kept as given.
+    mine = scoring.recommend(records, settings(tolerance=0.02, target_loss=0.4))
+    assert mine.target_loss == 0.4 and mine.best_trial == 1
+
+
+def test_the_winner_is_the_fastest_in_whole_epochs() -> None:
+    """The user trains whole epochs: a trial that crosses the target early in an epoch pays
+    for the rest of it."""
+    early_in_epoch = record(1, [0.8, 0.5, 0.2, 0.2], 4.0)  # target at epoch 1.5 (12 s); 2 = 16 s
+    at_epoch_end = record(2, [0.8, 0.5, 0.3, 0.2], 3.5)  # target at epoch 2.0, 14 s
+    result = scoring.recommend([BASE, early_in_epoch, at_epoch_end], settings(tolerance=0.02))
+    judged = {r.number: r for r in result.trials}
+    assert judged[1].time_to_target < judged[2].time_to_target
+    assert (result.best_trial, result.epochs) == (2, 2)
+    assert scoring.cost_seconds(judged[1]) == pytest.approx(16.0)
 
 
 def test_trials_on_other_hardware_are_timed_on_the_reference_clock() -> None:

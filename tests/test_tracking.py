@@ -209,6 +209,14 @@ def run_study(tracker: MlflowTracker, name: str, plan=PLAN) -> tuple[optuna.Stud
     study = optuna.create_study(study_name=name)
     tracker.study_started(settings, make_probe())
     records = tuple(run_trial(tracker, study, step) for step in plan)
+    # The final target is harder than the one trial 0 was told against: judged again, it
+    # missed (the tracker must say so on its run).
+    records = tuple(
+        replace(r, time_to_target=None, samples_to_target=None, value=1e9 + 0.1)
+        if r.number == 0
+        else r
+        for r in records
+    )
     best = min((r for r in records if r.value is not None), key=lambda r: r.value)
     result = TuneResult(
         batch_size=best.batch_size,
@@ -286,14 +294,22 @@ def test_one_parent_run_and_a_child_run_per_trial(logged: LoggedStudy) -> None:
         3: ("infeasible", "FAILED"),
     }
     assert logged.children[3].data.tags["reason"] == "out of memory at 2048"
-    assert logged.children[1].data.metrics["time_to_target"] > 0
+    assert logged.children[1].data.metrics["summary/time_to_target"] > 0
     assert logged.result.best_trial == 1
-    assert "time_to_target" not in logged.children[2].data.metrics
+    assert "summary/time_to_target" not in logged.children[2].data.metrics
     # At a glance: the outcome in the name (the winner marked best), a 0/1 metric, a line.
     names = {n: c.info.run_name.split()[-1] for n, c in logged.children.items()}
-    assert names == {0: "reached", 1: "best", 2: "pruned", 3: "infeasible"}
-    reached = {n: c.data.metrics["reached_target"] for n, c in logged.children.items()}
-    assert reached == {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}
+    assert names == {0: "missed", 1: "best", 2: "pruned", 3: "infeasible"}
+    reached = {n: c.data.metrics["summary/reached_target"] for n, c in logged.children.items()}
+    assert reached == {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.0}
+    # Trial 0 reached the target it was told against, not the final one: its run says so.
+    missed = logged.children[0].data
+    assert missed.tags["outcome"] == "missed" and math.isnan(
+        missed.metrics["summary/time_to_target"]
+    )
+    objective = "summary/objective_value"
+    assert missed.metrics[objective] > logged.children[1].data.metrics[objective]
+    assert "never reached the target" in missed.tags["mlflow.note.content"]
     assert "reached the target after" in logged.children[1].data.tags["mlflow.note.content"]
 
 
@@ -312,7 +328,7 @@ def test_settings_and_probe_are_parameters_the_recommendation_tags(logged: Logge
     assert tags["recommended_batch_size"] == str(logged.result.batch_size)
     assert tags["best_trial"] == str(logged.result.best_trial)
     assert tags["recommended_epochs"] == "3"
-    assert "recommended_epochs" not in logged.parent.data.metrics
+    assert set(logged.parent.data.metrics) == {"probe/peak_mib"}  # no one-point summaries
     assert "recommended_batch_size" not in params
     assert "above the ceiling" in tags["warnings"]
     assert "Recommendation" in tags["mlflow.note.content"]
@@ -322,17 +338,21 @@ def test_settings_and_probe_are_parameters_the_recommendation_tags(logged: Logge
 def test_metric_histories_use_samples_as_step(logged: LoggedStudy) -> None:
     for number, child in logged.children.items():
         curve = logged.result.trials[number].curve
-        history = logged.client.get_metric_history(child.info.run_id, "val_loss")
+        history = logged.client.get_metric_history(child.info.run_id, "curve/val_loss")
         assert [m.step for m in history] == [p.samples for p in curve]
         assert [m.value for m in history] == pytest.approx([p.val_loss for p in curve])
         assert [m.timestamp for m in history] == [p.timestamp_ms for p in curve]
     metrics = logged.children[0].data.metrics
-    assert "val_accuracy" not in metrics and "peak_memory_bytes" not in metrics
-    assert "val_accuracy" in logged.children[1].data.metrics
-    probe = logged.client.get_metric_history(logged.parent.info.run_id, "probe_peak_bytes")
+    assert "curve/val_accuracy" not in metrics and "curve/peak_memory_mib" not in metrics
+    assert "curve/val_accuracy" in logged.children[1].data.metrics
+    # Every metric sits in a section the UI groups by.
+    sections = {name.split("/")[0] for c in logged.children.values() for name in c.data.metrics}
+    assert sections == {"curve", "summary"}
+    probe = logged.client.get_metric_history(logged.parent.info.run_id, "probe/peak_mib")
     assert sorted(m.step for m in probe) == [1, 256, 1000, 1050]  # the OOM left no reading
-    fitted = logged.client.get_metric_history(logged.parent.info.run_id, "probe_fitted")
-    assert {m.step: m.value for m in fitted}[1100] == 0
+    peaks = {m.step: m.value for m in probe}
+    attempt = next(a for a in logged.result.probe.attempts if a.batch_size == 1000)
+    assert peaks[1000] == pytest.approx(attempt.peak_bytes / 2**20)  # in MiB
 
 
 @pytest.mark.slow
@@ -381,9 +401,17 @@ def test_report_from_mlflow(logged: LoggedStudy) -> None:
     assert by_number[1]["mlflow_run_id"] == logged.children[1].info.run_id
     again = load_report(tracking_uri=logged.url, run_id=logged.parent.info.run_id)
     assert again.trials == report.trials
+    # A trial's run leads to its study's report.
+    from_trial = load_report(tracking_uri=logged.url, run_id=logged.children[2].info.run_id)
+    assert from_trial.parent_run_id == logged.parent.info.run_id
+    assert from_trial.trials == report.trials and from_trial.recommendation
     text = format_report(report)
     assert f"batch size {logged.result.batch_size}" in text
-    assert "infeasible" in text and "time-to-target" in text
+    assert "time-to-target" in text and "lr x" in text
+    rows = {line.split()[0]: line for line in text.splitlines()[4:8]}
+    assert rows["1"].split()[1] == "best" and rows["0"].split()[1] == "missed"
+    assert "pruned" in rows["2"] and "successive halving" in rows["2"]
+    assert "infeasible" in rows["3"] and "out of memory at 2048" in rows["3"]
 
 
 @pytest.mark.slow
@@ -412,7 +440,7 @@ def test_metrics_are_sent_in_few_batches(mlflow_server: str) -> None:
     assert len(metric_batches) <= 6, metric_batches
     assert buffering < 2.0
     history = MlflowClient(mlflow_server).get_metric_history(
-        tracker.run_ids[0], "samples_per_second"
+        tracker.run_ids[0], "curve/samples_per_second"
     )
     assert len(history) == 400
 
@@ -436,7 +464,7 @@ def test_interrupted_study_marks_runs_killed(mlflow_server: str) -> None:
     assert client.get_run(tracker.run_ids[0]).info.status == "FINISHED"
     open_trial = client.get_run(tracker.run_ids[1])
     assert open_trial.info.status == "KILLED"
-    assert len(client.get_metric_history(tracker.run_ids[1], "val_loss")) == 3
+    assert len(client.get_metric_history(tracker.run_ids[1], "curve/val_loss")) == 3
     report = load_report(tracking_uri=mlflow_server, run_id=tracker.parent_run_id)
     assert report.recommendation == {}
     assert "without a recommendation" in report.warnings[-1]

@@ -72,7 +72,7 @@ def test_tune_against_a_real_server(task, mlflow_server: str, tmp_path: Path) ->
         record = next(t for t in result.trials if t.number == number)
         assert record.mlflow_run_id == child.info.run_id  # linked both ways
         assert child.data.tags["state"] == record.state
-        history = client.get_metric_history(child.info.run_id, "val_loss")
+        history = client.get_metric_history(child.info.run_id, "curve/val_loss")
         assert [m.step for m in history] == [p.samples for p in record.curve]
         assert [m.value for m in history] == pytest.approx([p.val_loss for p in record.curve])
     trials = {t.number: t for t in result.study.get_trials()}

@@ -64,16 +64,23 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 #: Columns of trials.csv and of a report: a TrialRecord without its curve.
 TRIAL_COLUMNS = tuple(f.name for f in fields(TrialRecord) if f.name != "curve")
-#: Trial summary values logged as child-run metrics at the end of a trial.
-FINAL_METRICS = (
-    "time_to_target",
-    "samples_to_target",
-    "best_val_loss",
-    "recommended_epochs",
-    "auc",
-    "epoch_seconds",
-    "throughput",
-)
+#: Metric names carry a section prefix, which the MLflow UI groups charts by: ``curve/`` for
+#: each evaluation (step = training samples seen), ``summary/`` for one value per trial,
+#: ``probe/`` for the memory probe (step = batch size, memory in MiB).
+CURVE, SUMMARY, PROBE = "curve/", "summary/", "probe/"
+#: Trial-record fields logged as ``summary/`` metrics, and the name each is logged under.
+SUMMARY_METRICS = {
+    "best_val_loss": "best_val_loss",
+    "auc": "mean_loss_over_time",  # the smoothed loss averaged over training time
+    "epoch_seconds": "epoch_seconds",
+    "throughput": "samples_per_second",
+    "train_seconds": "train_seconds",
+    "value": "objective_value",
+    "time_to_target": "time_to_target",
+    "samples_to_target": "samples_to_target",
+    "recommended_epochs": "recommended_epochs",
+}
+_MIB = 2**20
 _PARAM_LIMIT = 6000  # MLflow's limit on a parameter value
 _TAG_LIMIT = 5000  # below MLflow's 8000, leaving room for multi-byte characters
 # MLflow's limits on one log_batch request: 100 params, 100 tags, 1000 entities in all.
@@ -172,6 +179,8 @@ def settings_params(settings: StudySettings) -> dict[str, str]:
     """The study's settings as MLflow parameters; ``extra`` entries as ``extra.<key>``."""
     data = settings.to_dict()
     extra = data.pop("extra", {}) or {}
+    if data.get("target_loss") is None:
+        data["target_loss"] = "the best loss found"
     params = {key: _param_value(value) for key, value in data.items()}
     params["storage"] = redact_url(params["storage"])
     params.update({_param_key(f"extra.{k}"): _param_value(v) for k, v in extra.items()})
@@ -202,19 +211,18 @@ def probe_params(probe: ProbeResult | None) -> dict[str, str]:
 
 
 def probe_metrics(probe: ProbeResult, timestamp_ms: int) -> list[Metric]:
-    """``probe_peak_bytes`` and ``probe_fitted`` per attempt, with step = batch size."""
-    metrics = []
-    for attempt in probe.attempts:
-        step = attempt.batch_size
-        if attempt.peak_bytes is not None:
-            peak = float(attempt.peak_bytes)
-            metrics.append(Metric("probe_peak_bytes", peak, timestamp_ms, step))
-        metrics.append(Metric("probe_fitted", float(attempt.fitted), timestamp_ms, step))
-    return metrics
+    """``probe/peak_mib`` for each attempt that measured a peak, with step = batch size
+    (which sizes fitted is in ``probe.json`` and the chart)."""
+    return [
+        Metric(f"{PROBE}peak_mib", a.peak_bytes / _MIB, timestamp_ms, a.batch_size)
+        for a in probe.attempts
+        if a.peak_bytes is not None
+    ]
 
 
 def point_metrics(point: EvalPoint) -> list[Metric]:
-    """One evaluation as metrics, with step = samples seen and its own timestamp."""
+    """One evaluation as ``curve/`` metrics, with step = samples seen and its own timestamp."""
+    peak = point.peak_memory_bytes
     values = {
         "train_loss": point.train_loss,
         "val_loss": point.val_loss,
@@ -223,10 +231,10 @@ def point_metrics(point: EvalPoint) -> list[Metric]:
         "samples_per_second": point.samples_per_second,
         "epoch": point.epoch,
         "train_seconds": point.seconds,
-        "peak_memory_bytes": point.peak_memory_bytes,
+        "peak_memory_mib": None if peak is None else peak / _MIB,
     }
     return [
-        Metric(key, float(value), int(point.timestamp_ms), int(point.samples))
+        Metric(CURVE + key, float(value), int(point.timestamp_ms), int(point.samples))
         for key, value in values.items()
         if value is not None
     ]
@@ -249,8 +257,17 @@ def run_name(record: TrialRecord, label: str | None = None) -> str:
     return f"{name} {label}" if label else name
 
 
+#: Said in every trial's description, since MLflow's charts call it only "step".
+STEP_NOTE = " The curve/ charts' step is training samples seen."
+
+
 def trial_summary(record: TrialRecord) -> str:
-    """One line describing the trial: the run's description in the MLflow UI."""
+    """One line describing the trial, and what the charts' step means: the run's description
+    in the MLflow UI."""
+    return _trial_line(record) + STEP_NOTE
+
+
+def _trial_line(record: TrialRecord) -> str:
     config = (
         f"Batch size {record.batch_size}, learning rate {record.lr:.3g} "
         f"(x{record.lr_multiplier:.3g} of the {record.lr_rule}-rule rate)"
@@ -264,6 +281,40 @@ def trial_summary(record: TrialRecord) -> str:
     if record.state == COMPLETE:
         return f"{config}: never reached the target; best loss {best}."
     return f"{config}: {outcome(record)}" + (f" ({record.reason})." if record.reason else ".")
+
+
+#: The summary values the target decides: logged when a trial ends, and again by the final
+#: target when the study ends.
+_VERDICT = ("value", "time_to_target", "samples_to_target", "recommended_epochs")
+
+
+def summary_metrics(
+    record: TrialRecord,
+    timestamp_ms: int,
+    *,
+    only: Sequence[str] | None = None,
+    final: bool = False,
+) -> list[Metric]:
+    """The trial's ``summary/`` metrics (``only`` these record fields, when given) and
+    ``summary/reached_target`` (0/1). With ``final``, a time to target the final target took
+    away is logged as NaN, so the UI's latest value no longer shows it."""
+    step = record.curve[-1].samples if record.curve else 0
+    metrics = []
+    for field, name in SUMMARY_METRICS.items():
+        if only is not None and field not in only:
+            continue
+        value = getattr(record, field)
+        if value is None and final and field in _VERDICT:
+            value = math.nan
+        if isinstance(value, int | float) and (math.isfinite(value) or final):
+            metrics.append(Metric(SUMMARY + name, float(value), timestamp_ms, step))
+    reached = float(record.time_to_target is not None)
+    return [*metrics, Metric(f"{SUMMARY}reached_target", reached, timestamp_ms, step)]
+
+
+def verdict_tags(record: TrialRecord) -> dict[str, str]:
+    """What the target decides about a trial, as tags: its outcome and one-line description."""
+    return {"outcome": outcome(record), "mlflow.note.content": trial_summary(record)}
 
 
 def json_safe(value: Any) -> Any:
@@ -521,23 +572,8 @@ class MlflowTracker:
         # What is still buffered for this run goes out with the summary, in one request.
         buffered = self._buffer.pop(run_id, [])
         params = self._params.pop(run_id, None)
-        step = record.curve[-1].samples if record.curve else 0
-        now = _now_ms()
-        values = {name: getattr(record, name) for name in FINAL_METRICS}
-        values["total_train_seconds"] = record.train_seconds
-        values["objective_value"] = record.value
-        metrics = buffered + [
-            Metric(key, float(value), now, step)
-            for key, value in values.items()
-            if isinstance(value, int | float) and math.isfinite(value)
-        ]
-        reached = record.time_to_target is not None
-        metrics.append(Metric("reached_target", float(reached), now, step))
-        tags = {
-            "state": record.state,
-            "outcome": outcome(record),
-            "mlflow.note.content": trial_summary(record),
-        }
+        metrics = buffered + summary_metrics(record, _now_ms())
+        tags = {"state": record.state, **verdict_tags(record)}
         if record.reason:
             tags["reason"] = record.reason
         status = self._final_status(record)
@@ -579,7 +615,9 @@ class MlflowTracker:
             for key, value in result.recommendation().items()
         }
         if result.target_loss is not None and math.isfinite(result.target_loss):
-            tags["target_loss"] = _param_value(result.target_loss)
+            level = curves.threshold(result.target_loss, result.settings.tolerance)
+            tags["target_loss"] = _param_value(level)  # the loss to reach, as the charts draw it
+            tags["target"] = result.target()
         tags["warnings"] = "\n".join(result.warnings)[:_TAG_LIMIT]
         tags["mlflow.note.content"] = self._summary(result)[:_TAG_LIMIT]
         best_run = self.run_ids.get(result.best_trial) or next(
@@ -587,12 +625,23 @@ class MlflowTracker:
         )
         if best_run:
             tags["best_run_id"] = best_run
-        best = next((t for t in result.trials if t.number == result.best_trial), None)
+        # Trials told while the target was easier are judged again by the final one: the
+        # runs' outcome, objective value and name follow, so no screen contradicts the answer.
+        verdicts = []
+        now = _now_ms()
+        for trial in result.trials:
+            run_id = self.run_ids.get(trial.number) or trial.mlflow_run_id
+            if run_id and trial.state == COMPLETE:
+                best = trial.number == result.best_trial
+                label = "best" if best else outcome(trial)
+                marks = {**verdict_tags(trial), **({"outcome": "best"} if best else {})}
+                metrics = summary_metrics(trial, now, only=_VERDICT, final=True)
+                verdicts.append((run_id, run_name(trial, label), metrics, marks))
 
         def finish() -> None:
-            if best_run and best is not None:
-                self._client.update_run(best_run, name=run_name(best, "best"))
-                self._log(best_run, tags={"outcome": "best"})
+            for run_id, name, metrics, run_tags in verdicts:
+                self._log(run_id, metrics=metrics, tags=run_tags)
+                self._client.update_run(run_id, name=name)
             self._log(parent, tags=tags)
             self._log_result_artifacts(parent, result)
             self._client.set_terminated(parent, "FINISHED")
@@ -738,10 +787,7 @@ class MlflowTracker:
             f"from trial {result.best_trial}.",
         ]
         if result.target_loss is not None:
-            lines.append(
-                f"\nTarget validation loss {result.target_loss:.4g} "
-                f"(+{result.settings.tolerance:.0%} tolerance)."
-            )
+            lines.append(f"\nTarget: {result.target()}.")
         if result.warnings:
             lines.append("\n**Warnings**\n")
             lines += [f"- {w}" for w in result.warnings]

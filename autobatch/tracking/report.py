@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -110,6 +111,8 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
     from autobatch.tracking.mlflow_tracker import (
         PARENT_TAG,
         ROLE_TAG,
+        SUMMARY,
+        SUMMARY_METRICS,
         TRIAL_TAG,
         http_limits,
         open_client,
@@ -123,6 +126,15 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
         if run_id is not None:
             try:
                 parent = client.get_run(run_id)
+                if TRIAL_TAG in parent.data.tags and PARENT_TAG in parent.data.tags:
+                    # A trial's run: the report is its study's.
+                    log.info(
+                        "run %s is trial %s; reporting its study run %s",
+                        run_id,
+                        parent.data.tags[TRIAL_TAG],
+                        parent.data.tags[PARENT_TAG],
+                    )
+                    parent = client.get_run(parent.data.tags[PARENT_TAG])
             except MlflowException:
                 raise InvalidInputError(f"no MLflow run {run_id!r} at {shown}") from None
         else:
@@ -152,13 +164,18 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
             tags, data = child.data.tags, child.data
             if TRIAL_TAG not in tags:
                 continue
-            values: dict[str, Any] = {**data.params, **data.metrics}
+            # NaN: a value the study's final target took away (a time to target it no
+            # longer reaches).
+            metrics = {
+                field: data.metrics[SUMMARY + name]
+                for field, name in SUMMARY_METRICS.items()
+                if not math.isnan(data.metrics.get(SUMMARY + name, math.nan))
+            }
+            values: dict[str, Any] = {**data.params, **metrics}
             values.update(
                 number=tags[TRIAL_TAG],
                 state=tags.get("state", "running"),
                 reason=tags.get("reason"),
-                train_seconds=data.metrics.get("total_train_seconds"),
-                value=data.metrics.get("objective_value"),
                 mlflow_run_id=child.info.run_id,
             )
             row = _row(values)
@@ -285,33 +302,51 @@ def _number(value: Any, spec: str) -> str:
         return str(value)
 
 
-def format_report(report: Report) -> str:
+def _outcome(row: dict[str, Any], best_trial: Any) -> str:
+    """How the trial ended, as the MLflow run names say it: best, reached, missed, pruned..."""
+    if row.get("number") == best_trial:
+        return "best"
+    if row.get("reason") == "interrupted":
+        return "interrupted"
+    if row.get("state") == "complete":
+        return "reached" if row.get("time_to_target") is not None else "missed"
+    return str(row.get("state") or "-")
+
+
+def format_report(report: Report, why_width: int = 60) -> str:
     """The trial table and the recommendation as plain text."""
     header = (
         "trial",
-        "state",
+        "outcome",
         "batch size",
         "lr",
+        "lr x",
         "iters/epoch",
         "time-to-target (s)",
         "best loss",
         "rec. epochs",
+        "why",
     )
-    rows = [
-        (
-            _number(r.get("number"), "d"),
-            str(r.get("state") or "-"),
-            _number(r.get("batch_size"), "d"),
-            _number(r.get("lr"), ".3g"),
-            _number(r.get("iterations_per_epoch"), "d"),
-            _number(r.get("time_to_target"), ".2f"),
-            _number(r.get("best_val_loss"), ".4f"),
-            _number(r.get("recommended_epochs"), "g"),
+    best_trial = report.recommendation.get("best_trial")
+    rows = []
+    for r in report.trials:
+        why = " ".join(str(r.get("reason") or "").split())
+        rows.append(
+            (
+                _number(r.get("number"), "d"),
+                _outcome(r, best_trial),
+                _number(r.get("batch_size"), "d"),
+                _number(r.get("lr"), ".3g"),
+                _number(r.get("lr_multiplier"), ".3g"),
+                _number(r.get("iterations_per_epoch"), "d"),
+                _number(r.get("time_to_target"), ".2f"),
+                _number(r.get("best_val_loss"), ".4f"),
+                _number(r.get("recommended_epochs"), "g"),
+                why if len(why) <= why_width else why[: why_width - 3] + "...",
+            )
         )
-        for r in report.trials
-    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    left = {1}  # the state column reads better left-aligned
+    left = {1, len(header) - 1}  # words read better left-aligned
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(

@@ -42,6 +42,18 @@ def mlflow_ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(redact_url(uri))}"
 
 
+#: Where ``mlflow ui`` serves a local store by default.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def study_run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The study run's page in the MLflow UI (for a local store, as ``mlflow ui`` serves it
+    by default): its description holds the recommendation, and its experiment opens on the
+    Model-training view."""
+    base = redact_url(uri) if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def unreachable(uri: str, detail: str) -> InvalidInputError:
     """The error for a tracking server that does not answer: what, where, and the fixes."""
     return InvalidInputError(

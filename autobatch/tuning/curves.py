@@ -59,18 +59,28 @@ class EpochChoice:
 
 
 def choose_epochs(
-    epochs: Sequence[float], smoothed: Sequence[float], max_epochs: float, tolerance: float
+    epochs: Sequence[float],
+    smoothed: Sequence[float],
+    max_epochs: float,
+    tolerance: float,
+    level: float | None = None,
 ) -> EpochChoice:
-    """The first point where the smoothed curve comes within ``tolerance`` of its minimum.
+    """The first point where the smoothed curve reaches ``level`` (the study's target), or,
+    without one or when the curve never gets there, comes within ``tolerance`` of its own
+    minimum.
 
-    Stopping there gets (nearly) the best loss at the least cost. A minimum at the very end of
+    Stopping there gets the loss asked for at the least cost. A minimum at the very end of
     the budget says the budget was too small to see where training stops helping; a choice
     in the first tenth says most of the budget was wasted.
     """
     if not epochs or len(epochs) != len(smoothed):
         raise ValueError("choose_epochs needs one smoothed value per evaluation point")
     best_index = min(range(len(smoothed)), key=smoothed.__getitem__)
-    index = next(i for i, v in enumerate(smoothed) if within(v, smoothed[best_index], tolerance))
+    index = None if level is None else first_reaching(smoothed, level)
+    if index is None:
+        index = next(
+            i for i, v in enumerate(smoothed) if within(v, smoothed[best_index], tolerance)
+        )
     at = float(epochs[index])
     warning = None
     if best_index == len(smoothed) - 1 and epochs[-1] >= max_epochs * 0.999:

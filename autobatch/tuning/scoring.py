@@ -64,12 +64,20 @@ def reference(records: Sequence[TrialRecord]) -> TrialRecord | None:
 
 
 def target_loss(records: Sequence[TrialRecord], settings: StudySettings) -> float | None:
-    """The loss every trial must reach (times ``1 + tolerance``): the user's, or the
-    reference trial's best."""
+    """The loss every trial must reach (times ``1 + tolerance``): the user's, or else the best
+    smoothed validation loss any completed trial has reached so far.
+
+    The target follows the best loss, so a study whose baseline trains poorly does not
+    optimise speed to a poor loss: what is recommended is the fastest configuration that
+    ends near the best loss the study found. Trials told while the best was higher were
+    judged by an easier target; :func:`rescore` judges every stored curve again by the final
+    one. None until the reference trial has ended: no trial has a target before it.
+    """
     if settings.target_loss is not None:
         return float(settings.target_loss)
-    ref = reference(records)
-    return None if ref is None else ref.best_val_loss
+    if reference(records) is None:
+        return None
+    return min(float(r.best_val_loss) for r in records if _completed(r))
 
 
 def speed_factor(record: TrialRecord, ref: TrialRecord | None) -> float:
@@ -108,8 +116,35 @@ def score(
     return Score(values, time, samples)
 
 
+def epochs(
+    record: TrialRecord, settings: StudySettings, target: float | None
+) -> curves.EpochChoice:
+    """Where ``record``'s configuration should stop: where its curve first reached the target
+    (for ``objective="loss"``, or a curve that never got there: within the tolerance of its
+    own minimum)."""
+    level = None
+    if target is not None and settings.objective != "loss":
+        level = curves.threshold(target, settings.tolerance)
+    return curves.choose_epochs(
+        [p.epoch for p in record.curve],
+        [p.val_loss_smoothed for p in record.curve],
+        settings.max_epochs,
+        settings.tolerance,
+        level=level,
+    )
+
+
+def cost_seconds(record: TrialRecord) -> float:
+    """Training seconds for the record's recommended whole epochs: read off its curve where
+    it trained that far, extrapolated at its own pace where it stopped earlier."""
+    epochs = record.recommended_epochs or record.max_epochs
+    last = record.curve[-1]
+    at = next((p.seconds for p in record.curve if p.epoch >= epochs - 1e-9), None)
+    return at if at is not None else last.seconds * epochs / max(last.epoch, 1e-12)
+
+
 def rescore(records: Sequence[TrialRecord], settings: StudySettings) -> list[TrialRecord]:
-    """Every record judged by today's target, with its value and time to target updated."""
+    """Every record judged by the final target: its value, time to target and epochs."""
     ref = reference(records)
     target = target_loss(records, settings)
     out = []
@@ -121,6 +156,7 @@ def rescore(records: Sequence[TrialRecord], settings: StudySettings) -> list[Tri
                 value=judged.values[0],
                 time_to_target=judged.time_to_target,
                 samples_to_target=judged.samples_to_target,
+                recommended_epochs=float(epochs(record, settings, target).epochs),
             )
         out.append(record)
     return out
@@ -148,8 +184,9 @@ def recommend(
 ) -> TuneResult:
     """The configuration to train with, from every finished trial's record.
 
-    Among the completed trials that reached the target, the fastest to reach it (the lowest
-    best loss for ``objective="loss"``); when none did, the one that came closest.
+    Among the completed trials that reached the target, the one whose recommended epochs
+    (where its curve first reached the target, rounded up to whole epochs) train fastest (the
+    lowest best loss for ``objective="loss"``); when none did, the one that came closest.
     """
     records = sorted(rescore(records, settings), key=lambda r: r.number)
     target = target_loss(records, settings)
@@ -166,15 +203,14 @@ def recommend(
     pool = reached or complete
     if settings.objective == "loss":
         best = min(pool, key=lambda r: (r.best_val_loss, r.number))
+    elif settings.objective == "time" and reached:
+        # What the user will pay: whole epochs, not the moment the target was crossed.
+        ref = reference(records)
+        best = min(pool, key=lambda r: (cost_seconds(r) * speed_factor(r, ref), r.number))
     else:
         best = min(pool, key=lambda r: (r.value, r.best_val_loss, r.number))
     warnings = list(notes)
-    choice = curves.choose_epochs(
-        [p.epoch for p in best.curve],
-        [p.val_loss_smoothed for p in best.curve],
-        settings.max_epochs,
-        settings.tolerance,
-    )
+    choice = epochs(best, settings, target)
     if choice.warning:
         warnings.append(f"trial {best.number}: {choice.warning}")
     return TuneResult(

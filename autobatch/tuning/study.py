@@ -44,7 +44,7 @@ def tune(
     lr_rule: str = "auto",
     lr_multiplier_range: tuple[float, float] = (0.25, 4.0),
     target_loss: float | None = None,
-    tolerance: float = 0.05,
+    tolerance: float = 0.02,
     seed: int = 0,
     storage: str | None = None,
     study_name: str | None = None,
@@ -72,8 +72,9 @@ def tune(
     batch sizes up to it and learning-rate multipliers around the rule-scaled rate. The
     baseline (the task's own batch size and learning rate), the ceiling and the middle of the
     range run first. ``objective="time"`` minimises training seconds until the smoothed
-    validation loss reaches ``target_loss x (1 + tolerance)``; ``"loss"`` minimises the best
-    validation loss; ``"pareto"`` keeps both (no pruning).
+    validation loss reaches ``target x (1 + tolerance)``, the target being ``target_loss`` or,
+    by default, the best loss any trial reached; ``"loss"`` minimises the best validation
+    loss; ``"pareto"`` keeps both (no pruning).
 
     With ``storage`` (any Optuna URL, e.g. ``sqlite:///autobatch.db`` or
     ``postgresql://user@host/db``) the study is resumable and shareable: calling ``tune`` again
