@@ -61,6 +61,10 @@ def _check_bounds(max_batch_size: int | None, multiple_of: int) -> None:
         )
 
 
+class _OutOfAttempts(Exception):
+    """The search ran as many sizes as it was allowed: it stops with what it has."""
+
+
 class _Search:
     """The state of one search: what ran, what fitted, what failed."""
 
@@ -70,11 +74,13 @@ class _Search:
         meter: MemoryMeter,
         budget: int,
         steps_per_call: int,
+        max_attempts: int | None = None,
     ) -> None:
         self.step = step
         self.meter = meter
         self.budget = budget
         self.steps_per_call = steps_per_call
+        self.max_attempts = max_attempts
         self.attempts: list[ProbeAttempt] = []
         self.best: ProbeAttempt | None = None  # largest that fitted
         self.smallest_failure: int | None = None
@@ -82,6 +88,8 @@ class _Search:
         self.activation: int | None = None
 
     def run(self, batch_size: int, phase: str) -> ProbeAttempt:
+        if self.max_attempts is not None and len(self.attempts) >= self.max_attempts:
+            raise _OutOfAttempts
         meter = self.meter
         meter.release()
         meter.reset_peak()
@@ -137,6 +145,7 @@ def find_max_batch_size(
     tolerance: float = DEFAULT_TOLERANCE,
     steps_per_call: int = 1,
     min_batch_size: int | None = None,
+    max_attempts: int | None = None,
 ) -> ProbeResult:
     """Largest batch size for which ``step(batch_size)`` runs within memory.
 
@@ -145,7 +154,8 @@ def find_max_batch_size(
     mark a size as too large; every other error propagates unchanged. The search starts at
     ``min_batch_size`` (default ``multiple_of``). A size counts as fitting
     when it ran and its peak stayed within ``capacity * (1 - headroom)``. The search stops when
-    the largest fitting size is within ``tolerance`` of the smallest failing one.
+    the largest fitting size is within ``tolerance`` of the smallest failing one, or when
+    ``max_attempts`` sizes have run (then with the largest that fitted).
 
     Example::
 
@@ -163,7 +173,7 @@ def find_max_batch_size(
     capacity = meter.capacity()
     budget = int(capacity * (1 - headroom))
     upper = _round_down(max_batch_size or NO_BOUND, multiple_of)
-    search = _Search(step, meter, budget, steps_per_call)
+    search = _Search(step, meter, budget, steps_per_call, max_attempts)
     smallest = -(-(min_batch_size or multiple_of) // multiple_of) * multiple_of
     if smallest > upper:
         raise InvalidInputError(
@@ -185,10 +195,13 @@ def find_max_batch_size(
         )
     model: MemoryModel | None = None
     if upper > smallest:
-        if first.peak_bytes is None:
-            _search_without_peaks(search, upper, multiple_of, tolerance)
-        else:
-            model = _search_with_model(search, upper, multiple_of, tolerance)
+        try:
+            if first.peak_bytes is None:
+                _search_without_peaks(search, upper, multiple_of, tolerance)
+            else:
+                model = _search_with_model(search, upper, multiple_of, tolerance)
+        except _OutOfAttempts:
+            log.info("probe stopped after max_attempts=%d sizes", max_attempts)
     assert search.best is not None and search.best.fitted
     return ProbeResult(
         batch_size=search.best.batch_size,

@@ -272,6 +272,7 @@ FIND_MAX_BATCH_SIZE: dict[str, Spec] = {
     "tolerance": Real(0, 1, high_open=True, example=0.02),
     "steps_per_call": Integer(1),
     "min_batch_size": Optional(Integer(1)),
+    "max_attempts": Optional(Integer(1, example=25)),
 }
 
 PROBE: dict[str, Spec] = {

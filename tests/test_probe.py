@@ -125,6 +125,17 @@ def test_superlinear_step_runs_out_of_memory_and_leaves_nothing_behind():
     del resident
 
 
+@pytest.mark.parametrize("max_attempts", [1, 2, 3])
+def test_max_attempts_stops_the_search_with_the_largest_size_that_ran(max_attempts):
+    step = Synthetic(0, 2000, quadratic=30)  # the line overshoots, so the search needs several
+    unlimited = find_max_batch_size(Synthetic(0, 2000, quadratic=30), meter=TrackedMeter(MiB))
+    assert len(unlimited.attempts) > 3
+    result = find_max_batch_size(step, meter=TrackedMeter(MiB), max_attempts=max_attempts)
+    assert step.calls == [a.batch_size for a in unlimited.attempts[:max_attempts]]
+    assert result.batch_size == max(a.batch_size for a in result.attempts if a.fitted)
+    check_attempts(result, step)
+
+
 def test_max_batch_size_bounds_the_search():
     step = Synthetic(0, 10)
     result = find_max_batch_size(step, meter=TrackedMeter(MiB), max_batch_size=100)

@@ -1,0 +1,442 @@
+"""AutoBatchFinder with the real Lightning: Trainer.fit on the CPU under simulated budgets."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from autobatch.integrations.lightning import AutoBatchFinder  # noqa: E402
+
+from autobatch.errors import InvalidInputError  # noqa: E402
+from autobatch.memory import TrackedMeter  # noqa: E402
+from autobatch.probing import find_max_batch_size  # noqa: E402
+from autobatch.units import parse_bytes  # noqa: E402
+
+FEATURES, CLASSES, SAMPLES = 32, 4, 4096
+BUDGET = "6MiB"
+HEADROOM = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"lightning(\..*)?")
+        warnings.filterwarnings("ignore", message=r".*(num_workers|LeafSpec|does not have many).*")
+        yield
+
+
+def make_data(samples: int = SAMPLES, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, FEATURES, generator=generator)
+    y = torch.randint(0, CLASSES, (samples,), generator=generator)
+    return TensorDataset(x, y)
+
+
+def make_net(hidden: int = 256) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+
+
+class MLP(pl.LightningModule):
+    """Batch size as a plain attribute; its own dataloaders."""
+
+    def __init__(self, batch_size: int = 2, validate: bool = False, fail_above: int = 0) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.batch_size = batch_size
+        self.data = make_data()
+        self.validate = validate
+        self.fail_above = fail_above
+        self.seen: set[int] = set()  # every size training_step ran at
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.add(len(x))
+        if self.fail_above and len(x) > self.fail_above:
+            raise ValueError("a bug in training_step")
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+
+class HungryValidation(MLP):
+    """Validation runs a much wider layer than training: its memory sets the limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Linear(FEATURES, 4096)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", self.wide(x).relu().sum(dim=1).mean())
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+
+class NoValidation(HungryValidation):
+    """The same parameters (wide layer included), no validation step."""
+
+    validation_step = None  # type: ignore[assignment]
+    val_dataloader = None  # type: ignore[assignment]
+
+
+class Stateful(MLP):
+    """Batch norm (buffers) and dropout (random numbers): what a probe could leave changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(FEATURES, 128), nn.BatchNorm1d(128), nn.Dropout(0.5), nn.Linear(128, CLASSES)
+        )
+
+
+class Hyper(pl.LightningModule):
+    """Batch size in hparams only (save_hyperparameters), as many templates do."""
+
+    def __init__(self, batch_size: int = 4, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = make_net()
+        self.data = make_data()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return {"loss": nn.functional.cross_entropy(self.net(x), y)}
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.hparams.batch_size, shuffle=True)
+
+
+class Plain(pl.LightningModule):
+    """No batch size of its own: the datamodule holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_net()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.data = make_data()
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+
+class BatchSizes(pl.Callback):
+    """The sizes fit trains with, after the probe."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.append(len(batch[0]))
+
+
+def trainer(*callbacks: pl.Callback, **kwargs) -> pl.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
+    settings.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **settings)
+
+
+# -- an independent check: the same step in plain PyTorch under the same budget ------------------
+
+
+def plain_step(data: TensorDataset, budget: int):
+    """Two AdamW steps of make_net() at a size, as plain PyTorch; meter and step for the core."""
+    meter = TrackedMeter(budget)
+    net = make_net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    meter.track(net.parameters())
+    x_all, y_all = data.tensors
+
+    def step(n: int) -> None:
+        x, y = x_all[:n].clone(), y_all[:n].clone()
+        for _ in range(2):
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+
+    return meter, step
+
+
+def plain_fits(data: TensorDataset, budget: int, n: int) -> bool:
+    meter, step = plain_step(data, budget)
+    meter.reset_peak()
+    try:
+        with meter:
+            step(n)
+    except torch.OutOfMemoryError:
+        return False
+    return meter.peak() <= int(budget * (1 - HEADROOM))
+
+
+# -- the tests -----------------------------------------------------------------------------------
+
+
+def test_size_fits_larger_does_not_and_fit_trains_with_it():
+    module, sizes = MLP(), BatchSizes()
+    finder = AutoBatchFinder(memory_budget=BUDGET)
+    trainer(finder, sizes).fit(module)
+
+    found = finder.optimal_batch_size
+    budget = parse_bytes(BUDGET)
+    assert module.batch_size == found
+    assert sizes.sizes[0] == found  # fit's dataloader was rebuilt with it
+    assert plain_fits(module.data, budget, found)
+    assert not plain_fits(module.data, budget, math.ceil(found * 1.05))
+    meter, step = plain_step(module.data, budget)
+    core = find_max_batch_size(step, meter=meter, headroom=HEADROOM, max_batch_size=SAMPLES)
+    assert abs(found - core.batch_size) <= 0.03 * core.batch_size
+    assert found in [a.batch_size for a in finder.result.attempts if a.fitted]
+
+
+def test_datamodule_gets_the_size():
+    module, data, sizes = Plain(), Data(batch_size=8), BatchSizes()
+    finder = AutoBatchFinder(memory_budget=BUDGET)
+    trainer(finder, sizes).fit(module, datamodule=data)
+
+    assert data.batch_size == finder.optimal_batch_size > 8
+    assert not hasattr(module, "batch_size")
+    assert sizes.sizes[0] == data.batch_size
+
+
+def test_hparams_get_the_size():
+    module, sizes = Hyper(batch_size=4), BatchSizes()
+    finder = AutoBatchFinder(memory_budget=BUDGET)
+    trainer(finder, sizes).fit(module)
+
+    assert module.hparams.batch_size == finder.optimal_batch_size > 4
+    assert not hasattr(module, "batch_size")
+    assert sizes.sizes[0] == module.hparams.batch_size
+
+
+class StateCheck(pl.Callback):
+    """Listed after the finder: compares, just before training, with what setup saw."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.tensors = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.modes = {name: m.training for name, m in pl_module.named_modules()}
+        self.rng = torch.get_rng_state()
+
+    def on_fit_start(self, trainer, pl_module):
+        after = pl_module.state_dict()
+        self.same_tensors = all(torch.equal(after[k], v) for k, v in self.tensors.items())
+        self.same_modes = self.modes == {n: m.training for n, m in pl_module.named_modules()}
+        self.same_rng = torch.equal(torch.get_rng_state(), self.rng)
+        self.optimizer_state = len(trainer.optimizers[0].state)
+        self.grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+
+
+def test_probe_leaves_state_as_it_was():
+    module, check = Stateful(), StateCheck()
+    module.net[2].eval()  # a mixed train/eval state must survive too
+    finder = AutoBatchFinder(memory_budget=BUDGET)
+    trainer(finder, check, max_steps=1).fit(module)
+
+    assert finder.optimal_batch_size > 2
+    assert check.same_tensors  # parameters and batch-norm buffers
+    assert check.same_modes
+    assert check.same_rng
+    assert check.optimizer_state == 0
+    assert check.grads == []
+
+
+def test_error_in_training_step_propagates_and_size_is_restored():
+    module = MLP(batch_size=3, fail_above=16)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match="a bug in training_step"):
+        trainer(AutoBatchFinder(memory_budget=BUDGET)).fit(module)
+    assert module.batch_size == 3
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
+def test_validation_memory_is_counted():
+    with_val, without_val = (
+        AutoBatchFinder(memory_budget=BUDGET),
+        AutoBatchFinder(memory_budget=BUDGET),
+    )
+    trainer(with_val).fit(HungryValidation())
+    trainer(without_val).fit(NoValidation())
+
+    # The wide validation activation (4096 floats per sample) binds far below training's.
+    assert with_val.optimal_batch_size < without_val.optimal_batch_size / 4
+    budget = int(parse_bytes(BUDGET) * (1 - HEADROOM))
+    assert with_val.optimal_batch_size * 4096 * 4 < budget
+
+
+def test_margin_and_max_val_bound_the_search_with_tested_sizes():
+    loose, tight = (
+        AutoBatchFinder(memory_budget=BUDGET),
+        AutoBatchFinder(memory_budget=BUDGET, margin=0.3),
+    )
+    trainer(loose).fit(MLP())
+    trainer(tight).fit(MLP())
+    assert tight.optimal_batch_size < loose.optimal_batch_size
+    assert tight.result.headroom == 0.3
+    for finder in (loose, tight):
+        assert finder.optimal_batch_size in [a.batch_size for a in finder.result.attempts]
+
+    few, module = AutoBatchFinder(memory_budget=BUDGET, max_trials=2), MLP()
+    trainer(few, max_steps=0).fit(module)
+    assert len(module.seen) == 2 and few.optimal_batch_size == max(module.seen)
+
+    capped = AutoBatchFinder(memory_budget=BUDGET, max_val=100)
+    trainer(capped).fit(MLP())
+    assert capped.optimal_batch_size == 100
+
+    small = MLP()
+    small.data = make_data(samples=50)
+    whole = AutoBatchFinder(memory_budget=BUDGET)
+    trainer(whole).fit(small)
+    assert whole.optimal_batch_size == 50  # a larger batch cannot be formed
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"mode": "linear"}, "mode"),
+        ({"steps_per_trial": 0}, "steps_per_trial"),
+        ({"init_val": 0}, "init_val"),
+        ({"max_trials": 0}, "max_trials"),
+        ({"batch_arg_name": ""}, "batch_arg_name"),
+        ({"margin": 1.5}, "margin"),
+        ({"max_val": -1}, "max_val"),
+        ({"memory_budget": "two gigs"}, "memory_budget"),
+        ({"headroom": -0.1}, "headroom"),
+        ({"margin": 0.1, "headroom": 0.1}, "headroom"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(InvalidInputError, match=name):
+        AutoBatchFinder(**kwargs)
+
+
+def test_misuse_is_reported_before_probing():
+    with pytest.raises(InvalidInputError, match="batch_arg_name='bs'"):
+        trainer(AutoBatchFinder(batch_arg_name="bs", memory_budget=BUDGET)).fit(MLP())
+    loader = DataLoader(make_data(), batch_size=8)
+    with pytest.raises(InvalidInputError, match="passed directly to fit"):
+        trainer(AutoBatchFinder(memory_budget=BUDGET)).fit(Plain(), train_dataloaders=loader)
+    with pytest.raises(InvalidInputError, match="memory_budget"):
+        trainer(AutoBatchFinder()).fit(MLP())  # the CPU has no limit of its own
+
+
+def test_core_never_imports_lightning_and_missing_lightning_is_one_line(monkeypatch):
+    code = "import sys, autobatch; autobatch.probe; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+    monkeypatch.delitem(sys.modules, "autobatch.integrations.lightning")
+    monkeypatch.setitem(sys.modules, "lightning", None)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    with pytest.raises(ImportError, match=r"pip install 'torch-autobatch\[lightning\]'") as info:
+        importlib.import_module("autobatch.integrations.lightning")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+# -- DDP: two processes with different memory ------------------------------------------------------
+
+
+class RankBudgetFinder(AutoBatchFinder):
+    """Each rank simulates a different card: rank 0 the larger, rank 1 the smaller."""
+
+    BUDGETS = ("8MiB", "4MiB")
+
+    def make_meter(self, trainer, pl_module):
+        return TrackedMeter(parse_bytes(self.BUDGETS[trainer.global_rank]))
+
+
+class RankReport(pl.Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx:
+            return
+        finder = next(c for c in trainer.callbacks if isinstance(c, AutoBatchFinder))
+        report = {
+            "own": finder.result.batch_size,
+            "agreed": finder.optimal_batch_size,
+            "module": pl_module.batch_size,
+            "batch": len(batch[0]),
+        }
+        with open(f"{self.folder}/rank{trainer.global_rank}.json", "w") as handle:
+            json.dump(report, handle)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_the_smallest_size(tmp_path):
+    fit = trainer(
+        RankBudgetFinder(),
+        RankReport(str(tmp_path)),
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=1,
+    )
+    fit.fit(MLP())
+
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    smaller = reports[1]["own"]
+    assert reports[0]["own"] > smaller  # the ranks did probe different memory
+    for report in reports:
+        assert report["agreed"] == report["module"] == report["batch"] == smaller
+
+
+class HopelessRankFinder(RankBudgetFinder):
+    BUDGETS = ("8MiB", "64KiB")  # rank 1 cannot fit a single sample
+
+
+@pytest.mark.slow
+def test_ddp_a_failing_rank_fails_every_rank_without_hanging():
+    fit = trainer(HopelessRankFinder(), devices=2, strategy="ddp_spawn", max_steps=1)
+    with pytest.raises(Exception, match="BatchSizeOneDoesNotFit|another rank"):
+        fit.fit(MLP())
