@@ -29,6 +29,8 @@ COMPLETE, PRUNED, FAILED, INFEASIBLE, RUNNING = (
 #: The seeded trials, run before any sampled one: the task's own batch size and learning rate
 #: (whose result fixes the target), the ceiling, and the middle candidate.
 BASELINE, CEILING, MIDDLE = "baseline", "ceiling", "middle"
+#: How a completed trial ended against the target.
+REACHED, MISSED = "reached", "missed"
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,22 @@ class ProbeResult:
         data["memory_model"] = MemoryModel(**model) if model else None
         data["attempts"] = tuple(ProbeAttempt(**a) for a in data["attempts"])
         return cls(**data)
+
+
+def outcome(record: TrialRecord) -> str:
+    """How a trial ended, as a reviewer sorts trials: reached (the target), missed, pruned,
+    failed, infeasible, interrupted, running."""
+    if record.reason == "interrupted":
+        return "interrupted"
+    if record.state == COMPLETE:
+        return REACHED if record.time_to_target is not None else MISSED
+    return record.state
+
+
+def trial_label(record: TrialRecord) -> str:
+    """``t03 bs=64 lr=5.4e-03``: the trial's configuration, as its MLflow run and the charts
+    name it."""
+    return f"t{record.number:02d} bs={record.batch_size} lr={record.lr:.1e}"
 
 
 @dataclass(frozen=True)

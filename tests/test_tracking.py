@@ -68,6 +68,8 @@ ARTIFACTS = {
     "probe_memory.png",
     "learning_curves.png",
     "batch_size_tradeoff.png",
+    "search_space.png",
+    "optimization_history.png",
     "trials.csv",
     "recommendation.json",
 }
@@ -362,7 +364,7 @@ def test_artifacts_are_uploaded_and_readable(logged: LoggedStudy, tmp_path: Path
     assert names >= ARTIFACTS
     for name in sorted(ARTIFACTS):
         logged.client.download_artifacts(run_id, name, str(tmp_path))
-    for name in ("probe_memory.png", "learning_curves.png", "batch_size_tradeoff.png"):
+    for name in sorted(n for n in ARTIFACTS if n.endswith(".png")):
         assert is_png(tmp_path / name)
         height, width = matplotlib.image.imread(tmp_path / name).shape[:2]
         assert width > 600 and height > 400

@@ -51,6 +51,8 @@ from autobatch.records import (
     ProbeResult,
     StudySettings,
     TrialRecord,
+    outcome,
+    trial_label,
 )
 from autobatch.tracking.redact import redact_url
 from autobatch.tracking.uri import check_store, unreachable
@@ -240,20 +242,10 @@ def point_metrics(point: EvalPoint) -> list[Metric]:
     ]
 
 
-def outcome(record: TrialRecord) -> str:
-    """How a trial ended, as a reviewer sorts trials: reached (the target), missed, pruned,
-    failed, infeasible, interrupted, running."""
-    if record.reason == "interrupted":
-        return "interrupted"
-    if record.state == COMPLETE:
-        return "reached" if record.time_to_target is not None else "missed"
-    return record.state
-
-
 def run_name(record: TrialRecord, label: str | None = None) -> str:
     """``t03 bs=64 lr=5.4e-03 pruned``: the configuration and how it ended, at a glance (while
     it runs, the configuration alone)."""
-    name = f"t{record.number:02d} bs={record.batch_size} lr={record.lr:.2g}"
+    name = trial_label(record)
     return f"{name} {label}" if label else name
 
 
@@ -476,7 +468,10 @@ class MlflowTracker:
             "the study's settings", lambda: self._log(parent, params=params, metrics=metrics)
         )
         if probe is not None:
-            self._send("the probe's chart", lambda: self._log_probe_artifacts(parent, probe))
+            self._send(
+                "the probe's chart",
+                lambda: self._log_probe_artifacts(parent, probe, settings.train_size),
+            )
         return parent
 
     def attach(self, parent_run_id: str, experiment_id: str) -> None:
@@ -739,14 +734,16 @@ class MlflowTracker:
 
             self._send(f"the end of trial {number}", end)
 
-    def _log_probe_artifacts(self, run_id: str, probe: ProbeResult) -> None:
+    def _log_probe_artifacts(
+        self, run_id: str, probe: ProbeResult, train_size: int | None = None
+    ) -> None:
         from autobatch.tracking import plots  # matplotlib: loaded when a chart is due
 
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
             directory = Path(folder)
             text = redact_url(json.dumps(json_safe(probe.to_dict()), indent=2))
             (directory / "probe.json").write_text(text)
-            figure = plots.probe_memory_figure(probe)
+            figure = plots.probe_memory_figure(probe, train_size=train_size)
             plots.save_png(figure, directory / "probe_memory.png")
             self._client.log_artifacts(run_id, folder)
 
@@ -760,18 +757,17 @@ class MlflowTracker:
             if result.target_loss is None
             else curves.threshold(result.target_loss, settings.tolerance)
         )
+        best = result.best_trial
+        charts = {
+            "learning_curves.png": plots.learning_curves_figure(trials, level, best),
+            "batch_size_tradeoff.png": plots.batch_size_tradeoff_figure(trials, best, level),
+            "search_space.png": plots.search_space_figure(trials, best, level),
+            "optimization_history.png": plots.optimization_history_figure(trials, best),
+        }
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
             directory = Path(folder)
-            plots.save_png(
-                plots.learning_curves_figure(trials, target=level, best_trial=result.best_trial),
-                directory / "learning_curves.png",
-            )
-            plots.save_png(
-                plots.batch_size_tradeoff_figure(
-                    trials, best_trial=result.best_trial, target=level
-                ),
-                directory / "batch_size_tradeoff.png",
-            )
+            for name, figure in charts.items():
+                plots.save_png(figure, directory / name)
             write_trials_csv(trials, directory / "trials.csv")
             data = json_safe(result.to_dict())
             data.pop("study", None)
@@ -792,8 +788,10 @@ class MlflowTracker:
             lines.append("\n**Warnings**\n")
             lines += [f"- {w}" for w in result.warnings]
         lines.append(
-            "\nCompare the child runs (`tNN bs=... lr=... outcome`) on `val_loss_smoothed` "
-            "(step = training "
-            "samples); see `learning_curves.png` and `batch_size_tradeoff.png` below."
+            "\nWhy: `search_space.png` (every trial by batch size and learning rate, coloured "
+            "by seconds to target), `optimization_history.png` (the search, best so far), "
+            "`learning_curves.png` and `batch_size_tradeoff.png` in the artifacts below. The "
+            "child runs (`tNN bs=... lr=... outcome`) compare on `curve/val_loss_smoothed` "
+            "(step = training samples seen) and sort by `summary/objective_value`."
         )
         return "\n".join(lines)
