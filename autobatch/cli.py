@@ -422,6 +422,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _why_text(result: Any) -> str:
+    """The "why this batch size" table: the prior's prediction against the trials."""
+    from autobatch.tracking.report import format_why
+    from autobatch.tuning import prior, scoring
+
+    trials = list(result.trials)
+    rows = prior.explain(trials, result.settings.candidates)
+    noise = prior.noise_scale(scoring.reference(trials))
+    return format_why(rows, result.batch_size, noise, prior.step_time(trials))
+
+
 def _result_text(result: Any, tracking_uri: str | None) -> str:
     """The trial table, the study's whereabouts and, last, the recommendation."""
     from autobatch.tracking.report import Report, format_report
@@ -437,6 +448,7 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
     text = format_report(report).splitlines()
     recommendation = [line for line in text if line.startswith(("Recommendation", "Warning"))]
     lines = [line for line in text if line not in recommendation]
+    lines += [*_why_text(result).splitlines(), ""]
     settings = result.settings
     if result.target_loss is not None:
         lines.append(f"Target: {result.target()}")

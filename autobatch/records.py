@@ -47,6 +47,7 @@ class EvalPoint:
     samples_per_second: float  # training throughput since the previous evaluation
     peak_memory_bytes: int | None
     timestamp_ms: int
+    grad_noise_scale: float | None = None  # measured on the reference trial only
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TrialRecord:
     samples_to_target: int | None = None
     best_val_loss: float | None = None
     recommended_epochs: float | None = None
+    noise_scale: float | None = None  # the gradient noise scale the lr rule used
     auc: float | None = None  # area under validation loss vs training seconds
     value: float | None = None  # the objective value Optuna saw
     mlflow_run_id: str | None = None

@@ -306,7 +306,7 @@ TUNE: dict[str, Spec] = {
     "max_epochs": Real(0, low_open=True, example=10),
     "candidates": Optional(BatchSizes()),
     "objective": Choice(("time", "loss", "pareto")),
-    "lr_rule": Choice(("auto", "linear", "sqrt", "none")),
+    "lr_rule": Choice(("auto", "saturating-linear", "saturating-sqrt", "linear", "sqrt", "none")),
     "lr_multiplier_range": MultiplierRange(),
     "target_loss": Optional(Real(example=0.25)),
     "tolerance": FRACTION,

@@ -26,11 +26,15 @@ def test_tune_prints_table_and_recommendation_and_report_rebuilds_it(capsys, tmp
     assert "batch size" in recommendation and "epochs" in recommendation
     ui = next(line for line in out if line.startswith("MLflow:"))
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in ui
+    assert "http://127.0.0.1:5000/#/experiments/" in ui  # the study run's page
     assert (tmp_path / "autobatch.db").exists() and (tmp_path / "mlflow.db").exists()
     study = next(line for line in out if line.startswith("Study:"))
     assert f"sqlite:///{tmp_path}/autobatch.db" in study  # where it is, from anywhere
-    table = [line for line in out if line.strip()[:1].isdigit()]
+    why = next(i for i, line in enumerate(out) if line.startswith("Why batch size"))
+    table = [line for line in out[:why] if line.strip()[:1].isdigit()]
     assert len(table) == 3  # one row per trial
+    chosen = [line for line in out[why:] if line.endswith("<- chosen")]
+    assert len(chosen) == 1 and chosen[0].split()[0] in recommendation
 
     # the same study, read back from MLflow alone and from the Optuna storage alone
     assert main(["report", "--experiment", "autobatch-digits"]) == 0

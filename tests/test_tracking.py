@@ -70,6 +70,7 @@ ARTIFACTS = {
     "batch_size_tradeoff.png",
     "search_space.png",
     "optimization_history.png",
+    "why_batch_size.png",
     "trials.csv",
     "recommendation.json",
 }

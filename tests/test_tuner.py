@@ -11,6 +11,7 @@ import torch
 from autobatch import InvalidInputError, StudyInterrupted, Task, tune
 from autobatch.examples import digits
 from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED
+from autobatch.tuning import prior
 from autobatch.tuning.scoring import infeasible_sizes, pruning_scale_ms
 
 FAST = dict(max_epochs=2, mlflow=False, candidates=[16, 32, 64, 128])
@@ -43,8 +44,14 @@ def test_seeded_trials_run_first_and_recommendation_is_a_complete_trial(task):
     assert [t.batch_size for t in first] == [32, 128, 64]  # baseline, ceiling, middle
     assert all(t.lr_multiplier == 1.0 for t in first)
     assert first[0].lr == task.lr  # the baseline runs the task's own learning rate
-    # Adam family: sqrt rule from the task's batch size
-    assert first[1].lr == pytest.approx(task.lr * (128 / 32) ** 0.5)
+    # Adam family: the square-root rule from the task's batch size, saturating above the
+    # gradient noise scale the baseline measured (one worker: the baseline ends first).
+    noise = prior.noise_scale(first[0])
+    assert noise is not None and first[1].noise_scale == noise
+    assert first[1].lr_rule == "saturating-sqrt"
+    gain = prior.saturating_gain(128, 32, noise)
+    assert first[1].lr == pytest.approx(task.lr * gain**0.5)
+    assert gain < 128 / 32  # never more than the plain rule
     # The target follows the best loss any trial reached.
     assert result.target_loss == min(t.best_val_loss for t in result.trials if t.state == COMPLETE)
     best = next(t for t in result.trials if t.number == result.best_trial)

@@ -234,6 +234,7 @@ def point_metrics(point: EvalPoint) -> list[Metric]:
         "epoch": point.epoch,
         "train_seconds": point.seconds,
         "peak_memory_mib": None if peak is None else peak / _MIB,
+        "grad_noise_scale": point.grad_noise_scale,  # the reference trial's
     }
     return [
         Metric(CURVE + key, float(value), int(point.timestamp_ms), int(point.samples))
@@ -517,6 +518,7 @@ class MlflowTracker:
             "lr": record.lr,
             "lr_multiplier": record.lr_multiplier,
             "lr_rule": record.lr_rule,
+            "noise_scale": record.noise_scale,  # what a saturating lr rule used
             "max_epochs": record.max_epochs,
             "seed": record.seed,
             "iterations_per_epoch": record.iterations_per_epoch,
@@ -526,7 +528,7 @@ class MlflowTracker:
             "precision": settings.precision,
         }
         # Sent with the trial's first metrics: one request fewer per trial.
-        self._params[run_id] = {k: _param_value(v) for k, v in params.items()}
+        self._params[run_id] = {k: _param_value(v) for k, v in params.items() if v is not None}
         self.run_ids[record.number] = run_id
         self._open[record.number] = run_id
         self._names[run_id] = run_name(record)
@@ -749,6 +751,7 @@ class MlflowTracker:
 
     def _log_result_artifacts(self, run_id: str, result: Any) -> None:
         from autobatch.tracking import plots
+        from autobatch.tuning import prior, scoring
 
         settings = result.settings
         trials = list(result.trials)
@@ -763,6 +766,11 @@ class MlflowTracker:
             "batch_size_tradeoff.png": plots.batch_size_tradeoff_figure(trials, best, level),
             "search_space.png": plots.search_space_figure(trials, best, level),
             "optimization_history.png": plots.optimization_history_figure(trials, best),
+            "why_batch_size.png": plots.prediction_figure(
+                prior.explain(trials, settings.candidates),
+                result.batch_size,
+                prior.noise_scale(scoring.reference(trials)),
+            ),
         }
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:
             directory = Path(folder)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -732,4 +733,52 @@ def optimization_history_figure(
     ax.grid(alpha=0.3)
     figure.suptitle("Optimization history: training seconds to reach the target, per trial")
     _legend_below(figure, handles, ncols=2)
+    return figure
+
+
+# -- the prediction ---
+
+
+def prediction_figure(rows: Sequence[Any], chosen: int, noise: float | None = None) -> Figure:
+    """Predicted against measured seconds to the target per batch size (``prior.explain``
+    rows): where the gradient-noise-scale model expected the fastest batch size, and where the
+    trials found it."""
+    figure = Figure(figsize=(8, 5.2), layout="constrained")
+    ax = figure.add_subplot()
+    predicted = [(r.batch_size, r.predicted_seconds) for r in rows if r.predicted_seconds]
+    measured = [(r.batch_size, r.measured_seconds) for r in rows if r.measured_seconds]
+    if not predicted and not measured:
+        _empty(ax, "no trial reached the target: nothing to predict or compare")
+        return figure
+    handles: list[Artist] = []
+    if predicted:
+        (line,) = ax.plot(*zip(*predicted, strict=True), "--", color="tab:purple", marker=".")
+        line.set_label("predicted: S_min (1 + B_noise / B) steps x step time")
+        handles.append(line)
+    if measured:
+        points = ax.scatter(*zip(*measured, strict=True), color="tab:blue", s=45, zorder=3)
+        points.set_label("measured: fastest trial at that size")
+        handles.append(points)
+    picked = next((r for r in rows if r.batch_size == chosen), None)
+    if picked is not None and picked.measured_seconds:
+        (ring,) = ax.plot(
+            [chosen], [picked.measured_seconds], "o", ms=16, mfc="none", mec="black", mew=2
+        )
+        ring.set_label(f"recommended: batch size {chosen}")
+        handles.append(ring)
+    if noise is not None:
+        rule = ax.axvline(noise, color=_GREY, lw=1, ls=":")
+        rule.set_label(f"gradient noise scale: {noise:.0f} samples")
+        handles.append(rule)
+    _batch_axis(ax, [r.batch_size for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("training seconds to the target (log scale)")
+    ax.grid(alpha=0.3)
+    _titles(
+        figure,
+        ax,
+        "Why this batch size: predicted against measured time to target",
+        "below the noise scale a larger batch saves steps; above it, only step time grows",
+    )
+    _legend_below(figure, handles)
     return figure

@@ -373,3 +373,26 @@ def format_report(report: Report, why_width: int = 60) -> str:
         out.append("Recommendation: none (the study did not finish)")
     out += [f"Warning: {w}" for w in report.warnings]
     return "\n".join(out)
+
+
+def format_why(rows: Any, chosen: int, noise: float | None, timing: Any) -> str:
+    """Predicted against measured seconds to target per batch size (``prior.explain`` rows),
+    the chosen size marked: what the batch-size physics expected, and what the trials found."""
+    if noise is None or timing is None:
+        basis = "no prediction: the reference trial measured no gradient noise scale"
+    else:
+        basis = (
+            f"predicted from the gradient noise scale, {noise:.0f} samples, and the step time, "
+            f"{timing.fixed * 1e3:.3g} ms + {timing.per_sample * 1e3:.3g} ms per sample"
+        )
+    lines = [
+        f"Why batch size {chosen} ({basis}):",
+        "batch size  predicted (s)  measured (s)  trials",
+    ]
+    for row in rows:
+        mark = "  <- chosen" if row.batch_size == chosen else ""
+        lines.append(
+            f"{row.batch_size:>10}  {_number(row.predicted_seconds, '.3g'):>13}  "
+            f"{_number(row.measured_seconds, '.3g'):>12}  {row.trials:>6}{mark}"
+        )
+    return "\n".join(lines)

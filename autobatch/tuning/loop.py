@@ -81,9 +81,12 @@ def train(
     eval_batch_size: int,
     on_eval: Callable[[EvalPoint], None],
     meter: MemoryMeter | None = None,
+    noise: Callable[[torch.nn.Module, torch.optim.Optimizer], float | None] | None = None,
 ) -> TrialRun:
     """Train a fresh model for up to ``max_epochs``; ``on_eval`` sees every evaluation and may
-    raise ``StopTrial``. A non-finite loss raises ``TrialFailed``."""
+    raise ``StopTrial``. A non-finite loss raises ``TrialFailed``. ``noise`` (a
+    :class:`~autobatch.tuning.noise_probe.NoiseProbe`) reads the gradient noise scale at each
+    evaluation, off the training clock."""
     model, optimizer = build(task, lr)
     step = TrainStep(task, model, optimizer)
     model.train()
@@ -146,6 +149,7 @@ def train(
                     samples_per_second=window_samples / max(window_seconds, 1e-9),
                     peak_memory_bytes=meter.peak() if meter is not None else None,
                     timestamp_ms=int(time.time() * 1000),
+                    grad_noise_scale=noise(model, optimizer) if noise is not None else None,
                 )
                 run.points.append(point)
                 losses.clear()

@@ -4,8 +4,12 @@ moves with the batch size.
 With a larger batch the gradient is averaged over more samples: less noise, fewer updates per
 epoch. SGD-style optimizers keep the same progress per sample when the learning rate grows in
 proportion (``linear``); Adam-style optimizers normalise the update size, and the square root
-works better (``sqrt``). Both rules fail at very large batches, so the tuner multiplies the rule's
-value by a tuned factor and lets the study correct it.
+works better (``sqrt``). Both fail above the gradient noise scale ``B_noise``, where a larger
+batch no longer averages away noise: ``saturating-linear`` (SGD, AdaScale's gain) and
+``saturating-sqrt`` (Adam family) follow their rule below ``B_noise`` and level off above it,
+once the reference trial has measured it (:mod:`autobatch.tuning.prior`); before that they are
+the plain rules. The tuner multiplies the rule's value by a tuned factor and lets the study
+correct it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import torch
 
 from autobatch.errors import InvalidInputError
 from autobatch.records import BASELINE, CEILING, MIDDLE
+from autobatch.tuning import prior
 
-RULES = ("linear", "sqrt", "none")
+RULES = ("saturating-linear", "saturating-sqrt", "linear", "sqrt", "none")
+_SATURATING = "saturating-"
 _ADAPTIVE = (
     torch.optim.Adam,
     torch.optim.AdamW,
@@ -32,20 +38,32 @@ _ADAPTIVE = (
 
 
 def rule_for(optimizer: torch.optim.Optimizer) -> str:
-    """``sqrt`` for adaptive optimizers (Adam family), ``linear`` for SGD and the rest."""
-    return "sqrt" if isinstance(optimizer, _ADAPTIVE) else "linear"
+    """``saturating-sqrt`` for adaptive optimizers (Adam family), ``saturating-linear`` for SGD
+    and the rest."""
+    return _SATURATING + ("sqrt" if isinstance(optimizer, _ADAPTIVE) else "linear")
 
 
-def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str) -> float:
-    """The rule's learning rate at ``batch_size``, from one known to work at ``base_batch_size``."""
-    ratio = batch_size / base_batch_size
-    if rule == "linear":
-        return base_lr * ratio
-    if rule == "sqrt":
-        return base_lr * math.sqrt(ratio)
-    if rule == "none":
+def applied_rule(rule: str, noise: float | None) -> str:
+    """The rule as it applies: a saturating rule is its plain one until the noise scale is
+    known."""
+    return rule if noise is not None else rule.removeprefix(_SATURATING)
+
+
+def scale_lr(
+    base_lr: float, base_batch_size: int, batch_size: int, rule: str, noise: float | None = None
+) -> float:
+    """The rule's learning rate at ``batch_size``, from one known to work at ``base_batch_size``
+    (``noise``: the gradient noise scale, for the saturating rules)."""
+    if rule not in RULES:
+        raise InvalidInputError(f"unknown lr_rule {rule!r}; choose one of {', '.join(RULES)}")
+    family = rule.removeprefix(_SATURATING)
+    if family == "none":
         return base_lr
-    raise InvalidInputError(f"unknown lr_rule {rule!r}")
+    if rule.startswith(_SATURATING) and noise is not None:
+        ratio = prior.saturating_gain(batch_size, base_batch_size, noise)
+    else:
+        ratio = batch_size / base_batch_size
+    return base_lr * (ratio if family == "linear" else math.sqrt(ratio))
 
 
 def default_candidates(ceiling: int, base: int) -> list[int]:

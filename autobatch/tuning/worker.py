@@ -50,12 +50,13 @@ from autobatch.records import (
 )
 from autobatch.task import Task
 from autobatch.training import TrainStep, build
-from autobatch.tuning import curves, scoring, storage
+from autobatch.tuning import curves, prior, scoring, storage
 from autobatch.tuning.loop import StopTrial, TrialFailed, synchronizer, train
+from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.progress import Progress
 from autobatch.tuning.pruner import REDUCTION_FACTOR, Rungs
 from autobatch.tuning.recommendation import recommend
-from autobatch.tuning.space import scale_lr
+from autobatch.tuning.space import applied_rule, scale_lr
 
 log = logging.getLogger(__name__)
 
@@ -363,14 +364,16 @@ class Worker:
         if trial.user_attrs.get(storage.RUN_ID):  # a rerun of a dead worker's trial
             trial.set_user_attr(storage.RUN_ID, None)
         trial.set_user_attr(storage.WORKER, self.name)  # who runs it, while it runs
+        noise = prior.noise_scale(scoring.reference(records))
+        rate = scale_lr(settings.base_lr, settings.base_batch_size, size, settings.lr_rule, noise)
         record = TrialRecord(
             number=trial.number,
             state=RUNNING,
             batch_size=size,
-            lr=scale_lr(settings.base_lr, settings.base_batch_size, size, settings.lr_rule)
-            * multiplier,
+            lr=rate * multiplier,
             lr_multiplier=multiplier,
-            lr_rule=settings.lr_rule,
+            lr_rule=applied_rule(settings.lr_rule, noise),
+            noise_scale=noise if settings.lr_rule.startswith("saturating-") else None,
             iterations_per_epoch=math.ceil(settings.train_size / size),
             max_epochs=settings.max_epochs,
             seed=self.task.seed,
@@ -436,6 +439,11 @@ class Worker:
                 ),
                 on_eval=on_eval,
                 meter=self.meter,
+                # The reference trial measures the gradient noise scale the lr rules and
+                # predictions use.
+                noise=NoiseProbe(self.task, self.train_data, size, self.task.seed)
+                if record.role == BASELINE
+                else None,
             )
         except TrialFailed as exc:
             state, reason = FAILED, str(exc)

@@ -1,0 +1,176 @@
+"""What batch-size physics predicts before trials do: the gradient noise scale and step time.
+
+McCandlish et al. (2018, "An Empirical Model of Large-Batch Training") show that the optimizer
+steps needed to reach a loss fall as ``S = S_min (1 + B_noise / B)``: below the gradient noise
+scale ``B_noise`` a larger batch saves steps almost in proportion, above it hardly at all. It
+is measured from gradient norms at two batch sizes (their appendix A, the estimator used by
+gpt-neox and by AdaptDL): for batches of ``b`` and ``B`` samples,
+
+    E|G_b|^2 = |G|^2 + tr(Sigma) / b
+
+so two norms give ``|G|^2`` and ``tr(Sigma)`` without bias, and ``B_noise = tr(Sigma) / |G|^2``
+is the ratio of their moving averages (the two noisy estimates are smoothed apart, then
+divided). With a step time ``a + b B`` the time to a loss is predicted for every batch size.
+
+Pure functions of numbers and trial records (no torch: the MLflow logging process draws the
+prediction chart from them). The measurement itself, on a training model, is
+:class:`autobatch.tuning.noise_probe.NoiseProbe`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from autobatch.records import COMPLETE, TrialRecord
+
+#: Weight of the old value in the moving averages of ``|G|^2`` and ``tr(Sigma)``.
+EMA = 0.9
+
+
+def two_batch_estimates(
+    small_norm_sq: float, big_norm_sq: float, small: int, big: int
+) -> tuple[float, float]:
+    """Unbiased ``(|G|^2, tr(Sigma))`` from the squared gradient norms of a batch of ``small``
+    samples and one of ``big`` samples."""
+    if not 0 < small < big:
+        raise ValueError(f"need 0 < small < big batch sizes, got {small} and {big}")
+    grad_sq = (big * big_norm_sq - small * small_norm_sq) / (big - small)
+    trace = (small_norm_sq - big_norm_sq) / (1 / small - 1 / big)
+    return grad_sq, trace
+
+
+@dataclass
+class NoiseScale:
+    """Moving averages of the two estimates, and their ratio: the noise scale in samples."""
+
+    small: int
+    big: int
+    beta: float = EMA
+    grad_sq: float = 0.0
+    trace: float = 0.0
+    updates: int = 0
+
+    def update(self, small_norm_sq: float, big_norm_sq: float) -> float | None:
+        """Add one reading; the current estimate of ``B_noise`` (None while ``|G|^2`` is not
+        yet positive, early, when noise swamps it)."""
+        grad_sq, trace = two_batch_estimates(small_norm_sq, big_norm_sq, self.small, self.big)
+        self.updates += 1
+        self.grad_sq = self.beta * self.grad_sq + (1 - self.beta) * grad_sq
+        self.trace = self.beta * self.trace + (1 - self.beta) * trace
+        return self.value
+
+    @property
+    def value(self) -> float | None:
+        if self.updates == 0 or self.grad_sq <= 0 or self.trace <= 0:
+            return None
+        return self.trace / self.grad_sq  # the bias corrections of the two averages cancel
+
+
+# -- from trial records ------------------------------------------------------------------------
+
+
+def noise_scale(record: TrialRecord | None) -> float | None:
+    """The gradient noise scale a trial measured last (it grows as the loss falls, and the
+    last reading is the one nearest the target)."""
+    if record is None:
+        return None
+    readings = [p.grad_noise_scale for p in record.curve if p.grad_noise_scale is not None]
+    return readings[-1] if readings else None
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step as ``fixed + per_sample x batch size``."""
+
+    fixed: float
+    per_sample: float
+
+    def __call__(self, batch_size: int) -> float:
+        return self.fixed + self.per_sample * batch_size
+
+
+def step_time(records: Sequence[TrialRecord]) -> StepTime | None:
+    """Least-squares line through the measured seconds per step of completed trials (their
+    throughput at two or more batch sizes); None with fewer."""
+    points = {}
+    for r in records:
+        if r.state == COMPLETE and r.throughput:
+            points.setdefault(r.batch_size, []).append(r.batch_size / r.throughput)
+    if len(points) < 2:
+        return None
+    xs = sorted(points)
+    ys = [sum(points[x]) / len(points[x]) for x in xs]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread)
+    return StepTime(fixed=max(0.0, mean_y - slope * mean_x), per_sample=slope)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted training seconds to the target at one batch size."""
+
+    batch_size: int
+    seconds: float
+    steps: float
+
+
+def predict(
+    records: Sequence[TrialRecord], noise: float, timing: StepTime, candidates: Sequence[int]
+) -> list[Prediction]:
+    """Time to target for each candidate: ``S(B) = S_min (1 + B_noise / B)`` steps of
+    ``timing(B)`` seconds each. ``S_min`` is calibrated on the trials that reached the target:
+    the fewest any of them implies, since the model assumes a learning rate tuned for each
+    size and the trials' rates are not all tuned. Empty when no trial reached the target."""
+    implied = [
+        r.samples_to_target / r.batch_size / (1 + noise / r.batch_size)
+        for r in records
+        if r.state == COMPLETE and r.samples_to_target
+    ]
+    if not implied:
+        return []
+    s_min = min(implied)
+    out = []
+    for size in sorted(candidates):
+        steps = s_min * (1 + noise / size)
+        out.append(Prediction(size, steps * timing(size), steps))
+    return out
+
+
+def saturating_gain(batch_size: int, base_batch_size: int, noise: float) -> float:
+    """How much a larger batch may scale the learning rate (AdaScale's gain in noise-scale
+    terms): about ``B / B_base`` while both are well below ``B_noise``, levelling off at
+    ``1 + B_noise / B_base`` above it, where more samples no longer average away noise."""
+    if noise <= 0 or not math.isfinite(noise):
+        raise ValueError(f"the noise scale must be positive and finite, got {noise}")
+    return (1 + noise / base_batch_size) / (1 + noise / batch_size)
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One batch size: what the prior predicted and what the trials measured."""
+
+    batch_size: int
+    predicted_seconds: float | None  # to the target, from the noise scale and step time
+    measured_seconds: float | None  # the fastest trial at this size that reached the target
+    trials: int  # completed or pruned trials at this size
+
+
+def explain(records: Sequence[TrialRecord], candidates: Sequence[int]) -> list[Explained]:
+    """Predicted against measured time to target per batch size: the "why this batch size"
+    table. ``records`` judged by the final target (:func:`scoring.rescore`); predictions are
+    None where the reference trial measured no noise scale or no trial reached the target."""
+    from autobatch.tuning import scoring
+
+    noise, timing = noise_scale(scoring.reference(records)), step_time(records)
+    predicted = {}
+    if noise is not None and timing is not None:
+        predicted = {p.batch_size: p.seconds for p in predict(records, noise, timing, candidates)}
+    rows = []
+    for size in sorted(candidates):
+        tried = [r for r in records if r.batch_size == size and r.curve]
+        times = [r.time_to_target for r in tried if r.time_to_target is not None]
+        rows.append(Explained(size, predicted.get(size), min(times, default=None), len(tried)))
+    return rows

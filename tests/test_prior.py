@@ -1,0 +1,180 @@
+"""The batch-size physics on constructed problems: the noise-scale estimator against a known
+answer, the learning-rate rules' documented values, step time and the prediction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from autobatch.data import BatchSource
+from autobatch.records import BASELINE, COMPLETE, EvalPoint, TrialRecord
+from autobatch.task import Task
+from autobatch.tuning import prior
+from autobatch.tuning.noise_probe import NoiseProbe
+from autobatch.tuning.space import applied_rule, rule_for, scale_lr
+
+
+def _regression(d: int = 10, n: int = 100_000, sigma: float = 1.0, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(d, generator=generator)
+    x = torch.randn(n, d, generator=generator)
+    y = x @ w_star + sigma * torch.randn(n, generator=generator)
+    return x, y, w_star
+
+
+def _half_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out.squeeze(-1) - y).pow(2).mean()
+
+
+def _linear_at(w: torch.Tensor) -> nn.Module:
+    model = nn.Linear(len(w), 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w.unsqueeze(0))
+    return model
+
+
+def test_two_batch_estimates_invert_the_expected_norms() -> None:
+    grad_sq, trace = 2.0, 300.0
+    small, big = 16, 128
+    expected = [grad_sq + trace / b for b in (small, big)]
+    assert prior.two_batch_estimates(*expected, small, big) == pytest.approx((grad_sq, trace))
+    with pytest.raises(ValueError):
+        prior.two_batch_estimates(1.0, 1.0, 64, 64)
+
+
+def test_the_estimator_recovers_a_known_noise_scale() -> None:
+    """Linear regression with x ~ N(0, I) and label noise sigma, at weights w* + delta:
+    |G|^2 = |delta|^2 and tr(Sigma) = sigma^2 d + (d + 1) |delta|^2, so B_noise is known."""
+    d, sigma = 10, 1.0
+    x, y, w_star = _regression(d=d, sigma=sigma)
+    delta = torch.full((d,), math.sqrt(0.1 / d))  # |delta|^2 = 0.1
+    truth = (sigma**2 * d + (d + 1) * 0.1) / 0.1  # 111
+    task = Task(model=lambda: nn.Linear(d, 1), train_data=(x, y), loss=_half_mse)
+    model = _linear_at(w_star + delta)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = NoiseProbe(task, BatchSource((x, y), task.device), batch_size=16, seed=1)
+    probe.estimate.beta = 0.995  # a long average: the weights do not move here
+    for _ in range(400):
+        value = probe(model, optimizer)
+    assert value == pytest.approx(truth, rel=0.2)
+    assert model.weight.grad is None  # nothing left behind
+
+
+def test_adam_preconditioning_and_nothing_disturbed() -> None:
+    """A uniform Adam scale changes both norms alike: the same noise scale. The probe leaves
+    batch-norm statistics, gradients and the random generators as it found them."""
+    x, y, _ = _regression(d=6, n=4096)
+    task = Task(model=lambda: nn.Linear(6, 1), train_data=(x, y), loss=_half_mse)
+
+    def measure(optimizer_kind: type) -> float:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 1))
+        optimizer = optimizer_kind(model.parameters(), lr=0.1)
+        if optimizer_kind is torch.optim.Adam:
+            for p in model.parameters():
+                optimizer.state[p] = {
+                    "step": torch.tensor(10.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.full_like(p, 4.0),
+                }
+        stats = model[0].running_mean.clone()
+        rng = torch.get_rng_state()
+        probe = NoiseProbe(task, BatchSource((x, y), task.device), batch_size=32, seed=3)
+        small, big = probe.norms(model, optimizer)
+        assert torch.equal(model[0].running_mean, stats)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(p.grad is None for p in model.parameters())
+        return small / big
+
+    assert measure(torch.optim.Adam) == pytest.approx(measure(torch.optim.SGD), rel=1e-3)
+
+
+def test_noise_scale_is_none_until_the_gradient_shows() -> None:
+    estimate = prior.NoiseScale(small=8, big=64)
+    assert estimate.value is None
+    assert estimate.update(1.0, 1.5) is None  # big norm above small: |G|^2 estimate negative
+    assert estimate.update(10.0, 2.0) is not None
+
+
+@pytest.mark.parametrize(
+    ("rule", "noise", "size", "expected"),
+    [
+        # Plain rules, and the saturating ones before the noise scale is known.
+        ("linear", None, 128, 4.0),
+        ("sqrt", None, 128, 2.0),
+        ("none", 100.0, 128, 1.0),
+        ("saturating-linear", None, 128, 4.0),
+        ("saturating-sqrt", None, 128, 2.0),
+        # Well below B_noise: close to the plain rule.
+        ("saturating-linear", 1e9, 128, 4.0),
+        ("saturating-sqrt", 1e9, 128, 2.0),
+        # At B = B_noise (base 32, B_noise 128): gain (1 + 4) / (1 + 1) = 2.5.
+        ("saturating-linear", 128.0, 128, 2.5),
+        ("saturating-sqrt", 128.0, 128, math.sqrt(2.5)),
+        # Far above: flat at 1 + B_noise / B_base = 5.
+        ("saturating-linear", 128.0, 10**9, 5.0),
+        ("saturating-sqrt", 128.0, 10**9, math.sqrt(5.0)),
+    ],
+)
+def test_learning_rate_rules(rule: str, noise: float | None, size: int, expected: float) -> None:
+    assert scale_lr(1.0, 32, size, rule, noise) == pytest.approx(expected, rel=1e-5)
+
+
+def test_rule_names() -> None:
+    assert rule_for(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)) == "saturating-linear"
+    assert rule_for(torch.optim.AdamW([nn.Parameter(torch.zeros(1))])) == "saturating-sqrt"
+    assert applied_rule("saturating-sqrt", None) == "sqrt"
+    assert applied_rule("saturating-sqrt", 300.0) == "saturating-sqrt"
+    assert applied_rule("linear", 300.0) == "linear"
+
+
+def _record(number: int, size: int, throughput: float, samples_to_target: int | None = None):
+    point = EvalPoint(
+        samples=1000, seconds=1.0, epoch=1.0, train_loss=1.0, val_loss=1.0,
+        val_loss_smoothed=1.0, val_accuracy=None, samples_per_second=throughput,
+        peak_memory_bytes=None, timestamp_ms=0, grad_noise_scale=200.0,
+    )  # fmt: skip
+    return TrialRecord(
+        number=number, state=COMPLETE, batch_size=size, lr=0.1, lr_multiplier=1.0,
+        lr_rule="sqrt", iterations_per_epoch=1, max_epochs=1.0, seed=0, curve=(point,),
+        throughput=throughput, samples_to_target=samples_to_target, best_val_loss=1.0,
+    )  # fmt: skip
+
+
+def test_step_time_and_prediction() -> None:
+    # Step time 0.01 + 0.001 B: throughput B / (0.01 + 0.001 B).
+    records = [_record(i, b, b / (0.01 + 0.001 * b), 6400 if b == 32 else None)
+               for i, b in enumerate((32, 128, 512))]  # fmt: skip
+    timing = prior.step_time(records)
+    assert timing.fixed == pytest.approx(0.01) and timing.per_sample == pytest.approx(0.001)
+    assert prior.step_time(records[:1]) is None
+    assert prior.noise_scale(records[0]) == 200.0
+    predictions = {p.batch_size: p for p in prior.predict(records, 200.0, timing, [32, 64])}
+    # The one trial that reached the target, 200 steps at B = 32: S_min = 200 / (1 + 200 / 32).
+    assert predictions[32].steps == pytest.approx(200.0)
+    s_min = 200 / (1 + 200 / 32)
+    assert predictions[64].steps == pytest.approx(s_min * (1 + 200 / 64))
+    assert predictions[64].seconds == pytest.approx(predictions[64].steps * (0.01 + 0.064))
+
+
+def test_explain_and_its_chart() -> None:
+    from autobatch.tracking import plots
+
+    records = [_record(i, b, b / (0.01 + 0.001 * b), 6400 if b == 32 else None)
+               for i, b in enumerate((32, 128, 512))]  # fmt: skip
+    records[0] = replace(records[0], role=BASELINE, time_to_target=12.0)
+    rows = {r.batch_size: r for r in prior.explain(records, [32, 64, 128, 512])}
+    assert rows[32].measured_seconds == 12.0 and rows[32].trials == 1
+    assert rows[64].trials == 0 and rows[64].measured_seconds is None
+    assert all(r.predicted_seconds > 0 for r in rows.values())  # every candidate predicted
+    figure = plots.prediction_figure(list(rows.values()), 32, noise=200.0)
+    labels = [h.get_label() for h in figure.legends[0].legend_handles]
+    assert any("predicted" in label for label in labels)
+    assert any("recommended: batch size 32" in label for label in labels)
+    # Without a noise scale nothing is predicted, and the table says why.
+    plain = [replace(r, curve=(replace(r.curve[0], grad_noise_scale=None),)) for r in records]
+    assert all(r.predicted_seconds is None for r in prior.explain(plain, [32, 64]))
