@@ -275,6 +275,12 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "for Adam-style optimizers, linear for SGD)",
     )
     parser.add_argument(
+        "--scale-adamw",
+        action="store_true",
+        help="also scale AdamW's beta2 (beta2^(B/B0)) and weight decay (keeping "
+        "B / (lr x wd x N) constant) with the batch size",
+    )
+    parser.add_argument(
         "--target-loss",
         type=float,
         metavar="LOSS",
@@ -401,6 +407,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         candidates=args.batch_sizes,
         objective=args.objective,
         lr_rule=args.lr_rule,
+        scale_adamw=args.scale_adamw,
         target_loss=args.target_loss,
         seed=args.seed,
         storage=args.storage,

@@ -72,6 +72,8 @@ class TrialRecord:
     best_val_loss: float | None = None
     recommended_epochs: float | None = None
     noise_scale: float | None = None  # the gradient noise scale the lr rule used
+    beta2: float | None = None  # AdamW's, when scaled with the batch size (scale_adamw)
+    weight_decay: float | None = None  # likewise
     auc: float | None = None  # area under validation loss vs training seconds
     value: float | None = None  # the objective value Optuna saw
     mlflow_run_id: str | None = None
@@ -126,6 +128,7 @@ class StudySettings:
     train_size: int
     ceiling: int | None = None  # the largest batch size that fits (or the training set size)
     extra: dict[str, Any] = field(default_factory=dict)
+    scale_adamw: bool = False  # scale AdamW's beta2 and weight decay with the batch size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,13 +237,21 @@ class TuneResult:
     study: optuna.Study | None = field(default=None, compare=False, repr=False)
 
     def recommendation(self) -> dict[str, Any]:
-        """What to train with, and the trial it comes from."""
+        """What to train with, and the trial it comes from (with ``scale_adamw``, AdamW's
+        ``beta2`` and ``weight_decay`` too)."""
+        best = next((t for t in self.trials if t.number == self.best_trial), None)
+        scaled = (
+            {}
+            if best is None or best.beta2 is None
+            else {"beta2": best.beta2, "weight_decay": best.weight_decay}
+        )
         return {
             "batch_size": self.batch_size,
             "epochs": self.epochs,
             "lr": self.lr,
             "lr_multiplier": self.lr_multiplier,
             "best_trial": self.best_trial,
+            **scaled,
         }
 
     def target(self) -> str | None:

@@ -15,7 +15,7 @@ from autobatch.records import BASELINE, COMPLETE, EvalPoint, TrialRecord
 from autobatch.task import Task
 from autobatch.tuning import prior
 from autobatch.tuning.noise_probe import NoiseProbe
-from autobatch.tuning.space import applied_rule, rule_for, scale_lr
+from autobatch.tuning.space import adamw_scaling, applied_rule, rule_for, scale_lr
 
 
 def _regression(d: int = 10, n: int = 100_000, sigma: float = 1.0, seed: int = 0):
@@ -178,3 +178,16 @@ def test_explain_and_its_chart() -> None:
     # Without a noise scale nothing is predicted, and the table says why.
     plain = [replace(r, curve=(replace(r.curve[0], grad_noise_scale=None),)) for r in records]
     assert all(r.predicted_seconds is None for r in prior.explain(plain, [32, 64]))
+
+
+def test_adamw_scaling_keeps_the_timescales() -> None:
+    params = [nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
+    scaling = adamw_scaling(optimizer, 32, 128, base_lr=1e-3, lr=2e-3)
+    assert scaling.beta2 == pytest.approx(0.999**4)  # the same number of samples averaged
+    # B / (lr x wd x N) unchanged: 32 / (1e-3 x 0.01) == 128 / (2e-3 x wd')
+    assert pytest.approx(128 / (2e-3 * scaling.weight_decay)) == 32 / (1e-3 * 0.01)
+    scaling.apply(optimizer)
+    assert optimizer.param_groups[0]["betas"] == (0.9, scaling.beta2)
+    assert optimizer.param_groups[0]["weight_decay"] == scaling.weight_decay
+    assert adamw_scaling(torch.optim.SGD(params, lr=0.1), 32, 128, 0.1, 0.4) is None

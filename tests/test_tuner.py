@@ -249,3 +249,17 @@ def test_a_trial_that_reached_the_target_is_never_pruned(task):
     result = tune(task, n_trials=8, target_loss=5.0, seed=1, **{**FAST, "max_epochs": 4})
     assert len(result.trials) == 8
     assert all(t.state == COMPLETE and t.time_to_target is not None for t in result.trials)
+
+
+@pytest.mark.slow
+def test_scale_adamw_moves_beta2_and_weight_decay_with_the_batch(task):
+    result = tune(task, n_trials=3, scale_adamw=True, **FAST)
+    for trial in result.trials:
+        ratio = trial.batch_size / task.batch_size
+        assert trial.beta2 == pytest.approx(0.999**ratio)
+        assert trial.weight_decay == pytest.approx(0.01 * ratio * task.lr / trial.lr)
+    assert result.recommendation()["beta2"] == next(
+        t.beta2 for t in result.trials if t.number == result.best_trial
+    )
+    plain = tune(task, n_trials=1, **FAST)
+    assert plain.trials[0].beta2 is None and "beta2" not in plain.recommendation()

@@ -519,6 +519,8 @@ class MlflowTracker:
             "lr_multiplier": record.lr_multiplier,
             "lr_rule": record.lr_rule,
             "noise_scale": record.noise_scale,  # what a saturating lr rule used
+            "beta2": record.beta2,  # with scale_adamw
+            "weight_decay": record.weight_decay,
             "max_epochs": record.max_epochs,
             "seed": record.seed,
             "iterations_per_epoch": record.iterations_per_epoch,

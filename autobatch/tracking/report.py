@@ -367,7 +367,12 @@ def format_report(report: Report, why_width: int = 60) -> str:
             f"Recommendation: batch size {rec.get('batch_size', '?')}, "
             f"{rec.get('epochs', '?')} epochs, learning rate {_number(rec.get('lr'), '.4g')} "
             f"(x{_number(rec.get('lr_multiplier'), '.3g')} of the rule-scaled rate), "
-            f"from trial {rec.get('best_trial', '?')}"
+            + (
+                f"AdamW beta2 {rec['beta2']:.5g} and weight decay {rec['weight_decay']:.3g}, "
+                if rec.get("beta2") is not None
+                else ""
+            )
+            + f"from trial {rec.get('best_trial', '?')}"
         )
     else:
         out.append("Recommendation: none (the study did not finish)")

@@ -82,12 +82,16 @@ def train(
     on_eval: Callable[[EvalPoint], None],
     meter: MemoryMeter | None = None,
     noise: Callable[[torch.nn.Module, torch.optim.Optimizer], float | None] | None = None,
+    configure: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> TrialRun:
     """Train a fresh model for up to ``max_epochs``; ``on_eval`` sees every evaluation and may
     raise ``StopTrial``. A non-finite loss raises ``TrialFailed``. ``noise`` (a
     :class:`~autobatch.tuning.noise_probe.NoiseProbe`) reads the gradient noise scale at each
-    evaluation, off the training clock."""
+    evaluation, off the training clock. ``configure`` adjusts the optimizer before the first
+    step (AdamW's scaled ``beta2`` and weight decay)."""
     model, optimizer = build(task, lr)
+    if configure is not None:
+        configure(optimizer)
     step = TrainStep(task, model, optimizer)
     model.train()
     generator = torch.Generator().manual_seed(task.seed)

@@ -84,6 +84,7 @@ def prepare(
     objective: str,
     lr_rule: str,
     lr_multiplier_range: tuple[float, float],
+    scale_adamw: bool,
     target_loss: float | None,
     tolerance: float,
     seed: int,
@@ -117,6 +118,7 @@ def prepare(
             "objective": objective,
             "lr_rule": lr_rule,
             "lr_multiplier_range": [float(lr_multiplier_range[0]), float(lr_multiplier_range[1])],
+            "scale_adamw": bool(scale_adamw),
             "max_epochs": float(max_epochs),
             "seed": seed,
             "tolerance": tolerance,
@@ -154,6 +156,7 @@ def prepare(
                 base_batch_size=task.batch_size,
                 train_size=task.train_size,
                 ceiling=ceiling,
+                scale_adamw=bool(scale_adamw),
             )
             study = _create(opened, settings, probed, notes)
             if study is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -64,6 +65,46 @@ def scale_lr(
     else:
         ratio = batch_size / base_batch_size
     return base_lr * (ratio if family == "linear" else math.sqrt(ratio))
+
+
+@dataclass(frozen=True)
+class AdamWScaling:
+    """AdamW's ``beta2`` and weight decay for a batch size other than the one they were set
+    for (opt-in, ``scale_adamw``).
+
+    - ``beta2' = beta2 ** (B' / B)``: the second-moment average then spans the same number of
+      samples, not of steps (Marek et al., 2025).
+    - ``wd' = wd x (B' / B) x (lr / lr')``: the weight decay's timescale ``B / (lr x wd x N)``,
+      in epochs, stays the same (Wang and Aitchison, 2024).
+    """
+
+    beta2: float
+    weight_decay: float
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            beta1, _ = group["betas"]
+            group["betas"] = (beta1, self.beta2)
+            group["weight_decay"] = self.weight_decay
+
+
+def adamw_scaling(
+    optimizer: torch.optim.Optimizer,
+    base_batch_size: int,
+    batch_size: int,
+    base_lr: float,
+    lr: float,
+) -> AdamWScaling | None:
+    """The scaled ``beta2`` and weight decay for ``optimizer`` (built at the base values), or
+    None for an optimizer without them (only the AdamW family has both)."""
+    group = optimizer.param_groups[0]
+    if "betas" not in group or "weight_decay" not in group:
+        return None
+    ratio = batch_size / base_batch_size
+    return AdamWScaling(
+        beta2=group["betas"][1] ** ratio,
+        weight_decay=group["weight_decay"] * ratio * base_lr / lr,
+    )
 
 
 def default_candidates(ceiling: int, base: int) -> list[int]:

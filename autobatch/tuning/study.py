@@ -43,6 +43,7 @@ def tune(
     objective: str = "time",
     lr_rule: str = "auto",
     lr_multiplier_range: tuple[float, float] = (0.25, 4.0),
+    scale_adamw: bool = False,
     target_loss: float | None = None,
     tolerance: float = 0.02,
     seed: int = 0,
@@ -74,7 +75,8 @@ def tune(
     range run first. ``objective="time"`` minimises training seconds until the smoothed
     validation loss reaches ``target x (1 + tolerance)``, the target being ``target_loss`` or,
     by default, the best loss any trial reached; ``"loss"`` minimises the best validation
-    loss; ``"pareto"`` keeps both (no pruning).
+    loss; ``"pareto"`` keeps both (no pruning). ``scale_adamw`` (opt-in) also moves AdamW's
+    ``beta2`` and weight decay with the batch size (:func:`autobatch.tuning.space.adamw_scaling`).
 
     With ``storage`` (any Optuna URL, e.g. ``sqlite:///autobatch.db`` or
     ``postgresql://user@host/db``) the study is resumable and shareable: calling ``tune`` again
@@ -123,6 +125,7 @@ def tune(
         objective=objective,
         lr_rule=lr_rule,
         lr_multiplier_range=lr_multiplier_range,
+        scale_adamw=scale_adamw,
         target_loss=target_loss,
         tolerance=tolerance,
         seed=seed,

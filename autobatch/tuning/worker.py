@@ -56,7 +56,7 @@ from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.progress import Progress
 from autobatch.tuning.pruner import REDUCTION_FACTOR, Rungs
 from autobatch.tuning.recommendation import recommend
-from autobatch.tuning.space import applied_rule, scale_lr
+from autobatch.tuning.space import AdamWScaling, adamw_scaling, applied_rule, scale_lr
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,14 @@ class Worker:
             if not any(t is trial for t, _, _ in self._deferred):
                 heartbeat.join()
 
+    def _adamw_scaling(self, size: int, lr: float) -> AdamWScaling | None:
+        """AdamW's beta2 and weight decay at ``size`` and ``lr``, with ``scale_adamw``."""
+        if not self.settings.scale_adamw:
+            return None
+        settings = self.settings
+        optimizer = self.task.optimizer([torch.nn.Parameter(torch.zeros(1))], settings.base_lr)
+        return adamw_scaling(optimizer, settings.base_batch_size, size, settings.base_lr, lr)
+
     def _base_size(self) -> int:
         base = self.settings.base_batch_size
         return min(self.settings.candidates, key=lambda s: abs(s - base))
@@ -366,6 +374,7 @@ class Worker:
         trial.set_user_attr(storage.WORKER, self.name)  # who runs it, while it runs
         noise = prior.noise_scale(scoring.reference(records))
         rate = scale_lr(settings.base_lr, settings.base_batch_size, size, settings.lr_rule, noise)
+        scaling = self._adamw_scaling(size, rate * multiplier)
         record = TrialRecord(
             number=trial.number,
             state=RUNNING,
@@ -374,6 +383,8 @@ class Worker:
             lr_multiplier=multiplier,
             lr_rule=applied_rule(settings.lr_rule, noise),
             noise_scale=noise if settings.lr_rule.startswith("saturating-") else None,
+            beta2=None if scaling is None else scaling.beta2,
+            weight_decay=None if scaling is None else scaling.weight_decay,
             iterations_per_epoch=math.ceil(settings.train_size / size),
             max_epochs=settings.max_epochs,
             seed=self.task.seed,
@@ -444,6 +455,7 @@ class Worker:
                 noise=NoiseProbe(self.task, self.train_data, size, self.task.seed)
                 if record.role == BASELINE
                 else None,
+                configure=None if scaling is None else scaling.apply,
             )
         except TrialFailed as exc:
             state, reason = FAILED, str(exc)
