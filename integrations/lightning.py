@@ -9,6 +9,10 @@ Lightning's finder it also sizes for validation, works under DDP (every rank pro
 the smallest), and restores parameters, optimizer state and random generators from host
 memory rather than a checkpoint on disk.
 
+With ``tune=True`` the probed size is the ceiling of an autobatch study (``autobatch.tune``):
+trials train fresh modules, and fit goes on with the recommended batch size, learning rate and
+number of epochs.
+
 Example::
 
     import lightning.pytorch as pl
@@ -17,11 +21,18 @@ Example::
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1,
                          callbacks=[AutoBatchFinder(memory_budget="512MiB")])
     trainer.fit(model)  # model.batch_size is now the largest size that fits 512 MiB
+
+    tuner = AutoBatchFinder(memory_budget="512MiB", tune=True, n_trials=12)
+    pl.Trainer(accelerator="cpu", max_epochs=10, callbacks=[tuner]).fit(model)
+    print(tuner.tune_result.recommendation())  # what fit trained with
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
+import math
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -54,12 +65,27 @@ from autobatch.errors import AutobatchError, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.oom import is_oom_error
 from autobatch.probing import DEFAULT_HEADROOM, StepReading, find_max_batch_size
-from autobatch.records import ProbeResult
+from autobatch.records import ProbeResult, TuneResult
 from autobatch.snapshot import RngState, TrainingState
+from autobatch.task import ModelFactory, OptimizerFactory, Precision, Task
 
 __all__ = ["AutoBatchFinder"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Factory:
+    """A callable that builds a fresh module; a module itself is refused (it is callable too)."""
+
+    def problem(self, value: Any) -> str | None:
+        if callable(value) and not isinstance(value, nn.Module):
+            return None
+        return "must be a function that returns a fresh module, e.g. lambda: MyModule(hidden=64)"
+
+    def invalid(self) -> list[Any]:
+        return [3, nn.Linear(1, 1)]
+
 
 _PARAMETERS: dict[str, validation.Spec] = {
     "mode": validation.Choice(("power", "binsearch")),
@@ -71,6 +97,19 @@ _PARAMETERS: dict[str, validation.Spec] = {
     "max_val": validation.Optional(validation.Integer(1, example=8192)),
     "memory_budget": validation.Optional(validation.ByteSize()),
     "headroom": validation.Optional(validation.FRACTION),
+    # tuning mode
+    "tune": validation.Flag(),
+    "model_factory": validation.Optional(_Factory()),
+    "n_trials": validation.Integer(1, example=20),
+    "tune_max_epochs": validation.Optional(validation.TUNE["max_epochs"]),
+    "mlflow": validation.TUNE["mlflow"],
+    "tracking_uri": validation.TUNE["tracking_uri"],
+    "storage": validation.TUNE["storage"],
+    "study_name": validation.TUNE["study_name"],
+    "seed": validation.TUNE["seed"],
+    "lr_attr_name": validation.Instance(
+        (str,), "the learning rate's attribute, e.g. 'lr', or '' to find 'lr' or 'learning_rate'"
+    ),
 }
 
 
@@ -101,6 +140,20 @@ class AutoBatchFinder(Callback):
     Calls to ``self.log`` during the probe are dropped. Python attributes the module's steps
     change (counters, caches) are not restored; tensors, optimizer state, the train/eval
     flags and the random generators are.
+
+    Tuning mode (``tune=True``, single process only): after the probe, ``n_trials`` trials of
+    an autobatch study (:func:`autobatch.tune`, the probed size as its ceiling) each train a
+    fresh module, built by ``model_factory()`` or, when the module saved its hyperparameters,
+    ``type(module)(**module.hparams_initial)``, for up to ``tune_max_epochs`` epochs (default:
+    the trainer's ``max_epochs``) on the datasets behind the train and validation dataloaders,
+    with the loss ``training_step`` returns and the class and defaults of the optimizer
+    ``configure_optimizers`` returned (its schedulers are not used in trials). Fit then goes
+    on with the recommended batch size, learning rate (written to ``lr_attr_name``: ``lr`` or
+    ``learning_rate`` on the module or its hparams, found as Lightning's LR finder finds it;
+    ``configure_optimizers`` runs again to use it) and epochs (``trainer.fit_loop.max_epochs``).
+    ``tune_result`` holds the :class:`TuneResult`. The study is logged to MLflow unless
+    ``mlflow=False`` (at ``tracking_uri``, default ``sqlite:///mlflow.db``); ``storage``,
+    ``study_name`` and ``seed`` mean what they mean for ``autobatch.tune``.
     """
 
     def __init__(
@@ -115,6 +168,16 @@ class AutoBatchFinder(Callback):
         *,
         memory_budget: str | int | None = None,
         headroom: float | None = None,
+        tune: bool = False,
+        model_factory: Callable[[], pl.LightningModule] | None = None,
+        n_trials: int = 20,
+        tune_max_epochs: float | None = None,
+        mlflow: bool = True,
+        tracking_uri: str | None = None,
+        storage: str | None = None,
+        study_name: str | None = None,
+        seed: int = 0,
+        lr_attr_name: str = "",
     ) -> None:
         if isinstance(mode, str):
             mode = mode.lower()
@@ -134,6 +197,17 @@ class AutoBatchFinder(Callback):
         self.headroom = next(h for h in (headroom, margin, DEFAULT_HEADROOM) if h is not None)
         self.optimal_batch_size: int | None = init_val
         self.result: ProbeResult | None = None  # this rank's probe, for inspection
+        self.tune = tune
+        self.model_factory = model_factory
+        self.n_trials = n_trials
+        self.tune_max_epochs = tune_max_epochs
+        self.mlflow = mlflow
+        self.tracking_uri = tracking_uri
+        self.storage = storage
+        self.study_name = study_name
+        self.seed = seed
+        self.lr_attr_name = lr_attr_name
+        self.tune_result: TuneResult | None = None  # the study's recommendation, with tune=True
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
@@ -155,7 +229,11 @@ class AutoBatchFinder(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.scale_batch_size(trainer, pl_module)
+        # Everything trials need is read and checked before the probe, so a setup they cannot
+        # run fails before any work.
+        plan = _plan_trials(self, trainer, pl_module) if self.tune else None
+        if self.scale_batch_size(trainer, pl_module) is not None and plan is not None:
+            self._tune(trainer, pl_module, plan)
 
     # -- the work ------------------------------------------------------------------------------
 
@@ -194,6 +272,52 @@ class AutoBatchFinder(Callback):
         _reload_dataloaders(trainer)
         log.info("AutoBatchFinder: fit continues with %s=%d", self.batch_arg_name, size)
         return size
+
+    def _tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: _TrialPlan) -> None:
+        """Run the study under the probed ceiling; fit goes on with its recommendation."""
+        from autobatch.tuning.study import tune  # optuna and the tuner: only when tuning
+
+        rng = RngState.capture()  # fit then draws the random numbers it would have drawn
+        try:
+            with _offloaded(pl_module, trainer.strategy.root_device):
+                result = tune(
+                    plan.task,
+                    n_trials=self.n_trials,
+                    max_epochs=plan.max_epochs,
+                    probe_result=self.result,
+                    seed=self.seed,
+                    storage=self.storage,
+                    study_name=self.study_name,
+                    mlflow=self.mlflow,
+                    tracking_uri=self.tracking_uri,
+                )
+        except BaseException:
+            lightning_setattr(pl_module, self.batch_arg_name, plan.task.batch_size)
+            raise
+        finally:
+            rng.restore()
+        self.tune_result = result
+        self.optimal_batch_size = result.batch_size
+        lightning_setattr(pl_module, self.batch_arg_name, result.batch_size)
+        lightning_setattr(pl_module, plan.lr_attr_name, result.lr)
+        trainer.strategy.setup_optimizers(trainer)  # configure_optimizers, with the tuned rate
+        trainer.fit_loop.max_epochs = result.epochs
+        _reload_dataloaders(trainer)
+        if trainer.max_steps != -1:
+            log.warning(
+                "AutoBatchFinder: max_steps=%d still ends fit, perhaps before the %d epochs "
+                "recommended",
+                trainer.max_steps,
+                result.epochs,
+            )
+        log.info(
+            "AutoBatchFinder: fit continues with %s=%d, %s=%.3g, max_epochs=%d",
+            self.batch_arg_name,
+            result.batch_size,
+            plan.lr_attr_name,
+            result.lr,
+            result.epochs,
+        )
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeResult:
         meter = self.make_meter(trainer, pl_module)
@@ -369,6 +493,220 @@ class _ProbeStep:
                 args = (batch, 0, index) if len(batches) > 1 else (batch, 0)
                 module.validation_step(*args)
         module.train()
+
+
+# -- tuning mode ------------------------------------------------------------------------------
+
+#: Trainer precisions a trial can reproduce, as ``Task.precision`` names them.
+_PRECISIONS: dict[str, Precision] = {
+    "32-true": "fp32",
+    "32": "fp32",
+    "bf16-mixed": "bf16",
+    "16-mixed": "fp16",
+}
+
+
+@dataclass(frozen=True)
+class _TrialPlan:
+    """What the trials run, read from the trainer and module before the probe."""
+
+    task: Task
+    lr_attr_name: str
+    max_epochs: float
+
+
+def _plan_trials(
+    finder: AutoBatchFinder, trainer: pl.Trainer, module: pl.LightningModule
+) -> _TrialPlan:
+    """The task the study trains, or one InvalidInputError saying what trials cannot run."""
+    if trainer.world_size > 1:
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True runs its trials in one process, not under "
+            f"{type(trainer.strategy).__name__} with {trainer.world_size} processes; tune with "
+            "devices=1 and pass the recommended values to the distributed run"
+        )
+    if not module.automatic_optimization:
+        raise InvalidInputError(
+            "AutoBatchFinder: tune=True needs automatic optimization (trials run backward and "
+            "the optimizer themselves); this module sets automatic_optimization = False"
+        )
+    optimizers = trainer.strategy.optimizers
+    if len(optimizers) != 1:
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True trains trials with one optimizer; "
+            f"configure_optimizers() returned {len(optimizers)}"
+        )
+    lr_attr = _lr_attr_name(module, finder.lr_attr_name)
+    base_lr = lightning_getattr(module, lr_attr)
+    if validation.TASK["lr"].problem(base_lr) is not None:
+        raise InvalidInputError(
+            f"AutoBatchFinder: {lr_attr}={base_lr!r} is not a learning rate; trials scale the "
+            "rate the module trains with, so it must be a positive number, e.g. 1e-3"
+        )
+    optimizer = optimizers[0]
+    built_lr = float(optimizer.defaults["lr"])
+    if not math.isclose(built_lr, float(base_lr), rel_tol=1e-6):
+        raise InvalidInputError(
+            f"AutoBatchFinder: configure_optimizers() built {type(optimizer).__name__} with "
+            f"lr={built_lr:g}, but {lr_attr}={base_lr:g}; build it with the {lr_attr!r} "
+            "attribute, so the tuned rate reaches fit"
+        )
+    if trainer.strategy.lr_scheduler_configs:
+        log.info(
+            "AutoBatchFinder: trials train at a constant learning rate, without the "
+            "schedulers of configure_optimizers(); fit uses them, at the tuned rate"
+        )
+    if len(optimizer.param_groups) > 1:
+        log.info(
+            "AutoBatchFinder: trials put every parameter in one group with %s's defaults; "
+            "fit keeps the module's %d groups",
+            type(optimizer).__name__,
+            len(optimizer.param_groups),
+        )
+    precision = _PRECISIONS.get(str(trainer.precision))
+    if precision is None:
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True cannot train trials in precision={trainer.precision!r}; "
+            f"use one of {', '.join(repr(p) for p in _PRECISIONS)}"
+        )
+    max_epochs = finder.tune_max_epochs or trainer.max_epochs
+    if max_epochs is None or max_epochs <= 0:
+        raise InvalidInputError(
+            "AutoBatchFinder: tune=True needs the most epochs a trial trains: give "
+            "tune_max_epochs (the trainer's max_epochs is unbounded)"
+        )
+    train, collate = _dataset_of(trainer.fit_loop._data_source, "train_dataloader")
+    val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    if not val_source.is_defined():
+        raise InvalidInputError(
+            "AutoBatchFinder: tune=True scores trials on validation loss; give the module or "
+            "datamodule a val_dataloader()"
+        )
+    val, val_collate = _dataset_of(val_source, "val_dataloader")
+    if val_collate is not collate:
+        log.warning(
+            "AutoBatchFinder: trials batch validation data with the train dataloader's "
+            "collate_fn, not the val dataloader's own"
+        )
+    task = Task(
+        model=_model_factory(finder.model_factory, module),
+        train_data=train,
+        val_data=val,
+        step=_training_loss,
+        optimizer=_optimizer_factory(optimizer),
+        lr=float(base_lr),
+        batch_size=lightning_getattr(module, finder.batch_arg_name),
+        collate_fn=collate,
+        device=trainer.strategy.root_device,
+        precision=precision,
+        seed=finder.seed,
+        name=type(module).__name__,
+    )
+    return _TrialPlan(task, lr_attr, float(max_epochs))
+
+
+def _lr_attr_name(module: pl.LightningModule, given: str) -> str:
+    """The learning rate's attribute, found as ``lightning.pytorch.tuner.lr_finder`` finds it."""
+    if given:
+        if not lightning_hasattr(module, given):
+            raise InvalidInputError(
+                f"AutoBatchFinder: lr_attr_name={given!r} is neither an attribute of the model "
+                "nor in its hparams; add it there, or pass the name it has"
+            )
+        return given
+    for name in ("lr", "learning_rate"):
+        if lightning_hasattr(module, name):
+            return name
+    raise InvalidInputError(
+        "AutoBatchFinder: tune=True sets the learning rate, but the model has neither 'lr' nor "
+        "'learning_rate' (as an attribute or in hparams); add one and build the optimizer with "
+        "it, or pass lr_attr_name"
+    )
+
+
+def _model_factory(
+    given: Callable[[], pl.LightningModule] | None, module: pl.LightningModule
+) -> ModelFactory:
+    """A factory of fresh modules whose ``self.log`` is dropped, as in the probe."""
+    hparams = module.hparams_initial
+    if given is None and not hparams:
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True trains fresh modules, but {type(module).__name__} "
+            "saved no hyperparameters; call self.save_hyperparameters() in __init__, or pass "
+            "model_factory=lambda: MyModule(...)"
+        )
+    cls = type(module)
+
+    def build() -> nn.Module:
+        fresh = given() if given is not None else cls(**copy.deepcopy(hparams))
+        if isinstance(fresh, pl.LightningModule):
+            fresh.log = _drop  # type: ignore[method-assign]
+            fresh.log_dict = _drop  # type: ignore[method-assign]
+        return fresh
+
+    return build
+
+
+def _optimizer_factory(optimizer: torch.optim.Optimizer) -> OptimizerFactory:
+    """``factory(params, lr)``: the optimizer's class with its defaults, at another rate."""
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    # Some defaults are set by the class, not taken (AdamW's decoupled_weight_decay).
+    settings = {
+        key: value
+        for key, value in optimizer.defaults.items()
+        if key != "lr" and (open_ended or key in accepted)
+    }
+
+    def build(params: Any, lr: float) -> torch.optim.Optimizer:
+        return cls(params, lr=lr, **settings)
+
+    return build
+
+
+def _dataset_of(source: Any, hook: str) -> tuple[Any, Callable[[list[Any]], Any] | None]:
+    """The map-style dataset behind the one dataloader ``hook`` returns, and its collate_fn."""
+    loaders = CombinedLoader(source.dataloader()).flattened
+    if len(loaders) != 1:
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True trains trials on one dataset; {hook}() returned "
+            f"{len(loaders)} dataloaders"
+        )
+    dataset = getattr(loaders[0], "dataset", None)
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+        hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+    ):
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True draws trial batches by index; the dataset behind "
+            f"{hook}() is a {type(dataset).__name__}, not a map-style Dataset"
+        )
+    return dataset, getattr(loaders[0], "collate_fn", None)
+
+
+def _training_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """A trial's step: the loss ``training_step`` returns."""
+    loss = _loss_of(model.training_step(batch, 0))
+    if loss is None:
+        raise InvalidInputError(
+            "AutoBatchFinder: training_step returned no loss; tune=True needs it to return the "
+            "loss (or a dict with 'loss')"
+        )
+    return loss
+
+
+@contextmanager
+def _offloaded(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """The fitted module on the host while trials use the accelerator, whose ceiling was
+    probed with one model on it; parameters keep their identity (``Module.to`` moves data)."""
+    if device.type == "cpu":
+        yield
+        return
+    module.to("cpu")
+    try:
+        yield
+    finally:
+        module.to(device)
 
 
 # -- small pieces ----------------------------------------------------------------------------

@@ -353,6 +353,13 @@ def test_margin_and_max_val_bound_the_search_with_tested_sizes():
         ({"memory_budget": "two gigs"}, "memory_budget"),
         ({"headroom": -0.1}, "headroom"),
         ({"margin": 0.1, "headroom": 0.1}, "headroom"),
+        ({"tune": "yes"}, "tune"),
+        ({"model_factory": nn.Linear(1, 1)}, "model_factory"),
+        ({"n_trials": 0}, "n_trials"),
+        ({"tune_max_epochs": 0}, "tune_max_epochs"),
+        ({"mlflow": 1}, "mlflow"),
+        ({"lr_attr_name": None}, "lr_attr_name"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -440,3 +447,162 @@ def test_ddp_a_failing_rank_fails_every_rank_without_hanging():
     fit = trainer(HopelessRankFinder(), devices=2, strategy="ddp_spawn", max_steps=1)
     with pytest.raises(Exception, match="BatchSizeOneDoesNotFit|another rank"):
         fit.fit(MLP())
+
+
+# -- tuning mode: trials with fresh modules, fit with the recommendation -------------------------
+
+
+def make_learnable(samples: int, seed: int = 0) -> TensorDataset:
+    """Classes a linear rule assigns, a third of them then redrawn: trials learn, and reach
+    the noise floor in more or less time."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, FEATURES, generator=generator)
+    rule = torch.randn(FEATURES, CLASSES, generator=torch.Generator().manual_seed(99))
+    y = (x @ rule).argmax(dim=1)
+    noisy = torch.rand(samples, generator=generator) < 1 / 3
+    y[noisy] = torch.randint(0, CLASSES, (int(noisy.sum()),), generator=generator)
+    return TensorDataset(x, y)
+
+
+class Tunable(pl.LightningModule):
+    """Saves its hyperparameters, so trials can build fresh copies; validates on held-out data."""
+
+    def __init__(self, batch_size: int = 8, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = make_net(hidden=64)
+        self.train_data, self.val_data = make_learnable(1024), make_learnable(256, seed=1)
+        self.seen_sizes: set[int] = set()  # every size training_step ran at
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen_sizes.add(len(x))
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_data, batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_data, batch_size=self.hparams.batch_size)
+
+
+class Unsaved(Tunable):
+    """No saved hyperparameters; the rate in an attribute named as Lightning's LR finder allows."""
+
+    def __init__(self, batch_size: int = 8, learning_rate: float = 3e-3) -> None:
+        pl.LightningModule.__init__(self)
+        self.batch_size, self.learning_rate = batch_size, learning_rate
+        self.net = make_net(hidden=64)
+        self.train_data, self.val_data = make_learnable(1024), make_learnable(256, seed=1)
+        self.seen_sizes: set[int] = set()  # every size training_step ran at
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.learning_rate)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_data, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_data, batch_size=self.batch_size)
+
+
+class TrainingRate(pl.Callback):
+    """The learning rate of the optimizer fit trains with."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def tuner(**kwargs) -> AutoBatchFinder:
+    """Three trials (the baseline, the ceiling, one between) of two epochs; a ceiling below the
+    training set's 1024 samples."""
+    settings = dict(tune=True, n_trials=3, tune_max_epochs=2, memory_budget="512KiB", mlflow=False)
+    return AutoBatchFinder(**{**settings, **kwargs})
+
+
+def test_tune_mode_fits_with_the_recommendation():
+    module, finder, check = Tunable(), tuner(), StateCheck()
+    rate, sizes = TrainingRate(), BatchSizes()
+    run = trainer(finder, check, rate, sizes, max_steps=-1, max_epochs=5, limit_val_batches=None)
+    run.fit(module)
+
+    result = finder.tune_result
+    assert result is not None and len(result.trials) == 3
+    assert result.probe is not None and result.probe.batch_size == finder.result.batch_size
+    assert result.settings.max_epochs == 2 and result.settings.base_lr == 3e-3
+    assert result.settings.base_batch_size == 8
+    assert finder.result.batch_size < 1024  # the memory budget, not the data, set the ceiling
+    assert module.hparams.batch_size == finder.optimal_batch_size == result.batch_size
+    assert module.hparams.lr == result.lr == rate.lr  # configure_optimizers ran again with it
+    assert run.max_epochs == result.epochs == run.current_epoch  # fit ran that many epochs
+    assert sizes.sizes[0] == result.batch_size
+    # Trials trained fresh modules: the fitted one left the finder as it entered it.
+    assert check.same_tensors and check.same_rng and check.optimizer_state == 0
+
+
+def test_tune_mode_without_hparams_needs_a_model_factory():
+    with pytest.raises(InvalidInputError, match="saved no hyperparameters.*model_factory") as info:
+        trainer(tuner(), max_steps=-1).fit(Unsaved())
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_tune_mode_with_a_model_factory_and_learning_rate(tmp_path):
+    built: list[Unsaved] = []
+
+    def factory() -> Unsaved:
+        built.append(Unsaved())
+        return built[-1]
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    module, finder = Unsaved(), tuner(model_factory=factory, mlflow=True, tracking_uri=uri)
+    trainer(finder, max_steps=-1, max_epochs=3).fit(module)
+
+    result = finder.tune_result
+    assert len(built) >= 3 and module not in built  # each trial its own module
+    assert module.learning_rate == result.lr and module.batch_size == result.batch_size
+    assert result.mlflow_run_id is not None  # the study is logged like tune()'s
+
+
+class FixedRate(Tunable):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class NoRate(Unsaved):
+    def __init__(self) -> None:
+        super().__init__()
+        del self.learning_rate
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class NoValidationData(Tunable):
+    val_dataloader = None  # type: ignore[assignment]
+    validation_step = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, message",
+    [
+        (FixedRate, {}, r"built AdamW with lr=0.001, but lr=0.003"),
+        (NoRate, {"model_factory": NoRate}, r"neither 'lr' nor 'learning_rate'"),
+        (Tunable, {"lr_attr_name": "eta"}, r"lr_attr_name='eta' is neither"),
+        (NoValidationData, {}, r"val_dataloader\(\)"),
+    ],
+)
+def test_tune_mode_refuses_what_trials_cannot_run_before_probing(kind, kwargs, message):
+    module = kind()
+    with pytest.raises(InvalidInputError, match=message):
+        trainer(tuner(**kwargs), max_steps=-1).fit(module)
+    assert not module.seen_sizes  # refused before the probe ran a step
