@@ -46,3 +46,10 @@ def drop_failed_attempt(exc: BaseException) -> None:
     exc.__traceback__ = None
     exc.__context__ = None
     gc.collect(1)
+
+
+def release_if_oom(exc: BaseException) -> None:
+    """Before restoring state after a failed step (which allocates): free the failed step's
+    frames if it ran out of memory. Other errors keep their traceback for the user."""
+    if is_oom_error(exc):
+        traceback.clear_frames(exc.__traceback__)

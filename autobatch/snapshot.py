@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,3 +125,21 @@ class TrainingState:
                     state[key] = value
         for group, saved_group in zip(self.optimizer.param_groups, self.param_groups, strict=True):
             group.update(saved_group)
+
+
+def state_tensors(
+    model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
+) -> list[torch.Tensor]:
+    """What the device holds before a probe: parameters, buffers, gradients, optimizer state
+    (for a tracked meter to count as already there)."""
+    tensors = list(model.state_dict(keep_vars=True).values())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Batch norm needs two samples per batch in training mode: the smallest size to probe."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

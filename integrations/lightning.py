@@ -33,7 +33,6 @@ import copy
 import inspect
 import logging
 import math
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,10 +62,10 @@ except ModuleNotFoundError as _missing:
 from autobatch import validation
 from autobatch.errors import AutobatchError, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
-from autobatch.oom import is_oom_error
+from autobatch.oom import release_if_oom
 from autobatch.probing import DEFAULT_HEADROOM, StepReading, find_max_batch_size
 from autobatch.records import ProbeResult, TuneResult
-from autobatch.snapshot import RngState, TrainingState
+from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
 from autobatch.task import ModelFactory, OptimizerFactory, Precision, Task
 
 __all__ = ["AutoBatchFinder"]
@@ -325,14 +324,14 @@ class AutoBatchFinder(Callback):
         bound = _dataset_length(trainer.fit_loop._data_source.dataloader())
         if self.max_val is not None:
             bound = self.max_val if bound is None else min(bound, self.max_val)
-        smallest = self.init_val or (2 if _has_batch_norm(pl_module) else 1)
+        smallest = self.init_val or (2 if has_batch_norm(pl_module) else 1)
         if bound is not None and smallest > bound:
             raise InvalidInputError(
                 f"AutoBatchFinder: init_val={smallest} is above the largest size allowed "
                 f"({bound}: max_val and the training set's length); lower init_val"
             )
         if isinstance(meter, TrackedMeter):
-            meter.track(_state_tensors(pl_module, optimizers))
+            meter.track(state_tensors(pl_module, optimizers))
         step = _ProbeStep(trainer, pl_module, optimizers, meter, self)
         try:
             with _logging_dropped(pl_module):
@@ -395,9 +394,7 @@ class _ProbeStep:
             batches = self._batches()
             return self._run(batches[0], batches[1:])
         except BaseException as exc:
-            if is_oom_error(exc):
-                # Free what the failed step still holds before restoring, which allocates.
-                traceback.clear_frames(exc.__traceback__)
+            release_if_oom(exc)
             raise
         finally:
             del batches
@@ -740,25 +737,9 @@ def _dataset_length(loaders: Any) -> int | None:
     return min(lengths) if lengths else None
 
 
-def _has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     flat, _ = torch.utils._pytree.tree_flatten(value)
     return (t for t in flat if isinstance(t, torch.Tensor))
-
-
-def _state_tensors(
-    module: nn.Module, optimizers: list[torch.optim.Optimizer]
-) -> list[torch.Tensor]:
-    """What the device holds before the probe: parameters, buffers, gradients, optimizer state."""
-    tensors = list(module.state_dict(keep_vars=True).values())
-    tensors += [p.grad for p in module.parameters() if p.grad is not None]
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return tensors
 
 
 def _drop(*args: Any, **kwargs: Any) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,10 +49,10 @@ from autobatch import validation
 from autobatch.data import to_device
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
-from autobatch.oom import is_oom_error
+from autobatch.oom import release_if_oom
 from autobatch.probing import DEFAULT_HEADROOM, StepReading, find_max_batch_size
 from autobatch.records import ProbeResult, TuneResult
-from autobatch.snapshot import RngState, TrainingState
+from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
 from autobatch.task import Task
 from autobatch.tuning.space import rule_for, scale_lr
 
@@ -268,7 +267,7 @@ class _Prober:
         self.rng = RngState.capture()
         self.loss_only = trainer.compute_metrics is None or self.args.prediction_loss_only
         if isinstance(meter, TrackedMeter):
-            meter.track(_state_tensors(self.model, self.optimizer))
+            meter.track(state_tensors(self.model, [self.optimizer]))
 
     def search(
         self,
@@ -285,7 +284,7 @@ class _Prober:
             meter=self.meter,
             max_batch_size=bound,
             headroom=headroom,
-            min_batch_size=2 if _has_batch_norm(self.model) else 1,
+            min_batch_size=2 if has_batch_norm(self.model) else 1,
             steps_per_call=steps,
         )
 
@@ -317,7 +316,7 @@ class _Prober:
             after_forward, scaling = readings
             return StepReading(scaling, base, max(after_forward - base, 0), peak_bytes=first_peak)
         except BaseException as exc:
-            _drop_frames(exc)
+            release_if_oom(exc)
             raise
         finally:
             del batch
@@ -345,7 +344,7 @@ class _Prober:
                     model, batch, prediction_loss_only=self.loss_only
                 )
         except BaseException as exc:
-            _drop_frames(exc)
+            release_if_oom(exc)
             raise
         finally:
             del batch, outputs
@@ -575,22 +574,3 @@ def _off_device(model: nn.Module, device: torch.device) -> Iterator[None]:
         yield
     finally:
         model.to(device)
-
-
-def _drop_frames(exc: BaseException) -> None:
-    if is_oom_error(exc):
-        # Free what the failed step still holds before restoring, which allocates.
-        traceback.clear_frames(exc.__traceback__)
-
-
-def _has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """What the device holds before the probe: parameters, buffers, gradients, optimizer state."""
-    tensors = list(model.state_dict(keep_vars=True).values())
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    for state in optimizer.state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return tensors
