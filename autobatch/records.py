@@ -29,6 +29,9 @@ COMPLETE, PRUNED, FAILED, INFEASIBLE, RUNNING = (
 #: The seeded trials, run before any sampled one: the task's own batch size and learning rate
 #: (whose result fixes the target), the ceiling, and the middle candidate.
 BASELINE, CEILING, MIDDLE = "baseline", "ceiling", "middle"
+#: The trial queued once the seeds have ended: the batch size the noise scale and step time
+#: predict fastest, at the rule's learning rate.
+PREDICTED = "predicted"
 #: How a completed trial ended against the target.
 REACHED, MISSED = "reached", "missed"
 
@@ -186,6 +189,7 @@ class ProbeResult:
     upper_bound: int | None = None
     cached: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    planned: bool = False  # predicted on fake tensors (plan_for), never run on the device
 
     @property
     def ooms(self) -> int:

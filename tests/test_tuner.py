@@ -11,7 +11,7 @@ import torch
 from autobatch import InvalidInputError, StudyInterrupted, Task, tune
 from autobatch.examples import digits
 from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED
-from autobatch.tuning import prior
+from autobatch.tuning import prior, scoring
 from autobatch.tuning.scoring import infeasible_sizes, pruning_scale_ms
 
 FAST = dict(max_epochs=2, mlflow=False, candidates=[16, 32, 64, 128])
@@ -263,3 +263,18 @@ def test_scale_adamw_moves_beta2_and_weight_decay_with_the_batch(task):
     )
     plain = tune(task, n_trials=1, **FAST)
     assert plain.trials[0].beta2 is None and "beta2" not in plain.recommendation()
+
+
+@pytest.mark.slow
+def test_the_predicted_fastest_batch_size_is_queued_after_the_seeds(task):
+    result = tune(task, n_trials=5, **FAST)
+    seeds, rest = result.trials[:3], result.trials[3:]
+    records = scoring.rescore(list(seeds), result.settings)
+    noise = prior.noise_scale(scoring.reference(records))
+    predictions = prior.predict(records, noise, prior.step_time(records), FAST["candidates"])
+    fastest = min(predictions, key=lambda p: p.seconds).batch_size
+    queued = [t for t in rest if t.role == "predicted"]
+    if fastest in [t.batch_size for t in seeds]:
+        assert not queued  # nothing new to try
+    else:
+        assert [(t.number, t.batch_size, t.lr_multiplier) for t in queued] == [(3, fastest, 1.0)]

@@ -800,7 +800,7 @@ class MlflowTracker:
         lines.append(
             "\nWhy: `search_space.png` (every trial by batch size and learning rate, coloured "
             "by seconds to target), `optimization_history.png` (the search, best so far), "
-            "`learning_curves.png` and `batch_size_tradeoff.png` in the artifacts below. The "
+            "`learning_curves.png` and `batch_size_tradeoff.png` on the Artifacts tab. The "
             "child runs (`tNN bs=... lr=... outcome`) compare on `curve/val_loss_smoothed` "
             "(step = training samples seen) and sort by `summary/objective_value`."
         )

@@ -88,8 +88,9 @@ def _norm(values: Sequence[float]) -> Normalize:
     """Logarithmic when the values are positive and differ: batch sizes are powers of two, and
     times to target span decades."""
     low, high = min(values), max(values)
-    if low == high:
-        return Normalize(low - 1, high + 1)
+    if low == high:  # one value: a band around it, never below zero for a positive one
+        pad = 0.1 * abs(low) or 1.0
+        return Normalize(low - pad, high + pad)
     if low <= 0:
         return Normalize(low, high)
     return LogNorm(low, high)
@@ -107,8 +108,9 @@ def _colorbar(
     colorbar.set_label(label)
     if isinstance(mappable.norm, LogNorm):
         distinct = sorted(set(ticks))
-        if len(distinct) > 6:
-            distinct = list(np.geomspace(distinct[0], distinct[-1], 5))
+        if len(distinct) > 6:  # a spread of the values themselves: round where they are
+            step = math.ceil((len(distinct) - 1) / 5)
+            distinct = distinct[::-step][::-1]
         colorbar.ax.yaxis.set_major_locator(FixedLocator(distinct))
         colorbar.ax.yaxis.set_minor_locator(NullLocator())
         colorbar.ax.yaxis.set_major_formatter(FuncFormatter(_number))
@@ -118,9 +120,18 @@ def _batch_axis(ax: Axes, sizes: Sequence[int]) -> None:
     """Log2 batch-size axis, ticked at the sizes tried."""
     ax.set_xscale("log", base=2)
     if sizes:
-        ax.xaxis.set_major_locator(FixedLocator(sorted(set(sizes))))
+        ticks = sorted(set(sizes))
+        # Labels closer than a factor of 1.6 would overlap: from the largest down, keep one.
+        labelled, last = set(), math.inf
+        for size in reversed(ticks):
+            if last / size >= 1.6:
+                labelled.add(size)
+                last = size
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(_number))
+        ax.xaxis.set_major_formatter(
+            FuncFormatter(lambda v, _p: _number(v) if round(v) in labelled else "")
+        )
         ax.set_xlim(min(sizes) / 1.4, max(sizes) * 1.4)
     ax.set_xlabel("batch size (samples, log2 scale)")
 
@@ -337,7 +348,10 @@ def _loss_ylim(
     anchor = target if target is not None else float(np.median(bests))
     bottom, level = min(low, anchor), max(low, anchor)
     span = max(level - bottom, 0.02 * abs(level), 1e-9)
-    top = min(level + 3 * span, max(max(losses), level) + 0.1 * span)
+    # Up to where most trials ended, too: with one trial near the target, the others' best
+    # losses are what the chart compares it with.
+    top = max(level + 3 * span, float(np.median(bests)) + 0.5 * span if len(bests) else 0.0)
+    top = min(top, max(max(losses), level) + 0.1 * span)
     return bottom - 0.15 * span, top
 
 

@@ -48,10 +48,15 @@ LOCAL_UI = "http://127.0.0.1:5000"
 
 def study_run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The study run's page in the MLflow UI (for a local store, as ``mlflow ui`` serves it
-    by default): its description holds the recommendation, and its experiment opens on the
-    Model-training view."""
+    by default), in the Model-training view: its description holds the recommendation.
+
+    MLflow 3.17's UI opens a fresh browser on its GenAI view whatever the experiment's
+    ``mlflow.experimentKind`` tag says; the ``workflowType`` parameter picks the view."""
     base = redact_url(uri) if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return (
+        f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        "?workflowType=machine_learning"
+    )
 
 
 def unreachable(uri: str, detail: str) -> InvalidInputError:

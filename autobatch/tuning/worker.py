@@ -39,6 +39,7 @@ from autobatch.records import (
     COMPLETE,
     FAILED,
     INFEASIBLE,
+    PREDICTED,
     PRUNED,
     RUNNING,
     EvalPoint,
@@ -50,7 +51,7 @@ from autobatch.records import (
 )
 from autobatch.task import Task
 from autobatch.training import TrainStep, build
-from autobatch.tuning import curves, prior, scoring, storage
+from autobatch.tuning import curves, prior, scoring, space, storage
 from autobatch.tuning.loop import StopTrial, TrialFailed, synchronizer, train
 from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.progress import Progress
@@ -404,7 +405,7 @@ class Worker:
         last_step = 0
         objective = settings.objective
         # Seeded trials are the reference points every other trial is judged against.
-        prunable = objective != "pareto" and record.role is None
+        prunable = objective != "pareto" and record.role in (None, PREDICTED)
 
         def on_eval(point: EvalPoint) -> None:
             nonlocal pruned, last_step, judge
@@ -484,7 +485,42 @@ class Worker:
         else:  # a seed run beside the reference trial: judged once that has ended
             self._deferred.append((trial, record, heartbeat))
             self._settle(self.study.get_trials(deepcopy=False))
+        if record.role not in (None, PREDICTED):
+            self._queue_prediction()
         return 1
+
+    def _queue_prediction(self) -> None:
+        """Once every seeded trial has ended, queue the batch size the prior predicts fastest
+        (the noise scale the baseline measured, the seeds' step times), at the rule's rate,
+        unless a seed already ran it. Whichever worker ends the last seed queues it; Optuna's
+        ``skip_if_exists`` keeps two workers ending seeds at once from queueing it twice."""
+        settings = self.settings
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.user_attrs.get(storage.ROLE) == PREDICTED for t in trials):
+            return
+        records = storage.records(trials)
+        seeds = space.seeds(settings.candidates, settings.base_batch_size)
+        if sum(r.role not in (None, PREDICTED) for r in records) < len(seeds):
+            return
+        if settings.n_trials is not None and len(records) >= settings.n_trials:
+            return
+        records = scoring.rescore(records, settings)
+        noise = prior.noise_scale(scoring.reference(records))
+        timing = prior.step_time(records)
+        if noise is None or timing is None:
+            return
+        predictions = prior.predict(records, noise, timing, settings.candidates)
+        if not predictions:
+            return
+        best = min(predictions, key=lambda p: p.seconds).batch_size
+        if any(size == best for _, size in seeds):
+            return
+        log.info("queued the predicted fastest batch size, %d", best)
+        self.study.enqueue_trial(
+            {"batch_size": best, "lr_multiplier": 1.0},
+            user_attrs={storage.ROLE: PREDICTED},
+            skip_if_exists=True,
+        )
 
     def _settle(self, trials: list[FrozenTrial], force: bool = False) -> bool:
         """Tell Optuna the deferred trials' scores once the reference trial has ended (or,
