@@ -3,9 +3,36 @@
 //
 //   node --experimental-websocket docs/images/capture_mlflow_ui.js URL OUT.png [STEPS] [WAIT_MS]
 //
-// STEPS: JavaScript snippets separated by a line holding only ";;", run in the page in turn;
-// a step "WAIT <ms>" pauses, a step "SHOT <path>" takes an extra screenshot. The page is
-// 1600x1000; OUT.png is taken after the last step. Needs Node 20+ and `chromium` on PATH.
+// STEPS: JavaScript snippets separated by a line holding only ";;", run in the page in turn
+// (each one's value, or its exception, is printed); a step "WAIT <ms>" pauses, a step
+// "SHOT <path>" takes an extra screenshot, a step "DRAG x1 y1 x2 y2" drags the mouse (CSS
+// pixels; e.g. a column header's right edge, to widen the column). The page is 1600x1000;
+// OUT.png is taken after the last step. Needs Node 20+ and `chromium` on PATH. Every run
+// starts Chromium with a fresh profile, so the page opens as it would for a new user.
+//
+// How the screenshots in docs/mlflow.md were taken (MLflow 3.17.2; the selectors may change):
+// - open the page with `?workflowType=machine_learning` after the route (the Model training
+//   view; a fresh profile otherwise opens in GenAI), then close the assistant panel:
+//     document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]')?.click()
+// - React/Radix menus, tabs and dropdowns open on pointer events, not on el.click(); define
+//     window.press = (el) => { const o = { bubbles: true, cancelable: true, button: 0 };
+//       for (const t of ['pointerdown', 'mousedown', 'pointerup', 'mouseup'])
+//         el.dispatchEvent(new (t.startsWith('pointer') ? PointerEvent : MouseEvent)(t, o));
+//       el.click(); }
+//   and a setter for React inputs: Object.getOwnPropertyDescriptor(HTMLInputElement.prototype,
+//   'value').set.call(input, text), then input.dispatchEvent(new Event('input', {bubbles: true}))
+// - unfold the study run: document.querySelector('button[data-component-id*="runnamecellrenderer"]').click()
+// - columns: click the "Columns" button, type each name into input[placeholder="Search columns"],
+//   click the .du-bois-light-tree-checkbox of the .du-bois-light-tree-treenode whose text matches
+// - widen a column: DRAG from its header's right edge (.ag-header-cell[col-id=...] rect)
+// - sort: press the "Sort:" button, type into input[placeholder="Search"], press the item,
+//   press "Sort:" again and button[aria-label="Sort ascending"]
+// - chart view: the <label> whose input has value "CHART"; type into
+//   input[placeholder="Search metric charts"]; eye toggles are the labels reading "Hide run" /
+//   "Unhide run" in each .ag-row; DRAG the bar between run list and charts, or a chart's
+//   bottom-right corner (the div with cursor se-resize), to resize
+// - artifacts: press button[role=tab] "Artifacts", then press the file name in the tree
+// The screenshots were then cropped to what they show (PIL: Image.open(p).crop(...).save(p)).
 const { spawn } = require('child_process');
 const fs = require('fs');
 const os = require('os');
@@ -48,8 +75,20 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
         continue;
       }
       if (step.startsWith('WAIT ')) { await sleep(Number(step.slice(5))); continue; }
+      if (step.startsWith('DRAG ')) {  // DRAG x1 y1 x2 y2: a real mouse drag (e.g. to widen a column)
+        const [x1, y1, x2, y2] = step.slice(5).trim().split(/\s+/).map(Number);
+        const mouse = (type, x, y, buttons) => send('Input.dispatchMouseEvent', { type, x, y, button: 'left', buttons, clickCount: 1 });
+        await mouse('mouseMoved', x1, y1, 0); await mouse('mousePressed', x1, y1, 1);
+        for (let i = 1; i <= 10; i++) await mouse('mouseMoved', x1 + (x2 - x1) * i / 10, y1 + (y2 - y1) * i / 10, 1);
+        await mouse('mouseReleased', x2, y2, 0);
+        await mouse('mouseMoved', 1, 500, 0);  // off the header, or its tooltip shows in the screenshot
+        await sleep(1000);
+        continue;
+      }
       const res = await send('Runtime.evaluate', { expression: step, awaitPromise: true, returnByValue: true });
-      console.log('eval:', JSON.stringify(res.result && res.result.result && res.result.result.value).slice(0, 3000));
+      const r = res.result || {};
+      if (r.exceptionDetails) console.log('eval error:', (r.exceptionDetails.exception && r.exceptionDetails.exception.description) || r.exceptionDetails.text);
+      else console.log('eval:', String(JSON.stringify(r.result && r.result.value)).slice(0, 3000));
       await sleep(2500);
     }
   }
@@ -57,5 +96,6 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   fs.writeFileSync(out, Buffer.from(shot.result.data, 'base64'));
   console.log('wrote', out);
   ws.close(); chrome.kill('SIGKILL');
+  await sleep(500); fs.rmSync(dir, { recursive: true, force: true });
   process.exit(0);
 })().catch((e) => { console.error(e); chrome.kill('SIGKILL'); process.exit(1); });
