@@ -141,6 +141,12 @@ def _add_probe_parser(sub: argparse._SubParsersAction, common: argparse.Argument
         action="store_false",
         help="probe again even if an earlier result for the same setup is cached",
     )
+    parser.add_argument(
+        "--plan-for",
+        metavar="SIZE",
+        help="predict for a card of SIZE you do not have, e.g. 80GiB: the same steps on fake "
+        "tensors, no memory used, seconds (not with --memory-budget)",
+    )
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.set_defaults(func=_cmd_probe)
 
@@ -149,6 +155,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from autobatch.probing import probe
 
     budget = _memory_budget(args)
+    if args.plan_for is not None and budget is not None:
+        raise InvalidInputError(
+            "give --plan-for SIZE (predict for a card you do not have) or --memory-budget SIZE "
+            "(run under that budget), not both"
+        )
+    plan = None if args.plan_for is None else parse_bytes(args.plan_for, name="--plan-for")
     task = _load(args)
     log.info("probing %s on %s", task.name, task.device)
     result = probe(
@@ -158,6 +170,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         multiple_of=args.multiple_of,
         cache=args.cache,
+        plan_for=plan,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
@@ -167,10 +180,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _probe_report(result: Any, train_size: int) -> str:
+    fits = "would fit" if result.planned else "fits"
     rows = [
         (
             str(a.batch_size),
-            "fits" if a.fitted else ("OOM" if a.oom else "over budget"),
+            fits if a.fitted else ("OOM" if a.oom else "over budget"),
             format_bytes(a.peak_bytes),
             f"{a.seconds:.3f}",
             a.phase,
@@ -200,9 +214,23 @@ def _probe_report(result: Any, train_size: int) -> str:
         ("seconds", f"{result.seconds:.2f}"),
         ("cached", "yes (--no-cache to probe again)" if result.cached else "no"),
     ]
+    if result.planned:
+        summary[0] = ("batch size", f"{result.batch_size}{note} (predicted, not run on a card)")
+        summary[5] = ("steps", f"{result.steps} simulated training steps on fake tensors")
+        card = result.extra.get("cuda_card_batch_size")
+        summary.insert(1, ("on a CUDA card", _card_note(card, result)))
     width = max(len(key) for key, _ in summary)
     lines += [f"{key:<{width}}  {value}" for key, value in summary]
     return "\n".join(lines)
+
+
+def _card_note(card: int | None, result: Any) -> str:
+    reserve = format_bytes(result.extra.get("cuda_reserve_bytes"))
+    unseen = result.extra.get("unseen_fraction", 0)
+    kept = f"{reserve} for the CUDA context and workspaces, {unseen:.0%} for the unseen"
+    if card is None:
+        return f"- (too small once {kept} are kept)"
+    return f"about {card} (keeping {kept}; see docs/planning.md)"
 
 
 # -- tune ---------------------------------------------------------------------------------

@@ -3,14 +3,19 @@
 Peak memory grows close to linearly with the batch size: a fixed part (parameters, gradients,
 optimizer state, workspaces) plus a part per sample (inputs and activations). Two measured
 sizes fix that line, which predicts the largest size under the budget; that size is then run to
-verify it, and refined by bisection if the prediction misses. Every size returned has run.
+verify it. Where a fixed phase sets the peaks at small sizes (a flat start), the search grows
+geometrically from the sizes it measured and refits instead of trusting a far extrapolation;
+after a failure, secant steps through the readings on both sides of the budget close the gap.
+Every size returned has run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import math
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,17 +27,33 @@ from autobatch import probe_cache, validation
 from autobatch.data import BatchSource
 from autobatch.errors import BatchSizeOneDoesNotFit, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
-from autobatch.oom import drop_failed_attempt, is_oom_error
+from autobatch.memory.plan import PlanMeter, build_fake
+from autobatch.oom import drop_failed_attempt, is_oom_error, release_if_oom
 from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult
-from autobatch.snapshot import RngState, TrainingState
+from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
 from autobatch.task import Task
 from autobatch.training import TrainStep, build
-from autobatch.units import format_bytes
+from autobatch.units import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEADROOM = 0.05
 DEFAULT_TOLERANCE = 0.02
+#: How far one step may reach past the largest size that fitted while the readings show little
+#: growth (a fixed phase sets the peaks): flat starts are crossed in a few geometric steps, and
+#: an overshoot lands within this factor of a size that fitted.
+GROWTH = 16
+#: What a plan for a CUDA card keeps back for what a simulation cannot see: the CUDA context
+#: (621 MiB measured on an H100 with torch 2.13), cuBLAS's workspace (32 MiB) and cuDNN's,
+#: rounded up; and the share of the peak that fake tensors miss (they read 0.93-1.00 of the real
+#: peaks of cnn and transformer steps on that H100). See docs/planning.md.
+CUDA_RESERVE = 1 << 30
+UNSEEN = 0.07
+#: Readings within this fraction of each other count as flat.
+FLAT = 0.01
+#: An out-of-memory reading less than this fraction above the capacity says little about how
+#: far above it the step would have gone.
+WEAK = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,17 @@ class _OutOfAttempts(Exception):
     """The search ran as many sizes as it was allowed: it stops with what it has."""
 
 
+@dataclass(frozen=True)
+class _Point:
+    """A size's reading for the search: the peak that grows with the batch (the scaling peak
+    where the step reports one). Below the budget where the size fitted; above it where it
+    failed, and for an out-of-memory error only a lower bound (the memory it asked for)."""
+
+    batch_size: int
+    level: int
+    fitted: bool
+
+
 class _Search:
     """The state of one search: what ran, what fitted, what failed."""
 
@@ -82,8 +114,10 @@ class _Search:
         self.steps_per_call = steps_per_call
         self.max_attempts = max_attempts
         self.attempts: list[ProbeAttempt] = []
+        self.points: dict[int, _Point] = {}
         self.best: ProbeAttempt | None = None  # largest that fitted
         self.smallest_failure: int | None = None
+        self.start: int | None = None  # memory in use before the first attempt
         self.base: int | None = None
         self.activation: int | None = None
 
@@ -94,6 +128,8 @@ class _Search:
         meter.release()
         meter.reset_peak()
         before = meter.current()
+        if self.start is None:
+            self.start = before
         start = time.perf_counter()
         oom = False
         reading = None
@@ -109,6 +145,7 @@ class _Search:
             del exc
         seconds = time.perf_counter() - start
         peak = meter.peak()
+        refused = meter.refused() if oom else None
         meter.release()
         if isinstance(reading, StepReading):
             peak = max(peak or 0, reading.peak_bytes or 0)
@@ -120,6 +157,7 @@ class _Search:
         fitted = not oom and (peak is None or peak <= self.budget)
         attempt = ProbeAttempt(batch_size, fitted, oom, peak, seconds, phase, scaling)
         self.attempts.append(attempt)
+        self._note(attempt, refused)
         log.debug(
             "batch size %d: %s, peak %s (before %s)",
             batch_size,
@@ -133,6 +171,31 @@ class _Search:
         elif self.smallest_failure is None or batch_size < self.smallest_failure:
             self.smallest_failure = batch_size
         return attempt
+
+    def _note(self, attempt: ProbeAttempt, refused: int | None) -> None:
+        """Keep the attempt's reading for the search, clamped to its side of the budget."""
+        if attempt.peak_bytes is None:
+            return
+        if attempt.fitted:
+            level = min(attempt.scaling_peak_bytes, self.budget)
+        elif attempt.oom:
+            # It needed more than the device had, and at least what it asked for.
+            level = max(attempt.peak_bytes, refused or 0, self.meter.capacity() + 1)
+        else:
+            level = max(attempt.scaling_peak_bytes, self.budget + 1)
+        self.points[attempt.batch_size] = _Point(attempt.batch_size, level, attempt.fitted)
+
+    def attempts_at(self, batch_size: int) -> list[ProbeAttempt]:
+        return [a for a in self.attempts if a.batch_size == batch_size]
+
+    def fitted_points(self) -> list[_Point]:
+        return sorted((p for p in self.points.values() if p.fitted), key=lambda p: p.batch_size)
+
+    def base_level(self) -> int:
+        """Memory in use before the step's batch-sized work: where every peak line starts."""
+        if self.base is not None:
+            return self.base
+        return self.start or 0
 
 
 def find_max_batch_size(
@@ -180,28 +243,10 @@ def find_max_batch_size(
             f"the smallest batch size to try ({smallest}) is above max_batch_size={upper}"
         )
 
-    first = search.run(smallest, "measure")
-    if not first.fitted:
-        raise BatchSizeOneDoesNotFit(
-            f"batch size {smallest} does not fit: its step "
-            + (
-                f"ran out of memory after reaching {format_bytes(first.peak_bytes)}"
-                if first.oom
-                else f"peaked at {format_bytes(first.peak_bytes)}"
-            )
-            + f", and the budget is {format_bytes(budget)} of {format_bytes(capacity)} capacity "
-            f"(headroom {headroom:.0%}). Use a smaller model or input, precision='bf16', lower "
-            "headroom, or a larger memory budget"
-        )
-    model: MemoryModel | None = None
-    if upper > smallest:
-        try:
-            if first.peak_bytes is None:
-                _search_without_peaks(search, upper, multiple_of, tolerance)
-            else:
-                model = _search_with_model(search, upper, multiple_of, tolerance)
-        except _OutOfAttempts:
-            log.info("probe stopped after max_attempts=%d sizes", max_attempts)
+    # Without peak readings, a size over the budget would pass for one that fits: the budget
+    # becomes the device's cap instead.
+    with meter.capped(budget) if meter.peak() is None else contextlib.nullcontext():
+        model = _run_search(search, smallest, upper, multiple_of, tolerance, headroom, capacity)
     assert search.best is not None and search.best.fitted
     return ProbeResult(
         batch_size=search.best.batch_size,
@@ -215,6 +260,41 @@ def find_max_batch_size(
         device=meter.name,
         upper_bound=None if max_batch_size is None else upper,
     )
+
+
+def _run_search(
+    search: _Search,
+    smallest: int,
+    upper: int,
+    multiple_of: int,
+    tolerance: float,
+    headroom: float,
+    capacity: int,
+) -> MemoryModel | None:
+    budget = search.budget
+    first = search.run(smallest, "measure")
+    if not first.fitted:
+        raise BatchSizeOneDoesNotFit(
+            f"batch size {smallest} does not fit: its step "
+            + (
+                f"ran out of memory after reaching {format_bytes(first.peak_bytes)}"
+                if first.oom
+                else f"peaked at {format_bytes(first.peak_bytes)}"
+            )
+            + f", and the budget is {format_bytes(budget)} of {format_bytes(capacity)} capacity "
+            f"(headroom {headroom:.0%}). Use a smaller model or input, precision='bf16', lower "
+            "headroom, or a larger memory budget"
+        )
+    if upper <= smallest:
+        return None
+    try:
+        if first.peak_bytes is None:
+            _search_without_peaks(search, upper, multiple_of, tolerance)
+            return None
+        return _search_with_model(search, upper, multiple_of, tolerance)
+    except _OutOfAttempts:
+        log.info("probe stopped after max_attempts=%d sizes", search.max_attempts)
+        return None
 
 
 def _round_down(value: float, multiple_of: int) -> int:
@@ -239,45 +319,79 @@ def _fit_attempts(attempts: list[ProbeAttempt]) -> MemoryModel:
     return max(overall, scaling, key=lambda m: m.bytes_per_sample)
 
 
+def _crossing(a: _Point, b: _Point, budget: int) -> float:
+    """Where the line through two readings reaches the budget (NO_BOUND where it never does)."""
+    if a.batch_size == b.batch_size or b.level <= a.level:
+        return NO_BOUND
+    slope = (b.level - a.level) / (b.batch_size - a.batch_size)
+    # A hair above: a crossing computed as 9.9999998 means 10.
+    return min(a.batch_size + (budget - a.level) / slope + 1e-6, NO_BOUND)
+
+
 def _search_with_model(
     search: _Search, upper: int, multiple_of: int, tolerance: float
 ) -> MemoryModel | None:
-    first = search.attempts[0]
-    base = search.meter.current() if search.base is None else search.base
-    # Second size: where the per-sample growth seen at the first size would fill a quarter of
-    # the remaining budget. Backward transients add to what the forward pass keeps, so this
-    # lands well inside the budget, yet far out enough to see the growth that binds.
-    if search.activation:
-        per_sample = search.activation / first.batch_size
-    else:
-        per_sample = (first.peak_bytes - base) / first.batch_size
-    b2 = _round_down((search.budget - base) / (4 * max(per_sample, 1.0)), multiple_of)
-    b2 = min(max(b2, first.batch_size + multiple_of), upper)
-    second = search.run(b2, "measure")
-    if not second.fitted or second.peak_bytes is None:
-        _bisect(search, multiple_of, tolerance)
-        return None
-    if b2 == upper:
-        return None
-    # The line from the base through the second peak is steeper than the true one (the fixed
-    # part is at least the base), so its prediction fits: verify it, then step up once along
-    # the chord of the two large sizes if that promises more than the tolerance.
-    model = MemoryModel(base, (second.peak_bytes - base) / b2)
-    for phase in ("predict", "extend"):
-        guess = min(_round_down(model.largest_under(search.budget), multiple_of), upper)
+    """Grow from the sizes that fitted until one fails or the readings say it is the largest,
+    then close the gap to the smallest failure."""
+    while search.smallest_failure is None:
         best = search.best.batch_size
-        if guess <= best * (1 + tolerance) or guess <= best:
+        target = min(_round_down(_reach(search, tolerance), multiple_of), upper)
+        if target <= best * (1 + tolerance) or target <= best:
             break
-        if not search.run(guess, phase).fitted:
-            _refine(search, multiple_of, tolerance)
+        search.run(target, "predict" if len(search.attempts) > 1 else "measure")
+        if target == upper:
             break
-        model = _fit_attempts([second, search.best])
-    return model
+    _refine(search, multiple_of, tolerance)
+    fitted = sorted(
+        {a.batch_size: a for a in search.attempts if a.fitted}.values(), key=lambda a: a.batch_size
+    )
+    return _fit_attempts(fitted[-2:]) if len(fitted) >= 2 else None
+
+
+def _reach(search: _Search, tolerance: float) -> float:
+    """The next size to try while nothing has failed yet.
+
+    Two lines bound the growth from the readings that fitted. The line from the memory in use
+    before the step (``base``) through the largest reading is the steepest the growth can be
+    when the fixed part is at least the base: its prediction fits. The chord through the two
+    largest readings is exact where peaks grow linearly, and too flat where a fixed phase (the
+    optimizer update, a workspace) still sets the smaller one: its prediction may overshoot.
+    While the readings show little growth, the chord's prediction is far away and the step is
+    capped at ``GROWTH`` times the largest fitting size, so a flat start is crossed in a few
+    geometric steps instead of one far extrapolation.
+    """
+    fitted = search.fitted_points()
+    best = fitted[-1]
+    base = _Point(0, search.base_level(), True)
+    if len(fitted) == 1 and search.activation:
+        # What the forward pass keeps grows exactly with the batch: place the second size where
+        # that growth would fill a quarter of the remaining budget. Backward transients add to
+        # it, so this lands inside the budget, yet far enough out to see the growth that binds.
+        per_sample = search.activation / best.batch_size
+        quarter = (search.budget - base.level) / (4 * max(per_sample, 1.0))
+        return max(quarter, best.batch_size + 1)
+    anchored = _crossing(base, best, search.budget)
+    if len(fitted) == 1:
+        return max(anchored, GROWTH * best.batch_size)
+    previous = fitted[-2]
+    chord = _crossing(previous, best, search.budget)
+    spans_start = (
+        _on_flat_stretch(search, previous) or best.batch_size > GROWTH * previous.batch_size
+    )
+    if (
+        best.level > previous.level * (1 + FLAT)
+        and spans_start
+        and anchored > best.batch_size * (1 + tolerance)
+    ):
+        # The growth showed between the two, and the chord may span where it started (after a
+        # flat stretch, or from a size far smaller): it would be too shallow. The anchored
+        # line is safe, and one more size past it gives two readings on the growth.
+        return anchored
+    return min(chord, max(anchored, GROWTH * best.batch_size))
 
 
 def _refine(search: _Search, multiple_of: int, tolerance: float) -> None:
-    """Close the gap after a missed prediction, steered by the line through the best size and
-    a failure that left a peak reading (it ran, but over budget)."""
+    """Close the gap after a failure, steered by the readings nearest the budget."""
     _close_gap(search, multiple_of, tolerance, "refine", steer=True)
 
 
@@ -302,23 +416,130 @@ def _bisect(search: _Search, multiple_of: int, tolerance: float) -> None:
     _close_gap(search, multiple_of, tolerance, "search", steer=False)
 
 
+def _midpoint(lo: int, hi: int) -> float:
+    # Far apart (a flat start overshot), the scale is what is unknown: halve it in log space.
+    return math.sqrt(lo * hi) if hi >= 4 * lo else (lo + hi) / 2
+
+
 def _close_gap(
     search: _Search, multiple_of: int, tolerance: float, phase: str, *, steer: bool
 ) -> None:
     """Try sizes between the largest success and the smallest failure until they are within
-    ``tolerance``: the midpoint, or where the refitted line points when ``steer`` allows."""
+    ``tolerance``: where the readings say the budget is crossed when ``steer`` allows, else the
+    midpoint."""
     while _open_gap(search, multiple_of, tolerance):
         lo, hi = search.best.batch_size, search.smallest_failure
-        mid = _round_down((lo + hi) / 2, multiple_of)
-        last = search.attempts[-1]
-        if steer and not last.fitted and not last.oom and last.peak_bytes is not None:
-            refit = _fit_attempts([search.best, last])
-            target = _round_down(refit.largest_under(search.budget), multiple_of)
-            if lo < target < hi:
-                mid = target
-        if mid <= lo:
+        target = _midpoint(lo, hi)
+        if steer and (steered := _steer(search, target, multiple_of)) is not None:
+            if steered < max(lo * (1 + tolerance), lo + multiple_of):
+                break  # readings on both sides of the budget say lo is (about) the largest
+            # Past the failure, the readings mislead (curved peaks, or out-of-memory readings
+            # that say little): bisect instead.
+            creeping = _failed_in_a_row(search) >= 3 and steered > hi - (hi - lo) / 4
+            if steered < hi and not creeping:
+                target = steered
+        target = _round_down(min(target, hi - 1), multiple_of)
+        if target <= lo:
             break
-        search.run(mid, phase)
+        search.run(target, phase)
+
+
+def _steer(search: _Search, middle: float, multiple_of: int) -> float | None:
+    """Where the readings on both sides of the budget say it is crossed; None without them.
+
+    The line through the largest fitting size and the smallest failure (a secant step) is exact
+    where peaks grow linearly between them. Where the fitting size sits on a flat stretch (a
+    fixed phase set its peak, as it set a smaller size's) or is the only one, the secant is too
+    shallow where the growth that binds starts beyond it, and would creep up in small steps; the
+    line from the base through the failure, the steepest the growth can be, bounds the answer
+    from above, and the search tries halfway between the two. Where the failure was kept
+    through two fitting sizes in a row, its excess over the budget is halved for each (the
+    Illinois rule), so a curved peak does not make the secant creep either.
+
+    An out-of-memory error just past the capacity says only that the step needed more: there
+    the chord through the two largest fitting sizes, where both show the growth, is the better
+    line; without it the search goes no further than ``middle``. Last, the line from the base
+    through the fitting size gives a size that fits for any fixed part at least the base: the
+    search never aims below it.
+    """
+    low = search.points.get(search.best.batch_size)
+    high = search.points.get(search.smallest_failure)
+    if low is None or high is None or high.level <= low.level:
+        return None
+    base = _Point(0, search.base_level(), True)
+    weak = _weak(search, high)
+    fitted = search.fitted_points()
+    above = sorted((p for p in search.points.values() if not p.fitted), key=lambda p: p.batch_size)
+    if _on_growth(search, low):
+        kept = _kept_through(search, high.batch_size)
+        if kept >= 2:
+            excess = (high.level - search.budget) / 2 ** (kept - 1)
+            high = _Point(high.batch_size, search.budget + max(int(excess), 1), False)
+        crossing = _crossing(low, high, search.budget)
+        if weak and len(fitted) >= 2 and _on_growth(search, fitted[-2]):
+            crossing = _crossing(fitted[-2], low, search.budget)
+        elif weak:
+            crossing = min(crossing, max(middle, low.batch_size + 1))
+    else:
+        # Nothing below the budget shows the growth: only a reading above it can stop the
+        # search, never one below.
+        crossing = _crossing(base, high, search.budget)
+        if len(above) >= 2 and above[0].level < above[1].level and not _weak(search, above[1]):
+            # Two readings past the budget, on the growth: their line is the growth's.
+            crossing = min(crossing, _crossing(above[0], above[1], search.budget))
+        elif weak or (search.activation is not None and _ran_out(search, high)):
+            # A training step allocates in many pieces: its out-of-memory reading is the first
+            # piece that failed, a lower bound, and the line through it may reach too far.
+            crossing = min(crossing, middle)
+        crossing = max(crossing, low.batch_size + 2 * multiple_of)
+    safe = _crossing(base, low, search.budget)
+    if weak and safe < search.smallest_failure:
+        crossing = max(crossing, safe)
+    return crossing
+
+
+def _ran_out(search: _Search, point: _Point) -> bool:
+    return search.attempts_at(point.batch_size)[-1].oom
+
+
+def _weak(search: _Search, point: _Point) -> bool:
+    """An out-of-memory reading just past the capacity: the step needed more, how much unknown."""
+    return _ran_out(search, point) and point.level < search.meter.capacity() * (1 + WEAK)
+
+
+def _failed_in_a_row(search: _Search) -> int:
+    failed = 0
+    for attempt in reversed(search.attempts):
+        if attempt.fitted:
+            break
+        failed += 1
+    return failed
+
+
+def _kept_through(search: _Search, batch_size: int) -> int:
+    """How many sizes fitted in a row since ``batch_size`` last failed."""
+    kept = 0
+    for attempt in reversed(search.attempts):
+        if attempt.batch_size == batch_size and not attempt.fitted:
+            return kept
+        kept = kept + 1 if attempt.fitted else 0
+    return kept
+
+
+def _on_growth(search: _Search, point: _Point) -> bool:
+    """True where a smaller fitting size peaked clearly lower: the growth shows at ``point``."""
+    return any(
+        p.batch_size < point.batch_size and p.level < point.level * (1 - FLAT)
+        for p in search.fitted_points()
+    )
+
+
+def _on_flat_stretch(search: _Search, point: _Point) -> bool:
+    """True where a smaller fitting size peaked (almost) as high: the growth is not showing."""
+    return any(
+        p.batch_size < point.batch_size and p.level >= point.level * (1 - FLAT)
+        for p in search.fitted_points()
+    )
 
 
 def probe(
@@ -334,6 +555,7 @@ def probe(
     cache_dir: str | None = None,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    plan_for: str | int | None = None,
 ) -> ProbeResult:
     """Largest batch size whose real training step fits on ``task.device``.
 
@@ -342,13 +564,26 @@ def probe(
     ``optimizer`` to probe objects you already hold: their parameters, buffers, gradients and
     optimizer state are restored bit for bit afterwards, as are all random generators. On the
     CPU, give ``memory_budget`` (e.g. ``"2GiB"``) to probe under a simulated accelerator.
+
+    ``plan_for`` (e.g. ``"80GiB"``) answers for a card you do not have: the same steps run on
+    fake tensors (shapes, no data), counted like the simulated accelerator, in seconds and with
+    no memory. The result is a prediction (``planned=True``, device ``plan:80.00GiB``), and its
+    ``extra["cuda_card_batch_size"]`` keeps a margin for what a simulation cannot see; see
+    docs/planning.md.
     """
     if not isinstance(task, Task):
         raise InvalidInputError(f"probe() needs an autobatch.Task; got {type(task).__name__}")
     validation.check(validation.PROBE, locals())
     if (model is None) != (optimizer is None):
         raise InvalidInputError("pass both model= and optimizer=, or neither")
+    if plan_for is not None and (memory_budget, meter, model) != (None, None, None):
+        raise InvalidInputError(
+            "plan_for plans with a fresh model on fake tensors: give plan_for alone, not with "
+            "memory_budget, meter or model"
+        )
     _check_bounds(max_batch_size, multiple_of)
+    if plan_for is not None:
+        meter = PlanMeter(parse_bytes(plan_for, name="plan_for"), task.device)
     meter = meter or meter_for(task.device, memory_budget)
     source = BatchSource(task.train_data, task.device, task.collate_fn)
     bound = min(len(source), max_batch_size or len(source))
@@ -361,10 +596,12 @@ def probe(
     state: TrainingState | None = None
     train_step: TrainStep | None = None
     try:
-        if owned:
+        if owned and isinstance(meter, PlanMeter):
+            model, optimizer = build_fake(task.model, task.optimizer, task.lr, meter)
+        elif owned:
             model, optimizer = _build_on(task, meter)
         if isinstance(meter, TrackedMeter) and not owned:
-            meter.track(_state_tensors(model, optimizer))
+            meter.track(state_tensors(model, [optimizer]))
         key = probe_cache.key(
             task, model, optimizer, source, meter, headroom, bound, multiple_of, tolerance
         )
@@ -391,9 +628,7 @@ def probe(
                 after_forward, scaling = readings
                 return StepReading(scaling, base, after_forward - base, peak_bytes=first_peak)
             except BaseException as exc:
-                if is_oom_error(exc):
-                    # Free what the failed step still holds before restoring, which allocates.
-                    traceback.clear_frames(exc.__traceback__)
+                release_if_oom(exc)
                 raise
             finally:
                 del batch
@@ -409,8 +644,10 @@ def probe(
             tolerance=tolerance,
             steps_per_call=2,
             # Batch norm cannot train on a single sample.
-            min_batch_size=2 if _has_batch_norm(model) else 1,
+            min_batch_size=2 if has_batch_norm(model) else 1,
         )
+        if isinstance(meter, PlanMeter):
+            result = _as_plan(result, multiple_of)
         if cache:
             probe_cache.store(key, result, cache_dir)
         return result
@@ -422,6 +659,28 @@ def probe(
             model = optimizer = None
         rng.restore()
         meter.release(full=True)
+
+
+def _as_plan(result: ProbeResult, multiple_of: int) -> ProbeResult:
+    """Mark a result as predicted, and add the size a CUDA card of that capacity would take
+    after the margin for what the simulation cannot see (``CUDA_RESERVE``, ``UNSEEN``)."""
+    usable = (result.capacity_bytes - CUDA_RESERVE) * (1 - result.headroom) * (1 - UNSEEN)
+    card: int | None = None
+    fitted = [a for a in result.attempts if a.fitted and a.peak_bytes is not None]
+    if usable > 0 and result.memory_model is not None:
+        card = min(
+            _round_down(result.memory_model.largest_under(int(usable)), multiple_of),
+            result.batch_size,
+        )
+    elif usable > 0 and fitted:
+        card = max((a.batch_size for a in fitted if a.peak_bytes <= usable), default=0)
+    extra = {
+        **result.extra,
+        "cuda_card_batch_size": card or None,
+        "cuda_reserve_bytes": CUDA_RESERVE,
+        "unseen_fraction": UNSEEN,
+    }
+    return dataclasses.replace(result, planned=True, extra=extra)
 
 
 def _build_on(task: Task, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -440,15 +699,3 @@ def _build_on(task: Task, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Op
         f"{format_bytes(meter.peak())} of {format_bytes(meter.capacity())} capacity on "
         f"{meter.name}. Use a smaller model or a larger memory budget"
     )
-
-
-def _has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    tensors = list(model.state_dict(keep_vars=True).values())
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    for state in optimizer.state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return tensors

@@ -286,6 +286,7 @@ PROBE: dict[str, Spec] = {
     "tolerance": Real(0, 1, high_open=True, example=0.02),
     "cache": Flag(),
     "cache_dir": Optional(Folder()),
+    "plan_for": Optional(ByteSize()),
 }
 
 #: What a worker needs, whether it prepared the study or joins one.

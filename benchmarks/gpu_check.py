@@ -5,7 +5,9 @@
    allocator (``torch.cuda.set_per_process_memory_fraction``), so going over it is a real OOM.
 2. Train one full epoch at the returned batch size with the real training step (``TrainStep``),
    recording ``torch.cuda.max_memory_allocated`` and any out-of-memory error.
-3. Compare the CPU simulation (``TrackedMeter``) of the same model at small sizes with the peak
+3. Print the plan-for prediction (``probe(task, plan_for=budget)``: the same steps on fake tensors
+   on the CPU) next to the size the real card gave, with and without the CUDA margin.
+4. Compare the CPU simulation (``TrackedMeter``) of the same model at small sizes with the peak
    CUDA measures at the same sizes, to check that the simulation matches reality.
 
 Without CUDA it prints ``no CUDA device: gpu_check skipped`` and exits 0 (``--cpu-dry-run`` runs
@@ -247,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"OOM during epoch:          {epoch['oom'] or 'none'}")
     print(f"within budget:             {'yes' if within_budget else 'no'}")
     print(f"STAYED WITHIN MEMORY: {'yes' if within_capacity else 'no'}")
+
+    # 2b. the plan-for prediction (fake tensors on the CPU, no memory) next to the real answer
+    print(f"\nplan-for prediction for {format_bytes(budget)} (CPU, fake tensors):")
+    plan = autobatch.probe(cpu_task, plan_for=budget, cache=False)
+    card = plan.extra.get("cuda_card_batch_size")
+    print(
+        f"  plan-for {plan.batch_size} (simulated accelerator semantics), with the CUDA margin "
+        f"{card if card is not None else '-'}; real card {found} "
+        f"(plan/real {plan.batch_size / found:.3f}, margin/real "
+        f"{(card or 0) / found:.3f}); {plan.steps} simulated steps in {plan.seconds:.2f} s"
+    )
 
     # 3. the simulation against the device, at small sizes
     print("\nsimulation (TrackedMeter on CPU) vs device, fresh model, 2 training steps:")

@@ -1,7 +1,9 @@
 """autobatch's probe against Lightning's BatchSizeFinder and Accelerate's batch-size finder.
 
-Every method runs the same training step (forward, loss, backward, AdamW step) of the built-in
-``mlp``, ``cnn`` and ``transformer`` tasks under a simulated accelerator (``TrackedMeter``): the
+Every method runs the same training step (forward, loss, backward, optimizer step) of the
+built-in ``mlp``, ``cnn`` and ``transformer`` tasks, and of three flat-start workloads (a wide MLP
+with Adam, an embedding-heavy model, a model with a large fixed workspace: a fixed phase sets the
+peak at small sizes), under a simulated accelerator (``TrackedMeter``): the
 meter counts the live tensor bytes made under it and raises ``torch.OutOfMemoryError`` ("CUDA out
 of memory. ...") before an allocation that would pass its capacity, so OOMs are deterministic.
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 import autobatch
 from autobatch import examples
@@ -63,6 +66,70 @@ class Workload:
     samples: int
 
 
+class _WideMlp(nn.Module):
+    """Wide layers: with Adam, parameters, gradients and optimizer state (about 30 MiB) set the
+    peak until the batch is large."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(256, 1536), nn.ReLU(), nn.Linear(1536, 1536), nn.ReLU(), nn.Linear(1536, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _EmbeddingBag(nn.Module):
+    """A 50k x 128 embedding table (dense gradients, Adam state) over short token sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50_000, 128)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(1))
+
+
+class _Workspace(nn.Module):
+    """A small network whose forward pass takes a 96 MiB scratch buffer, as a library kernel's
+    fixed workspace would, freed before the batch-sized work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scratch = torch.zeros(24 * 2**20, device=x.device)  # 96 MiB of float32
+        bias = scratch[:1].sum()
+        del scratch
+        return self.body(x) + bias
+
+
+def _flat_start(name: str, model: Callable[[], nn.Module], x: torch.Tensor, seed: int) -> Task:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (len(x),), generator=generator)
+    task = examples._classification(name, model, x, y, seed=seed)
+    return dataclasses.replace(task, optimizer=torch.optim.Adam)
+
+
+def wide_mlp_adam(seed: int = 0, samples: int = 8192) -> Task:
+    x = torch.randn(samples, 256, generator=torch.Generator().manual_seed(seed))
+    return _flat_start("wide_mlp_adam", _WideMlp, x, seed)
+
+
+def embedding_heavy(seed: int = 0, samples: int = 8192) -> Task:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50_000, (samples, 16), generator=generator)
+    return _flat_start("embedding_heavy", _EmbeddingBag, x, seed)
+
+
+def fixed_workspace(seed: int = 0, samples: int = 50_000) -> Task:
+    x = torch.randn(samples, 256, generator=torch.Generator().manual_seed(seed))
+    return _flat_start("fixed_workspace", _Workspace, x, seed)
+
+
 # The capacities put every true maximum in the hundreds to low thousands, well below the data.
 # mlp at 64 MiB keeps its maximum (~2.7k) under 4096: above that, Lightning's default
 # max_val=8192 ends both of its modes at 8192 without trying it (try --capacity mlp=128MiB).
@@ -70,6 +137,11 @@ WORKLOADS: dict[str, Workload] = {
     "mlp": Workload("mlp", examples.mlp, 64 * 2**20, 50_000),
     "cnn": Workload("cnn", examples.cnn, 256 * 2**20, 4096),
     "transformer": Workload("transformer", examples.transformer, 256 * 2**20, 4096),
+    # Flat starts: a fixed phase (Adam's state and update, a workspace) sets the peak at small
+    # sizes, so peaks grow sub-linearly until the batch is large.
+    "wide_mlp_adam": Workload("wide_mlp_adam", wide_mlp_adam, 80 * 2**20, 8192),
+    "embedding_heavy": Workload("embedding_heavy", embedding_heavy, 160 * 2**20, 8192),
+    "fixed_workspace": Workload("fixed_workspace", fixed_workspace, 160 * 2**20, 50_000),
 }
 
 

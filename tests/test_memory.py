@@ -338,3 +338,49 @@ def test_format_bytes(size, text):
 @pytest.mark.parametrize("size", [1, 1000, 3 * MiB, 7 * 1024**3])
 def test_format_then_parse_round_trips(size):
     assert parse_bytes(format_bytes(size).replace(" ", "")) == pytest.approx(size, rel=0.005)
+
+
+# -- storage that grows in place ---------------------------------------------------------------
+
+
+def test_resize_and_out_tensors_that_grow_are_counted():
+    meter = TrackedMeter(MiB)
+    with meter:
+        grown = torch.empty(0, dtype=U8)
+        grown.resize_(1000)  # an empty tensor made under the meter, grown in place
+        assert meter.current() == 1000
+        grown.resize_(3000)
+        assert meter.current() == 3000
+        out = torch.empty(0)
+        torch.mm(torch.ones(10, 10), torch.ones(10, 10), out=out)
+        assert meter.current() == 3000 + 400
+        small = torch.empty(10, dtype=U8)
+        with pytest.warns(UserWarning, match="resized"):
+            torch.add(torch.zeros(0, dtype=U8).new_ones(100), 1, out=small)
+        assert meter.current() == 3000 + 400 + 100  # the output grew from 10 to 100 bytes
+    del grown, out, small
+    assert meter.current() == 0
+    assert meter.peak() >= 3500  # with the temporary inputs of the operations
+
+
+def test_growth_in_place_that_does_not_fit_raises_and_is_undone():
+    meter = TrackedMeter(10_000)
+    with meter:
+        grown = torch.empty(1000, dtype=U8)
+        with pytest.raises(torch.OutOfMemoryError):
+            grown.resize_(20_000)
+        assert meter.current() == 1000
+        assert grown.untyped_storage().nbytes() == 1000
+        assert meter.refused() == 20_000  # what it held plus what the growth asked for
+    meter.reset_peak()
+    assert meter.refused() is None
+    del grown
+
+
+def test_capped_lowers_the_capacity_while_inside():
+    meter = TrackedMeter(10_000)
+    with meter.capped(4000), meter:
+        assert meter.capacity() == 4000
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(5000, dtype=U8)
+    assert meter.capacity() == 10_000

@@ -64,6 +64,41 @@ class Synthetic:
         del activations
 
 
+class FlatStart(Synthetic):
+    """A step whose fixed phase (an optimizer update, a workspace) sets the peak at small sizes:
+    ``max(phase, fixed + per_sample * b + root * sqrt(b))``, the phase freed before the
+    batch-sized work starts. The peaks stay flat, or grow sub-linearly, until the growth that
+    binds takes over."""
+
+    def __init__(self, phase: int, fixed: int, per_sample: int, root: int = 0) -> None:
+        super().__init__(fixed, per_sample)
+        self.phase, self.root = phase, root
+
+    def need(self, b: int) -> int:
+        return max(self.phase, self.growth(b))
+
+    def growth(self, b: int) -> int:
+        return self.fixed + self.per_sample * b + int(self.root * b**0.5)
+
+    def largest_within(self, budget: int, baseline: int = 0) -> int:
+        lo, hi = 0, 1
+        while baseline + self.need(hi) <= budget:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if baseline + self.need(mid) <= budget else (lo, mid)
+        return lo
+
+    def __call__(self, b: int) -> None:
+        self.calls.append(b)
+        if self.meter is not None:
+            self.starts.append(self.meter.current())
+        workspace = torch.empty(self.phase, dtype=U8)
+        del workspace
+        activations = torch.empty(self.growth(b), dtype=U8)
+        del activations
+
+
 def largest_linear(budget: int, fixed: int, per_sample: int) -> int:
     return (budget - fixed) // per_sample
 
@@ -123,6 +158,49 @@ def test_superlinear_step_runs_out_of_memory_and_leaves_nothing_behind():
     assert step.starts == [50_000] * len(step.calls)  # no attempt inherits a failed one's memory
     assert meter.current() == 50_000
     del resident
+
+
+FLAT_STARTS = [
+    # phase, fixed and per-sample bytes of a 1 MiB device (budget 996,147 bytes)
+    (300_000, 0, 1000, 0),  # the phase binds up to 300 samples, memory at ~996
+    (600_000, 0, 1000, 0),
+    (900_000, 0, 1000, 0),  # the phase nearly fills the budget
+    (600_000, 200_000, 20, 0),  # the max (~39,800) far from where the growth shows
+    (800_000, 500_000, 3, 0),  # a large fixed workspace: ~165,000 samples of 3 bytes
+    (500_000, 50_000, 211, 30_000),  # sub-linear growth on top
+    (0, 100_000, 0, 20_000),  # sub-linear growth alone
+    (700_000, 0, 40_000, 0),  # a max of 24 samples
+]
+
+
+@pytest.mark.parametrize(("phase", "fixed", "per_sample", "root"), FLAT_STARTS)
+@pytest.mark.parametrize("resident", [0, 50_000])
+def test_flat_start_takes_at_most_8_steps(phase, fixed, per_sample, root, resident):
+    meter = TrackedMeter(MiB)
+    with meter:
+        held = torch.empty(resident, dtype=U8)  # something else living on the device
+    step = FlatStart(phase, fixed, per_sample, root)
+    step.meter = meter
+    result = find_max_batch_size(step, meter=meter)
+    best = step.largest_within(result.budget_bytes, baseline=resident)
+    assert 0.93 * best <= result.batch_size <= best, [a.batch_size for a in result.attempts]
+    assert len(result.attempts) <= 8, [a.batch_size for a in result.attempts]
+    check_attempts(result, step, baseline=resident)
+    assert step.starts == [resident] * len(step.calls)
+    del held
+
+
+@pytest.mark.parametrize(("phase", "fixed", "per_sample", "root"), FLAT_STARTS[:4])
+def test_flat_start_with_multiple_of_and_without_memory_counted_before(
+    phase, fixed, per_sample, root
+):
+    step = FlatStart(phase, fixed, per_sample, root)
+    result = find_max_batch_size(step, meter=TrackedMeter(MiB), multiple_of=8, min_batch_size=2)
+    best = step.largest_within(result.budget_bytes) // 8 * 8
+    assert 0.93 * best <= result.batch_size <= best
+    assert len(result.attempts) <= 8
+    assert all(b % 8 == 0 for b in step.calls)
+    check_attempts(result, step)
 
 
 @pytest.mark.parametrize("max_attempts", [1, 2, 3])
@@ -185,6 +263,17 @@ def test_without_peak_readings_it_searches_and_returns_a_size_that_ran(max_batch
         assert result.ooms > 0
     else:
         assert result.batch_size == max_batch_size
+
+
+def test_without_peak_readings_the_budget_is_the_cap():
+    """Like MPS: no peak to judge a size by, so the headroom holds by capping the device."""
+    step = Synthetic(10_000, 1000)
+    meter = NoPeakMeter(MiB)
+    result = find_max_batch_size(step, meter=meter, headroom=0.2)
+    best = largest_linear(result.budget_bytes, 10_000, 1000)
+    assert 0.93 * best <= result.batch_size <= best
+    assert meter.capacity() == MiB  # the cap is lifted afterwards
+    assert result.capacity_bytes == MiB
 
 
 def test_batch_size_one_that_runs_out_of_memory():

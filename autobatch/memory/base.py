@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from types import TracebackType
 
 import torch
@@ -38,6 +40,22 @@ class MemoryMeter(ABC):
     @abstractmethod
     def reset_peak(self) -> None:
         """Start a new peak window at the current usage."""
+
+    def refused(self) -> int | None:
+        """Bytes in use plus the request that ran out of memory, at the last refusal since
+        ``reset_peak``: a lower bound of what the failed work needed, which ``peak`` (what it
+        held before failing) understates. ``None`` where the device cannot tell."""
+        return None
+
+    @contextlib.contextmanager
+    def capped(self, limit: int) -> Iterator[None]:
+        """Make allocations past ``limit`` bytes fail while inside, where the device allows it.
+
+        A meter that keeps no peak cannot tell a size that ran over the budget from one that
+        stayed within it; the probe then treats the budget as the device's cap, so the headroom
+        still holds.
+        """
+        yield
 
     def release(self, full: bool = False) -> None:
         """Give cached memory back after an attempt, so the next one starts clean.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+from collections.abc import Iterator
 
 import torch
 
@@ -96,6 +99,17 @@ class MpsMeter(MemoryMeter):
 
     def reset_peak(self) -> None:
         return None
+
+    @contextlib.contextmanager
+    def capped(self, limit: int) -> Iterator[None]:
+        # MPS keeps no peak: the allocator's own limit makes a size over the budget fail.
+        total = torch.mps.recommended_max_memory()
+        torch.mps.set_per_process_memory_fraction(min(limit / total, 2.0))
+        try:
+            yield
+        finally:
+            default = float(os.environ.get("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "1.7"))
+            torch.mps.set_per_process_memory_fraction(min(max(default, 0.0), 2.0))
 
     def release(self, full: bool = False) -> None:
         gc.collect() if full else gc.collect(1)

@@ -10,9 +10,10 @@ they are freed (a weak reference to each one), so the count is the live bytes, l
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -66,6 +67,19 @@ def _fresh_outputs(func: Any, out: Any) -> list[torch.Tensor]:
     return fresh
 
 
+def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an operation writes into (``self`` of an in-place op, ``out=``): their
+    storage may grow in place (``resize_``, an ``out=`` tensor of the wrong size)."""
+    written: list[torch.Tensor] = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        flat, _ = tree_flatten(value)
+        written.extend(t for t in flat if isinstance(t, torch.Tensor))
+    return written
+
+
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
@@ -82,8 +96,10 @@ class TrackedMeter(MemoryMeter):
         self.device = torch.device(device)
         self._current = 0
         self._peak = 0
+        self._refused: int | None = None
         self._lock = threading.Lock()
         self._tracked: dict[int, weakref.ref] = {}
+        self._nbytes: dict[int, int] = {}  # per tracked storage, as last counted
         self._sizes: dict[Any, int | None] = {}
         self._mode: _TrackingMode | None = None
         self._depth = 0
@@ -103,6 +119,19 @@ class TrackedMeter(MemoryMeter):
 
     def reset_peak(self) -> None:
         self._peak = self._current
+        self._refused = None
+
+    def refused(self) -> int | None:
+        return self._refused
+
+    @contextlib.contextmanager
+    def capped(self, limit: int) -> Iterator[None]:
+        capacity = self._capacity
+        self._capacity = min(capacity, int(limit))
+        try:
+            yield
+        finally:
+            self._capacity = capacity
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count tensors created before the meter was entered (a model built elsewhere)."""
@@ -128,24 +157,50 @@ class TrackedMeter(MemoryMeter):
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
         key = id(storage)
-        if nbytes == 0 or storage.device.type == "meta":
+        if nbytes == 0 or not self._counts(storage):
             return
         with self._lock:
             if key in self._tracked and self._tracked[key]() is storage:
                 return
-            self._tracked[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._free(k, n))
+            self._tracked[key] = weakref.ref(storage, lambda _, k=key: self._free(k))
+            self._nbytes[key] = nbytes
             self._current += nbytes
             self._peak = max(self._peak, self._current)
 
-    def _free(self, key: int, nbytes: int) -> None:
+    def _counts(self, storage: torch.UntypedStorage) -> bool:
+        """Whether a storage holds device memory: meta tensors hold none."""
+        return storage.device.type != "meta"
+
+    def _free(self, key: int) -> None:
         with self._lock:
             self._tracked.pop(key, None)
-            self._current -= nbytes
+            self._current -= self._nbytes.pop(key, 0)
+
+    def _grown(self, tensor: torch.Tensor, before: int) -> None:
+        """Count what ``resize_`` or an ``out=`` operation added to a storage in place; refuse
+        (shrinking it back) what does not fit."""
+        storage = tensor.untyped_storage()
+        added = storage.nbytes() - before
+        if added <= 0 or not self._counts(storage):
+            return
+        key = id(storage)
+        tracked = key in self._tracked and self._tracked[key]() is storage
+        if self._current + added > self._capacity:
+            storage.resize_(before)
+            self._check_fits(added)
+        if not tracked:
+            self._register(tensor)  # it became device memory here
+            return
+        with self._lock:
+            self._nbytes[key] += added
+            self._current += added
+            self._peak = max(self._peak, self._current)
 
     def _check_fits(self, nbytes: int) -> None:
         if self._current + nbytes <= self._capacity:
             return
         free = max(self._capacity - self._current, 0)
+        self._refused = max(self._refused or 0, self._current + nbytes)
         raise torch.OutOfMemoryError(
             f"CUDA out of memory. Tried to allocate {format_bytes(nbytes)}. Simulated accelerator "
             f"(autobatch TrackedMeter on {self.device}) has a total capacity of "
@@ -189,7 +244,10 @@ class _TrackingMode(TorchDispatchMode):
         planned = meter._planned_bytes(func, args, kwargs)
         if planned:
             meter._check_fits(planned)
+        written = [(t, t.untyped_storage().nbytes()) for t in _written(func, args, kwargs)]
         out = func(*args, **kwargs)
+        for tensor, before in written:
+            meter._grown(tensor, before)
         fresh = _fresh_outputs(func, out) if planned is None or planned else []
         if planned is None and fresh:
             # No meta kernel: the bytes are known only now. Free them before raising, so the
