@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import probe_vs_peers as peers  # noqa: E402
 
 from autobatch.task import Task  # noqa: E402
-from autobatch.training import forward_loss  # noqa: E402
 from autobatch.units import format_bytes  # noqa: E402
 
 MIN_RATIO = 0.93
@@ -61,36 +60,6 @@ class Row:
     ratio: float | None = None
     note: str = ""
     sizes: list[int] = field(default_factory=list)
-
-
-def make_module(task: Task) -> Any:
-    """The task as a LightningModule: batch size attribute, own dataloader, step counter."""
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Workload(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(task.seed)
-                self.net = task.model()
-            self.batch_size = 2
-            self.steps = 0
-            self.sizes: set[int] = set()
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            self.steps += 1
-            self.sizes.add(len(batch[0]))
-            return forward_loss(task, self.net, tuple(batch))
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return task.optimizer(self.parameters(), task.lr)
-
-        def train_dataloader(self) -> DataLoader:
-            dataset = TensorDataset(*task.train_data)
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
-
-    return Workload()
 
 
 def make_trainer(root: str, callbacks: list[Any], max_steps: int = -1) -> Any:
@@ -129,7 +98,7 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
     with scratch_dir() as root:
         start = time.perf_counter()
         with meter:
-            module = make_module(task)
+            module = peers.lightning_module(task)
             found = Tuner(make_trainer(root, [])).scale_batch_size(module, mode=mode)
         seconds = time.perf_counter() - start
     row = Row(f"lightning {mode}", found, module.steps, seconds, meter.ooms)
@@ -152,7 +121,7 @@ def run_autobatch(task: Task, capacity: int) -> Row:
     finder = Finder()
     with scratch_dir() as root:
         start = time.perf_counter()
-        module = make_module(task)
+        module = peers.lightning_module(task)
         make_trainer(root, [finder], max_steps=0).fit(module)
         seconds = time.perf_counter() - start
     found = finder.optimal_batch_size

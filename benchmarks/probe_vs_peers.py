@@ -327,9 +327,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
-def run_lightning(task: Task, capacity: int, mode: str) -> Row:
+def lightning_module(task: Task) -> Any:
+    """The task as a LightningModule: a batch-size attribute, its own dataloader, and what it
+    ran (steps, every batch size, the first batch of each fit)."""
     import lightning.pytorch as pl
-    from lightning.pytorch.tuner import Tuner
     from torch.utils.data import DataLoader, TensorDataset
 
     class Wrapped(pl.LightningModule):
@@ -340,6 +341,7 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
                 self.net = task.model()
             self.batch_size = 2
             self.steps = 0
+            self.sizes: set[int] = set()
             self.trials: list[int] = []
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -347,6 +349,7 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             self.steps += 1
+            self.sizes.add(len(batch[0]))
             if batch_idx == 0:
                 self.trials.append(len(batch[0]))
             return forward_loss(task, self.net, tuple(batch))
@@ -358,11 +361,18 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
             dataset = TensorDataset(*task.train_data)
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
 
+    return Wrapped()
+
+
+def run_lightning(task: Task, capacity: int, mode: str) -> Row:
+    import lightning.pytorch as pl
+    from lightning.pytorch.tuner import Tuner
+
     meter = CountingMeter(capacity)
     root = tempfile.mkdtemp(prefix="autobatch-bench-")
     start = time.perf_counter()
     with meter:
-        module = Wrapped()
+        module = lightning_module(task)
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=1,
