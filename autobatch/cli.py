@@ -200,6 +200,12 @@ def _probe_report(result: Any, train_size: int) -> str:
     model = result.memory_model
     summary = [
         ("batch size", f"{result.batch_size}{note}"),
+        (
+            "eval batch size",
+            "-"
+            if result.eval_batch_size is None
+            else f"{result.eval_batch_size} (validation forward pass, no gradients)",
+        ),
         ("device", result.device),
         ("capacity", format_bytes(result.capacity_bytes)),
         ("budget", f"{format_bytes(result.budget_bytes)} (headroom {result.headroom:.0%})"),

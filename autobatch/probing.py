@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from autobatch.oom import drop_failed_attempt, is_oom_error, release_if_oom
 from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult
 from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
 from autobatch.task import Task
-from autobatch.training import TrainStep, build
+from autobatch.training import TrainStep, autocast, build, forward_loss
 from autobatch.units import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
@@ -646,6 +646,10 @@ def probe(
             # Batch norm cannot train on a single sample.
             min_batch_size=2 if has_batch_norm(model) else 1,
         )
+        evaluation = _probe_evaluation(
+            task, model, train_step, state, rng, meter, headroom, multiple_of, tolerance, result
+        )
+        result = replace(result, eval_batch_size=evaluation)
         if isinstance(meter, PlanMeter):
             result = _as_plan(result, multiple_of)
         if cache:
@@ -659,6 +663,63 @@ def probe(
             model = optimizer = None
         rng.restore()
         meter.release(full=True)
+
+
+def _probe_evaluation(
+    task: Task,
+    model: nn.Module,
+    train_step: TrainStep,
+    state: TrainingState,
+    rng: RngState,
+    meter: MemoryMeter,
+    headroom: float,
+    multiple_of: int,
+    tolerance: float,
+    trained: ProbeResult,
+) -> int:
+    """The largest evaluation batch (the validation data's forward pass and loss, no
+    gradients, in the task's precision), with the optimizer state live as it is during
+    training. Starts at the training size, which nearly always fits; the training step that
+    creates the optimizer state is undone afterwards."""
+    data = task.val_data if task.val_data is not None else task.train_data
+    source = BatchSource(data, task.device, task.collate_fn)
+    bound = min(len(source), trained.upper_bound or len(source))
+    if bound < multiple_of:
+        return trained.batch_size
+
+    def evaluate(batch_size: int) -> None:
+        batch = source.first(batch_size)
+        model.eval()
+        try:
+            with torch.no_grad(), autocast(task):
+                forward_loss(task, model, batch)
+        except BaseException as exc:
+            release_if_oom(exc)
+            raise
+        finally:
+            del batch
+            model.train()
+
+    try:
+        smallest = trained.attempts[0].batch_size  # what the training search ran first
+        with meter:  # the optimizer state it creates is on the device, counted
+            train_step(BatchSource(task.train_data, task.device, task.collate_fn).first(smallest))
+        start = min(trained.batch_size, bound)
+        start = max(multiple_of, start // multiple_of * multiple_of)
+        try:
+            found = find_max_batch_size(
+                evaluate, meter=meter, max_batch_size=bound, headroom=headroom,
+                multiple_of=multiple_of, tolerance=tolerance, min_batch_size=start,
+            )  # fmt: skip
+        except BatchSizeOneDoesNotFit:  # evaluation needs more than training at that size
+            found = find_max_batch_size(
+                evaluate, meter=meter, max_batch_size=bound, headroom=headroom,
+                multiple_of=multiple_of, tolerance=tolerance,
+            )  # fmt: skip
+        return found.batch_size
+    finally:
+        state.restore()
+        rng.restore()
 
 
 def _as_plan(result: ProbeResult, multiple_of: int) -> ProbeResult:

@@ -132,6 +132,7 @@ class StudySettings:
     ceiling: int | None = None  # the largest batch size that fits (or the training set size)
     extra: dict[str, Any] = field(default_factory=dict)
     scale_adamw: bool = False  # scale AdamW's beta2 and weight decay with the batch size
+    eval_batch_size: int | None = None  # the probe's largest evaluation batch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +191,7 @@ class ProbeResult:
     cached: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     planned: bool = False  # predicted on fake tensors (plan_for), never run on the device
+    eval_batch_size: int | None = None  # the largest evaluation batch (forward, no gradients)
 
     @property
     def ooms(self) -> int:

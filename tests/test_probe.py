@@ -802,3 +802,31 @@ def test_probe_rejects_bad_input_before_running_anything(kwargs, field):
 def test_probe_needs_a_task():
     with pytest.raises(InvalidInputError, match="Task"):
         probe("digits", memory_budget="1MiB")
+
+
+def test_probe_sizes_evaluation_too():
+    """Evaluation (no gradients) fits a larger batch than training. Checked on its own: with
+    the model and the optimizer state on a meter of the probe's budget, the validation
+    forward pass fits at the size found and runs out of memory 5% above it."""
+    from autobatch import examples
+    from autobatch.training import TrainStep, build, forward_loss
+
+    task = examples.mlp()
+    result = probe(task, memory_budget="40MiB", cache=False)
+    val = task.val_data
+    assert result.batch_size < result.eval_batch_size < len(val[0])
+
+    def evaluation_fits(n: int) -> bool:
+        meter = TrackedMeter(result.budget_bytes)
+        with meter:
+            model, optimizer = build(task)
+            TrainStep(task, model, optimizer)(tuple(t[:1] for t in task.train_data))
+            try:
+                with torch.no_grad():  # the batch is on the device too, as in training
+                    forward_loss(task, model.eval(), tuple(t[:n].clone() for t in val))
+                return True
+            except torch.OutOfMemoryError:
+                return False
+
+    assert evaluation_fits(result.eval_batch_size)
+    assert not evaluation_fits(int(result.eval_batch_size * 1.05))

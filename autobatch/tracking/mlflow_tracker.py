@@ -196,6 +196,7 @@ def probe_params(probe: ProbeResult | None) -> dict[str, str]:
     model = probe.memory_model
     params = {
         "probe.batch_size": probe.batch_size,
+        "probe.eval_batch_size": probe.eval_batch_size,
         "probe.capacity_bytes": probe.capacity_bytes,
         "probe.headroom": probe.headroom,
         "probe.budget_bytes": probe.budget_bytes,

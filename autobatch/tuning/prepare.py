@@ -157,6 +157,7 @@ def prepare(
                 train_size=task.train_size,
                 ceiling=ceiling,
                 scale_adamw=bool(scale_adamw),
+                eval_batch_size=None if probed is None else probed.eval_batch_size,
             )
             study = _create(opened, settings, probed, notes)
             if study is not None:

@@ -444,9 +444,11 @@ class Worker:
                 batch_size=size,
                 lr=record.lr,
                 max_epochs=settings.max_epochs,
+                # The probe's evaluation size where it measured one: evaluation is off the
+                # clock, but a larger batch makes it shorter. Else what training showed fits.
                 eval_batch_size=min(
-                    settings.ceiling or max(settings.candidates),
-                    max(size, 256),
+                    settings.eval_batch_size
+                    or min(settings.ceiling or max(settings.candidates), max(size, 256)),
                     len(self.val_data),
                 ),
                 on_eval=on_eval,
