@@ -206,6 +206,7 @@ def _probe_report(result: Any, train_size: int) -> str:
             if result.eval_batch_size is None
             else f"{result.eval_batch_size} (validation forward pass, no gradients)",
         ),
+        *([("samples", result.extra["samples"])] if "samples" in result.extra else []),
         ("device", result.device),
         ("capacity", format_bytes(result.capacity_bytes)),
         ("budget", f"{format_bytes(result.budget_bytes)} (headroom {result.headroom:.0%})"),

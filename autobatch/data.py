@@ -43,6 +43,7 @@ class BatchSource:
         self.collate_fn = collate_fn or default_collate
         self._tensors: tuple[torch.Tensor, ...] | None = None
         self._dataset = None
+        self._sample_sizes: list[int] | None = None
         if is_tensor_data(data):
             self._tensors = tuple(data)
         else:
@@ -65,6 +66,31 @@ class BatchSource:
             return tuple(t[:n].to(self.device, copy=True) for t in self._tensors)
         samples = [self._dataset[i] for i in range(n)]
         return to_device(self.collate_fn(samples), self.device)
+
+    def largest(self, n: int) -> Any:
+        """The ``n`` largest samples (by element count) as one batch on the device: the batch
+        that needs the most memory when samples differ in size (sequences padded to the
+        longest, images of several sizes). Tensors in memory share one shape: the first."""
+        if self._tensors is not None or not self.varies():
+            return self.first(n)
+        order = sorted(range(len(self)), key=lambda i: -self._sizes()[i])
+        samples = [self._dataset[i] for i in order[:n]]
+        return to_device(self.collate_fn(samples), self.device)
+
+    def varies(self) -> bool:
+        """Whether the samples differ in size (a pass over the dataset, made once)."""
+        return self._tensors is None and len(set(self._sizes())) > 1
+
+    def largest_sample_elements(self) -> int:
+        """The elements of the largest sample (of the first, for tensors in memory)."""
+        if self._tensors is not None:
+            return sum(int(t[0].numel()) for t in self._tensors)
+        return max(self._sizes())
+
+    def _sizes(self) -> list[int]:
+        if self._sample_sizes is None:
+            self._sample_sizes = [_elements(self._dataset[i]) for i in range(len(self))]
+        return self._sample_sizes
 
     def epoch(
         self, batch_size: int, generator: torch.Generator, *, shuffle: bool = True
@@ -89,6 +115,18 @@ class BatchSource:
         )
         for batch in loader:
             yield to_device(batch, self.device)
+
+
+def _elements(sample: Any) -> int:
+    """Elements in all the tensors (and arrays) of one sample."""
+    if isinstance(sample, torch.Tensor):
+        return int(sample.numel())
+    if isinstance(sample, Mapping):
+        return sum(_elements(v) for v in sample.values())
+    if isinstance(sample, tuple | list):
+        return sum(_elements(v) for v in sample)
+    size = getattr(sample, "size", None)  # numpy arrays
+    return int(size) if isinstance(size, int) else 0
 
 
 def batch_length(batch: Any) -> int:

@@ -67,7 +67,7 @@ def key(
     parts = {
         "model": repr(model),
         "tensors": [[name, list(t.shape), str(t.dtype)] for name, t in model.state_dict().items()],
-        "sample": _shapes(source.first(1)),
+        "sample": _shapes(source.largest(1)),
         "precision": task.precision,
         "optimizer": [type(optimizer).__qualname__, repr(optimizer.defaults)],
         "step": _function_id(task.step),

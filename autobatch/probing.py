@@ -613,7 +613,7 @@ def probe(
         def attempt(batch_size: int) -> StepReading:
             # Step 1 creates the optimizer state; step 2, with that state live, is read phase
             # by phase.
-            batch = source.first(batch_size)
+            batch = source.largest(batch_size)
             readings: list[int] = []
             try:
                 train_step(batch)
@@ -650,6 +650,15 @@ def probe(
             task, model, train_step, state, rng, meter, headroom, multiple_of, tolerance, result
         )
         result = replace(result, eval_batch_size=evaluation)
+        if source.varies():  # say which shape the answer assumed
+            result = replace(
+                result,
+                extra={
+                    **result.extra,
+                    "samples": "the largest training samples (samples differ in size; the "
+                    f"largest has {source.largest_sample_elements()} elements)",
+                },
+            )
         if isinstance(meter, PlanMeter):
             result = _as_plan(result, multiple_of)
         if cache:
@@ -688,7 +697,7 @@ def _probe_evaluation(
         return trained.batch_size
 
     def evaluate(batch_size: int) -> None:
-        batch = source.first(batch_size)
+        batch = source.largest(batch_size)
         model.eval()
         try:
             with torch.no_grad(), autocast(task):

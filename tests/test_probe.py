@@ -675,6 +675,67 @@ def test_probe_reads_a_torch_dataset():
     assert result.batch_size == 40
 
 
+def test_variable_length_samples_are_probed_at_their_longest():
+    """Sequences padded to the longest in each batch: the first 400 are short, the last 100
+    eight times longer. Probing the first samples would give a size whose batches of long
+    sequences run out of memory; the probe measures the longest and says so."""
+
+    class Sequences(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            generator = torch.Generator().manual_seed(0)
+            lengths = [16] * 400 + [128] * 100
+            self.items = [
+                (torch.randint(0, 50, (n,), generator=generator), torch.tensor(i % 3))
+                for i, n in enumerate(lengths)
+            ]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    def pad(samples):
+        tokens = nn.utils.rnn.pad_sequence([t for t, _ in samples], batch_first=True)
+        return tokens, torch.stack([y for _, y in samples])
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 64)
+            self.head = nn.Linear(64, 3)
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.embed(tokens)).mean(1))
+
+    data = Sequences()
+    task = Task(model=Bag, train_data=data, loss=F.cross_entropy, collate_fn=pad)
+    budget = 2 * MiB
+    result = probe(task, memory_budget=budget, cache=False)
+    assert "largest has 129 elements" in result.extra["samples"]  # 128 tokens and a label
+
+    def long_batch_fits(n: int) -> bool:
+        meter = TrackedMeter(result.budget_bytes)
+        with meter:
+            model, optimizer = build(task)
+            step = TrainStep(task, model, optimizer)
+            batch = pad([data[i] for i in range(len(data) - n, len(data))])
+            try:
+                step(batch)
+                step(batch)
+                return True
+            except torch.OutOfMemoryError:
+                return False
+
+    assert long_batch_fits(min(result.batch_size, 100))
+    # What probing the short first samples alone would have answered does not fit long ones.
+    short = Task(model=Bag, train_data=torch.utils.data.Subset(data, range(400)),
+                 loss=F.cross_entropy, collate_fn=pad)  # fmt: skip
+    naive = probe(short, memory_budget=budget, cache=False)
+    assert naive.batch_size > result.batch_size
+    assert not long_batch_fits(min(naive.batch_size, 100))
+
+
 # -- probe: cache ------------------------------------------------------------------------------
 
 
