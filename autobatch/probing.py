@@ -25,7 +25,7 @@ from torch import nn
 
 from autobatch import probe_cache, validation
 from autobatch.data import BatchSource
-from autobatch.errors import BatchSizeOneDoesNotFit, InvalidInputError
+from autobatch.errors import AutobatchError, BatchSizeOneDoesNotFit, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.memory.plan import PlanMeter, build_fake
 from autobatch.oom import drop_failed_attempt, is_oom_error, release_if_oom
@@ -605,10 +605,17 @@ def probe(
         key = probe_cache.key(
             task, model, optimizer, source, meter, headroom, bound, multiple_of, tolerance
         )
+        ranks = distributed_ranks()
+        cache = cache and ranks == 1  # each rank's answer depends on the others'
         if cache and (hit := probe_cache.load(key, cache_dir)) is not None:
             return hit
         state = TrainingState(model, optimizer)
-        train_step = TrainStep(task, model, optimizer)
+        try:
+            train_step = TrainStep(task, _with_ddp_buckets(model, meter, ranks), optimizer)
+        except BaseException:
+            if ranks > 1:  # the other ranks wait for this one's answer: tell them, then raise
+                _min_over_ranks([0, 0], task.device)
+            raise
 
         def attempt(batch_size: int) -> StepReading:
             # Step 1 creates the optimizer state; step 2, with that state live, is read phase
@@ -635,20 +642,26 @@ def probe(
                 state.restore()
                 rng.restore()
 
-        result = find_max_batch_size(
-            attempt,
-            meter=meter,
-            max_batch_size=bound,
-            headroom=headroom,
-            multiple_of=multiple_of,
-            tolerance=tolerance,
-            steps_per_call=2,
-            # Batch norm cannot train on a single sample.
-            min_batch_size=2 if has_batch_norm(model) else 1,
-        )
-        evaluation = _probe_evaluation(
-            task, model, train_step, state, rng, meter, headroom, multiple_of, tolerance, result
-        )
+        try:
+            result = find_max_batch_size(
+                attempt,
+                meter=meter,
+                max_batch_size=bound,
+                headroom=headroom,
+                multiple_of=multiple_of,
+                tolerance=tolerance,
+                steps_per_call=2,
+                # Batch norm cannot train on a single sample.
+                min_batch_size=2 if has_batch_norm(model) else 1,
+            )
+            evaluation = _probe_evaluation(
+                task, model, train_step, state, rng, meter, headroom, multiple_of, tolerance,
+                result,
+            )  # fmt: skip
+        except BaseException:
+            if ranks > 1:  # the other ranks wait for this one's answer: tell them, then raise
+                _min_over_ranks([0, 0], task.device)
+            raise
         result = replace(result, eval_batch_size=evaluation)
         if source.varies():  # say which shape the answer assumed
             result = replace(
@@ -661,6 +674,8 @@ def probe(
             )
         if isinstance(meter, PlanMeter):
             result = _as_plan(result, multiple_of)
+        if ranks > 1:
+            result = _agreed_over_ranks(result, task.device)
         if cache:
             probe_cache.store(key, result, cache_dir)
         return result
@@ -672,6 +687,62 @@ def probe(
             model = optimizer = None
         rng.restore()
         meter.release(full=True)
+
+
+def distributed_ranks() -> int:
+    """How many processes train together (``torch.distributed`` started, e.g. by torchrun)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def _with_ddp_buckets(model: nn.Module, meter: MemoryMeter, ranks: int) -> nn.Module:
+    """Under torch.distributed, the model in ``DistributedDataParallel``, so its gradient
+    buckets are on the device when the probe measures, as in training.
+
+    Each rank gets a process group of its own: its search tries its own sizes, in its own
+    order, and a collective across ranks in the middle of a step would wait forever for a
+    rank that tried another size or ran out of memory. The ranks agree once, at the end."""
+    if ranks == 1:
+        return model
+    rank = torch.distributed.get_rank()
+    groups = [torch.distributed.new_group([r]) for r in range(ranks)]  # every rank makes all
+    try:
+        with meter:
+            return nn.parallel.DistributedDataParallel(model, process_group=groups[rank])
+    except BaseException as exc:
+        if not is_oom_error(exc):
+            raise
+        raise BatchSizeOneDoesNotFit(
+            f"the model's DistributedDataParallel gradient buckets do not fit in "
+            f"{format_bytes(meter.capacity())} on {meter.name} (rank {rank}); use a smaller "
+            "model, precision='bf16', or a larger memory budget"
+        ) from None
+
+
+def _agreed_over_ranks(result: ProbeResult, device: torch.device) -> ProbeResult:
+    """The smallest answer of all ranks (all_reduce MIN): one batch size every rank fits.
+    This rank's own answer stays in ``extra``."""
+    size, evaluation = _min_over_ranks(
+        [result.batch_size, result.eval_batch_size or result.batch_size], device
+    )
+    if size == 0:
+        raise AutobatchError(
+            f"the probe failed on another rank (its error is raised there); this rank fits "
+            f"{result.batch_size}"
+        )
+    extra = {
+        **result.extra,
+        "this_rank_batch_size": result.batch_size,
+        "ranks": distributed_ranks(),
+    }
+    return replace(result, batch_size=size, eval_batch_size=evaluation, extra=extra)
+
+
+def _min_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    found = torch.tensor(values, device=device)
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+    return [int(v) for v in found.tolist()]
 
 
 def _probe_evaluation(
