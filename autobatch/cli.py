@@ -467,12 +467,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _why_text(result: Any) -> str:
     """The "why this batch size" table: the prior's prediction against the trials."""
     from autobatch.tracking.report import format_why
-    from autobatch.tuning import prior, scoring
+    from autobatch.tuning import prior
 
-    trials = list(result.trials)
-    rows = prior.explain(trials, result.settings.candidates)
-    noise = prior.noise_scale(scoring.reference(trials))
-    return format_why(rows, result.batch_size, noise, prior.step_time(trials))
+    return format_why(prior.explain(result.trials, result.settings.candidates), result.batch_size)
 
 
 def _result_text(result: Any, tracking_uri: str | None) -> str:

@@ -55,7 +55,7 @@ from torch import nn
 from autobatch import tune
 from autobatch.examples import _classification, blobs, digits
 from autobatch.task import Task
-from autobatch.tuning import curves, prior, scoring
+from autobatch.tuning import curves, prior
 from autobatch.tuning.space import default_candidates, rule_for, scale_lr
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -154,14 +154,12 @@ def _prior_only(task: Task, max_epochs: float, sizes: list[int], seed: int) -> t
     seeds = tune(task, n_trials=3, max_epochs=max_epochs, candidates=sizes, seed=seed, mlflow=False)
     trials = list(seeds.trials)
     compute = sum(t.train_seconds for t in trials)
-    noise = prior.noise_scale(scoring.reference(trials))
-    timing = prior.step_time(trials)
-    predictions = prior.predict(trials, noise, timing, sizes) if noise and timing else []
-    if not predictions:  # nothing to predict from: the seeds' own answer
+    explanation = prior.explain(trials, sizes)
+    best = explanation.fastest
+    if best is None:  # nothing to predict from: the seeds' own answer
         return seeds.batch_size, seeds.lr, seeds.epochs, compute
-    best = min(predictions, key=lambda p: p.seconds)
     rule = rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
-    lr = scale_lr(task.lr, task.batch_size, best.batch_size, rule, noise)
+    lr = scale_lr(task.lr, task.batch_size, best.batch_size, rule, explanation.noise)
     epochs = max(1, min(math.ceil(best.steps * best.batch_size / task.train_size), max_epochs))
     return best.batch_size, lr, epochs, compute
 

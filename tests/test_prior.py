@@ -167,17 +167,22 @@ def test_explain_and_its_chart() -> None:
     records = [_record(i, b, b / (0.01 + 0.001 * b), 6400 if b == 32 else None)
                for i, b in enumerate((32, 128, 512))]  # fmt: skip
     records[0] = replace(records[0], role=BASELINE, time_to_target=12.0)
-    rows = {r.batch_size: r for r in prior.explain(records, [32, 64, 128, 512])}
+    explanation = prior.explain(records, [32, 64, 128, 512])
+    rows = {r.batch_size: r for r in explanation.rows}
     assert rows[32].measured_seconds == 12.0 and rows[32].trials == 1
     assert rows[64].trials == 0 and rows[64].measured_seconds is None
     assert all(r.predicted_seconds > 0 for r in rows.values())  # every candidate predicted
-    figure = plots.prediction_figure(list(rows.values()), 32, noise=200.0)
+    assert explanation.noise == 200.0
+    assert explanation.fastest == min(explanation.predictions, key=lambda p: p.seconds)
+    figure = plots.prediction_figure(explanation, 32)
     labels = [h.get_label() for h in figure.legends[0].legend_handles]
     assert any("predicted" in label for label in labels)
     assert any("recommended: batch size 32" in label for label in labels)
     # Without a noise scale nothing is predicted, and the table says why.
     plain = [replace(r, curve=(replace(r.curve[0], grad_noise_scale=None),)) for r in records]
-    assert all(r.predicted_seconds is None for r in prior.explain(plain, [32, 64]))
+    unexplained = prior.explain(plain, [32, 64])
+    assert all(r.predicted_seconds is None for r in unexplained.rows)
+    assert unexplained.fastest is None
 
 
 def test_adamw_scaling_keeps_the_timescales() -> None:

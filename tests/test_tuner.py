@@ -273,6 +273,7 @@ def test_the_predicted_fastest_batch_size_is_queued_after_the_seeds(task):
     noise = prior.noise_scale(scoring.reference(records))
     predictions = prior.predict(records, noise, prior.step_time(records), FAST["candidates"])
     fastest = min(predictions, key=lambda p: p.seconds).batch_size
+    assert prior.explain(records, FAST["candidates"]).fastest.batch_size == fastest
     queued = [t for t in rest if t.role == "predicted"]
     if fastest in [t.batch_size for t in seeds]:
         assert not queued  # nothing new to try

@@ -754,7 +754,7 @@ class MlflowTracker:
 
     def _log_result_artifacts(self, run_id: str, result: Any) -> None:
         from autobatch.tracking import plots
-        from autobatch.tuning import prior, scoring
+        from autobatch.tuning import prior
 
         settings = result.settings
         trials = list(result.trials)
@@ -770,9 +770,7 @@ class MlflowTracker:
             "search_space.png": plots.search_space_figure(trials, best, level),
             "optimization_history.png": plots.optimization_history_figure(trials, best),
             "why_batch_size.png": plots.prediction_figure(
-                prior.explain(trials, settings.candidates),
-                result.batch_size,
-                prior.noise_scale(scoring.reference(trials)),
+                prior.explain(trials, settings.candidates), result.batch_size
             ),
         }
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:

@@ -753,10 +753,11 @@ def optimization_history_figure(
 # -- the prediction ---
 
 
-def prediction_figure(rows: Sequence[Any], chosen: int, noise: float | None = None) -> Figure:
-    """Predicted against measured seconds to the target per batch size (``prior.explain``
-    rows): where the gradient-noise-scale model expected the fastest batch size, and where the
+def prediction_figure(explanation: Any, chosen: int) -> Figure:
+    """Predicted against measured seconds to the target per batch size (``prior.explain``):
+    where the gradient-noise-scale model expected the fastest batch size, and where the
     trials found it."""
+    rows, noise = explanation.rows, explanation.noise
     figure = Figure(figsize=(8, 5.2), layout="constrained")
     ax = figure.add_subplot()
     predicted = [(r.batch_size, r.predicted_seconds) for r in rows if r.predicted_seconds]

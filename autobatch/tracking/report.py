@@ -380,9 +380,10 @@ def format_report(report: Report, why_width: int = 60) -> str:
     return "\n".join(out)
 
 
-def format_why(rows: Any, chosen: int, noise: float | None, timing: Any) -> str:
-    """Predicted against measured seconds to target per batch size (``prior.explain`` rows),
-    the chosen size marked: what the batch-size physics expected, and what the trials found."""
+def format_why(explanation: Any, chosen: int) -> str:
+    """Predicted against measured seconds to target per batch size (``prior.explain``), the
+    chosen size marked: what the batch-size physics expected, and what the trials found."""
+    noise, timing = explanation.noise, explanation.timing
     if noise is None or timing is None:
         basis = "no prediction: the reference trial measured no gradient noise scale"
     else:
@@ -394,7 +395,7 @@ def format_why(rows: Any, chosen: int, noise: float | None, timing: Any) -> str:
         f"Why batch size {chosen} ({basis}):",
         "batch size  predicted (s)  measured (s)  trials",
     ]
-    for row in rows:
+    for row in explanation.rows:
         mark = "  <- chosen" if row.batch_size == chosen else ""
         lines.append(
             f"{row.batch_size:>10}  {_number(row.predicted_seconds, '.3g'):>13}  "

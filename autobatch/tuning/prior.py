@@ -158,19 +158,36 @@ class Explained:
     trials: int  # completed or pruned trials at this size
 
 
-def explain(records: Sequence[TrialRecord], candidates: Sequence[int]) -> list[Explained]:
-    """Predicted against measured time to target per batch size: the "why this batch size"
-    table. ``records`` judged by the final target (:func:`scoring.rescore`); predictions are
-    None where the reference trial measured no noise scale or no trial reached the target."""
+@dataclass(frozen=True)
+class Explanation:
+    """What the prior knows from a study's records: the noise scale, the step time, the
+    predictions they make, and the "why this batch size" rows."""
+
+    noise: float | None
+    timing: StepTime | None
+    predictions: tuple[Prediction, ...]
+    rows: tuple[Explained, ...]
+
+    @property
+    def fastest(self) -> Prediction | None:
+        """The batch size predicted to reach the target soonest."""
+        return min(self.predictions, key=lambda p: p.seconds, default=None)
+
+
+def explain(records: Sequence[TrialRecord], candidates: Sequence[int]) -> Explanation:
+    """Predicted against measured time to target per batch size. ``records`` judged by the
+    final target (:func:`scoring.rescore`); there are no predictions where the reference
+    trial measured no noise scale or no trial reached the target."""
     from autobatch.tuning import scoring
 
     noise, timing = noise_scale(scoring.reference(records)), step_time(records)
-    predicted = {}
+    predictions = []
     if noise is not None and timing is not None:
-        predicted = {p.batch_size: p.seconds for p in predict(records, noise, timing, candidates)}
+        predictions = predict(records, noise, timing, candidates)
+    predicted = {p.batch_size: p.seconds for p in predictions}
     rows = []
     for size in sorted(candidates):
         tried = [r for r in records if r.batch_size == size and r.curve]
         times = [r.time_to_target for r in tried if r.time_to_target is not None]
         rows.append(Explained(size, predicted.get(size), min(times, default=None), len(tried)))
-    return rows
+    return Explanation(noise, timing, tuple(predictions), tuple(rows))

@@ -506,15 +506,10 @@ class Worker:
             return
         if settings.n_trials is not None and len(records) >= settings.n_trials:
             return
-        records = scoring.rescore(records, settings)
-        noise = prior.noise_scale(scoring.reference(records))
-        timing = prior.step_time(records)
-        if noise is None or timing is None:
+        fastest = prior.explain(scoring.rescore(records, settings), settings.candidates).fastest
+        if fastest is None:
             return
-        predictions = prior.predict(records, noise, timing, settings.candidates)
-        if not predictions:
-            return
-        best = min(predictions, key=lambda p: p.seconds).batch_size
+        best = fastest.batch_size
         if any(size == best for _, size in seeds):
             return
         log.info("queued the predicted fastest batch size, %d", best)
