@@ -62,23 +62,6 @@ class Row:
     sizes: list[int] = field(default_factory=list)
 
 
-def make_trainer(root: str, callbacks: list[Any], max_steps: int = -1) -> Any:
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=1,
-        max_steps=max_steps,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
-
-
 @contextlib.contextmanager
 def scratch_dir() -> Any:
     root = tempfile.mkdtemp(prefix="autobatch-bench-")
@@ -99,7 +82,7 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
         start = time.perf_counter()
         with meter:
             module = peers.lightning_module(task)
-            found = Tuner(make_trainer(root, [])).scale_batch_size(module, mode=mode)
+            found = Tuner(peers.lightning_trainer(root, [])).scale_batch_size(module, mode=mode)
         seconds = time.perf_counter() - start
     row = Row(f"lightning {mode}", found, module.steps, seconds, meter.ooms)
     row.ran = found in module.sizes
@@ -122,7 +105,7 @@ def run_autobatch(task: Task, capacity: int) -> Row:
     with scratch_dir() as root:
         start = time.perf_counter()
         module = peers.lightning_module(task)
-        make_trainer(root, [finder], max_steps=0).fit(module)
+        peers.lightning_trainer(root, [finder], max_steps=0).fit(module)
         seconds = time.perf_counter() - start
     found = finder.optimal_batch_size
     row = Row("autobatch finder", found, module.steps, seconds, meter.ooms)

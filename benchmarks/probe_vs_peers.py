@@ -36,7 +36,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -364,8 +364,25 @@ def lightning_module(task: Task) -> Any:
     return Wrapped()
 
 
-def run_lightning(task: Task, capacity: int, mode: str) -> Row:
+def lightning_trainer(root: str, callbacks: Sequence[Any] = (), max_steps: int = -1) -> Any:
+    """A quiet one-epoch CPU Trainer writing under ``root``."""
     import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        max_steps=max_steps,
+        default_root_dir=root,
+        callbacks=list(callbacks),
+    )
+
+
+def run_lightning(task: Task, capacity: int, mode: str) -> Row:
     from lightning.pytorch.tuner import Tuner
 
     meter = CountingMeter(capacity)
@@ -373,16 +390,7 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
     start = time.perf_counter()
     with meter:
         module = lightning_module(task)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            max_epochs=1,
-            default_root_dir=root,
-        )
+        trainer = lightning_trainer(root)
         found = Tuner(trainer).scale_batch_size(module, mode=mode)
     seconds = time.perf_counter() - start
     steps, trials = module.steps, list(module.trials)
