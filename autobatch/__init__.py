@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     )
     from autobatch.task import Task
     from autobatch.tuning import join_study, recommend, tune
+    from autobatch.workload import Workload
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,7 @@ _HOMES = {
     "join_study": "tuning",
     "recommend": "tuning",
     "tune": "tuning",
+    "Workload": "workload",
 }
 
 __all__ = [
@@ -96,6 +98,7 @@ __all__ = [
     "tune",
     "TuneObserver",
     "TuneResult",
+    "Workload",
     "XpuMeter",
 ]
 

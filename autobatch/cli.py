@@ -74,9 +74,15 @@ def _add_target_argument(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> Any:
     """The task TARGET names, moved to --device where one was given."""
     from autobatch.target import load_task
+    from autobatch.task import Task
 
     task = load_task(args.target)
     if getattr(args, "device", None):
+        if not isinstance(task, Task):
+            raise InvalidInputError(
+                f"--device moves an autobatch.Task; {args.target!r} is a "
+                f"{type(task).__name__}: choose its device where it is built, and drop --device"
+            )
         # replace() runs Task.__post_init__ again, so a bad device name is reported there.
         task = dataclasses.replace(task, device=args.device)
     return task

@@ -19,7 +19,7 @@ from autobatch.data import BatchSource
 if TYPE_CHECKING:
     from autobatch.memory import MemoryMeter
     from autobatch.records import ProbeResult
-    from autobatch.task import Task
+    from autobatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,18 @@ def _function_id(fn: Any) -> Any:
     return [getattr(fn, "__qualname__", type(fn).__name__), digest]
 
 
+def _loss_id(workload: Workload) -> Any:
+    """What computes a batch's loss: a Task's step or loss function, or the workload's own
+    ``batch_loss``."""
+    from autobatch.task import Task
+
+    if isinstance(workload, Task):
+        return [_function_id(workload.step), _function_id(workload.loss)]
+    return [type(workload).__qualname__, _function_id(workload.batch_loss)]
+
+
 def key(
-    task: Task,
+    task: Workload,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     source: BatchSource,
@@ -70,8 +80,7 @@ def key(
         "sample": _shapes(source.largest(1)),
         "precision": task.precision,
         "optimizer": [type(optimizer).__qualname__, repr(optimizer.defaults)],
-        "step": _function_id(task.step),
-        "loss": _function_id(task.loss),
+        "loss": _loss_id(task),
         "device": meter.name,
         # A hardware meter's capacity moves with free memory; its limit (a planned smaller
         # card) does not, and decides the result just as a simulated capacity does.

@@ -23,17 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch import probe_cache, validation
-from autobatch.data import BatchSource
+from autobatch import probe_cache, validation, workload
 from autobatch.errors import AutobatchError, BatchSizeOneDoesNotFit, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.memory.plan import PlanMeter, build_fake
 from autobatch.oom import drop_failed_attempt, is_oom_error, release_if_oom
 from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult
 from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
-from autobatch.task import Task
-from autobatch.training import TrainStep, autocast, build, forward_loss
+from autobatch.training import TrainStep, autocast, build
 from autobatch.units import format_bytes, parse_bytes
+from autobatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +542,7 @@ def _on_flat_stretch(search: _Search, point: _Point) -> bool:
 
 
 def probe(
-    task: Task,
+    task: Workload,
     *,
     memory_budget: str | int | None = None,
     meter: MemoryMeter | None = None,
@@ -557,7 +556,8 @@ def probe(
     optimizer: torch.optim.Optimizer | None = None,
     plan_for: str | int | None = None,
 ) -> ProbeResult:
-    """Largest batch size whose real training step fits on ``task.device``.
+    """Largest batch size whose real training step fits on ``task.device``, for a
+    :class:`Task` or any :class:`~autobatch.workload.Workload`.
 
     Runs two full training steps (forward, loss, backward, optimizer step, autocast as the task
     says) per tried size, on the first samples of the training data. Pass ``model`` and
@@ -571,8 +571,7 @@ def probe(
     ``extra["cuda_card_batch_size"]`` keeps a margin for what a simulation cannot see; see
     docs/planning.md.
     """
-    if not isinstance(task, Task):
-        raise InvalidInputError(f"probe() needs an autobatch.Task; got {type(task).__name__}")
+    workload.check(task, "probe")
     validation.check(validation.PROBE, locals())
     if (model is None) != (optimizer is None):
         raise InvalidInputError("pass both model= and optimizer=, or neither")
@@ -585,7 +584,7 @@ def probe(
     if plan_for is not None:
         meter = PlanMeter(parse_bytes(plan_for, name="plan_for"), task.device)
     meter = meter or meter_for(task.device, memory_budget)
-    source = BatchSource(task.train_data, task.device, task.collate_fn)
+    source = task.training_batches()
     bound = min(len(source), max_batch_size or len(source))
     if bound < multiple_of:
         raise InvalidInputError(
@@ -746,7 +745,7 @@ def _min_over_ranks(values: list[int], device: torch.device) -> list[int]:
 
 
 def _probe_evaluation(
-    task: Task,
+    task: Workload,
     model: nn.Module,
     train_step: TrainStep,
     state: TrainingState,
@@ -761,8 +760,9 @@ def _probe_evaluation(
     gradients, in the task's precision), with the optimizer state live as it is during
     training. Starts at the training size, which nearly always fits; the training step that
     creates the optimizer state is undone afterwards."""
-    data = task.val_data if task.val_data is not None else task.train_data
-    source = BatchSource(data, task.device, task.collate_fn)
+    source = task.validation_batches()
+    if source is None:
+        source = task.training_batches()
     bound = min(len(source), trained.upper_bound or len(source))
     if bound < multiple_of:
         return trained.batch_size
@@ -772,7 +772,7 @@ def _probe_evaluation(
         model.eval()
         try:
             with torch.no_grad(), autocast(task):
-                forward_loss(task, model, batch)
+                task.batch_loss(model, batch)
         except BaseException as exc:
             release_if_oom(exc)
             raise
@@ -783,7 +783,7 @@ def _probe_evaluation(
     try:
         smallest = trained.attempts[0].batch_size  # what the training search ran first
         with meter:  # the optimizer state it creates is on the device, counted
-            train_step(BatchSource(task.train_data, task.device, task.collate_fn).first(smallest))
+            train_step(task.training_batches().first(smallest))
         start = min(trained.batch_size, bound)
         start = max(multiple_of, start // multiple_of * multiple_of)
         try:
@@ -824,7 +824,7 @@ def _as_plan(result: ProbeResult, multiple_of: int) -> ProbeResult:
     return dataclasses.replace(result, planned=True, extra=extra)
 
 
-def _build_on(task: Task, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _build_on(task: Workload, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The task's model and optimizer, built under ``meter``; a model that alone does not fit
     is reported like a batch size of one that does not fit, not as a bare allocator error."""
     meter.reset_peak()

@@ -1,10 +1,10 @@
 """Turn a command-line TARGET into a Task: a built-in example, ``module:function`` or
 ``path/to/file.py:function``.
 
-The function is called with no arguments and returns an :class:`autobatch.Task`; a module-level
-``Task`` object works too. Every way this can go wrong raises :class:`InvalidInputError` with a
-one-line message that names the target and the fix; the original exception, where there is
-one, is kept as ``__cause__`` for ``--verbose`` output.
+The function is called with no arguments and returns an :class:`autobatch.Task` (or another
+:class:`autobatch.Workload`); a module-level one works too. Every way this can go wrong raises
+:class:`InvalidInputError` with a one-line message that names the target and the fix; the
+original exception, where there is one, is kept as ``__cause__`` for ``--verbose`` output.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 
 from autobatch.errors import InvalidInputError
 from autobatch.examples import EXAMPLES, example
-from autobatch.task import Task
+from autobatch.workload import Workload
 
 _FORMS = "a built-in example, package.module:function or path/to/file.py:function"
 
 
-def load_task(target: str) -> Task:
-    """The Task that ``target`` names.
+def load_task(target: str) -> Workload:
+    """The Task (or other Workload) that ``target`` names.
 
     ``target`` is the name of a built-in example (``"digits"``; see
     ``autobatch.examples.EXAMPLES``), ``"package.module:function"`` (importable from the
@@ -67,7 +67,7 @@ def load_task(target: str) -> Task:
         return _build(module, attribute, target)
 
 
-def _builtin(name: str) -> Task:
+def _builtin(name: str) -> Workload:
     if name in EXAMPLES:
         return example(name)
     if _is_path(name):
@@ -160,19 +160,19 @@ def _import_file(path: Path, target: str) -> ModuleType:
 
 
 def _candidates(module: ModuleType) -> list[str]:
-    """Names in ``module`` that could be a target: its own public functions and Task objects."""
+    """Names in ``module`` that could be a target: its own public functions and workloads."""
     names = []
     for name, value in vars(module).items():
         if name.startswith("_"):
             continue
-        if isinstance(value, Task) or (
+        if isinstance(value, Workload) or (
             inspect.isfunction(value) and value.__module__ == module.__name__
         ):
             names.append(name)
     return names
 
 
-def _build(module: ModuleType, attribute: str, target: str) -> Task:
+def _build(module: ModuleType, attribute: str, target: str) -> Workload:
     try:
         obj = getattr(module, attribute)
     except AttributeError:
@@ -183,7 +183,7 @@ def _build(module: ModuleType, attribute: str, target: str) -> Task:
         raise InvalidInputError(
             f"target {target!r}: the module has no {attribute!r}; {hint}it defines: {found}"
         ) from None
-    if isinstance(obj, Task):
+    if isinstance(obj, Workload):
         return obj
     if not callable(obj):
         raise InvalidInputError(
@@ -199,10 +199,10 @@ def _build(module: ModuleType, attribute: str, target: str) -> Task:
         raise InvalidInputError(
             f"target {target!r}: building the task raised {_describe(exc)}"
         ) from exc
-    if not isinstance(task, Task):
+    if not isinstance(task, Workload):
         raise InvalidInputError(
             f"target {target!r} returned {_kind(task)}; the function must return "
-            "autobatch.Task(model=..., train_data=..., loss=...)"
+            "autobatch.Task(model=..., train_data=..., loss=...) or another autobatch.Workload"
         )
     return task
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from autobatch import validation
+from autobatch.data import BatchSource
 from autobatch.errors import InvalidInputError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -23,6 +24,7 @@ StepFn = Callable[[nn.Module, Any], torch.Tensor]
 @dataclass
 class Task:
     """A training job: everything that decides how much memory a step takes and how it learns.
+    The :class:`~autobatch.workload.Workload` for models described by factories.
 
     ``train_data``/``val_data`` are a torch ``Dataset`` or, for the in-memory fast path, a tuple
     of tensors that share their first dimension (``(inputs, targets)``); batches are then
@@ -96,6 +98,36 @@ class Task:
     @property
     def train_size(self) -> int:
         return _length(self.train_data)
+
+    # The Workload protocol; ``model`` and ``optimizer`` are the factories above.
+
+    def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The custom step's loss, or ``loss(model(*inputs), targets)``."""
+        if self.step is not None:
+            return self.step(model, batch)
+        if isinstance(batch, dict):
+            raise TypeError(
+                "a dict batch needs a custom step: Task(step=lambda model, batch: ...) that "
+                "returns the loss"
+            )
+        *inputs, targets = batch
+        return self.loss(model(*inputs), targets)
+
+    def evaluate(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's loss, and its correct predictions (argmax) when ``metric="accuracy"``."""
+        if self.metric != "accuracy" or self.step is not None:
+            return self.batch_loss(model, batch), None
+        *inputs, targets = batch
+        outputs = model(*inputs)
+        return self.loss(outputs, targets), (outputs.argmax(-1) == targets).sum()
+
+    def training_batches(self) -> BatchSource:
+        return BatchSource(self.train_data, self.device, self.collate_fn)
+
+    def validation_batches(self) -> BatchSource | None:
+        if self.val_data is None:
+            return None
+        return BatchSource(self.val_data, self.device, self.collate_fn)
 
 
 def _is_tensor_tuple(data: Any) -> bool:

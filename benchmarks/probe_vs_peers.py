@@ -47,7 +47,7 @@ import autobatch
 from autobatch import examples
 from autobatch.memory import TrackedMeter
 from autobatch.task import Task
-from autobatch.training import TrainStep, build, forward_loss
+from autobatch.training import TrainStep, build
 from autobatch.units import format_bytes, parse_bytes
 
 MIN_RATIO = 0.93
@@ -352,7 +352,7 @@ def lightning_module(task: Task) -> Any:
             self.sizes.add(len(batch[0]))
             if batch_idx == 0:
                 self.trials.append(len(batch[0]))
-            return forward_loss(task, self.net, tuple(batch))
+            return task.batch_loss(self.net, tuple(batch))
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return task.optimizer(self.parameters(), task.lr)

@@ -33,7 +33,7 @@ import copy
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -60,15 +60,16 @@ except ModuleNotFoundError as _missing:
     ) from None
 
 from autobatch import validation
+from autobatch.data import BatchSource
 from autobatch.errors import AutobatchError, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.oom import release_if_oom
 from autobatch.probing import DEFAULT_HEADROOM, StepReading, find_max_batch_size
 from autobatch.records import ProbeResult, TuneResult
 from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
-from autobatch.task import ModelFactory, OptimizerFactory, Precision, Task
+from autobatch.task import ModelFactory, OptimizerFactory, Precision
 
-__all__ = ["AutoBatchFinder"]
+__all__ = ["AutoBatchFinder", "LightningWorkload"]
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class AutoBatchFinder(Callback):
         try:
             with _offloaded(pl_module, trainer.strategy.root_device):
                 result = tune(
-                    plan.task,
+                    plan.workload,
                     n_trials=self.n_trials,
                     max_epochs=plan.max_epochs,
                     probe_result=self.result,
@@ -291,7 +292,7 @@ class AutoBatchFinder(Callback):
                     tracking_uri=self.tracking_uri,
                 )
         except BaseException:
-            lightning_setattr(pl_module, self.batch_arg_name, plan.task.batch_size)
+            lightning_setattr(pl_module, self.batch_arg_name, plan.workload.batch_size)
             raise
         finally:
             rng.restore()
@@ -503,11 +504,65 @@ _PRECISIONS: dict[str, Precision] = {
 }
 
 
+@dataclass
+class LightningWorkload:
+    """A LightningModule's training as an :class:`autobatch.Workload`, for
+    ``autobatch.probe``/``autobatch.tune`` (``AutoBatchFinder(tune=True)`` builds one).
+
+    ``module_factory`` builds a fresh module (its ``self.log`` dropped: there is no fit loop
+    to log to); ``optimizer_factory(params, lr)`` its optimizer. A batch's loss is what
+    ``training_step`` returns, on validation batches too (``validation_step`` usually logs
+    rather than returns). The datasets are map-style (those behind the module's dataloaders),
+    each batched with its own ``collate_fn``.
+    """
+
+    module_factory: ModelFactory
+    optimizer_factory: OptimizerFactory
+    train_dataset: Any
+    val_dataset: Any
+    lr: float
+    batch_size: int
+    device: torch.device
+    precision: Precision = "fp32"
+    seed: int = 0
+    name: str = "lightning"
+    train_collate: Callable[[list[Any]], Any] | None = None
+    val_collate: Callable[[list[Any]], Any] | None = None
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_dataset)
+
+    def model(self) -> nn.Module:
+        fresh = self.module_factory()
+        if isinstance(fresh, pl.LightningModule):
+            fresh.log = _drop  # type: ignore[method-assign]
+            fresh.log_dict = _drop  # type: ignore[method-assign]
+        return fresh
+
+    def optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params, lr)
+
+    def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return _training_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, None]:
+        return self.batch_loss(model, batch), None
+
+    def training_batches(self) -> BatchSource:
+        return BatchSource(self.train_dataset, self.device, self.train_collate)
+
+    def validation_batches(self) -> BatchSource | None:
+        if self.val_dataset is None:
+            return None
+        return BatchSource(self.val_dataset, self.device, self.val_collate)
+
+
 @dataclass(frozen=True)
 class _TrialPlan:
     """What the trials run, read from the trainer and module before the probe."""
 
-    task: Task
+    workload: LightningWorkload
     lr_attr_name: str
     max_epochs: float
 
@@ -580,26 +635,21 @@ def _plan_trials(
             "datamodule a val_dataloader()"
         )
     val, val_collate = _dataset_of(val_source, "val_dataloader")
-    if val_collate is not collate:
-        log.warning(
-            "AutoBatchFinder: trials batch validation data with the train dataloader's "
-            "collate_fn, not the val dataloader's own"
-        )
-    task = Task(
-        model=_model_factory(finder.model_factory, module),
-        train_data=train,
-        val_data=val,
-        step=_training_loss,
-        optimizer=_optimizer_factory(optimizer),
+    workload = LightningWorkload(
+        module_factory=_model_factory(finder.model_factory, module),
+        optimizer_factory=_optimizer_factory(optimizer),
+        train_dataset=train,
+        val_dataset=val,
         lr=float(base_lr),
         batch_size=lightning_getattr(module, finder.batch_arg_name),
-        collate_fn=collate,
         device=trainer.strategy.root_device,
         precision=precision,
         seed=finder.seed,
         name=type(module).__name__,
+        train_collate=collate,
+        val_collate=val_collate,
     )
-    return _TrialPlan(task, lr_attr, float(max_epochs))
+    return _TrialPlan(workload, lr_attr, float(max_epochs))
 
 
 def _lr_attr_name(module: pl.LightningModule, given: str) -> str:
@@ -624,7 +674,8 @@ def _lr_attr_name(module: pl.LightningModule, given: str) -> str:
 def _model_factory(
     given: Callable[[], pl.LightningModule] | None, module: pl.LightningModule
 ) -> ModelFactory:
-    """A factory of fresh modules whose ``self.log`` is dropped, as in the probe."""
+    """A factory of fresh modules: ``model_factory``, or the module's class on its saved
+    hyperparameters."""
     hparams = module.hparams_initial
     if given is None and not hparams:
         raise InvalidInputError(
@@ -635,11 +686,7 @@ def _model_factory(
     cls = type(module)
 
     def build() -> nn.Module:
-        fresh = given() if given is not None else cls(**copy.deepcopy(hparams))
-        if isinstance(fresh, pl.LightningModule):
-            fresh.log = _drop  # type: ignore[method-assign]
-            fresh.log_dict = _drop  # type: ignore[method-assign]
-        return fresh
+        return given() if given is not None else cls(**copy.deepcopy(hparams))
 
     return build
 

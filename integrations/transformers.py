@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,17 +46,16 @@ except ModuleNotFoundError as _missing:
     ) from None
 
 from autobatch import validation
-from autobatch.data import to_device
+from autobatch.data import BatchSource, to_device
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.oom import release_if_oom
 from autobatch.probing import DEFAULT_HEADROOM, StepReading, find_max_batch_size
 from autobatch.records import ProbeResult, TuneResult
 from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
-from autobatch.task import Task
 from autobatch.tuning.space import rule_for, scale_lr
 
-__all__ = ["TrainerPlan", "probe_trainer", "tune_trainer"]
+__all__ = ["TrainerPlan", "TrainerWorkload", "probe_trainer", "tune_trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +187,7 @@ def tune_trainer(
     (``timeout``, ``objective``, ``storage``, ``study_name``, ``tracking_uri``, ``seed``, ...).
     """
     validation.check(_TUNE, locals(), prefix="tune_trainer: ")
-    _check_trainer(trainer, "tune_trainer")
-    if trainer.model_init is None:
-        raise InvalidInputError(
-            "tune_trainer needs a Trainer built with model_init=... (each trial trains a fresh "
-            "model, as Trainer.hyperparameter_search requires), not with model=..."
-        )
+    workload = TrainerWorkload(trainer, caller="tune_trainer")
     if trainer.eval_dataset is None:
         raise InvalidInputError(
             "tune_trainer needs a Trainer with an eval_dataset: trials are scored on its loss"
@@ -206,10 +200,9 @@ def tune_trainer(
         probed = probe_trainer(
             trainer, memory_budget=memory_budget, headroom=headroom, max_batch_size=max_batch_size
         )
-    task = _task_of(trainer)
     with _off_device(trainer.model, args.device):  # trials build their own models
         result = tune(
-            task,
+            workload,
             n_trials=n_trials,
             max_epochs=max_epochs,
             probe_result=None if probed is None else probed.train_probe,
@@ -407,38 +400,67 @@ class _Samples:
         return to_device(self.collate([self.dataset[i] for i in range(n)]), self.device)
 
 
-# -- the tuner's task ----------------------------------------------------------------------------
+# -- the workload --------------------------------------------------------------------------------
 
 
-class _TrainerModels:
-    """Task factories from a Trainer: ``model_init`` for the model, and the optimizer the
-    arguments name, with weight decay grouped by parameter name as ``create_optimizer`` does
-    (so the optimizer needs the model it was built for: the last one built)."""
+class TrainerWorkload:
+    """A ``Trainer``'s training as an :class:`autobatch.Workload`, so ``autobatch.probe`` and
+    ``autobatch.tune`` take it as they take a ``Task``.
 
-    def __init__(self, trainer: Trainer) -> None:
+    Fresh models come from ``model_init``; the optimizer is the one the arguments name, with
+    weight decay grouped as ``create_optimizer`` groups it; a batch's loss is
+    ``compute_loss``'s; the training and evaluation sets are collated as the Trainer's own
+    dataloaders collate them (unused columns removed). ``lr`` is ``args.learning_rate``,
+    known to work at ``per_device_train_batch_size * gradient_accumulation_steps``.
+    """
+
+    def __init__(self, trainer: Trainer, *, caller: str = "TrainerWorkload") -> None:
+        _check_trainer(trainer, caller)
+        if trainer.model_init is None:
+            raise InvalidInputError(
+                f"{caller} needs a Trainer built with model_init=... (each trial trains a fresh "
+                "model, as Trainer.hyperparameter_search requires), not with model=..."
+            )
+        args = trainer.args
         self.trainer = trainer
-        self.last: nn.Module | None = None
+        self.name = type(trainer.model).__name__
+        self.device = args.device
+        self.precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        self.lr = float(args.learning_rate)
+        self.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.seed = args.seed
+        self._train = _Samples(trainer, trainer.train_dataset, "training")
+        self._val = (
+            None
+            if trainer.eval_dataset is None
+            else _Samples(trainer, _single_eval_set(trainer.eval_dataset), "evaluation")
+        )
+        self._last: nn.Module | None = None  # the optimizer groups the last model's names
+
+    @property
+    def train_size(self) -> int:
+        return len(self._train)
 
     def model(self) -> nn.Module:
-        self.last = self.trainer.call_model_init()
-        return self.last
+        self._last = self.trainer.call_model_init()
+        return self._last
 
     def optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         trainer, args = self.trainer, self.trainer.args
         params = [p for p in params if p.requires_grad]
         given = getattr(trainer, "optimizer_cls_and_kwargs", None)
-        cls, kwargs = given or trainer.get_optimizer_cls_and_kwargs(args, self.last)
+        cls, kwargs = given or trainer.get_optimizer_cls_and_kwargs(args, self._last)
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or any(
             key in kwargs for key in ("params", "model", "optimizer_dict")
         ):
             raise InvalidInputError(
-                f"tune_trainer: optim={str(args.optim)!r} builds its optimizer from the model, "
+                f"TrainerWorkload: optim={str(args.optim)!r} builds its optimizer from the model, "
                 "which autobatch's trials cannot; use a torch optimizer such as 'adamw_torch'"
             )
         kwargs = {**kwargs, "lr": lr}
-        names = {id(p): n for n, p in self.last.named_parameters()} if self.last else {}
+        names = {id(p): n for n, p in self._last.named_parameters()} if self._last else {}
         if all(id(p) in names for p in params):
-            decay = set(trainer.get_decay_parameter_names(self.last))
+            decay = set(trainer.get_decay_parameter_names(self._last))
             decayed = [p for p in params if names[id(p)] in decay]
             rest = [p for p in params if names[id(p)] not in decay]
             groups = [
@@ -448,37 +470,20 @@ class _TrainerModels:
             return cls([g for g in groups if g["params"]], **kwargs)
         return cls(params, weight_decay=args.weight_decay, **kwargs)
 
-
-@dataclass
-class _TrainerLoss:
-    """``Task.step``: the loss of a dict batch as the Trainer computes it."""
-
-    trainer: Trainer = field(repr=False)
-
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def batch_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         with self.trainer.compute_loss_context_manager():
             return self.trainer.compute_loss(model, batch)
 
+    def evaluate(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        return self.batch_loss(model, batch), None
 
-def _task_of(trainer: Trainer) -> Task:
-    args = trainer.args
-    models = _TrainerModels(trainer)
-    train = _Samples(trainer, trainer.train_dataset, "training")
-    val = _Samples(trainer, _single_eval_set(trainer.eval_dataset), "evaluation")
-    return Task(
-        model=models.model,
-        train_data=train.dataset,
-        val_data=val.dataset,
-        collate_fn=train.collate,
-        step=_TrainerLoss(trainer),
-        optimizer=models.optimizer,
-        lr=args.learning_rate,
-        batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
-        device=args.device,
-        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        name=type(trainer.model).__name__,
-        seed=args.seed,
-    )
+    def training_batches(self) -> BatchSource:
+        return BatchSource(self._train.dataset, self.device, self._train.collate)
+
+    def validation_batches(self) -> BatchSource | None:
+        if self._val is None:
+            return None
+        return BatchSource(self._val.dataset, self.device, self._val.collate)
 
 
 # -- small pieces --------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from autobatch.integrations.lightning import AutoBatchFinder  # noqa: E402
+from autobatch.integrations.lightning import AutoBatchFinder, LightningWorkload  # noqa: E402
 
+from autobatch import probe  # noqa: E402
 from autobatch.errors import InvalidInputError  # noqa: E402
 from autobatch.memory import TrackedMeter  # noqa: E402
 from autobatch.probing import find_max_batch_size  # noqa: E402
@@ -237,6 +238,41 @@ def test_size_fits_larger_does_not_and_fit_trains_with_it():
     core = find_max_batch_size(step, meter=meter, headroom=HEADROOM, max_batch_size=SAMPLES)
     assert abs(found - core.batch_size) <= 0.03 * core.batch_size
     assert found in [a.batch_size for a in finder.result.attempts if a.fitted]
+
+
+class Bare(pl.LightningModule):
+    """make_net() and its loss, no data of its own (built under the meter, it would count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_net()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)  # no fit loop: the workload drops it
+        return loss
+
+
+def test_a_lightning_workload_goes_through_the_core_probe():
+    """autobatch.probe takes a LightningWorkload as it takes a Task: fresh modules, the loss
+    training_step returns. Its size is plain PyTorch's, within the search's tolerance."""
+    workload = LightningWorkload(
+        module_factory=Bare,
+        optimizer_factory=lambda params, lr: torch.optim.AdamW(params, lr=lr),
+        train_dataset=make_data(),
+        val_dataset=None,
+        lr=1e-3,
+        batch_size=2,
+        device=torch.device("cpu"),
+        name="mlp",
+    )
+    result = probe(workload, memory_budget=BUDGET, headroom=HEADROOM, cache=False)
+    data, budget = make_data(), parse_bytes(BUDGET)
+    meter, step = plain_step(data, budget)
+    plain = find_max_batch_size(step, meter=meter, headroom=HEADROOM, max_batch_size=SAMPLES)
+    assert abs(result.batch_size - plain.batch_size) <= 0.03 * plain.batch_size
+    assert plain_fits(data, budget, result.batch_size)
 
 
 def test_datamodule_gets_the_size():

@@ -14,7 +14,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from autobatch.integrations.transformers import probe_trainer, tune_trainer  # noqa: E402
+from autobatch.integrations.transformers import (  # noqa: E402
+    TrainerWorkload,
+    probe_trainer,
+    tune_trainer,
+)
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -22,6 +26,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+from autobatch import Workload, probe  # noqa: E402
 from autobatch.errors import InvalidInputError  # noqa: E402
 from autobatch.memory import TrackedMeter  # noqa: E402
 from autobatch.units import parse_bytes  # noqa: E402
@@ -158,6 +163,19 @@ def test_train_size_fits_and_five_percent_more_does_not(probed, tmp_path):
     assert plan.updates["gradient_accumulation_steps"] == 1
     assert fits(train_steps(tmp_path, size))
     assert not fits(train_steps(tmp_path, five_percent_more(size)))
+
+
+def test_a_trainer_workload_goes_through_the_core_probe(probed, tmp_path):
+    """autobatch.probe takes a TrainerWorkload as it takes a Task: model_init's fresh model,
+    compute_loss on the collated dict batches. It lacks only the Trainer's gradient clipping,
+    so it lands within a few percent of probe_trainer's size."""
+    trainer, plan = probed
+    workload = TrainerWorkload(trainer)
+    assert isinstance(workload, Workload) and workload.batch_size == 8
+    result = probe(workload, memory_budget=BUDGET, headroom=HEADROOM, cache=False)
+    found = plan.train_probe.batch_size
+    assert abs(result.batch_size - found) <= 0.05 * found
+    assert result.eval_batch_size > result.batch_size  # no gradients, no optimizer step
 
 
 def test_eval_size_is_larger_than_train_size_and_fits(probed, tmp_path):

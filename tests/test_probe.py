@@ -870,7 +870,7 @@ def test_probe_sizes_evaluation_too():
     the model and the optimizer state on a meter of the probe's budget, the validation
     forward pass fits at the size found and runs out of memory 5% above it."""
     from autobatch import examples
-    from autobatch.training import TrainStep, build, forward_loss
+    from autobatch.training import TrainStep, build
 
     task = examples.mlp()
     result = probe(task, memory_budget="40MiB", cache=False)
@@ -884,7 +884,7 @@ def test_probe_sizes_evaluation_too():
             TrainStep(task, model, optimizer)(tuple(t[:1] for t in task.train_data))
             try:
                 with torch.no_grad():  # the batch is on the device too, as in training
-                    forward_loss(task, model.eval(), tuple(t[:n].clone() for t in val))
+                    task.batch_loss(model.eval(), tuple(t[:n].clone() for t in val))
                 return True
             except torch.OutOfMemoryError:
                 return False

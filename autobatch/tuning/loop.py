@@ -1,4 +1,4 @@
-"""One trial's training: the task's real step in a tight loop, evaluated at fixed sample counts.
+"""One trial's training: the workload's real step in a tight loop, evaluated at fixed sample counts.
 
 No per-step host synchronisation: the training loss is summed on the device and read once per
 evaluation, and the clock is read only there (after a device sync), so evaluation time is
@@ -17,9 +17,9 @@ import torch
 from autobatch.data import BatchSource, batch_length
 from autobatch.memory import MemoryMeter
 from autobatch.records import EvalPoint
-from autobatch.task import Task
-from autobatch.training import TrainStep, autocast, build, forward_loss
+from autobatch.training import TrainStep, autocast, build
 from autobatch.tuning.curves import smooth
+from autobatch.workload import Workload
 
 
 class TrialFailed(Exception):
@@ -47,31 +47,29 @@ def evaluation_interval(train_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, val: BatchSource, batch_size: int):
-    """Mean validation loss, and accuracy where the task asks for it."""
+def evaluate(workload: Workload, model: torch.nn.Module, val: BatchSource, batch_size: int):
+    """Mean validation loss, and accuracy where the workload measures it."""
     model.eval()
-    total = torch.zeros((), device=task.device)
-    correct = torch.zeros((), device=task.device)
+    total = torch.zeros((), device=workload.device)
+    correct = torch.zeros((), device=workload.device)
     count = 0
-    accuracy = task.metric == "accuracy" and task.step is None
+    accuracy = True
     for batch in val.epoch(batch_size, torch.Generator(), shuffle=False):
         n = batch_length(batch)
-        with autocast(task):
-            if accuracy:
-                *inputs, targets = batch
-                outputs = model(*inputs)
-                loss = task.loss(outputs, targets)
-                correct += (outputs.argmax(-1) == targets).sum()
-            else:
-                loss = forward_loss(task, model, batch)
+        with autocast(workload):
+            loss, right = workload.evaluate(model, batch)
         total += loss.float() * n
+        if right is None:
+            accuracy = False
+        else:
+            correct += right
         count += n
     model.train()
     return (total / count).item(), ((correct / count).item() if accuracy else None)
 
 
 def train(
-    task: Task,
+    workload: Workload,
     train_data: BatchSource,
     val_data: BatchSource,
     *,
@@ -89,12 +87,12 @@ def train(
     :class:`~autobatch.tuning.noise_probe.NoiseProbe`) reads the gradient noise scale at each
     evaluation, off the training clock. ``configure`` adjusts the optimizer before the first
     step (AdamW's scaled ``beta2`` and weight decay)."""
-    model, optimizer = build(task, lr)
+    model, optimizer = build(workload, lr)
     if configure is not None:
         configure(optimizer)
-    step = TrainStep(task, model, optimizer)
+    step = TrainStep(workload, model, optimizer)
     model.train()
-    generator = torch.Generator().manual_seed(task.seed)
+    generator = torch.Generator().manual_seed(workload.seed)
     size = len(train_data)
     max_samples = int(max_epochs * size)
     interval = evaluation_interval(size)
@@ -107,7 +105,7 @@ def train(
     loss_samples = 0
     val_losses: list[float] = []
     window_samples, window_seconds = 0, 0.0
-    sync = meter.synchronize if meter is not None else synchronizer(task.device)
+    sync = meter.synchronize if meter is not None else synchronizer(workload.device)
     if meter is not None:
         meter.reset_peak()
     try:
@@ -127,9 +125,9 @@ def train(
                 run.train_seconds += now - epoch_start
                 window_seconds += now - epoch_start
                 window_samples += loss_samples
-                weights = torch.tensor(sizes, device=task.device, dtype=torch.float32)
+                weights = torch.tensor(sizes, device=workload.device, dtype=torch.float32)
                 train_loss = ((torch.stack(losses).float() * weights).sum() / loss_samples).item()
-                val_loss, accuracy = evaluate(task, model, val_data, eval_batch_size)
+                val_loss, accuracy = evaluate(workload, model, val_data, eval_batch_size)
                 if math.isfinite(train_loss) and not math.isfinite(val_loss):
                     raise TrialFailed(
                         f"the validation loss became {val_loss} after {run.samples} samples while "

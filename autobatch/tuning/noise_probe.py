@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from autobatch.data import BatchSource
-from autobatch.task import Task
-from autobatch.training import autocast, forward_loss
+from autobatch.training import autocast
 from autobatch.tuning.prior import NoiseScale
+from autobatch.workload import Workload
 
 #: Small batches whose gradients are averaged into the big one.
 CHUNKS = 8
@@ -52,8 +52,10 @@ class NoiseProbe:
     gradients are averaged, so the big batch never needs more memory than the small one).
     """
 
-    def __init__(self, task: Task, data: BatchSource, batch_size: int, seed: int = 0) -> None:
-        self.task = task
+    def __init__(
+        self, workload: Workload, data: BatchSource, batch_size: int, seed: int = 0
+    ) -> None:
+        self.workload = workload
         self.data = data
         self.batch_size = max(1, min(batch_size, len(data) // CHUNKS))
         self.chunks = CHUNKS
@@ -72,15 +74,15 @@ class NoiseProbe:
         buffers = [b.detach().clone() for b in model.buffers()]
         total = [torch.zeros_like(p) for p in params]
         small_sum = 0.0
-        devices = [self.task.device] if self.task.device.type == "cuda" else []
+        devices = [self.workload.device] if self.workload.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             for batch in self._batches():
                 for p in params:
                     p.grad = None
-                with autocast(self.task):
-                    loss = forward_loss(self.task, model, batch)
+                with autocast(self.workload):
+                    loss = self.workload.batch_loss(model, batch)
                 loss.float().backward()
-                norm_sq = torch.zeros((), device=self.task.device)
+                norm_sq = torch.zeros((), device=self.workload.device)
                 for p, acc in zip(params, total, strict=True):
                     if p.grad is None:
                         continue

@@ -25,14 +25,15 @@ from typing import Any
 import optuna
 import torch
 
+from autobatch import workload
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
 from autobatch.records import ProbeResult, StudySettings, TuneObserver
-from autobatch.task import Task
 from autobatch.tracking.redact import redact_url
 from autobatch.tuning import space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
+from autobatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +57,27 @@ class Prepared:
             self.tracker.close()  # however the study ended; a no-op once it has closed itself
 
 
-def check_tune_inputs(task: Task, *, n_trials: int | None, timeout: float | None) -> None:
+def check_tune_inputs(task: Workload, *, n_trials: int | None, timeout: float | None) -> None:
     """What a tune call's parameters say together, beyond each one's declaration (checked by
     ``tune()`` against ``validation.TUNE``), before anything is built or opened."""
-    if not isinstance(task, Task):
-        raise InvalidInputError(f"tune() needs an autobatch.Task; got {type(task).__name__}")
-    if task.val_data is None:
+    workload.check(task, "tune")
+    if task.validation_batches() is None:
         raise InvalidInputError(
-            "Task.val_data is missing; the tuner scores trials on validation loss, so give "
-            "val_data=(inputs, targets) or a Dataset (e.g. hold out 10-20% of the training set)"
+            f"{type(task).__name__} {task.name!r} has no validation data; the tuner scores "
+            "trials on validation loss, so give val_data=(inputs, targets) or a Dataset (e.g. "
+            "hold out 10-20% of the training set)"
         )
     if n_trials is None and timeout is None:
         raise InvalidInputError("give n_trials, timeout or both, so the study ends")
     if task.train_size < 2:
         raise InvalidInputError(
-            f"Task.train_data has {task.train_size} sample(s); tuning needs at least 2"
+            f"the training data of {task.name!r} has {task.train_size} sample(s); tuning needs "
+            "at least 2"
         )
 
 
 def prepare(
-    task: Task,
+    task: Workload,
     *,
     n_trials: int | None,
     timeout: float | None,
@@ -332,7 +334,7 @@ def _create(
 
 def _joined(
     study: optuna.Study,
-    task: Task,
+    task: Workload,
     wanted: dict[str, Any],
     candidates: Sequence[int] | None,
     n_trials: int | None,
@@ -361,7 +363,7 @@ def _joined(
     return settings
 
 
-def check_same_task(settings: StudySettings, task: Task) -> None:
+def check_same_task(settings: StudySettings, task: Workload) -> None:
     """A worker's task must be the one the study was prepared for."""
     pairs = (
         ("task", task.name, settings.task_name),
@@ -394,7 +396,7 @@ def _open_study_run(study: optuna.Study, tracker: Any, settings: StudySettings) 
 
 
 def _resolve_probe(
-    task: Task,
+    task: Workload,
     given: ProbeResult | None,
     memory_budget: str | int | None,
     meter: MemoryMeter | None,

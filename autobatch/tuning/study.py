@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from autobatch import sqlite_store, validation
+from autobatch import sqlite_store, validation, workload
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.probing import DEFAULT_HEADROOM
 from autobatch.records import ProbeResult, TuneObserver, TuneResult
-from autobatch.task import Task
 from autobatch.tracking.redact import redact_url
 from autobatch.tuning import prepare as preparing
 from autobatch.tuning.recommendation import recommend
@@ -29,12 +28,13 @@ from autobatch.tuning.storage import (
     worker_name,
 )
 from autobatch.tuning.worker import Worker
+from autobatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
 
 def tune(
-    task: Task,
+    task: Workload,
     *,
     n_trials: int | None = 20,
     timeout: float | None = None,
@@ -67,7 +67,8 @@ def tune(
     threads: int | None = None,
     verbose: int = 0,
 ) -> TuneResult:
-    """Recommend a batch size, epoch count and learning rate for ``task``.
+    """Recommend a batch size, epoch count and learning rate for ``task``: a :class:`Task`,
+    or any :class:`~autobatch.workload.Workload` (a LightningModule's, a Trainer's).
 
     Probes the memory ceiling (or takes ``probe_result``), then runs an Optuna study over
     batch sizes up to it and learning-rate multipliers around the rule-scaled rate. The
@@ -179,7 +180,7 @@ def tune(
 
 
 def join_study(
-    task: Task,
+    task: Workload,
     *,
     storage: str,
     study_name: str | None = None,
@@ -205,8 +206,7 @@ def join_study(
         result = join_study(my_task(), storage="postgresql://tuner@db/studies",
                             study_name="autobatch-my-task")
     """
-    if not isinstance(task, Task):
-        raise InvalidInputError(f"join_study() needs an autobatch.Task; got {type(task).__name__}")
+    workload.check(task, "join_study")
     validation.check(validation.JOIN_STUDY, locals())
     name = study_name or f"autobatch-{task.name}"
     storage = sqlite_store.absolute(storage)
@@ -233,7 +233,7 @@ def join_study(
             tracker.close()
 
 
-def _trial_meter(task: Task, meter: MemoryMeter | None) -> MemoryMeter | None:
+def _trial_meter(task: Workload, meter: MemoryMeter | None) -> MemoryMeter | None:
     """Trials read peak memory from the device's own meter; the simulated one would slow every
     operation, so trials on the CPU run unmetered."""
     if meter is not None and not isinstance(meter, TrackedMeter):

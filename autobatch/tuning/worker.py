@@ -49,7 +49,6 @@ from autobatch.records import (
     TuneObserver,
     TuneResult,
 )
-from autobatch.task import Task
 from autobatch.training import TrainStep, build
 from autobatch.tuning import curves, prior, scoring, space, storage
 from autobatch.tuning.loop import StopTrial, TrialFailed, synchronizer, train
@@ -58,6 +57,7 @@ from autobatch.tuning.progress import Progress
 from autobatch.tuning.pruner import REDUCTION_FACTOR, Rungs
 from autobatch.tuning.recommendation import recommend
 from autobatch.tuning.space import AdamWScaling, adamw_scaling, applied_rule, scale_lr
+from autobatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def describe_device(device: torch.device) -> str:
 
 
 def reference_step_seconds(
-    task: Task, source: BatchSource, batch_size: int, warmup: int = 2, steps: int = 5
+    task: Workload, source: BatchSource, batch_size: int, warmup: int = 2, steps: int = 5
 ) -> float | None:
     """Seconds per training step at ``batch_size`` on this worker's device, after warm-up;
     None if that size does not fit here. Random generators are left as they were."""
@@ -167,7 +167,7 @@ class Worker:
 
     def __init__(
         self,
-        task: Task,
+        task: Workload,
         study: optuna.Study,
         *,
         observers: Sequence[TuneObserver] = (),
@@ -194,8 +194,8 @@ class Worker:
         self.stale_check_seconds = 5.0
         self.name = storage.worker_name()
         self.device_name = describe_device(task.device)
-        self.train_data = BatchSource(task.train_data, task.device, task.collate_fn).to_device()
-        self.val_data = BatchSource(task.val_data, task.device, task.collate_fn).to_device()
+        self.train_data = task.training_batches().to_device()
+        self.val_data = task.validation_batches().to_device()
         self.notes: list[str] = list(notes)  # for this run's result, beside the stored ones
         self._step_seconds: float | None = None
         self._measured = False
