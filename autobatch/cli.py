@@ -279,7 +279,16 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         type=int,
         default=20,
         metavar="N",
-        help="trials in the study, counting those of earlier runs (default: 20)",
+        help="the most trials in the study, counting those of earlier runs (default: 20)",
+    )
+    parser.add_argument(
+        "--min-trials",
+        type=int,
+        default=8,
+        metavar="N",
+        help="end the study before --n-trials once it has N trials and its last 4 moved "
+        "neither the best loss nor the fastest time to the target (default: 8; give "
+        "--min-trials equal to --n-trials to run them all)",
     )
     parser.add_argument(
         "--timeout",
@@ -298,8 +307,8 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--batch-sizes",
         type=_batch_sizes,
         metavar="LIST",
-        help="candidate batch sizes, e.g. 16,32,64 (default: powers of two up to "
-        "the ceiling, and the ceiling)",
+        help="candidate batch sizes, e.g. 16,32,64 (default: powers of two from 8, or the "
+        "task's batch size when smaller, up to the ceiling, and the ceiling)",
     )
     parser.add_argument(
         "--objective",
@@ -443,6 +452,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         threads=args.threads,
         verbose=args.verbose,
         n_trials=args.n_trials,
+        min_trials=args.min_trials,
         timeout=args.timeout,
         max_epochs=args.max_epochs,
         candidates=args.batch_sizes,
@@ -481,6 +491,7 @@ def _why_text(result: Any) -> str:
 def _result_text(result: Any, tracking_uri: str | None) -> str:
     """The trial table, the study's whereabouts and, last, the recommendation."""
     from autobatch.tracking.report import Report, format_report
+    from autobatch.tuning import scoring
 
     report = Report(
         recommendation=result.recommendation(),
@@ -497,10 +508,11 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
     settings = result.settings
     if result.target_loss is not None:
         lines.append(f"Target: {result.target()}")
+    settled = scoring.settled(result.trials, settings)
     lines.append(
         f"Study: {settings.study_name} in {settings.storage}, {len(result.trials)} trials finished "
-        f"(n_trials {settings.n_trials}); to add trials, run the same command with a larger "
-        "--n-trials"
+        f"({f'{settled}; ' if settled else ''}n_trials {settings.n_trials}); to add trials, run "
+        f"the same command with a larger {'--min-trials' if settled else '--n-trials'}"
     )
     if result.mlflow_run_id and tracking_uri is not None:
         from autobatch.tracking import mlflow_ui_command

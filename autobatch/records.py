@@ -133,6 +133,7 @@ class StudySettings:
     extra: dict[str, Any] = field(default_factory=dict)
     scale_adamw: bool = False  # scale AdamW's beta2 and weight decay with the batch size
     eval_batch_size: int | None = None  # the probe's largest evaluation batch
+    min_trials: int | None = None  # may end before n_trials from here on, once settled
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

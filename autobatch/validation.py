@@ -304,6 +304,7 @@ _WORKER: dict[str, Spec] = {
 TUNE: dict[str, Spec] = {
     **_WORKER,
     "n_trials": Optional(Integer(1, example=20)),
+    "min_trials": Optional(Integer(1, example=8)),
     "max_epochs": Real(0, low_open=True, example=10),
     "candidates": Optional(BatchSizes()),
     "objective": Choice(("time", "loss", "pareto")),

@@ -181,6 +181,7 @@ def run_tune(
     result = tune(
         bench.task,
         n_trials=n_trials,
+        min_trials=None,  # the budget compared is n_trials itself
         max_epochs=bench.max_epochs,
         candidates=sizes,
         lr_multiplier_range=MULTIPLIER_RANGE,

@@ -187,3 +187,52 @@ def test_the_pruner_waits_for_the_reference_and_keeps_a_leading_trial() -> None:
     assert not _pruned_at_first_rung(study, 0.8, step=rung)
     # One far behind the trials already at that rung: pruned.
     assert _pruned_at_first_rung(study, 3.0, step=rung)
+
+
+def _study(later: list[TrialRecord]) -> list[TrialRecord]:
+    """The baseline and three trials that set the answer (best loss 0.3, reached by trial 3
+    at 30 s), then ``later``."""
+    first = [
+        BASE,
+        record(1, [1.2, 0.6, 0.5, 0.45], 10.0),
+        record(2, [1.0, 0.5, 0.35, 0.32], 10.0),
+        record(3, [0.9, 0.4, 0.3, 0.3], 10.0),
+    ]
+    return first + later
+
+
+def _worse(number: int) -> TrialRecord:
+    return record(number, [1.5, 1.0, 0.8, 0.7], 10.0)
+
+
+def test_a_study_settles_once_its_answer_stands_still() -> None:
+    standing = _study([_worse(n) for n in range(4, 8)])
+    assert scoring.settled(standing[:7], settings(min_trials=6)) is None  # 3 since, not 4
+    reason = scoring.settled(standing, settings(min_trials=6))
+    assert reason is not None and reason.startswith("settled after 8 trials")
+    # Not before min_trials, and never without it (or for pareto, which has no one answer).
+    assert scoring.settled(standing, settings(min_trials=9)) is None
+    assert scoring.settled(standing, settings(min_trials=None)) is None
+    assert scoring.settled(standing, settings(min_trials=6, objective="pareto")) is None
+    # The loss objective looks at the loss alone.
+    assert scoring.settled(standing, settings(min_trials=6, objective="loss")) is not None
+
+
+@pytest.mark.parametrize(
+    ("late", "why"),
+    [
+        (record(6, [0.9, 0.4, 0.28, 0.27], 10.0), "the best loss fell 10%"),
+        (record(6, [0.5, 0.3, 0.3, 0.3], 10.0), "the target reached twice as fast"),
+    ],
+)
+def test_a_study_whose_answer_moved_in_its_last_trials_goes_on(late, why) -> None:
+    records = _study([_worse(4), _worse(5), late, _worse(7)])
+    assert scoring.settled(records, settings(min_trials=6)) is None, why
+
+
+def test_small_moves_do_not_keep_a_study_going() -> None:
+    """A best loss 0.5% lower (a quarter of a 5% tolerance is 1.25%) and a cost 5% lower are
+    seed noise, not progress."""
+    nudged = record(6, [0.9, 0.4, 0.3, 0.2985], 9.5)
+    records = _study([_worse(4), _worse(5), nudged, _worse(7)])
+    assert scoring.settled(records, settings(min_trials=6)) is not None

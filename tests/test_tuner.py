@@ -233,7 +233,9 @@ def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
 
 @pytest.mark.slow
 def test_a_given_target_still_prunes(task):
-    result = tune(task, n_trials=10, target_loss=0.3, seed=1, **{**FAST, "max_epochs": 4})
+    result = tune(
+        task, n_trials=10, min_trials=None, target_loss=0.3, seed=1, **{**FAST, "max_epochs": 4}
+    )
     assert result.target_loss == 0.3
     baseline = next(t for t in result.trials if t.role == "baseline")
     # The pruner's first rung comes from the baseline (whether a trial then falls behind at it
@@ -279,3 +281,28 @@ def test_the_predicted_fastest_batch_size_is_queued_after_the_seeds(task):
         assert not queued  # nothing new to try
     else:
         assert [(t.number, t.batch_size, t.lr_multiplier) for t in queued] == [(3, fastest, 1.0)]
+
+
+@pytest.mark.slow
+def test_a_study_whose_answer_stands_still_ends_before_n_trials(task, tmp_path):
+    """Two batch sizes and one learning rate: after the seeds no trial can move the answer,
+    so the study settles at min_trials. A rerun adds nothing and says what would; a larger
+    min_trials adds trials."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+    settings = dict(
+        **{**FAST, "candidates": [16, 64]}, objective="loss", lr_multiplier_range=(1.0, 1.001),
+        lr_rule="sqrt",
+        storage=storage, study_name="still",
+    )  # fmt: skip
+    result = tune(task, n_trials=12, min_trials=6, **settings)
+    assert len(result.trials) == 6
+    why = scoring.settled(result.trials, result.settings)
+    assert why is not None and why.startswith("settled after 6 trials")
+    again = tune(task, n_trials=12, min_trials=6, **settings)
+    assert len(again.trials) == 6
+    assert any("raise min_trials (--min-trials) above 6" in w for w in again.warnings)
+    more = tune(task, n_trials=12, min_trials=8, **settings)
+    assert len(more.trials) == 8
+    # min_trials=None (or n_trials) runs them all.
+    everything = tune(task, n_trials=7, min_trials=None, **{**settings, "study_name": "all"})
+    assert len(everything.trials) == 7

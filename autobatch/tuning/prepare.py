@@ -31,7 +31,7 @@ from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
 from autobatch.records import ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
-from autobatch.tuning import space, storage
+from autobatch.tuning import scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.workload import Workload
 
@@ -80,6 +80,7 @@ def prepare(
     task: Workload,
     *,
     n_trials: int | None,
+    min_trials: int | None,
     timeout: float | None,
     max_epochs: float,
     candidates: Sequence[int] | None,
@@ -145,6 +146,7 @@ def prepare(
                 candidates=tuple(sizes),
                 max_epochs=float(max_epochs),
                 n_trials=n_trials,
+                min_trials=min_trials,
                 timeout=timeout,
                 seed=seed,
                 sampler="TPESampler",
@@ -173,7 +175,7 @@ def prepare(
             study = None  # another process is preparing it: wait for its facts
         if study is None:
             study = wait_prepared(opened, name, PREPARE_WAIT)
-        settings = _joined(study, task, wanted, candidates, n_trials)
+        settings = _joined(study, task, wanted, candidates, n_trials, min_trials)
         for note in study.user_attrs.get(storage.NOTES, []):
             log.warning(note)
         prepared = Prepared(
@@ -183,12 +185,20 @@ def prepare(
             observers=list(observers),
             tracker=tracker,
         )
-        finished = storage.progress(study.get_trials(deepcopy=False)).finished
+        trials = study.get_trials(deepcopy=False)
+        finished = storage.progress(trials).finished
+        done = None
         if settings.n_trials is not None and finished >= settings.n_trials:
-            prepared.notes.append(
+            done = (
                 f"the study already has {finished} finished trials (n_trials={settings.n_trials}); "
                 "raise n_trials (--n-trials) to add trials"
             )
+        elif (why := scoring.settled(storage.records(trials), settings)) is not None:
+            done = (
+                f"the study {why}; raise min_trials (--min-trials) above {finished} to add trials"
+            )
+        if done is not None:
+            prepared.notes.append(done)
             if tracker is not None:  # nothing to log: no run is opened again
                 tracker.close()
                 prepared.tracker = None
@@ -338,8 +348,10 @@ def _joined(
     wanted: dict[str, Any],
     candidates: Sequence[int] | None,
     n_trials: int | None,
+    min_trials: int | None,
 ) -> StudySettings:
-    """The stored settings, checked against this call's; a new ``n_trials`` is stored."""
+    """The stored settings, checked against this call's; a new ``n_trials`` or
+    ``min_trials`` is stored."""
     settings = storage.settings_of(study)
     assert settings is not None
     check_same_task(settings, task)
@@ -357,8 +369,8 @@ def _joined(
             f"different search space ({', '.join(changed)}); use a new --study-name, or the "
             "same settings to continue it"
         )
-    if n_trials != settings.n_trials:
-        settings = replace(settings, n_trials=n_trials)
+    if (n_trials, min_trials) != (settings.n_trials, settings.min_trials):
+        settings = replace(settings, n_trials=n_trials, min_trials=min_trials)
         study.set_user_attr(storage.SETTINGS, settings.to_dict())
     return settings
 

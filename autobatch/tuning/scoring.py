@@ -32,6 +32,13 @@ from autobatch.tuning import curves
 MISS_OFFSET = 1e9
 #: What a batch size known not to fit scores (never trained, so never a recommendation).
 INFEASIBLE_VALUE = 1e12
+#: Finished trials in a row that must leave the answer where it stood before a study may end
+#: before ``n_trials`` (:func:`settled`).
+PATIENCE = 4
+#: How far the answer may still move over those trials: the best loss by this fraction of the
+#: tolerance, the fastest cost to the target by this fraction of itself.
+LOSS_MOVE = 0.25
+COST_MOVE = 0.10
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,54 @@ def rescore(records: Sequence[TrialRecord], settings: StudySettings) -> list[Tri
             )
         out.append(record)
     return out
+
+
+def settled(records: Sequence[TrialRecord], settings: StudySettings) -> str | None:
+    """Why the study may end before ``n_trials``, or None: it has ``settings.min_trials``
+    finished trials and the last :data:`PATIENCE` of them (in trial order) left the answer
+    where it stood. Judged by the final target, they lowered neither the best loss by more than
+    :data:`LOSS_MOVE` of the tolerance nor the fastest cost to the target by more than
+    :data:`COST_MOVE`.
+
+    Computed from the records alone, so every worker agrees on when the study ends; more
+    trials cannot unsettle it (a rerun adds none unless ``min_trials`` is raised past them).
+    """
+    if settings.min_trials is None or settings.objective == "pareto":
+        return None
+    if len(records) < max(settings.min_trials, PATIENCE + 1):
+        return None
+    judged = sorted(rescore(records, settings), key=lambda r: r.number)
+    earlier, ref = judged[:-PATIENCE], reference(judged)
+    loss_then, loss_now = _best_loss(earlier), _best_loss(judged)
+    if loss_then is None or loss_now is None:
+        return None
+    if loss_then - loss_now > LOSS_MOVE * settings.tolerance * abs(loss_now):
+        return None
+    if settings.objective == "time":
+        cost_then, cost_now = _fastest_cost(earlier, ref), _fastest_cost(judged, ref)
+        if cost_then is None or cost_now is None or cost_then - cost_now > COST_MOVE * cost_then:
+            return None
+    return (
+        f"settled after {len(records)} trials: the last {PATIENCE} lowered neither the best "
+        f"loss by more than {LOSS_MOVE * settings.tolerance:.1%} nor the fastest time to the "
+        f"target by more than {COST_MOVE:.0%}"
+    )
+
+
+def _best_loss(records: Sequence[TrialRecord]) -> float | None:
+    losses = [float(r.best_val_loss) for r in records if _completed(r)]
+    return min(losses) if losses else None
+
+
+def _fastest_cost(records: Sequence[TrialRecord], ref: TrialRecord | None) -> float | None:
+    """The fewest seconds, in whole epochs, any record needs to reach the target it was judged
+    by (:func:`rescore`'s)."""
+    costs = [
+        cost_seconds(r) * speed_factor(r, ref)
+        for r in records
+        if _completed(r) and r.time_to_target is not None
+    ]
+    return min(costs) if costs else None
 
 
 def pruning_scale_ms(records: Sequence[TrialRecord]) -> int | None:

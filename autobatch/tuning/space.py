@@ -107,9 +107,19 @@ def adamw_scaling(
     )
 
 
+#: The smallest default candidate, unless the task's own batch size is smaller: below it an
+#: accelerator idles between steps, each epoch takes several times longer, and the time to
+#: a target loss only grows (the step time's fixed part dominates); those trials were also
+#: the costliest of a study. Give ``candidates`` to search smaller sizes.
+SMALLEST_DEFAULT = 8
+
+
 def default_candidates(ceiling: int, base: int) -> list[int]:
-    """Powers of two up to the ceiling, the ceiling itself, and the task's own batch size."""
-    sizes = {2**k for k in range(int(math.log2(ceiling)) + 1)} | {ceiling}
+    """Powers of two from :data:`SMALLEST_DEFAULT` (or the task's own batch size, or a quarter
+    of a small ceiling, when smaller) up to the ceiling, the ceiling itself, and the task's
+    own batch size."""
+    floor = min(SMALLEST_DEFAULT, base, max(1, ceiling // 4))
+    sizes = {2**k for k in range(int(math.log2(ceiling)) + 1) if 2**k >= floor} | {ceiling}
     if base <= ceiling:
         sizes.add(base)
     return sorted(sizes)

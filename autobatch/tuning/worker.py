@@ -207,7 +207,8 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> WorkerOutcome:
-        """Run trials until the study has its ``n_trials`` (or ``timeout`` passes)."""
+        """Run trials until the study has its ``n_trials``, or has settled
+        (:func:`scoring.settled`), or ``timeout`` passes."""
         listeners = storage.stale_listeners(self.study)
         if listeners is not None:
             listeners.append(self._abandoned)
@@ -238,11 +239,15 @@ class Worker:
                     stopped = "timeout"
                     break
                 records = storage.records(trials)
+                settled = scoring.settled(records, self.settings)
+                if settled is not None and not state.running:
+                    log.info("the study %s", settled)
+                    break
                 if set(self.settings.candidates) <= scoring.infeasible_sizes(records):
                     self.notes.append("every candidate batch size is infeasible; stopped early")
                     stopped = "infeasible"
                     break
-                reason = self._wait_reason(state, records)
+                reason = self._wait_reason(state, records, settled)
                 if reason is not None:
                     running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
                     if running != waiting_for:
@@ -282,12 +287,17 @@ class Worker:
             self.observers.study_finished(result)
         return WorkerOutcome(done, complete, result, stopped)
 
-    def _wait_reason(self, state: storage.Progress, records: list[TrialRecord]) -> str | None:
+    def _wait_reason(
+        self, state: storage.Progress, records: list[TrialRecord], settled: str | None
+    ) -> str | None:
         """Why this worker should not start a trial now, or None. Until the reference trial
         has ended, only seeded trials start: a sampled one would run with no target to stop
-        at and no rung to be pruned at."""
+        at and no rung to be pruned at. A settled study starts none, and its last trials are
+        waited for (a dead worker's is failed meanwhile)."""
         n_trials = self.settings.n_trials
-        if n_trials is not None and state.finished + state.running >= n_trials:
+        if settled is not None or (
+            n_trials is not None and state.finished + state.running >= n_trials
+        ):
             return "the study's last trials"
         if (
             state.running
