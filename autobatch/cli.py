@@ -284,11 +284,10 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     parser.add_argument(
         "--min-trials",
         type=int,
-        default=8,
         metavar="N",
-        help="end the study before --n-trials once it has N trials and its last 4 moved "
-        "neither the best loss nor the fastest time to the target (default: 8; give "
-        "--min-trials equal to --n-trials to run them all)",
+        help="end the study before --n-trials once it has N trials and its last 5 moved "
+        "neither the best loss nor the fastest time to the target (default: run all "
+        "--n-trials)",
     )
     parser.add_argument(
         "--timeout",

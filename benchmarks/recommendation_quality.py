@@ -9,9 +9,9 @@ For each task:
    reachable loss ``L`` is the lowest smoothed validation loss of any grid run; the grid's
    fastest time is the fewest training seconds any grid run needed for its smoothed loss to
    reach ``L x 1.02``;
-2. **tune**: ``tune(task, max_epochs=...)`` with its own defaults otherwise (at most 20
-   trials, ending from 8 once settled, the target following the best loss found, 2%
-   tolerance), once per ``--repeats`` seed; ``--min-trials 0`` runs all 20; its
+2. **tune**: ``tune(task, max_epochs=...)`` with its own defaults otherwise (20 trials,
+   the target following the best loss found, 2% tolerance), once per ``--repeats`` seed
+   (``--min-trials N``: ending from N trials once settled); its
    compute is the sum of its trials' training seconds;
 3. **retrain**: the recommended batch size and learning rate, from scratch, in the plain
    training loop, for the recommended number of epochs. Its last smoothed validation loss
@@ -214,7 +214,7 @@ def one_task(name: str, args, log) -> dict:
             seed=seed,
             mlflow=False,
             **({"n_trials": 4} if args.quick else {}),
-            **({} if args.min_trials is None else {"min_trials": args.min_trials or None}),
+            min_trials=args.min_trials,
         )
         compute = sum(t.train_seconds for t in result.trials)
         judge("autobatch", result.batch_size, result.lr, result.epochs, compute)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-trials",
         type=int,
-        help="tune()'s min_trials (default: its own; 0: none, every study runs all n_trials)",
+        help="tune()'s min_trials (default: none, every study runs all its n_trials)",
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")

@@ -205,13 +205,17 @@ def _worse(number: int) -> TrialRecord:
     return record(number, [1.5, 1.0, 0.8, 0.7], 10.0)
 
 
+LATER = list(range(4, 4 + scoring.PATIENCE))  # the trials after the answer was set
+ENOUGH = 4 + scoring.PATIENCE  # trials in a study that has stood still long enough
+
+
 def test_a_study_settles_once_its_answer_stands_still() -> None:
-    standing = _study([_worse(n) for n in range(4, 8)])
-    assert scoring.settled(standing[:7], settings(min_trials=6)) is None  # 3 since, not 4
+    standing = _study([_worse(n) for n in LATER])
+    assert scoring.settled(standing[:-1], settings(min_trials=6)) is None  # one trial short
     reason = scoring.settled(standing, settings(min_trials=6))
-    assert reason is not None and reason.startswith("settled after 8 trials")
+    assert reason is not None and reason.startswith(f"settled after {ENOUGH} trials")
     # Not before min_trials, and never without it (or for pareto, which has no one answer).
-    assert scoring.settled(standing, settings(min_trials=9)) is None
+    assert scoring.settled(standing, settings(min_trials=ENOUGH + 1)) is None
     assert scoring.settled(standing, settings(min_trials=None)) is None
     assert scoring.settled(standing, settings(min_trials=6, objective="pareto")) is None
     # The loss objective looks at the loss alone.
@@ -221,18 +225,19 @@ def test_a_study_settles_once_its_answer_stands_still() -> None:
 @pytest.mark.parametrize(
     ("late", "why"),
     [
-        (record(6, [0.9, 0.4, 0.28, 0.27], 10.0), "the best loss fell 10%"),
-        (record(6, [0.5, 0.3, 0.3, 0.3], 10.0), "the target reached twice as fast"),
+        ([0.9, 0.4, 0.28, 0.27], "the best loss fell 10%"),
+        ([0.5, 0.3, 0.3, 0.3], "the target reached twice as fast"),
     ],
 )
 def test_a_study_whose_answer_moved_in_its_last_trials_goes_on(late, why) -> None:
-    records = _study([_worse(4), _worse(5), late, _worse(7)])
-    assert scoring.settled(records, settings(min_trials=6)) is None, why
+    later = [_worse(n) for n in LATER]
+    later[1] = record(LATER[1], late, 10.0)
+    assert scoring.settled(_study(later), settings(min_trials=6)) is None, why
 
 
 def test_small_moves_do_not_keep_a_study_going() -> None:
-    """A best loss 0.5% lower (a quarter of a 5% tolerance is 1.25%) and a cost 5% lower are
+    """A best loss 0.5% lower (a quarter of a 5% tolerance is 1.25%) and a cost 2.5% lower are
     seed noise, not progress."""
-    nudged = record(6, [0.9, 0.4, 0.3, 0.2985], 9.5)
-    records = _study([_worse(4), _worse(5), nudged, _worse(7)])
-    assert scoring.settled(records, settings(min_trials=6)) is not None
+    later = [_worse(n) for n in LATER]
+    later[1] = record(LATER[1], [0.9, 0.4, 0.3, 0.2985], 9.75)
+    assert scoring.settled(_study(later), settings(min_trials=6)) is not None

@@ -285,24 +285,24 @@ def test_the_predicted_fastest_batch_size_is_queued_after_the_seeds(task):
 
 @pytest.mark.slow
 def test_a_study_whose_answer_stands_still_ends_before_n_trials(task, tmp_path):
-    """Two batch sizes and one learning rate: after the seeds no trial can move the answer,
-    so the study settles at min_trials. A rerun adds nothing and says what would; a larger
-    min_trials adds trials."""
+    """Two batch sizes and one learning rate: once both seeds have run no trial can move the
+    answer, so the study settles PATIENCE trials later. A rerun adds nothing and says what
+    would; a larger min_trials adds trials."""
     storage = f"sqlite:///{tmp_path}/s.db"
     settings = dict(
         **{**FAST, "candidates": [16, 64]}, objective="loss", lr_multiplier_range=(1.0, 1.001),
-        lr_rule="sqrt",
-        storage=storage, study_name="still",
+        lr_rule="sqrt", storage=storage, study_name="still",
     )  # fmt: skip
-    result = tune(task, n_trials=12, min_trials=6, **settings)
-    assert len(result.trials) == 6
+    settles = 2 + scoring.PATIENCE
+    result = tune(task, n_trials=12, min_trials=settles, **settings)
+    assert len(result.trials) == settles
     why = scoring.settled(result.trials, result.settings)
-    assert why is not None and why.startswith("settled after 6 trials")
-    again = tune(task, n_trials=12, min_trials=6, **settings)
-    assert len(again.trials) == 6
-    assert any("raise min_trials (--min-trials) above 6" in w for w in again.warnings)
-    more = tune(task, n_trials=12, min_trials=8, **settings)
-    assert len(more.trials) == 8
+    assert why is not None and why.startswith(f"settled after {settles} trials")
+    again = tune(task, n_trials=12, min_trials=settles, **settings)
+    assert len(again.trials) == settles
+    assert any(f"raise min_trials (--min-trials) above {settles}" in w for w in again.warnings)
+    more = tune(task, n_trials=12, min_trials=settles + 2, **settings)
+    assert len(more.trials) == settles + 2
     # min_trials=None (or n_trials) runs them all.
     everything = tune(task, n_trials=7, min_trials=None, **{**settings, "study_name": "all"})
     assert len(everything.trials) == 7

@@ -34,11 +34,11 @@ MISS_OFFSET = 1e9
 INFEASIBLE_VALUE = 1e12
 #: Finished trials in a row that must leave the answer where it stood before a study may end
 #: before ``n_trials`` (:func:`settled`).
-PATIENCE = 4
+PATIENCE = 5
 #: How far the answer may still move over those trials: the best loss by this fraction of the
 #: tolerance, the fastest cost to the target by this fraction of itself.
 LOSS_MOVE = 0.25
-COST_MOVE = 0.10
+COST_MOVE = 0.05
 
 
 @dataclass(frozen=True)
