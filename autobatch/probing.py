@@ -3,10 +3,14 @@
 Peak memory grows close to linearly with the batch size: a fixed part (parameters, gradients,
 optimizer state, workspaces) plus a part per sample (inputs and activations). Two measured
 sizes fix that line, which predicts the largest size under the budget; that size is then run to
-verify it. Where a fixed phase sets the peaks at small sizes (a flat start), the search grows
-geometrically from the sizes it measured and refits instead of trusting a far extrapolation;
-after a failure, secant steps through the readings on both sides of the budget close the gap.
-Every size returned has run.
+verify it. Real peaks are the largest of several phases (forward, backward, the optimizer
+update, workspaces), so they are piecewise linear: flat where a fixed phase sets them (a flat
+start), kinked where the phase that binds changes, higher on the first step (which creates the
+optimizer state); an out-of-memory error reports only the allocation that failed. The search
+therefore keeps bounds that hold for any such peak (lines from the memory in use before the
+step), grows geometrically while the readings are flat, aims short of chords that may span a
+kink, and after a failure closes the gap with secant steps kept within the bounds. Every size
+returned has run.
 """
 
 from __future__ import annotations
@@ -41,18 +45,29 @@ DEFAULT_TOLERANCE = 0.02
 #: How far one step may reach past the largest size that fitted while the readings show little
 #: growth (a fixed phase sets the peaks): flat starts are crossed in a few geometric steps, and
 #: an overshoot lands within this factor of a size that fitted.
-GROWTH = 16
+GROWTH = 128
 #: What a plan for a CUDA card keeps back for what a simulation cannot see: the CUDA context
 #: (621 MiB measured on an H100 with torch 2.13), cuBLAS's workspace (32 MiB) and cuDNN's,
 #: rounded up; and the share of the peak that fake tensors miss (they read 0.93-1.00 of the real
 #: peaks of cnn and transformer steps on that H100). See docs/planning.md.
 CUDA_RESERVE = 1 << 30
 UNSEEN = 0.07
-#: Readings within this fraction of each other count as flat.
-FLAT = 0.01
-#: An out-of-memory reading less than this fraction above the capacity says little about how
-#: far above it the step would have gone.
-WEAK = 0.1
+#: Where the search aims while nothing has failed, as a fraction of the size the chord through
+#: the two largest readings predicts: a kink past them (a phase that grows faster takes over)
+#: makes the chord reach too far.
+AIM = 0.97
+#: How far short of the secant's crossing the search aims after a failure, as a fraction of the
+#: tolerance: past the crossing by a hair (rounding, a slight curve), it would need one more try.
+SHORT = 0.4
+#: Slopes within this fraction of each other are one line's.
+LINE = 0.05
+#: A chord less than this fraction as steep as the next one says the growth steepens between
+#: them: a fixed phase set the smaller reading.
+KINK = 0.25
+#: After this many tried sizes, a gap within LATE_TOLERANCE ends the search (if ``tolerance``
+#: asks for less): each try costs real steps, and the last percents rarely pay for more tries.
+LATE = 7
+LATE_TOLERANCE = 0.06
 
 
 @dataclass(frozen=True)
@@ -88,12 +103,15 @@ class _OutOfAttempts(Exception):
 @dataclass(frozen=True)
 class _Point:
     """A size's reading for the search: the peak that grows with the batch (the scaling peak
-    where the step reports one). Below the budget where the size fitted; above it where it
-    failed, and for an out-of-memory error only a lower bound (the memory it asked for)."""
+    where the step reports one), and the memory in use when its attempt started. Exact where
+    the size ran (within the budget or past it); for an out-of-memory error a lower bound (the
+    memory it asked for)."""
 
     batch_size: int
     level: int
     fitted: bool
+    exact: bool
+    start: int
 
 
 class _Search:
@@ -116,9 +134,9 @@ class _Search:
         self.points: dict[int, _Point] = {}
         self.best: ProbeAttempt | None = None  # largest that fitted
         self.smallest_failure: int | None = None
-        self.start: int | None = None  # memory in use before the first attempt
-        self.base: int | None = None
-        self.activation: int | None = None
+        self.before = 0  # memory in use before the latest attempt
+        self.bases: list[int] = []
+        self.activation: float | None = None  # bytes per sample the forward pass keeps
 
     def run(self, batch_size: int, phase: str) -> ProbeAttempt:
         if self.max_attempts is not None and len(self.attempts) >= self.max_attempts:
@@ -126,9 +144,7 @@ class _Search:
         meter = self.meter
         meter.release()
         meter.reset_peak()
-        before = meter.current()
-        if self.start is None:
-            self.start = before
+        before = self.before = meter.current()
         start = time.perf_counter()
         oom = False
         reading = None
@@ -149,8 +165,8 @@ class _Search:
         if isinstance(reading, StepReading):
             peak = max(peak or 0, reading.peak_bytes or 0)
             scaling = reading.scaling_peak_bytes
-            self.base = reading.base_bytes
-            self.activation = reading.activation_bytes
+            self.bases.append(reading.base_bytes)
+            self.activation = reading.activation_bytes / batch_size
         else:
             scaling = peak
         fitted = not oom and (peak is None or peak <= self.budget)
@@ -182,19 +198,33 @@ class _Search:
             level = max(attempt.peak_bytes, refused or 0, self.meter.capacity() + 1)
         else:
             level = max(attempt.scaling_peak_bytes, self.budget + 1)
-        self.points[attempt.batch_size] = _Point(attempt.batch_size, level, attempt.fitted)
-
-    def attempts_at(self, batch_size: int) -> list[ProbeAttempt]:
-        return [a for a in self.attempts if a.batch_size == batch_size]
+        exact = not attempt.oom
+        self.points[attempt.batch_size] = _Point(
+            attempt.batch_size, level, attempt.fitted, exact, self.before
+        )
 
     def fitted_points(self) -> list[_Point]:
-        return sorted((p for p in self.points.values() if p.fitted), key=lambda p: p.batch_size)
+        return sorted((self.now(p) for p in self.points.values() if p.fitted), key=_size)
+
+    def failed_points(self) -> list[_Point]:
+        return sorted((self.now(p) for p in self.points.values() if not p.fitted), key=_size)
+
+    def now(self, point: _Point) -> _Point:
+        """``point`` as the step would read now: memory that became resident since it ran (the
+        optimizer state a first step creates) adds to its peak."""
+        grown = self.before - point.start
+        if grown <= 0:
+            return point
+        return replace(point, level=point.level + grown, start=self.before)
 
     def base_level(self) -> int:
-        """Memory in use before the step's batch-sized work: where every peak line starts."""
-        if self.base is not None:
-            return self.base
-        return self.start or 0
+        """Memory in use before the step's batch-sized work: no phase's peak line starts below
+        it. Where the step reports it, the least seen (larger batches add their inputs)."""
+        return min(self.bases) if self.bases else self.before
+
+
+def _size(point: _Point) -> int:
+    return point.batch_size
 
 
 def find_max_batch_size(
@@ -216,7 +246,8 @@ def find_max_batch_size(
     mark a size as too large; every other error propagates unchanged. The search starts at
     ``min_batch_size`` (default ``multiple_of``). A size counts as fitting
     when it ran and its peak stayed within ``capacity * (1 - headroom)``. The search stops when
-    the largest fitting size is within ``tolerance`` of the smallest failing one, or when
+    the largest fitting size is within ``tolerance`` of the smallest failing one (within 6%
+    once 7 sizes have run) or of where the readings say the budget is reached, or when
     ``max_attempts`` sizes have run (then with the largest that fitted).
 
     Example::
@@ -300,6 +331,10 @@ def _round_down(value: float, multiple_of: int) -> int:
     return int(value) // multiple_of * multiple_of
 
 
+def _round_up(value: float, multiple_of: int) -> int:
+    return -(-math.ceil(value) // multiple_of) * multiple_of
+
+
 def _fit(points: list[tuple[int, int]]) -> MemoryModel:
     """The line through the two largest measured sizes (closest to where it will be used)."""
     (b1, p1), (b2, p2) = sorted(points)[-2:]
@@ -332,66 +367,212 @@ def _search_with_model(
 ) -> MemoryModel | None:
     """Grow from the sizes that fitted until one fails or the readings say it is the largest,
     then close the gap to the smallest failure."""
-    while search.smallest_failure is None:
-        best = search.best.batch_size
-        target = min(_round_down(_reach(search, tolerance), multiple_of), upper)
-        if target <= best * (1 + tolerance) or target <= best:
-            break
-        search.run(target, "predict" if len(search.attempts) > 1 else "measure")
-        if target == upper:
-            break
-    _refine(search, multiple_of, tolerance)
+    while (target := _next_size(search, upper, multiple_of, tolerance)) is not None:
+        if search.smallest_failure is not None:
+            phase = "refine"
+        else:
+            phase = "predict" if len(search.attempts) > 1 else "measure"
+        search.run(target, phase)
     fitted = sorted(
         {a.batch_size: a for a in search.attempts if a.fitted}.values(), key=lambda a: a.batch_size
     )
     return _fit_attempts(fitted[-2:]) if len(fitted) >= 2 else None
 
 
-def _reach(search: _Search, tolerance: float) -> float:
-    """The next size to try while nothing has failed yet.
+def _next_size(search: _Search, upper: int, multiple_of: int, tolerance: float) -> int | None:
+    """The next size to try; None once the largest that fitted is within ``tolerance`` of the
+    smallest failure, or the readings say it is (about) the answer."""
+    if len(search.attempts) >= LATE:
+        tolerance = max(tolerance, LATE_TOLERANCE)
+    lo, hi = search.best.batch_size, search.smallest_failure
+    ceiling = upper if hi is None else hi - 1
+    if lo >= ceiling or (hi is not None and lo >= (1 - tolerance) * hi):
+        return None
+    low, high = _bounds(search)
+    if high <= lo or (hi is not None and low >= hi):
+        low, high = 0.0, NO_BOUND  # a size that ran contradicts them: faster than linear growth
+    if high <= lo * (1 + tolerance):
+        return None
+    if hi is None:
+        target = _grow(search, low, high, tolerance)
+    else:
+        target = _narrow(search, low, high, tolerance)
+        if target is not None:
+            # Not within the tolerance of either end: a fit there ends the search, as does a
+            # failure here.
+            target = min(target, _round_up((1 - tolerance) * hi, multiple_of))
+            target = max(target, lo * (1 + tolerance))
+    if target is None:
+        return None
+    target = _round_down(min(target, ceiling), multiple_of)
+    if target <= lo:
+        target = lo + multiple_of
+    return target if target <= ceiling else None
 
-    Two lines bound the growth from the readings that fitted. The line from the memory in use
-    before the step (``base``) through the largest reading is the steepest the growth can be
-    when the fixed part is at least the base: its prediction fits. The chord through the two
-    largest readings is exact where peaks grow linearly, and too flat where a fixed phase (the
-    optimizer update, a workspace) still sets the smaller one: its prediction may overshoot.
-    While the readings show little growth, the chord's prediction is far away and the step is
-    capped at ``GROWTH`` times the largest fitting size, so a flat start is crossed in a few
-    geometric steps instead of one far extrapolation.
+
+def _bounds(search: _Search) -> tuple[float, float]:
+    """Sizes the answer lies between, for a peak that is the largest of several phases (the
+    forward pass, backward, the optimizer update, a workspace), each growing at most linearly
+    from at least the memory in use before the step.
+
+    Such a phase reaches a fitted size's reading at most along the line from the base through
+    it, so it crosses the budget no sooner than that line does; a failed size's reading (an
+    out-of-memory error's is a lower bound) was reached by some phase, which crosses the budget
+    no later than the line from the base through it. Where the step reports the bytes its
+    forward pass keeps, those alone bound the answer from above.
+    """
+    base = _Point(0, search.base_level(), True, True, 0)
+    budget = search.budget
+    low = max((_crossing(base, p, budget) for p in search.fitted_points()), default=0.0)
+    high = min((_crossing(base, p, budget) for p in search.failed_points()), default=NO_BOUND)
+    if search.activation:
+        high = min(high, (budget - base.level) / search.activation)
+    return low, high
+
+
+def _grow(search: _Search, low: float, high: float, tolerance: float) -> float | None:
+    """The next size while nothing has failed; None where the readings say the largest that
+    fitted is (about) the answer.
+
+    The chord through the two largest readings predicts the crossing where the growth shows
+    between them; a kink past them (a phase whose peak grows faster takes over) makes it reach
+    too far, so the search aims a little short (``AIM``) unless a third reading lies on the
+    same line, and no further than the lower bound where the step reports its phases. While the
+    readings show little growth a fixed phase sets them, and the step is capped at ``GROWTH``
+    times the largest fitting size, so a flat start is crossed in a few geometric steps instead
+    of one far extrapolation. It never aims below the lower bound.
     """
     fitted = search.fitted_points()
     best = fitted[-1]
-    base = _Point(0, search.base_level(), True)
+    reach = GROWTH * best.batch_size
+    close = best.batch_size * (1 + tolerance)
     if len(fitted) == 1 and search.activation:
         # What the forward pass keeps grows exactly with the batch: place the second size where
         # that growth would fill a quarter of the remaining budget. Backward transients add to
         # it, so this lands inside the budget, yet far enough out to see the growth that binds.
-        per_sample = search.activation / best.batch_size
-        quarter = (search.budget - base.level) / (4 * max(per_sample, 1.0))
-        return max(quarter, best.batch_size + 1)
-    anchored = _crossing(base, best, search.budget)
-    if len(fitted) == 1:
-        return max(anchored, GROWTH * best.batch_size)
-    previous = fitted[-2]
-    chord = _crossing(previous, best, search.budget)
-    spans_start = (
-        _on_flat_stretch(search, previous) or best.batch_size > GROWTH * previous.batch_size
-    )
-    if (
-        best.level > previous.level * (1 + FLAT)
-        and spans_start
-        and anchored > best.batch_size * (1 + tolerance)
+        crossing = guess = (search.budget - search.base_level()) / (4 * search.activation)
+        reach = max(reach, guess)
+    elif (rise := _rise(fitted)) is not None:
+        crossing = _crossing(rise, best, search.budget)
+        guess = crossing if _linear(fitted, rise, best) else _short(crossing, 1 - AIM)
+        if search.activation and low > close:
+            # The step reports the memory before its forward pass, where the growth that binds
+            # (all activations live) starts: the line from there is close, and safe.
+            guess = min(guess, low)
+    else:
+        crossing = guess = NO_BOUND
+    if crossing <= close and low <= close:
+        return None
+    return min(max(min(guess, reach), min(low, reach), close), high)
+
+
+def _narrow(search: _Search, low: float, high: float, tolerance: float) -> float | None:
+    """The next size between the largest that fitted and the smallest failure; None where the
+    readings on one line say the largest that fitted is (about) the answer.
+
+    Where the failure ran (its reading is exact), the secant through it and the largest fit is
+    exact if the peak grows linearly between them; the search aims a hair short of it, as a
+    size past it by a hair would cost one more try. Where the failure was kept through two
+    fitting sizes in a row, its excess over the budget is halved for each (the Illinois rule),
+    so a curved peak does not make the secant creep. Where the fitting size sits on a flat
+    stretch (a chord much flatter than the secant), the growth that binds starts past it: the
+    secant only says how far the answer is at least, and the search tries halfway to the bound
+    above. An out-of-memory reading is a lower bound, so the secant through it reaches too far
+    or not far enough: the chord through the fitting sizes says more where it shows the growth
+    (halfway to it where a kink lies below, as it then reaches too far), else the bounds are
+    halved. Where four tries have not halved the gap, the search halves it.
+    """
+    lo, hi = search.best.batch_size, search.smallest_failure
+    if _stalled(search):
+        return _midpoint(lo, hi)
+    lower = max(lo, low) if low < hi else lo
+    upper = min(hi, high) if high > lo else hi
+    fitted = search.fitted_points()
+    below, above = fitted[-1], search.now(search.points[hi])
+    rise = _rise(fitted)
+    chord = NO_BOUND if rise is None else _crossing(rise, below, search.budget)
+    if chord <= lo * (1 + tolerance) and (
+        _linear(fitted, rise, below) or _same_slope(_slope(rise, below), _slope(below, above))
     ):
-        # The growth showed between the two, and the chord may span where it started (after a
-        # flat stretch, or from a size far smaller): it would be too shallow. The anchored
-        # line is safe, and one more size past it gives two readings on the growth.
-        return anchored
-    return min(chord, max(anchored, GROWTH * best.batch_size))
+        return None
+    if not above.exact:
+        if chord >= upper:
+            return _midpoint(lower, upper)
+        if _kinked(fitted, rise, below):
+            return _midpoint(lower, min(chord, _crossing(below, above, search.budget)))
+        return max(chord, lower)
+    if _plateau(search.failed_points()):
+        return _midpoint(lower, upper)
+    kept = _kept_through(search, hi)
+    if kept >= 2:
+        excess = (above.level - search.budget) / 2 ** (kept - 1)
+        above = replace(above, level=search.budget + max(int(excess), 1))
+    crossing = _crossing(below, above, search.budget)
+    secant = min(max(_short(crossing, SHORT * tolerance), lower), upper)
+    if rise is None or _slope(rise, below) < KINK * _slope(below, above):
+        return _midpoint(secant, upper)
+    return secant
 
 
-def _refine(search: _Search, multiple_of: int, tolerance: float) -> None:
-    """Close the gap after a failure, steered by the readings nearest the budget."""
-    _close_gap(search, multiple_of, tolerance, "refine", steer=True)
+def _rise(fitted: list[_Point]) -> _Point | None:
+    """The largest fitting size that peaked lower than the largest: the chord from it to the
+    largest shows the growth, also where the peak rises in steps (allocator rounding)."""
+    best = fitted[-1]
+    return next((p for p in reversed(fitted[:-1]) if p.level < best.level), None)
+
+
+def _linear(fitted: list[_Point], rise: _Point, best: _Point) -> bool:
+    """True where the reading before ``rise`` lies on the line through ``rise`` and ``best``."""
+    before = _rise(fitted[: fitted.index(rise) + 1])
+    return before is not None and _same_slope(_slope(before, rise), _slope(rise, best))
+
+
+def _kinked(fitted: list[_Point], rise: _Point, best: _Point) -> bool:
+    """True where the growth steepens at ``rise``: the chord before it is much flatter (a
+    fixed phase set the smaller reading), so the chord from it to ``best`` reaches too far."""
+    index = fitted.index(rise)
+    return index > 0 and _slope(fitted[index - 1], rise) < KINK * _slope(rise, best)
+
+
+def _plateau(failed: list[_Point]) -> bool:
+    """True where the two smallest failures ran and read the same: the peak rises in steps
+    (allocator rounding) as wide as the gap between them, and the secant says little."""
+    if len(failed) < 2 or not (failed[0].exact and failed[1].exact):
+        return False
+    return failed[1].level <= failed[0].level
+
+
+def _slope(a: _Point, b: _Point) -> float:
+    return (b.level - a.level) / (b.batch_size - a.batch_size)
+
+
+def _same_slope(a: float, b: float) -> bool:
+    return abs(a - b) <= LINE * max(abs(a), abs(b))
+
+
+def _short(size: float, fraction: float) -> float:
+    """``fraction`` short of ``size``, where that is more than a sample or two."""
+    return size * (1 - fraction) if size * fraction >= 2 else size
+
+
+def _stalled(search: _Search) -> bool:
+    """True where the last four tries did not halve the gap between fit and failure."""
+    gaps = _gaps(search)
+    return len(gaps) >= 5 and gaps[-1] > gaps[-5] / 2
+
+
+def _gaps(search: _Search) -> list[float]:
+    """How far apart (log ratio) the largest fit and the smallest failure were after each try
+    since the first failure."""
+    lo, hi, gaps = 0, None, []
+    for attempt in search.attempts:
+        if attempt.fitted:
+            lo = max(lo, attempt.batch_size)
+        elif hi is None or attempt.batch_size < hi:
+            hi = attempt.batch_size
+        if hi is not None and lo:
+            gaps.append(math.log(hi / lo))
+    return gaps
 
 
 def _search_without_peaks(search: _Search, upper: int, multiple_of: int, tolerance: float) -> None:
@@ -401,118 +582,19 @@ def _search_without_peaks(search: _Search, upper: int, multiple_of: int, toleran
         size = min(size * 2, upper)
         if not search.run(size, "search").fitted:
             break
-    _bisect(search, multiple_of, tolerance)
-
-
-def _open_gap(search: _Search, multiple_of: int, tolerance: float) -> bool:
-    if search.smallest_failure is None:
-        return False
-    lo, hi = search.best.batch_size, search.smallest_failure
-    return hi - lo > multiple_of and lo < (1 - tolerance) * hi
-
-
-def _bisect(search: _Search, multiple_of: int, tolerance: float) -> None:
-    _close_gap(search, multiple_of, tolerance, "search", steer=False)
-
-
-def _midpoint(lo: int, hi: int) -> float:
-    # Far apart (a flat start overshot), the scale is what is unknown: halve it in log space.
-    return math.sqrt(lo * hi) if hi >= 4 * lo else (lo + hi) / 2
-
-
-def _close_gap(
-    search: _Search, multiple_of: int, tolerance: float, phase: str, *, steer: bool
-) -> None:
-    """Try sizes between the largest success and the smallest failure until they are within
-    ``tolerance``: where the readings say the budget is crossed when ``steer`` allows, else the
-    midpoint."""
-    while _open_gap(search, multiple_of, tolerance):
+    while search.smallest_failure is not None:
         lo, hi = search.best.batch_size, search.smallest_failure
-        target = _midpoint(lo, hi)
-        if steer and (steered := _steer(search, target, multiple_of)) is not None:
-            if steered < max(lo * (1 + tolerance), lo + multiple_of):
-                break  # readings on both sides of the budget say lo is (about) the largest
-            # Past the failure, the readings mislead (curved peaks, or out-of-memory readings
-            # that say little): bisect instead.
-            creeping = _failed_in_a_row(search) >= 3 and steered > hi - (hi - lo) / 4
-            if steered < hi and not creeping:
-                target = steered
-        target = _round_down(min(target, hi - 1), multiple_of)
+        if hi - lo <= multiple_of or lo >= (1 - tolerance) * hi:
+            break
+        target = _round_down(min(_midpoint(lo, hi), hi - 1), multiple_of)
         if target <= lo:
             break
-        search.run(target, phase)
+        search.run(target, "search")
 
 
-def _steer(search: _Search, middle: float, multiple_of: int) -> float | None:
-    """Where the readings on both sides of the budget say it is crossed; None without them.
-
-    The line through the largest fitting size and the smallest failure (a secant step) is exact
-    where peaks grow linearly between them. Where the fitting size sits on a flat stretch (a
-    fixed phase set its peak, as it set a smaller size's) or is the only one, the secant is too
-    shallow where the growth that binds starts beyond it, and would creep up in small steps; the
-    line from the base through the failure, the steepest the growth can be, bounds the answer
-    from above, and the search tries halfway between the two. Where the failure was kept
-    through two fitting sizes in a row, its excess over the budget is halved for each (the
-    Illinois rule), so a curved peak does not make the secant creep either.
-
-    An out-of-memory error just past the capacity says only that the step needed more: there
-    the chord through the two largest fitting sizes, where both show the growth, is the better
-    line; without it the search goes no further than ``middle``. Last, the line from the base
-    through the fitting size gives a size that fits for any fixed part at least the base: the
-    search never aims below it.
-    """
-    low = search.points.get(search.best.batch_size)
-    high = search.points.get(search.smallest_failure)
-    if low is None or high is None or high.level <= low.level:
-        return None
-    base = _Point(0, search.base_level(), True)
-    weak = _weak(search, high)
-    fitted = search.fitted_points()
-    above = sorted((p for p in search.points.values() if not p.fitted), key=lambda p: p.batch_size)
-    if _on_growth(search, low):
-        kept = _kept_through(search, high.batch_size)
-        if kept >= 2:
-            excess = (high.level - search.budget) / 2 ** (kept - 1)
-            high = _Point(high.batch_size, search.budget + max(int(excess), 1), False)
-        crossing = _crossing(low, high, search.budget)
-        if weak and len(fitted) >= 2 and _on_growth(search, fitted[-2]):
-            crossing = _crossing(fitted[-2], low, search.budget)
-        elif weak:
-            crossing = min(crossing, max(middle, low.batch_size + 1))
-    else:
-        # Nothing below the budget shows the growth: only a reading above it can stop the
-        # search, never one below.
-        crossing = _crossing(base, high, search.budget)
-        if len(above) >= 2 and above[0].level < above[1].level and not _weak(search, above[1]):
-            # Two readings past the budget, on the growth: their line is the growth's.
-            crossing = min(crossing, _crossing(above[0], above[1], search.budget))
-        elif weak or (search.activation is not None and _ran_out(search, high)):
-            # A training step allocates in many pieces: its out-of-memory reading is the first
-            # piece that failed, a lower bound, and the line through it may reach too far.
-            crossing = min(crossing, middle)
-        crossing = max(crossing, low.batch_size + 2 * multiple_of)
-    safe = _crossing(base, low, search.budget)
-    if weak and safe < search.smallest_failure:
-        crossing = max(crossing, safe)
-    return crossing
-
-
-def _ran_out(search: _Search, point: _Point) -> bool:
-    return search.attempts_at(point.batch_size)[-1].oom
-
-
-def _weak(search: _Search, point: _Point) -> bool:
-    """An out-of-memory reading just past the capacity: the step needed more, how much unknown."""
-    return _ran_out(search, point) and point.level < search.meter.capacity() * (1 + WEAK)
-
-
-def _failed_in_a_row(search: _Search) -> int:
-    failed = 0
-    for attempt in reversed(search.attempts):
-        if attempt.fitted:
-            break
-        failed += 1
-    return failed
+def _midpoint(lo: float, hi: float) -> float:
+    # Far apart (a flat start overshot), the scale is what is unknown: halve it in log space.
+    return math.sqrt(lo * hi) if hi >= 4 * lo else (lo + hi) / 2
 
 
 def _kept_through(search: _Search, batch_size: int) -> int:
@@ -523,22 +605,6 @@ def _kept_through(search: _Search, batch_size: int) -> int:
             return kept
         kept = kept + 1 if attempt.fitted else 0
     return kept
-
-
-def _on_growth(search: _Search, point: _Point) -> bool:
-    """True where a smaller fitting size peaked clearly lower: the growth shows at ``point``."""
-    return any(
-        p.batch_size < point.batch_size and p.level < point.level * (1 - FLAT)
-        for p in search.fitted_points()
-    )
-
-
-def _on_flat_stretch(search: _Search, point: _Point) -> bool:
-    """True where a smaller fitting size peaked (almost) as high: the growth is not showing."""
-    return any(
-        p.batch_size < point.batch_size and p.level >= point.level * (1 - FLAT)
-        for p in search.fitted_points()
-    )
 
 
 def probe(

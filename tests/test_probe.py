@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import re
 import traceback
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from autobatch import (
     AutobatchError,
     BatchSizeOneDoesNotFit,
     InvalidInputError,
+    MemoryMeter,
     Task,
     TrackedMeter,
     find_max_batch_size,
@@ -201,6 +204,261 @@ def test_flat_start_with_multiple_of_and_without_memory_counted_before(
     assert len(result.attempts) <= 8
     assert all(b % 8 == 0 for b in step.calls)
     check_attempts(result, step)
+
+
+# -- steps as real training steps allocate ------------------------------------------------------
+
+
+class CountedMeter(MemoryMeter):
+    """A device that only counts: allocations past ``capacity`` raise a CUDA-style
+    out-of-memory error and record what was asked for (``refused``), as the tracked meter
+    does, without holding memory, so thousands of searches run in seconds."""
+
+    def __init__(self, capacity: int, resident: int = 0) -> None:
+        self.device = torch.device("cpu")
+        self.limit, self.used, self.top, self.asked = capacity, resident, resident, None
+
+    def capacity(self) -> int:
+        return self.limit
+
+    def current(self) -> int:
+        return self.used
+
+    def peak(self) -> int:
+        return self.top
+
+    def reset_peak(self) -> None:
+        self.top, self.asked = self.used, None
+
+    def refused(self) -> int | None:
+        return self.asked
+
+    def release(self, full: bool = False) -> None:
+        pass
+
+    def take(self, nbytes: int) -> None:
+        if self.used + nbytes > self.limit:
+            self.asked = self.used + nbytes
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate (counted)")
+        self.used += nbytes
+        self.top = max(self.top, self.used)
+
+
+@dataclass
+class Phased:
+    """A training step as its allocations at batch size ``b``: the inputs (``inputs`` bytes a
+    sample); per layer, a ``workspace`` freed at once and the activation the forward pass keeps
+    (``acts`` bytes a sample, plus ``root * sqrt(b)``); in backward, per layer from the last,
+    the input's gradient (the activation's size plus ``transient`` bytes a sample, as an
+    embedding's dense gradient of its output) and the layer's weight gradient (``grads``,
+    kept until the update); the optimizer ``state`` the first call creates and keeps; the
+    update's ``temp`` bytes. Every allocation rounds up to ``grain`` bytes.
+
+    The peak is the largest of these phases: flat where the update or a workspace sets it,
+    kinked where the phase that binds changes, stepped by the rounding, higher on the first
+    call by the state it creates; an out-of-memory error reports only the allocation that
+    failed. So are the real steps of a wide MLP with Adam, an embedding-heavy model, and a
+    model with a large fixed workspace (benchmarks/probe_vs_peers.py)."""
+
+    acts: tuple[float, ...]
+    grads: tuple[int, ...]
+    inputs: float = 0
+    workspace: int = 0
+    transient: float = 0
+    root: float = 0
+    state: int = 0
+    temp: int = 0
+    grain: int = 1
+    calls: list[int] = field(default_factory=list, init=False, repr=False)
+    meter: CountedMeter | None = field(default=None, init=False, repr=False)
+
+    def size(self, per_sample: float, b: int, root: float = 0) -> int:
+        nbytes = int(per_sample * b + root * b**0.5)
+        return -(-nbytes // self.grain) * self.grain
+
+    def run(self, meter: CountedMeter, b: int, first: bool) -> None:
+        held: list[int] = []  # what was taken, in order; 0 once freed
+
+        def take(nbytes: int) -> int:
+            meter.take(nbytes)
+            held.append(nbytes)
+            return len(held) - 1
+
+        def free(i: int) -> None:
+            meter.used -= held[i]
+            held[i] = 0
+
+        try:
+            take(self.size(self.inputs, b))
+            kept = []
+            for i, act in enumerate(self.acts):
+                if i == 0:
+                    free(take(self.workspace))
+                kept.append(take(self.size(act, b, self.root)))
+            gradient = None
+            for act, grad, activation in zip(
+                reversed(self.acts), reversed(self.grads), reversed(kept), strict=True
+            ):
+                new = take(self.size(act + self.transient, b, self.root))
+                if gradient is not None:
+                    free(gradient)
+                gradient = new
+                take(grad)  # kept until the update
+                free(activation)
+            free(gradient)
+            if first:
+                meter.take(self.state)  # kept: the optimizer state lives on
+            free(take(self.temp))
+        finally:
+            meter.used -= sum(held)
+
+    def __call__(self, b: int) -> None:
+        self.calls.append(b)
+        self.run(self.meter, b, first=len(self.calls) == 1)
+
+    def need(self, b: int) -> int:
+        """The peak above what was in use before a later call (the state kept)."""
+        meter = CountedMeter(1 << 62)
+        self.run(meter, b, first=False)
+        return meter.top
+
+    def largest_within(self, budget: int, start: int, multiple_of: int = 1) -> int:
+        lo, hi = 0, 1
+        while start + self.need(hi) <= budget:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if start + self.need(mid) <= budget else (lo, mid)
+        return lo // multiple_of * multiple_of
+
+
+def search_phased(step: Phased, capacity: int, resident: int, **kwargs):
+    """The search over ``step`` on a counting device, and the largest size within its budget."""
+    step.meter = CountedMeter(capacity, resident)
+    result = find_max_batch_size(step, meter=step.meter, **kwargs)
+    start = resident + step.state
+    best = step.largest_within(result.budget_bytes, start, kwargs.get("multiple_of", 1))
+    for attempt in result.attempts[1:]:  # the first call also creates the state
+        need = start + step.need(attempt.batch_size)
+        assert attempt.fitted == (need <= result.budget_bytes), attempt
+    assert result.batch_size in [a.batch_size for a in result.attempts if a.fitted]
+    return result, best
+
+
+# What the real flat-start workloads allocate, in bytes, with the memory in use before the step
+# and the device's capacity (as in the benchmark). The old search took 9 to 13 sizes on most of
+# them: it stepped through the flat stretch 16x at a time and crept up to the kinks.
+REAL_SHAPES = {
+    # wide_mlp_adam: 10.6 MiB of parameters, Adam's state and update temporaries twice that;
+    # the end of backward (all gradients live) binds until the activations take over.
+    "wide_adam": (
+        Phased(acts=(6144, 6144, 6144, 6144, 40), grads=(1_575_000, 9_443_000, 61_000, 0, 0),
+               inputs=1024, state=22_160_000, temp=22_160_000),
+        10_580_000, 80 * MiB,
+    ),
+    # embedding_heavy: a 24.4 MiB table with a dense gradient and Adam's state; the update's
+    # temporaries set a flat peak that backward's per-sample transient (15x what the forward
+    # pass keeps) crosses only 10% below the largest size.
+    "embedding": (
+        Phased(acts=(512, 40), grads=(25_600_000, 5_000), inputs=128, transient=8192,
+               state=51_210_000, temp=51_210_000),
+        25_605_000, 160 * MiB,
+    ),
+    # fixed_workspace: a 96 MiB scratch buffer in the forward pass sets the peak up to about
+    # two thirds of the largest size.
+    "workspace": (
+        Phased(acts=(2048, 2048, 40), grads=(525_000, 20_000, 0), inputs=1024,
+               workspace=96 * MiB, state=1_090_000, temp=1_090_000),
+        545_000, 160 * MiB,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("grain", [1, 512])  # 512: how CUDA's allocator rounds
+@pytest.mark.parametrize("headroom", [0.05, 0.0])
+@pytest.mark.parametrize("capacity_scale", [0.8, 1.0, 1.5, 3.0])
+@pytest.mark.parametrize("shape", list(REAL_SHAPES))
+def test_real_flat_starts_take_at_most_8_sizes(shape, capacity_scale, headroom, grain):
+    step, resident, capacity = REAL_SHAPES[shape]
+    step = replace(step, grain=grain)
+    capacity = int(capacity * capacity_scale)
+    if resident + step.state + step.need(1) > capacity * (1 - headroom):
+        pytest.skip("batch size 1 does not fit")
+    result, best = search_phased(step, capacity, resident, headroom=headroom)
+    tried = [a.batch_size for a in result.attempts]
+    assert 0.93 * best <= result.batch_size <= best, (best, tried)
+    assert len(result.attempts) <= 8, (best, tried)
+
+
+def random_phased(rng: random.Random) -> tuple[Phased, int, int, dict]:
+    """A random step, the memory in use before it and the search's options, on a 1 GiB device:
+    1 to 4 layers, fixed phases (update temporaries, a workspace, gradients) up to half the
+    device, optimizer state, backward transients, square-root terms, allocator rounding up to
+    0.5% of the device a piece, ``multiple_of`` 8 and ``max_batch_size``; the largest size
+    within the budget lies log-uniformly in 6..300,000."""
+    capacity = 1 << 30
+
+    def fixed(most: float, chance: float) -> int:
+        return int(rng.uniform(0, most) * capacity) if rng.random() < chance else 0
+
+    while True:
+        headroom = rng.choice([0.0, 0.05, 0.05, 0.1])
+        budget = int(capacity * (1 - headroom))
+        layers = rng.randint(1, 4)
+        step = Phased(
+            acts=tuple(rng.uniform(0.1, 1) for _ in range(layers)),
+            grads=tuple(fixed(0.1, 0.8) for _ in range(layers)),
+            inputs=rng.uniform(0, 0.3),
+            workspace=fixed(0.5, 0.3),
+            transient=rng.uniform(0, 4) if rng.random() < 0.4 else 0,
+            root=rng.uniform(0, 30) if rng.random() < 0.3 else 0,
+            state=fixed(0.3, 0.6),
+            temp=fixed(0.4, 0.6),
+        )
+        resident = fixed(0.25, 0.8)
+        start = resident + step.state
+        if start + step.need(0) >= 0.97 * budget:
+            continue
+        # Scale the per-sample bytes so the largest size lands near the target.
+        target = math.exp(rng.uniform(math.log(6), math.log(300_000)))
+        scale = step.largest_within(budget, start) / target
+        step = replace(
+            step,
+            acts=tuple(a * scale for a in step.acts),
+            inputs=step.inputs * scale,
+            transient=step.transient * scale,
+            root=step.root * scale,
+            grain=rng.choice([1, 1, capacity // 20_000, capacity // 500, capacity // 200]),
+        )
+        kwargs = {"headroom": headroom, "multiple_of": rng.choice([1, 1, 1, 8])}
+        if rng.random() < 0.15:
+            kwargs["max_batch_size"] = max(8, int(target * rng.uniform(0.8, 3)))
+        if start + step.need(kwargs["multiple_of"]) <= budget:
+            return step, capacity, resident, kwargs
+
+
+def test_simulation_of_random_flat_starts():
+    """2,000 random steps: every answer ran, fitted, and is at least 0.93 of the largest size
+    within the budget. At most 8 sizes but for about 1 in 100 (9 at most; they are kinks just
+    below the answer behind a long flat stretch, or out-of-memory readings that say little),
+    about 6 on average."""
+    rng = random.Random(0)
+    sizes = []
+    for _ in range(2000):
+        step, capacity, resident, kwargs = random_phased(rng)
+        result, best = search_phased(step, capacity, resident, **kwargs)
+        if "max_batch_size" in kwargs:
+            best = min(best, _round(kwargs["max_batch_size"], kwargs["multiple_of"]))
+        tried = [a.batch_size for a in result.attempts]
+        assert 0.93 * best <= result.batch_size <= best, (best, tried)
+        sizes.append(len(tried))
+    assert max(sizes) <= 9
+    assert sum(n > 8 for n in sizes) <= 0.015 * len(sizes)
+    assert sum(sizes) / len(sizes) <= 6.3
+
+
+def _round(size: int, multiple_of: int) -> int:
+    return size // multiple_of * multiple_of
 
 
 @pytest.mark.parametrize("max_attempts", [1, 2, 3])
