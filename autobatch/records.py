@@ -32,6 +32,11 @@ BASELINE, CEILING, MIDDLE = "baseline", "ceiling", "middle"
 #: The trial queued once the seeds have ended: the batch size the noise scale and step time
 #: predict fastest, at the rule's learning rate.
 PREDICTED = "predicted"
+#: A trial queued past an end of the learning-rate multiplier range, when the trial with the
+#: best loss sits at that end (:func:`autobatch.tuning.space.past_the_edge`).
+BEYOND = "beyond"
+#: Trials the study queues itself after the seeds; pruned like sampled ones.
+STEERED = (PREDICTED, BEYOND)
 #: How a completed trial ended against the target.
 REACHED, MISSED = "reached", "missed"
 

@@ -37,6 +37,18 @@ U8 = torch.uint8
 # -- synthetic steps ---------------------------------------------------------------------------
 
 
+def largest_within(need, budget: int, start: int = 0) -> int:
+    """The largest ``b`` with ``start + need(b) <= budget``, for a ``need`` that grows with
+    ``b``: doubling, then bisection."""
+    lo, hi = 0, 1
+    while start + need(hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if start + need(mid) <= budget else (lo, mid)
+    return lo
+
+
 class Synthetic:
     """A step whose peak is exactly ``fixed + per_sample * b + quadratic * b * b`` bytes above
     what is in use when it starts; it records the sizes it ran and the usage it started from."""
@@ -51,10 +63,7 @@ class Synthetic:
         return self.fixed + self.per_sample * b + self.quadratic * b * b
 
     def largest_within(self, budget: int, baseline: int = 0) -> int:
-        b = 0
-        while baseline + self.need(b + 1) <= budget:
-            b += 1
-        return b
+        return largest_within(self.need, budget, baseline)
 
     def __call__(self, b: int) -> None:
         self.calls.append(b)
@@ -82,15 +91,6 @@ class FlatStart(Synthetic):
 
     def growth(self, b: int) -> int:
         return self.fixed + self.per_sample * b + int(self.root * b**0.5)
-
-    def largest_within(self, budget: int, baseline: int = 0) -> int:
-        lo, hi = 0, 1
-        while baseline + self.need(hi) <= budget:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if baseline + self.need(mid) <= budget else (lo, mid)
-        return lo
 
     def __call__(self, b: int) -> None:
         self.calls.append(b)
@@ -323,13 +323,7 @@ class Phased:
         return meter.top
 
     def largest_within(self, budget: int, start: int, multiple_of: int = 1) -> int:
-        lo, hi = 0, 1
-        while start + self.need(hi) <= budget:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if start + self.need(mid) <= budget else (lo, mid)
-        return lo // multiple_of * multiple_of
+        return largest_within(self.need, budget, start) // multiple_of * multiple_of
 
 
 def search_phased(step: Phased, capacity: int, resident: int, **kwargs):

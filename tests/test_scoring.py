@@ -3,6 +3,7 @@ hardware of different speeds, and the pruner's rungs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import optuna
@@ -17,7 +18,7 @@ from autobatch.records import (
     StudySettings,
     TrialRecord,
 )
-from autobatch.tuning import scoring
+from autobatch.tuning import scoring, space
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.tuning.storage import RECORD
 
@@ -241,3 +242,30 @@ def test_small_moves_do_not_keep_a_study_going() -> None:
     later = [_worse(n) for n in LATER]
     later[1] = record(LATER[1], [0.9, 0.4, 0.3, 0.2985], 9.75)
     assert scoring.settled(_study(later), settings(min_trials=6)) is not None
+
+
+def _at(number: int, multiplier: float, best: float, batch_size: int = 64, **kw) -> TrialRecord:
+    curve = [2.0, 1.0, best]
+    return dataclasses.replace(
+        record(number, curve, 10.0, batch_size=batch_size, **kw), lr_multiplier=multiplier
+    )
+
+
+def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it() -> None:
+    inside = [_at(0, 1.0, 0.5, role=BASELINE), _at(1, 1.5, 0.4)]
+    assert space.past_the_edge(inside, settings()) is None  # x1.5 is inside (0.25, 4)
+    top = [*inside, _at(2, 3.0, 0.3)]  # within 2x of the top: the range may be the limit
+    assert space.past_the_edge(top, settings()) == (64, 6.0)
+    # Once that ran (or is queued), nothing more unless it became the best.
+    assert space.past_the_edge([*top, _at(3, 6.0, 0.35)], settings()) is None
+    assert space.past_the_edge(top, settings(), taken=[(64, 6.1)]) is None
+    assert space.past_the_edge(top, settings(), taken=[(32, 6.0)]) == (64, 6.0)
+    assert space.past_the_edge([*top, _at(3, 6.0, 0.2)], settings()) == (64, 12.0)
+    # A diverged trial counts as having run there: the search stops at the rate that fails.
+    failed = _at(3, 6.0, 0.2, state=FAILED)
+    assert space.past_the_edge([*top, failed], settings()) is None
+    # The bottom end likewise, halving.
+    bottom = [*inside, _at(2, 0.3, 0.1, batch_size=256)]
+    assert space.past_the_edge(bottom, settings()) == (256, 0.15)
+    # A range that pins the rate stays pinned.
+    assert space.past_the_edge(top, settings(lr_multiplier_range=(2.5, 3.0))) is None

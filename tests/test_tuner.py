@@ -130,10 +130,20 @@ def test_interrupted_study_resumes_and_keeps_finished_trials(task, tmp_path):
 def test_same_seed_gives_the_same_study(task):
     a = tune(task, n_trials=5, objective="loss", seed=7, **FAST)
     b = tune(task, n_trials=5, objective="loss", seed=7, **FAST)
-    assert [(t.batch_size, t.lr) for t in a.trials] == [(t.batch_size, t.lr) for t in b.trials]
-    # Trials differ only in what is tuned: the same configuration gives the same learning curve
-    # (where pruning, which follows wall time, stops a trial may differ, so compare the prefix).
-    for ta, tb in zip(a.trials, b.trials, strict=True):
+    # The seeded trials are the same; what follows may not be (the predicted batch size comes
+    # from measured step times, and pruning from wall time: docs/concepts.md).
+    seeds = [(t.role, t.batch_size, t.lr) for t in a.trials[:3]]
+    assert seeds == [(t.role, t.batch_size, t.lr) for t in b.trials[:3]]
+    # The same configuration gives the same learning curve (where pruning stops a trial may
+    # differ, so compare the prefix).
+    same = [
+        (ta, tb)
+        for ta in a.trials
+        for tb in b.trials
+        if (ta.batch_size, ta.lr) == (tb.batch_size, tb.lr)
+    ]
+    assert len(same) >= 3
+    for ta, tb in same:
         n = min(len(ta.curve), len(tb.curve))
         assert n > 0
         assert [p.val_loss for p in ta.curve[:n]] == [p.val_loss for p in tb.curve[:n]]
@@ -238,10 +248,13 @@ def test_a_given_target_still_prunes(task):
     )
     assert result.target_loss == 0.3
     baseline = next(t for t in result.trials if t.role == "baseline")
-    # The pruner's first rung comes from the baseline (whether a trial then falls behind at it
-    # depends on timing, so that is not asserted here).
-    assert result.study.pruner.min_resource_ms == pruning_scale_ms(result.trials)
+    # The pruner's first rung comes from the baseline. Whether a trial then falls behind at it
+    # depends on timing; the pruner learns its rung from the first trial that asks it (one
+    # under the target at its first evaluation never asks), so it may not have been asked.
+    assert result.study.pruner.min_resource_ms in (None, pruning_scale_ms(result.trials))
     assert pruning_scale_ms(result.trials) == max(1, int(baseline.train_seconds * 1000 / 5))
+    if any(t.state == PRUNED for t in result.trials):
+        assert result.study.pruner.min_resource_ms == pruning_scale_ms(result.trials)
 
 
 @pytest.mark.slow

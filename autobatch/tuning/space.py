@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from autobatch.errors import InvalidInputError
-from autobatch.records import BASELINE, CEILING, MIDDLE
+from autobatch.records import BASELINE, CEILING, COMPLETE, MIDDLE, StudySettings, TrialRecord
 from autobatch.tuning import prior
 
 RULES = ("saturating-linear", "saturating-sqrt", "linear", "sqrt", "none")
@@ -158,3 +158,43 @@ def seeds(candidates: Sequence[int], base_batch_size: int) -> list[tuple[str, in
     for role, size in ((BASELINE, base), (CEILING, sizes[-1]), (MIDDLE, sizes[len(sizes) // 2])):
         chosen.setdefault(size, role)
     return [(role, size) for size, role in chosen.items()]
+
+
+#: A best trial within this factor of an end of the multiplier range sits at that end.
+EDGE = 2.0
+
+
+def past_the_edge(
+    records: Sequence[TrialRecord],
+    settings: StudySettings,
+    taken: Sequence[tuple[int, float]] = (),
+) -> tuple[int, float] | None:
+    """The next configuration past the multiplier range, or None: when the completed trial
+    with the best loss has a multiplier within :data:`EDGE` of an end of the range, its batch
+    size at twice (or half) its multiplier, unless a trial ran there already (``taken``: the
+    queued and running trials' batch sizes and multipliers). A range narrower than
+    ``EDGE**2`` is left as it is: it pins the rate.
+
+    A best trial at the edge says the range, not the task, stopped the search: a task whose
+    own learning rate is several times too low has its best loss there at every batch size.
+    Going on past the best trial's rate, one doubling at a time, finds where the loss turns
+    up again; a rate that diverges fails its trial and the best stays where it was.
+    """
+    done = [r for r in records if r.state == COMPLETE and r.best_val_loss is not None]
+    if not done:
+        return None
+    best = min(done, key=lambda r: (r.best_val_loss, r.number))
+    low, high = settings.lr_multiplier_range
+    if high / low < EDGE**2:  # a range this narrow pins the rate on purpose
+        return None
+    if best.lr_multiplier >= high / EDGE:
+        proposal = best.lr_multiplier * 2
+    elif best.lr_multiplier <= low * EDGE:
+        proposal = best.lr_multiplier / 2
+    else:
+        return None
+    ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
+    near = math.log(1.25)
+    if any(size == best.batch_size and abs(math.log(m / proposal)) < near for size, m in ran):
+        return None
+    return best.batch_size, proposal

@@ -36,12 +36,14 @@ from autobatch.memory import MemoryMeter
 from autobatch.oom import drop_failed_attempt, is_oom_error
 from autobatch.records import (
     BASELINE,
+    BEYOND,
     COMPLETE,
     FAILED,
     INFEASIBLE,
     PREDICTED,
     PRUNED,
     RUNNING,
+    STEERED,
     EvalPoint,
     ProbeResult,
     StudySettings,
@@ -346,9 +348,11 @@ class Worker:
                     self._give_back(trial)
                     return 0
             size = int(trial.suggest_categorical("batch_size", list(settings.candidates)))
-            multiplier = float(
-                trial.suggest_float("lr_multiplier", *settings.lr_multiplier_range, log=True)
-            )
+            with warnings.catch_warnings():  # a trial queued past the range's end
+                warnings.filterwarnings("ignore", "Fixed parameter .* is out of range")
+                multiplier = float(
+                    trial.suggest_float("lr_multiplier", *settings.lr_multiplier_range, log=True)
+                )
             records = storage.records(trials)
             if size in scoring.infeasible_sizes(records):
                 self._skip(trial, size)
@@ -415,7 +419,7 @@ class Worker:
         last_step = 0
         objective = settings.objective
         # Seeded trials are the reference points every other trial is judged against.
-        prunable = objective != "pareto" and record.role in (None, PREDICTED)
+        prunable = objective != "pareto" and record.role in (None, *STEERED)
 
         def on_eval(point: EvalPoint) -> None:
             nonlocal pruned, last_step, judge
@@ -497,8 +501,10 @@ class Worker:
         else:  # a seed run beside the reference trial: judged once that has ended
             self._deferred.append((trial, record, heartbeat))
             self._settle(self.study.get_trials(deepcopy=False))
-        if record.role not in (None, PREDICTED):
+        if record.role not in (None, *STEERED):
             self._queue_prediction()
+        if state == COMPLETE:
+            self._queue_past_edge()
         return 1
 
     def _queue_prediction(self) -> None:
@@ -512,7 +518,7 @@ class Worker:
             return
         records = storage.records(trials)
         seeds = space.seeds(settings.candidates, settings.base_batch_size)
-        if sum(r.role not in (None, PREDICTED) for r in records) < len(seeds):
+        if sum(r.role not in (None, *STEERED) for r in records) < len(seeds):
             return
         if settings.n_trials is not None and len(records) >= settings.n_trials:
             return
@@ -526,6 +532,33 @@ class Worker:
         self.study.enqueue_trial(
             {"batch_size": best, "lr_multiplier": 1.0},
             user_attrs={storage.ROLE: PREDICTED},
+            skip_if_exists=True,
+        )
+
+    def _queue_past_edge(self) -> None:
+        """Queue the configuration past the multiplier range that :func:`space.past_the_edge`
+        asks for, if any. It reads only the records and the trials already queued or running,
+        so workers agree on it; ``skip_if_exists`` keeps two from queueing it twice."""
+        settings = self.settings
+        trials = self.study.get_trials(deepcopy=False)
+        records = storage.records(trials)
+        if settings.n_trials is not None and len(records) >= settings.n_trials:
+            return
+        taken = []
+        for t in trials:
+            if t.state in (TrialState.WAITING, TrialState.RUNNING):
+                params = t.params or t.system_attrs.get("fixed_params") or {}
+                if "batch_size" in params and "lr_multiplier" in params:
+                    taken.append((int(params["batch_size"]), float(params["lr_multiplier"])))
+        proposal = space.past_the_edge(records, settings, taken)
+        if proposal is None:
+            return
+        size, multiplier = proposal
+        log.info("the best trial's learning rate is at the range's end: queued batch size %d "
+                 "at x%.3g", size, multiplier)  # fmt: skip
+        self.study.enqueue_trial(
+            {"batch_size": size, "lr_multiplier": multiplier},
+            user_attrs={storage.ROLE: BEYOND},
             skip_if_exists=True,
         )
 
