@@ -520,7 +520,7 @@ class Worker:
         seeds = space.seeds(settings.candidates, settings.base_batch_size)
         if sum(r.role not in (None, *STEERED) for r in records) < len(seeds):
             return
-        if settings.n_trials is not None and len(records) >= settings.n_trials:
+        if not self._room(trials):
             return
         fastest = prior.explain(scoring.rescore(records, settings), settings.candidates).fastest
         if fastest is None:
@@ -535,15 +535,23 @@ class Worker:
             skip_if_exists=True,
         )
 
+    def _room(self, trials: Sequence[FrozenTrial]) -> bool:
+        """Whether a trial queued now would have a place within ``n_trials``: the last places
+        go to the trials already queued or running (a dead worker's, queued again, among
+        them)."""
+        state = storage.progress(trials)
+        n_trials = self.settings.n_trials
+        return n_trials is None or state.finished + state.running + state.waiting < n_trials
+
     def _queue_past_edge(self) -> None:
         """Queue the configuration past the multiplier range that :func:`space.past_the_edge`
         asks for, if any. It reads only the records and the trials already queued or running,
         so workers agree on it; ``skip_if_exists`` keeps two from queueing it twice."""
         settings = self.settings
         trials = self.study.get_trials(deepcopy=False)
-        records = storage.records(trials)
-        if settings.n_trials is not None and len(records) >= settings.n_trials:
+        if not self._room(trials):
             return
+        records = storage.records(trials)
         taken = []
         for t in trials:
             if t.state in (TrialState.WAITING, TrialState.RUNNING):
