@@ -223,6 +223,18 @@ def _probe_report(result: Any, train_size: int) -> str:
             else f"{format_bytes(model.fixed_bytes)} fixed + "
             f"{format_bytes(model.bytes_per_sample)} per sample",
         ),
+        (
+            "step time",
+            "-"
+            if result.step_time is None
+            else f"{result.step_time.fixed * 1e3:.3g} ms + "
+            f"{result.step_time.per_sample * 1e3:.3g} ms per sample (warm steps"
+            + (
+                "; the simulated accelerator's bookkeeping included)"
+                if "tracked" in result.device
+                else ")"
+            ),
+        ),
         ("steps", f"{result.steps} training steps, {result.ooms} out of memory"),
         ("seconds", f"{result.seconds:.2f}"),
         ("cached", "yes (--no-cache to probe again)" if result.cached else "no"),

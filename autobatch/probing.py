@@ -32,9 +32,10 @@ from autobatch.errors import AutobatchError, BatchSizeOneDoesNotFit, InvalidInpu
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.memory.plan import PlanMeter, build_fake
 from autobatch.oom import drop_failed_attempt, is_oom_error, release_if_oom
-from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult
+from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult, StepTime
 from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
 from autobatch.training import TrainStep, autocast, build
+from autobatch.tuning.prior import fit_step_time
 from autobatch.units import format_bytes, parse_bytes
 from autobatch.workload import Workload
 
@@ -86,6 +87,7 @@ class StepReading:
     base_bytes: int
     activation_bytes: int
     peak_bytes: int | None = None  # the whole attempt's peak, where the step reset the meter
+    step_seconds: float | None = None  # one warm step (the optimizer state live), synchronised
 
 
 def _check_bounds(max_batch_size: int | None, multiple_of: int) -> None:
@@ -170,7 +172,8 @@ class _Search:
         else:
             scaling = peak
         fitted = not oom and (peak is None or peak <= self.budget)
-        attempt = ProbeAttempt(batch_size, fitted, oom, peak, seconds, phase, scaling)
+        step_seconds = reading.step_seconds if isinstance(reading, StepReading) else None
+        attempt = ProbeAttempt(batch_size, fitted, oom, peak, seconds, phase, scaling, step_seconds)
         self.attempts.append(attempt)
         self._note(attempt, refused)
         log.debug(
@@ -692,13 +695,19 @@ def probe(
                 first_peak = meter.peak()
                 meter.reset_peak()
                 base = meter.current()
+                meter.synchronize()
+                start = time.perf_counter()
                 train_step(
                     batch,
                     after_forward=lambda: readings.append(meter.current()),
                     after_backward=lambda: readings.append(meter.peak() or 0),
                 )
+                meter.synchronize()
+                seconds = time.perf_counter() - start
                 after_forward, scaling = readings
-                return StepReading(scaling, base, after_forward - base, peak_bytes=first_peak)
+                return StepReading(
+                    scaling, base, after_forward - base, peak_bytes=first_peak, step_seconds=seconds
+                )
             except BaseException as exc:
                 release_if_oom(exc)
                 raise
@@ -727,7 +736,7 @@ def probe(
             if ranks > 1:  # the other ranks wait for this one's answer: tell them, then raise
                 _min_over_ranks([0, 0], task.device)
             raise
-        result = replace(result, eval_batch_size=evaluation)
+        result = replace(result, eval_batch_size=evaluation, step_time=_step_time(result, meter))
         if source.varies():  # say which shape the answer assumed
             result = replace(
                 result,
@@ -866,6 +875,18 @@ def _probe_evaluation(
     finally:
         state.restore()
         rng.restore()
+
+
+def _step_time(result: ProbeResult, meter: MemoryMeter) -> StepTime | None:
+    """Seconds per step against batch size, through the warm steps of the sizes that fit; the
+    throughput curve the prior predicts with. None on fake tensors (a plan runs no kernels).
+    Under the simulated accelerator the times include its bookkeeping, so they only rank."""
+    if isinstance(meter, PlanMeter):
+        return None
+    points = {
+        a.batch_size: [a.step_seconds] for a in result.attempts if a.fitted and a.step_seconds
+    }
+    return fit_step_time(points)
 
 
 def _as_plan(result: ProbeResult, multiple_of: int) -> ProbeResult:

@@ -162,6 +162,18 @@ class ProbeAttempt:
     seconds: float
     phase: str  # "measure", "predict", "refine" or "search"
     scaling_peak_bytes: int | None = None
+    step_seconds: float | None = None  # one warm training step, synchronised
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step as ``fixed + per_sample x batch size``."""
+
+    fixed: float
+    per_sample: float
+
+    def __call__(self, batch_size: int) -> float:
+        return self.fixed + self.per_sample * batch_size
 
 
 @dataclass(frozen=True)
@@ -198,6 +210,7 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
     planned: bool = False  # predicted on fake tensors (plan_for), never run on the device
     eval_batch_size: int | None = None  # the largest evaluation batch (forward, no gradients)
+    step_time: StepTime | None = None  # fitted through the warm steps of the sizes that fit
 
     @property
     def ooms(self) -> int:
@@ -212,6 +225,8 @@ class ProbeResult:
         model = data.get("memory_model")
         data["memory_model"] = MemoryModel(**model) if model else None
         data["attempts"] = tuple(ProbeAttempt(**a) for a in data["attempts"])
+        timing = data.get("step_time")
+        data["step_time"] = StepTime(**timing) if timing else None
         return cls(**data)
 
 

@@ -21,6 +21,7 @@ from autobatch import (
     BatchSizeOneDoesNotFit,
     InvalidInputError,
     MemoryMeter,
+    ProbeResult,
     Task,
     TrackedMeter,
     find_max_batch_size,
@@ -1012,6 +1013,7 @@ def test_second_probe_comes_from_the_cache_without_running_a_step(tmp_path):
     assert step.sizes == []
     assert second.batch_size == first.batch_size
     assert second.attempts == first.attempts
+    assert second.step_time == first.step_time  # the throughput curve comes back too
 
     third = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path, cache=False)
     assert not third.cached and step.sizes
@@ -1152,3 +1154,19 @@ def test_probe_sizes_evaluation_too():
 
     assert evaluation_fits(result.eval_batch_size)
     assert not evaluation_fits(int(result.eval_batch_size * 1.05))
+
+
+def test_the_probe_fits_step_time_through_its_warm_steps():
+    """Each size that fit reports one warm step's seconds; the line through them is the
+    throughput curve (``ProbeResult.step_time``). A plan runs no kernels, so it has none."""
+    task = make_task(
+        samples=2048, model=lambda: nn.Sequential(nn.Linear(16, 512), nn.Linear(512, 4))
+    )
+    result = probe(task, memory_budget="2MiB", cache=False)
+    fitted = [a for a in result.attempts if a.fitted]
+    assert len(fitted) >= 2 and all(a.step_seconds > 0 for a in fitted)
+    assert all(a.step_seconds is None for a in result.attempts if a.oom)
+    timing = result.step_time
+    assert timing is not None and timing.fixed >= 0 and timing.per_sample >= 0
+    assert ProbeResult.from_dict(result.to_dict()).step_time == timing
+    assert probe(task, plan_for="2MiB", cache=False).step_time is None

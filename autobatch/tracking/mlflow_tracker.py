@@ -193,7 +193,7 @@ def probe_params(probe: ProbeResult | None) -> dict[str, str]:
     """The probe's outcome as ``probe.*`` parameters (``probe.skipped`` when there was none)."""
     if probe is None:
         return {"probe.skipped": "True"}
-    model = probe.memory_model
+    model, timing = probe.memory_model, probe.step_time
     params = {
         "probe.batch_size": probe.batch_size,
         "probe.eval_batch_size": probe.eval_batch_size,
@@ -209,6 +209,8 @@ def probe_params(probe: ProbeResult | None) -> dict[str, str]:
         "probe.seconds": round(probe.seconds, 3),
         "probe.upper_bound": probe.upper_bound,
         "probe.cached": probe.cached,
+        "probe.step_seconds_fixed": None if timing is None else f"{timing.fixed:.6g}",
+        "probe.step_seconds_per_sample": None if timing is None else f"{timing.per_sample:.6g}",
     }
     return {key: _param_value(value) for key, value in params.items()}
 

@@ -20,10 +20,10 @@ prediction chart from them). The measurement itself, on a training model, is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from autobatch.records import COMPLETE, TrialRecord
+from autobatch.records import COMPLETE, StepTime, TrialRecord
 
 #: Weight of the old value in the moving averages of ``|G|^2`` and ``tr(Sigma)``.
 EMA = 0.9
@@ -80,24 +80,19 @@ def noise_scale(record: TrialRecord | None) -> float | None:
     return readings[-1] if readings else None
 
 
-@dataclass(frozen=True)
-class StepTime:
-    """Seconds per optimizer step as ``fixed + per_sample x batch size``."""
-
-    fixed: float
-    per_sample: float
-
-    def __call__(self, batch_size: int) -> float:
-        return self.fixed + self.per_sample * batch_size
-
-
 def step_time(records: Sequence[TrialRecord]) -> StepTime | None:
-    """Least-squares line through the measured seconds per step of completed trials (their
-    throughput at two or more batch sizes); None with fewer."""
-    points = {}
+    """The line through the measured seconds per step of completed trials (their throughput
+    at two or more batch sizes); None with fewer."""
+    points: dict[int, list[float]] = {}
     for r in records:
         if r.state == COMPLETE and r.throughput:
             points.setdefault(r.batch_size, []).append(r.batch_size / r.throughput)
+    return fit_step_time(points)
+
+
+def fit_step_time(points: Mapping[int, Sequence[float]]) -> StepTime | None:
+    """Least-squares line through seconds per step by batch size (the mean where a size has
+    several); None with fewer than two sizes. The probe fits its warm steps with it too."""
     if len(points) < 2:
         return None
     xs = sorted(points)
