@@ -46,6 +46,8 @@ from autobatch.task import Task  # noqa: E402
 from autobatch.units import format_bytes  # noqa: E402
 
 MIN_RATIO = 0.93
+#: The finders' own cap (``max_val``), the same default in Lightning's BatchSizeFinder.
+MAX_VAL = 8192
 MAX_TIME_FRACTION = 0.25  # of Lightning binsearch's wall time
 
 
@@ -154,7 +156,9 @@ def check_targets(name: str, auto: Row, binsearch: Row | None) -> list[str]:
 def run_workload(workload: peers.Workload, skip_lightning: bool) -> tuple[list[Row], list[str]]:
     capacity = workload.capacity
     task, exhaustive = peers.true_max(workload, capacity)
-    true_size = exhaustive.found
+    # Both finders stop at max_val (8192 by default, as Lightning's): beyond it, that is the
+    # largest size either may return, and the ratios are against it.
+    true_size = min(exhaustive.found, MAX_VAL)
     # Lightning's modes try sizes up to the next power of two above the true max: keep the data
     # longer than that, so memory (not the dataset) ends every search.
     needed = 2 * peers.next_power_of_two_above(true_size) + 1
@@ -164,7 +168,8 @@ def run_workload(workload: peers.Workload, skip_lightning: bool) -> tuple[list[R
     task = peers.make_task(workload, samples)
     print(
         f"\n== {workload.name}: capacity {format_bytes(capacity)}, "
-        f"{len(task.train_data[0])} training samples, true max {true_size}",
+        f"{len(task.train_data[0])} training samples, true max {exhaustive.found}"
+        + (f" (above max_val: ratios against {MAX_VAL})" if exhaustive.found > MAX_VAL else ""),
         flush=True,
     )
     rows = [
