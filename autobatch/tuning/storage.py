@@ -227,9 +227,25 @@ def claimed_before(trials: Sequence[FrozenTrial], number: int) -> int:
     return sum(1 for t in trials if t.number < number and counts(t))
 
 
+#: Where Optuna keeps the parameters a trial was enqueued with (a system attribute).
+_FIXED_PARAMS = "fixed_params"
+
+
 def fixed_params(study: optuna.Study, trial: optuna.Trial) -> dict[str, Any] | None:
     """The parameters a queued trial was enqueued with; None for a sampled one."""
-    return study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+    return study._storage.get_trial_system_attrs(trial._trial_id).get(_FIXED_PARAMS)
+
+
+def configurations(trials: Sequence[FrozenTrial]) -> list[tuple[int, float]]:
+    """The batch size and learning-rate multiplier of every queued or running trial: what it
+    was enqueued with, or what it has drawn so far."""
+    found = []
+    for t in trials:
+        if t.state in (TrialState.WAITING, TrialState.RUNNING):
+            params = t.params or t.system_attrs.get(_FIXED_PARAMS) or {}
+            if "batch_size" in params and "lr_multiplier" in params:
+                found.append((int(params["batch_size"]), float(params["lr_multiplier"])))
+    return found
 
 
 def claim_bound(seen: Sequence[FrozenTrial], number: int) -> int:

@@ -504,7 +504,7 @@ class Worker:
         if record.role not in (None, *STEERED):
             self._queue_prediction()
         if state == COMPLETE:
-            self._queue_past_edge()
+            self._queue_past_edge([*judge.records, record])
         return 1
 
     def _queue_prediction(self) -> None:
@@ -543,22 +543,21 @@ class Worker:
         n_trials = self.settings.n_trials
         return n_trials is None or state.finished + state.running + state.waiting < n_trials
 
-    def _queue_past_edge(self) -> None:
+    def _queue_past_edge(self, known: list[TrialRecord]) -> None:
         """Queue the configuration past the multiplier range that :func:`space.past_the_edge`
-        asks for, if any. It reads only the records and the trials already queued or running,
-        so workers agree on it; ``skip_if_exists`` keeps two from queueing it twice."""
+        asks for, if any. The records this worker already holds (its own trial's among them)
+        say whether the rule asks for one at all, so the study is read only when it does; the
+        answer then comes from a fresh read, with the queued and running trials, so workers
+        agree on it, and ``skip_if_exists`` keeps two from queueing it twice."""
         settings = self.settings
+        if space.past_the_edge(known, settings) is None:
+            return
         trials = self.study.get_trials(deepcopy=False)
         if not self._room(trials):
             return
-        records = storage.records(trials)
-        taken = []
-        for t in trials:
-            if t.state in (TrialState.WAITING, TrialState.RUNNING):
-                params = t.params or t.system_attrs.get("fixed_params") or {}
-                if "batch_size" in params and "lr_multiplier" in params:
-                    taken.append((int(params["batch_size"]), float(params["lr_multiplier"])))
-        proposal = space.past_the_edge(records, settings, taken)
+        proposal = space.past_the_edge(
+            storage.records(trials), settings, storage.configurations(trials)
+        )
         if proposal is None:
             return
         size, multiplier = proposal
