@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -411,19 +408,6 @@ def test_misuse_is_reported_before_probing():
         trainer(AutoBatchFinder(memory_budget=BUDGET)).fit(Plain(), train_dataloaders=loader)
     with pytest.raises(InvalidInputError, match="memory_budget"):
         trainer(AutoBatchFinder()).fit(MLP())  # the CPU has no limit of its own
-
-
-def test_core_never_imports_lightning_and_missing_lightning_is_one_line(monkeypatch):
-    code = "import sys, autobatch; autobatch.probe; print('lightning' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-    monkeypatch.delitem(sys.modules, "autobatch.integrations.lightning")
-    monkeypatch.setitem(sys.modules, "lightning", None)
-    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
-    with pytest.raises(ImportError, match=r"pip install 'torch-autobatch\[lightning\]'") as info:
-        importlib.import_module("autobatch.integrations.lightning")
-    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 # -- DDP: two processes with different memory ------------------------------------------------------

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import math
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -190,15 +187,3 @@ def test_labels_are_given_back_as_they_came():
     search = AutoBatchSearch(digits_net(), n_trials=1, max_epochs=1).fit(X, names[y])
     assert set(search.predict(X[:50])) <= set(names)
     assert list(search.classes_) == sorted(names)
-
-
-def test_core_never_imports_skorch_and_missing_skorch_is_one_line(monkeypatch):
-    code = "import sys, autobatch; autobatch.tune; print('skorch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-    monkeypatch.delitem(sys.modules, "autobatch.integrations.sklearn")
-    monkeypatch.setitem(sys.modules, "skorch", None)
-    with pytest.raises(ImportError, match=r"pip install 'torch-autobatch\[sklearn\]'") as info:
-        importlib.import_module("autobatch.integrations.sklearn")
-    assert info.value.__cause__ is None and info.value.__suppress_context__

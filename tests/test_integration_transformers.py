@@ -4,10 +4,7 @@ config (nothing downloaded), generated token data, on the CPU under simulated bu
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -342,18 +339,6 @@ def test_misuse_is_reported_before_probing(tmp_path):
         probe_trainer(object(), memory_budget=BUDGET)
     with pytest.raises(InvalidInputError, match="memory_budget"):
         probe_trainer(make_trainer(tmp_path))  # the CPU has no limit of its own
-
-
-def test_core_never_imports_transformers_and_missing_transformers_is_one_line(monkeypatch):
-    code = "import sys, autobatch; autobatch.probe; print('transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-    monkeypatch.delitem(sys.modules, "autobatch.integrations.transformers")
-    monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match=r"pip install 'torch-autobatch\[transformers\]'") as info:
-        importlib.import_module("autobatch.integrations.transformers")
-    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 # -- tuning --------------------------------------------------------------------------------------
