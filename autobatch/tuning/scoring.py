@@ -62,11 +62,11 @@ def reference(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """
     baseline = [r for r in records if r.role == BASELINE]
     for record in baseline:
-        if _completed(record):
+        if completed(record):
             return record
     if not baseline:
         return None
-    done = sorted((r for r in records if _completed(r)), key=lambda r: r.number)
+    done = sorted((r for r in records if completed(r)), key=lambda r: r.number)
     return done[0] if done else None
 
 
@@ -84,7 +84,7 @@ def target_loss(records: Sequence[TrialRecord], settings: StudySettings) -> floa
         return float(settings.target_loss)
     if reference(records) is None:
         return None
-    return min(float(r.best_val_loss) for r in records if _completed(r))
+    return best_loss(records)
 
 
 def speed_factor(record: TrialRecord, ref: TrialRecord | None) -> float:
@@ -101,7 +101,7 @@ def score(
 ) -> Score | None:
     """``record`` judged against ``target``; None when it did not complete or no target is
     known yet (the ``loss`` objective needs none)."""
-    if not _completed(record):
+    if not completed(record):
         return None
     best = float(record.best_val_loss)
     if target is None:
@@ -185,7 +185,7 @@ def settled(records: Sequence[TrialRecord], settings: StudySettings) -> str | No
         return None
     judged = sorted(rescore(records, settings), key=lambda r: r.number)
     earlier, ref = judged[:-PATIENCE], reference(judged)
-    loss_then, loss_now = _best_loss(earlier), _best_loss(judged)
+    loss_then, loss_now = best_loss(earlier), best_loss(judged)
     if loss_then is None or loss_now is None:
         return None
     if loss_then - loss_now > LOSS_MOVE * settings.tolerance * abs(loss_now):
@@ -201,8 +201,9 @@ def settled(records: Sequence[TrialRecord], settings: StudySettings) -> str | No
     )
 
 
-def _best_loss(records: Sequence[TrialRecord]) -> float | None:
-    losses = [float(r.best_val_loss) for r in records if _completed(r)]
+def best_loss(records: Sequence[TrialRecord]) -> float | None:
+    """The lowest best loss of the completed records; None when none completed."""
+    losses = [float(r.best_val_loss) for r in records if completed(r)]
     return min(losses) if losses else None
 
 
@@ -212,7 +213,7 @@ def _fastest_cost(records: Sequence[TrialRecord], ref: TrialRecord | None) -> fl
     costs = [
         cost_seconds(r) * speed_factor(r, ref)
         for r in records
-        if _completed(r) and r.time_to_target is not None
+        if completed(r) and r.time_to_target is not None
     ]
     return min(costs) if costs else None
 
@@ -245,7 +246,7 @@ def recommend(
     """
     records = sorted(rescore(records, settings), key=lambda r: r.number)
     target = target_loss(records, settings)
-    complete = [r for r in records if _completed(r) and r.value is not None]
+    complete = [r for r in records if completed(r) and r.value is not None]
     if not complete:
         why = "; ".join(f"trial {r.number} {r.state}: {r.reason}" for r in records if r.reason)
         raise AutobatchError(
@@ -282,5 +283,6 @@ def recommend(
     )
 
 
-def _completed(record: TrialRecord) -> bool:
+def completed(record: TrialRecord) -> bool:
+    """Whether ``record`` completed with a curve and a best loss: the records scoring judges."""
     return record.state == COMPLETE and record.best_val_loss is not None and bool(record.curve)

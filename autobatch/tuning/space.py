@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from autobatch.errors import InvalidInputError
-from autobatch.records import BASELINE, CEILING, COMPLETE, MIDDLE, StudySettings, TrialRecord
-from autobatch.tuning import prior
+from autobatch.records import BASELINE, CEILING, MIDDLE, StudySettings, TrialRecord
+from autobatch.tuning import prior, scoring
 
 RULES = ("saturating-linear", "saturating-sqrt", "linear", "sqrt", "none")
 _SATURATING = "saturating-"
@@ -180,7 +180,7 @@ def past_the_edge(
     Going on past the best trial's rate, one doubling at a time, finds where the loss turns
     up again; a rate that diverges fails its trial and the best stays where it was.
     """
-    done = [r for r in records if r.state == COMPLETE and r.best_val_loss is not None]
+    done = [r for r in records if scoring.completed(r)]
     if not done:
         return None
     best = min(done, key=lambda r: (r.best_val_loss, r.number))
