@@ -102,12 +102,40 @@ class _OutOfAttempts(Exception):
     """The search ran as many sizes as it was allowed: it stops with what it has."""
 
 
+def budget_for(capacity: int, headroom: float, fixed: float) -> int:
+    """The memory a step may peak at: its peak may grow past ``fixed`` (what it needs whatever
+    the batch: parameters, optimizer state, gradients, the update's temporaries) by at most
+    ``1 - headroom`` of the memory free above it.
+
+    What grows with the batch (activations, backward's transients, workspaces sized by the
+    batch) is what changes with the data and fragments an allocator; the rest is allocated
+    the same way every step. A share of the whole card would instead cost a model whose weights
+    fill most of it a large part of its batch: here the answer is about ``1 - headroom`` of the
+    largest size that fits the capacity, whatever the model takes, like a batch-size margin
+    (Lightning's ``margin``).
+    """
+    fixed = min(max(fixed, 0), capacity)
+    return int(capacity - headroom * (capacity - fixed))
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What one size's attempt read: the peak the budget judges, and the peak that grows with
+    the batch (the scaling peak where the step reports one; for an out-of-memory error a lower
+    bound, the memory it asked for), with the memory in use when the attempt started."""
+
+    batch_size: int
+    peak: int
+    level: int
+    oom: bool
+    start: int
+
+
 @dataclass(frozen=True)
 class _Point:
-    """A size's reading for the search: the peak that grows with the batch (the scaling peak
-    where the step reports one), and the memory in use when its attempt started. Exact where
-    the size ran (within the budget or past it); for an out-of-memory error a lower bound (the
-    memory it asked for)."""
+    """A size's reading as the search uses it, clamped to its side of the current budget: exact
+    where the size ran (within the budget or past it); a lower bound for an out-of-memory
+    error."""
 
     batch_size: int
     level: int
@@ -117,28 +145,35 @@ class _Point:
 
 
 class _Search:
-    """The state of one search: what ran, what fitted, what failed."""
+    """The state of one search: what ran, what fitted, what failed.
+
+    The budget (see ``budget_for``) keeps the most free until two sizes have run, then follows
+    what they say the step needs whatever the batch; every attempt is judged again against the
+    latest budget.
+    """
 
     def __init__(
         self,
         step: Callable[[int], Any],
         meter: MemoryMeter,
-        budget: int,
+        headroom: float,
         steps_per_call: int,
         max_attempts: int | None = None,
     ) -> None:
         self.step = step
         self.meter = meter
-        self.budget = budget
+        self.capacity = meter.capacity()
+        self.headroom = headroom
         self.steps_per_call = steps_per_call
         self.max_attempts = max_attempts
         self.attempts: list[ProbeAttempt] = []
-        self.points: dict[int, _Point] = {}
+        self.readings: dict[int, _Reading] = {}
         self.best: ProbeAttempt | None = None  # largest that fitted
         self.smallest_failure: int | None = None
-        self.before = 0  # memory in use before the latest attempt
+        self.before = meter.current() or 0  # memory in use before the latest attempt
         self.bases: list[int] = []
         self.activation: float | None = None  # bytes per sample the forward pass keeps
+        self.budget = budget_for(self.capacity, headroom, self.before)
 
     def run(self, batch_size: int, phase: str) -> ProbeAttempt:
         if self.max_attempts is not None and len(self.attempts) >= self.max_attempts:
@@ -146,7 +181,7 @@ class _Search:
         meter = self.meter
         meter.release()
         meter.reset_peak()
-        before = self.before = meter.current()
+        before = self.before = meter.current() or 0
         start = time.perf_counter()
         oom = False
         reading = None
@@ -171,40 +206,65 @@ class _Search:
             self.activation = reading.activation_bytes / batch_size
         else:
             scaling = peak
-        fitted = not oom and (peak is None or peak <= self.budget)
         step_seconds = reading.step_seconds if isinstance(reading, StepReading) else None
-        attempt = ProbeAttempt(batch_size, fitted, oom, peak, seconds, phase, scaling, step_seconds)
+        attempt = ProbeAttempt(batch_size, False, oom, peak, seconds, phase, scaling, step_seconds)
         self.attempts.append(attempt)
-        self._note(attempt, refused)
+        if peak is not None:
+            # An out-of-memory error needed more than the device had, and at least what it
+            # asked for.
+            level = max(peak, refused or 0, self.capacity + 1) if oom else scaling
+            self.readings[batch_size] = _Reading(batch_size, peak, level, oom, before)
+        self._judge()
+        attempt = self.attempts[-1]
         log.debug(
-            "batch size %d: %s, peak %s (before %s)",
+            "batch size %d: %s, peak %s (before %s, budget %s)",
             batch_size,
-            "fits" if fitted else ("OOM" if oom else "over budget"),
+            "fits" if attempt.fitted else ("OOM" if oom else "over budget"),
             format_bytes(peak),
             format_bytes(before),
+            format_bytes(self.budget),
         )
-        if fitted:
-            if self.best is None or batch_size > self.best.batch_size:
-                self.best = attempt
-        elif self.smallest_failure is None or batch_size < self.smallest_failure:
-            self.smallest_failure = batch_size
         return attempt
 
-    def _note(self, attempt: ProbeAttempt, refused: int | None) -> None:
-        """Keep the attempt's reading for the search, clamped to its side of the budget."""
-        if attempt.peak_bytes is None:
-            return
-        if attempt.fitted:
-            level = min(attempt.scaling_peak_bytes, self.budget)
-        elif attempt.oom:
-            # It needed more than the device had, and at least what it asked for.
-            level = max(attempt.peak_bytes, refused or 0, self.meter.capacity() + 1)
-        else:
-            level = max(attempt.scaling_peak_bytes, self.budget + 1)
-        exact = not attempt.oom
-        self.points[attempt.batch_size] = _Point(
-            attempt.batch_size, level, attempt.fitted, exact, self.before
+    def _judge(self) -> None:
+        """Set the budget from the readings so far, and judge every attempt against it. Without
+        peak readings the budget stays as it was set: the device's cap."""
+        if self.readings:
+            self.budget = budget_for(self.capacity, self.headroom, self.fixed_level())
+        self.attempts = [
+            replace(a, fitted=not a.oom and (a.peak_bytes is None or a.peak_bytes <= self.budget))
+            for a in self.attempts
+        ]
+        fits = [a for a in self.attempts if a.fitted]
+        self.best = max(fits, key=lambda a: a.batch_size, default=None)
+        self.smallest_failure = min(
+            (a.batch_size for a in self.attempts if not a.fitted), default=None
         )
+
+    def fixed_level(self) -> float:
+        """What the step needs whatever the batch: the line through the two smallest sizes
+        that ran, taken to an empty batch (a flat start's fixed phase where both are on it),
+        and no less than the memory in use before the step. That memory alone until two sizes
+        have run."""
+        fixed = self.base_level()
+        ran = sorted((r for r in self.readings.values() if not r.oom), key=lambda r: r.batch_size)
+        if len(ran) >= 2:
+            a, b = ran[:2]
+            slope = max((b.peak - a.peak) / (b.batch_size - a.batch_size), 0.0)
+            fixed = max(fixed, a.peak - slope * a.batch_size)
+        return fixed
+
+    def _point(self, reading: _Reading) -> _Point:
+        """``reading`` as the search uses it, clamped to its side of the budget."""
+        if reading.oom:
+            return _Point(reading.batch_size, reading.level, False, False, reading.start)
+        fitted = reading.peak <= self.budget
+        level = min(reading.level, self.budget) if fitted else max(reading.level, self.budget + 1)
+        return _Point(reading.batch_size, level, fitted, True, reading.start)
+
+    @property
+    def points(self) -> dict[int, _Point]:
+        return {size: self._point(r) for size, r in self.readings.items()}
 
     def fitted_points(self) -> list[_Point]:
         return sorted((self.now(p) for p in self.points.values() if p.fitted), key=_size)
@@ -247,8 +307,11 @@ def find_max_batch_size(
     ``step`` runs the work at a given size (for training: forward, backward, optimizer step);
     it must leave no state behind that grows with the size. Out-of-memory errors are caught and
     mark a size as too large; every other error propagates unchanged. The search starts at
-    ``min_batch_size`` (default ``multiple_of``). A size counts as fitting
-    when it ran and its peak stayed within ``capacity * (1 - headroom)``. The search stops when
+    ``min_batch_size`` (default ``multiple_of``). A size counts as fitting when it ran and its
+    peak stayed within the budget: ``headroom`` of the memory free above what the step needs
+    whatever the batch stays free (see ``budget_for``), so the answer is about
+    ``1 - headroom`` of the largest size that fits the capacity, whatever share of it the model
+    takes. The search stops when
     the largest fitting size is within ``tolerance`` of the smallest failing one (within 6%
     once 7 sizes have run) or of where the readings say the budget is reached, or when
     ``max_attempts`` sizes have run (then with the largest that fitted).
@@ -266,10 +329,8 @@ def find_max_batch_size(
     validation.check(validation.FIND_MAX_BATCH_SIZE, locals())
     _check_bounds(max_batch_size, multiple_of)
     start = time.perf_counter()
-    capacity = meter.capacity()
-    budget = int(capacity * (1 - headroom))
     upper = _round_down(max_batch_size or NO_BOUND, multiple_of)
-    search = _Search(step, meter, budget, steps_per_call, max_attempts)
+    search = _Search(step, meter, headroom, steps_per_call, max_attempts)
     smallest = -(-(min_batch_size or multiple_of) // multiple_of) * multiple_of
     if smallest > upper:
         raise InvalidInputError(
@@ -278,14 +339,14 @@ def find_max_batch_size(
 
     # Without peak readings, a size over the budget would pass for one that fits: the budget
     # becomes the device's cap instead.
-    with meter.capped(budget) if meter.peak() is None else contextlib.nullcontext():
-        model = _run_search(search, smallest, upper, multiple_of, tolerance, headroom, capacity)
+    with meter.capped(search.budget) if meter.peak() is None else contextlib.nullcontext():
+        model = _run_search(search, smallest, upper, multiple_of, tolerance)
     assert search.best is not None and search.best.fitted
     return ProbeResult(
         batch_size=search.best.batch_size,
-        capacity_bytes=capacity,
+        capacity_bytes=search.capacity,
         headroom=float(headroom),
-        budget_bytes=budget,
+        budget_bytes=search.budget,
         memory_model=model,
         attempts=tuple(search.attempts),
         steps=len(search.attempts) * steps_per_call,
@@ -301,12 +362,39 @@ def _run_search(
     upper: int,
     multiple_of: int,
     tolerance: float,
-    headroom: float,
-    capacity: int,
 ) -> MemoryModel | None:
-    budget = search.budget
     first = search.run(smallest, "measure")
-    if not first.fitted:
+    if (
+        not first.fitted
+        and not first.oom
+        and first.peak_bytes is not None
+        and first.peak_bytes <= search.capacity
+        and upper >= 2 * smallest
+    ):
+        # Within the device, but over the budget kept while one size cannot tell what the step
+        # needs whatever the batch: a second size tells it.
+        with contextlib.suppress(_OutOfAttempts):
+            search.run(2 * smallest, "measure")
+    _check_fits(search, first)
+    if upper <= smallest:
+        return None
+    try:
+        if first.peak_bytes is None:
+            _search_without_peaks(search, upper, multiple_of, tolerance)
+            return None
+        model = _search_with_model(search, upper, multiple_of, tolerance)
+    except _OutOfAttempts:
+        log.info("probe stopped after max_attempts=%d sizes", search.max_attempts)
+        model = None
+    _check_fits(search, first)
+    return model
+
+
+def _check_fits(search: _Search, first: ProbeAttempt) -> None:
+    """BatchSizeOneDoesNotFit where nothing that ran is within the budget (the smallest size,
+    or, as the readings moved the budget, no longer)."""
+    if search.best is None:
+        smallest = first.batch_size
         raise BatchSizeOneDoesNotFit(
             f"batch size {smallest} does not fit: its step "
             + (
@@ -314,20 +402,10 @@ def _run_search(
                 if first.oom
                 else f"peaked at {format_bytes(first.peak_bytes)}"
             )
-            + f", and the budget is {format_bytes(budget)} of {format_bytes(capacity)} capacity "
-            f"(headroom {headroom:.0%}). Use a smaller model or input, precision='bf16', lower "
-            "headroom, or a larger memory budget"
+            + f", and the budget is {format_bytes(search.budget)} of "
+            f"{format_bytes(search.capacity)} capacity (headroom {search.headroom:.0%}). Use a "
+            "smaller model or input, precision='bf16', lower headroom, or a larger memory budget"
         )
-    if upper <= smallest:
-        return None
-    try:
-        if first.peak_bytes is None:
-            _search_without_peaks(search, upper, multiple_of, tolerance)
-            return None
-        return _search_with_model(search, upper, multiple_of, tolerance)
-    except _OutOfAttempts:
-        log.info("probe stopped after max_attempts=%d sizes", search.max_attempts)
-        return None
 
 
 def _round_down(value: float, multiple_of: int) -> int:
@@ -370,7 +448,9 @@ def _search_with_model(
 ) -> MemoryModel | None:
     """Grow from the sizes that fitted until one fails or the readings say it is the largest,
     then close the gap to the smallest failure."""
-    while (target := _next_size(search, upper, multiple_of, tolerance)) is not None:
+    while search.best is not None and (
+        (target := _next_size(search, upper, multiple_of, tolerance)) is not None
+    ):
         if search.smallest_failure is not None:
             phase = "refine"
         else:
@@ -385,6 +465,7 @@ def _search_with_model(
 def _next_size(search: _Search, upper: int, multiple_of: int, tolerance: float) -> int | None:
     """The next size to try; None once the largest that fitted is within ``tolerance`` of the
     smallest failure, or the readings say it is (about) the answer."""
+    aim = tolerance
     if len(search.attempts) >= LATE:
         tolerance = max(tolerance, LATE_TOLERANCE)
     lo, hi = search.best.batch_size, search.smallest_failure
@@ -401,10 +482,11 @@ def _next_size(search: _Search, upper: int, multiple_of: int, tolerance: float) 
     else:
         target = _narrow(search, low, high, tolerance)
         if target is not None:
-            # Not within the tolerance of either end: a fit there ends the search, as does a
-            # failure here.
-            target = min(target, _round_up((1 - tolerance) * hi, multiple_of))
-            target = max(target, lo * (1 + tolerance))
+            # Not within the asked tolerance of either end: a fit there ends the search, as
+            # does a failure here. (Late, a fit within the wider tolerance of the failure ends
+            # it too, so the aim need not fall that far short.)
+            target = min(target, _round_up((1 - aim) * hi, multiple_of))
+            target = max(target, lo * (1 + aim))
     if target is None:
         return None
     target = _round_down(min(target, ceiling), multiple_of)
@@ -892,7 +974,8 @@ def _step_time(result: ProbeResult, meter: MemoryMeter) -> StepTime | None:
 def _as_plan(result: ProbeResult, multiple_of: int) -> ProbeResult:
     """Mark a result as predicted, and add the size a CUDA card of that capacity would take
     after the margin for what the simulation cannot see (``CUDA_RESERVE``, ``UNSEEN``)."""
-    usable = (result.capacity_bytes - CUDA_RESERVE) * (1 - result.headroom) * (1 - UNSEEN)
+    # The card's budget (see budget_for) with the reserve taken from the free memory.
+    usable = (result.budget_bytes - CUDA_RESERVE * (1 - result.headroom)) * (1 - UNSEEN)
     card: int | None = None
     fitted = [a for a in result.attempts if a.fitted and a.peak_bytes is not None]
     if usable > 0 and result.memory_model is not None:

@@ -46,7 +46,6 @@ from torch import nn
 import autobatch
 from autobatch import examples
 from autobatch.memory import TrackedMeter
-from autobatch.probing import DEFAULT_HEADROOM
 from autobatch.task import Task
 from autobatch.training import TrainStep, build
 from autobatch.units import format_bytes, parse_bytes
@@ -383,7 +382,9 @@ def lightning_trainer(root: str, callbacks: Sequence[Any] = (), max_steps: int =
     )
 
 
-def run_lightning(task: Task, capacity: int, mode: str) -> Row:
+def run_lightning(task: Task, capacity: int, mode: str, max_val: int) -> Row:
+    """Lightning's finder with ``max_val`` past the true max, so it solves the same problem
+    (its default, 8192, stops it early on the workloads whose max lies above)."""
     from lightning.pytorch.tuner import Tuner
 
     meter = CountingMeter(capacity)
@@ -392,7 +393,7 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
     with meter:
         module = lightning_module(task)
         trainer = lightning_trainer(root)
-        found = Tuner(trainer).scale_batch_size(module, mode=mode)
+        found = Tuner(trainer).scale_batch_size(module, mode=mode, max_val=max_val)
     seconds = time.perf_counter() - start
     steps, trials = module.steps, list(module.trials)
     del module, trainer
@@ -406,8 +407,8 @@ def run_lightning(task: Task, capacity: int, mode: str) -> Row:
     if found is not None and found >= n:
         note = f"capped at the dataset length {n}"
     elif found is not None and trials and found > max(trials):
-        # Both modes stop once a success doubles to max_val (8192) and return a size never run.
-        note = f"never ran it: largest size run {max(trials)}, stopped at max_val=8192"
+        # Both modes stop once a success doubles to max_val and return a size never run.
+        note = f"never ran it: largest size run {max(trials)}, stopped at max_val={max_val}"
     return Row(f"lightning {mode}", found, steps, seconds, meter.ooms, note=note, tried=trials)
 
 
@@ -522,8 +523,8 @@ def run_workload(workload: Workload, capacity: int, methods: list[str]) -> dict[
     rows: dict[str, Row] = {exhaustive.method: exhaustive}
     runners: dict[str, Callable[[], Row]] = {
         "autobatch": lambda: run_autobatch(task, capacity),
-        "lightning power": lambda: run_lightning(task, capacity, "power"),
-        "lightning binsearch": lambda: run_lightning(task, capacity, "binsearch"),
+        "lightning power": lambda: run_lightning(task, capacity, "power", needed - 1),
+        "lightning binsearch": lambda: run_lightning(task, capacity, "binsearch", needed - 1),
         "accelerate": lambda: run_accelerate(task, capacity, true_size),
     }
     for method in methods:
@@ -534,9 +535,9 @@ def run_workload(workload: Workload, capacity: int, methods: list[str]) -> dict[
         rows[method] = row
     print_table(list(rows.values()))
     auto = rows["autobatch"]
-    # The true max uses the whole capacity; the probe keeps DEFAULT_HEADROOM of it free. Where
-    # the fixed part is a large share, that alone caps found / true max below 0.93.
-    within, _ = Exhaustive(task, int(capacity * (1 - DEFAULT_HEADROOM))).search()
+    # The true max uses the whole capacity; the probe keeps its default headroom of the memory free
+    # before the step. The largest size under that budget is the search's own target.
+    within, _ = Exhaustive(task, auto.extra["budget_bytes"]).search()
     parts = [
         f"{workload.name}: autobatch {auto.found}/{true_size} = {auto.ratio:.3f}",
         f"{auto.found}/{within} = {auto.found / within:.3f} of the largest under its headroom",

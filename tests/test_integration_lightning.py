@@ -18,7 +18,7 @@ from autobatch.integrations.lightning import AutoBatchFinder, LightningWorkload 
 from autobatch import probe  # noqa: E402
 from autobatch.errors import InvalidInputError  # noqa: E402
 from autobatch.memory import TrackedMeter  # noqa: E402
-from autobatch.probing import find_max_batch_size  # noqa: E402
+from autobatch.probing import budget_for, find_max_batch_size  # noqa: E402
 from autobatch.units import parse_bytes  # noqa: E402
 
 FEATURES, CLASSES, SAMPLES = 32, 4, 4096
@@ -206,15 +206,24 @@ def plain_step(data: TensorDataset, budget: int):
     return meter, step
 
 
-def plain_fits(data: TensorDataset, budget: int, n: int) -> bool:
+def plain_peak(data: TensorDataset, budget: int, n: int) -> int | None:
+    """The peak of two plain steps at ``n``; None where they run out of memory."""
     meter, step = plain_step(data, budget)
     meter.reset_peak()
     try:
         with meter:
             step(n)
     except torch.OutOfMemoryError:
-        return False
-    return meter.peak() <= int(budget * (1 - HEADROOM))
+        return None
+    return meter.peak()
+
+
+def plain_fits(data: TensorDataset, budget: int, n: int) -> bool:
+    """Whether two plain steps at ``n`` keep the headroom free of the memory above what they
+    need whatever the batch (their peaks at sizes 1 and 2, taken to an empty batch)."""
+    peak = plain_peak(data, budget, n)
+    fixed = 2 * plain_peak(data, budget, 1) - plain_peak(data, budget, 2)
+    return peak is not None and peak <= budget_for(budget, HEADROOM, fixed)
 
 
 # -- the tests -----------------------------------------------------------------------------------

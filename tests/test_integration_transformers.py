@@ -26,6 +26,7 @@ from transformers import (  # noqa: E402
 from autobatch import Workload, probe  # noqa: E402
 from autobatch.errors import InvalidInputError  # noqa: E402
 from autobatch.memory import TrackedMeter  # noqa: E402
+from autobatch.probing import budget_for  # noqa: E402
 from autobatch.units import parse_bytes  # noqa: E402
 
 BUDGET = "8MiB"
@@ -90,16 +91,23 @@ def probed(tmp_path_factory):
     return trainer, probe_trainer(trainer, memory_budget=BUDGET, headroom=HEADROOM)
 
 
-def fits(run, budget: str = BUDGET) -> bool:
-    """Whether ``run(meter)`` stays within the budget less the headroom, read independently of
-    the integration: a fresh meter, the Trainer's own public steps."""
+def peak(run, budget: str = BUDGET) -> int | None:
+    """The peak of ``run(meter)`` on a fresh meter; None where it runs out of memory."""
     meter = TrackedMeter(parse_bytes(budget))
-    limit = int(meter.capacity() * (1 - HEADROOM))
     try:
         run(meter)
     except torch.OutOfMemoryError:
-        return False
-    return meter.peak() <= limit
+        return None
+    return meter.peak()
+
+
+def fits(steps, tmp_path, size: int, budget: str = BUDGET) -> bool:
+    """Whether ``steps(tmp_path, size)`` keeps the headroom free, read independently of the
+    integration: a fresh meter, the Trainer's own public steps, and what they need whatever
+    the batch read from their peaks at sizes 1 and 2, taken to an empty batch."""
+    fixed = 2 * peak(steps(tmp_path, 1), budget) - peak(steps(tmp_path, 2), budget)
+    top = peak(steps(tmp_path, size), budget)
+    return top is not None and top <= budget_for(parse_bytes(budget), HEADROOM, fixed)
 
 
 def reference(tmp_path):
@@ -158,8 +166,8 @@ def test_train_size_fits_and_five_percent_more_does_not(probed, tmp_path):
     assert 4 < size < 256  # bound by memory, not by the data
     assert plan.updates["per_device_train_batch_size"] == size
     assert plan.updates["gradient_accumulation_steps"] == 1
-    assert fits(train_steps(tmp_path, size))
-    assert not fits(train_steps(tmp_path, five_percent_more(size)))
+    assert fits(train_steps, tmp_path, size)
+    assert not fits(train_steps, tmp_path, five_percent_more(size))
 
 
 def test_a_trainer_workload_goes_through_the_core_probe(probed, tmp_path):
@@ -180,8 +188,8 @@ def test_eval_size_is_larger_than_train_size_and_fits(probed, tmp_path):
     size = plan.eval_probe.batch_size
     assert size > plan.train_probe.batch_size  # no gradients, no activations kept for backward
     assert plan.updates["per_device_eval_batch_size"] == size
-    assert fits(eval_step(tmp_path, size))
-    assert not fits(eval_step(tmp_path, five_percent_more(size)))
+    assert fits(eval_step, tmp_path, size)
+    assert not fits(eval_step, tmp_path, five_percent_more(size))
 
 
 def test_learning_rate_moves_with_the_batch_by_the_sqrt_rule_for_adamw(probed):

@@ -52,7 +52,8 @@ def test_plan_agrees_with_the_simulated_accelerator(make, budget):
     assert abs(plan.batch_size - real.batch_size) <= 0.03 * real.batch_size
     assert plan.planned and not real.planned
     assert plan.device.startswith("plan:")
-    assert plan.budget_bytes == real.budget_bytes
+    # The budget follows what the readings say the step needs whatever the batch.
+    assert plan.budget_bytes == pytest.approx(real.budget_bytes, rel=1e-3)
     for planned, ran in zip(plan.attempts, real.attempts, strict=False):
         if planned.batch_size == ran.batch_size:  # the same size read the same peak, or nearly
             assert planned.peak_bytes == pytest.approx(ran.peak_bytes, rel=1e-3)

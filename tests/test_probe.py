@@ -138,14 +138,34 @@ def check_attempts(result, step: Synthetic, baseline: int = 0) -> None:
 def test_linear_step_finds_the_largest_size_under_the_budget(capacity, fixed, per_sample, headroom):
     step = Synthetic(fixed, per_sample)
     result = find_max_batch_size(step, meter=TrackedMeter(capacity), headroom=headroom)
-    budget = int(capacity * (1 - headroom))
-    best = largest_linear(budget, fixed, per_sample)
-    assert result.budget_bytes == budget
+    # The headroom is kept of the memory free above what the step needs whatever the batch.
+    assert abs(result.budget_bytes - (capacity - headroom * (capacity - fixed))) <= 1
+    best = largest_linear(result.budget_bytes, fixed, per_sample)
     assert result.capacity_bytes == capacity
     assert 0.93 * best <= result.batch_size <= best
     check_attempts(result, step)
     assert len(result.attempts) <= 8
     assert result.upper_bound is None
+
+
+@pytest.mark.parametrize("resident_share", [0.0, 0.5, 0.9, 0.98])
+def test_the_headroom_costs_the_same_share_of_the_batch_whatever_the_model_takes(resident_share):
+    """5% headroom gives 95% of the largest size that fits the capacity (less the search's
+    tolerance), also where parameters and optimizer state fill most of the device: a share of
+    the whole capacity would leave such a model a fraction of its batch."""
+    capacity, per_sample = 64 * MiB, 1000
+    meter = TrackedMeter(capacity)
+    resident = int(resident_share * capacity)
+    with meter:
+        held = torch.empty(resident, dtype=U8)  # the model's parameters and optimizer state
+    step = Synthetic(0, per_sample)
+    step.meter = meter
+    result = find_max_batch_size(step, meter=meter)
+    full = largest_linear(capacity - resident, 0, per_sample)
+    assert 0.93 * full <= result.batch_size <= 0.951 * full
+    assert abs(result.budget_bytes - (capacity - 0.05 * (capacity - resident))) <= 1
+    check_attempts(result, step, baseline=resident)
+    del held
 
 
 def test_superlinear_step_runs_out_of_memory_and_leaves_nothing_behind():
@@ -443,9 +463,10 @@ def random_phased(rng: random.Random) -> tuple[Phased, int, int, dict]:
 
 def test_simulation_of_random_flat_starts():
     """2,000 random steps: every answer ran, fitted, and is at least 0.93 of the largest size
-    within the budget. At most 8 sizes but for about 1 in 100 (9 at most; they are kinks just
-    below the answer behind a long flat stretch, or out-of-memory readings that say little),
-    about 6 on average."""
+    within the budget. At most 8 sizes but for about 1 in 60 (9 at most; they are kinks just
+    below the answer behind a long flat stretch, or out-of-memory readings that say little:
+    the budget lies close to the capacity where the step needs most of the device whatever the
+    batch), about 6 on average."""
     rng = random.Random(0)
     sizes = []
     for _ in range(2000):
@@ -457,7 +478,7 @@ def test_simulation_of_random_flat_starts():
         assert 0.93 * best <= result.batch_size <= best, (best, tried)
         sizes.append(len(tried))
     assert max(sizes) <= 9
-    assert sum(n > 8 for n in sizes) <= 0.015 * len(sizes)
+    assert sum(n > 8 for n in sizes) <= 0.02 * len(sizes)
     assert sum(sizes) / len(sizes) <= 6.3
 
 
@@ -538,6 +559,18 @@ def test_without_peak_readings_the_budget_is_the_cap():
     assert result.capacity_bytes == MiB
 
 
+def test_a_step_that_needs_most_of_the_device_whatever_the_batch_fits():
+    """9,500 of 10,000 bytes at every size: the batch adds nothing, so there is nothing to keep
+    the headroom for, and the bound is the answer."""
+
+    def step(b):
+        torch.empty(9500, dtype=U8)
+
+    result = find_max_batch_size(step, meter=TrackedMeter(10_000), headroom=0.1, max_batch_size=64)
+    assert result.batch_size == 64
+    assert result.budget_bytes == 9950
+
+
 def test_batch_size_one_that_runs_out_of_memory():
     capacity = 64 * KiB
 
@@ -555,11 +588,13 @@ def test_batch_size_one_that_runs_out_of_memory():
 
 
 def test_batch_size_one_over_the_budget():
-    def step(b):
-        torch.empty(9500, dtype=U8)
+    """Size 1 runs, but a second size runs out of memory, so nothing tells what the step needs
+    whatever the batch: the budget keeps the headroom of the whole free memory."""
+    step = Synthetic(8600, 900)  # 9500 bytes at size 1, 10,400 at size 2
 
     with pytest.raises(BatchSizeOneDoesNotFit) as info:
         find_max_batch_size(step, meter=TrackedMeter(10_000), headroom=0.1)
+    assert step.calls == [1, 2]
     message = str(info.value)
     assert format_bytes(9500) in message
     assert format_bytes(9000) in message  # the budget

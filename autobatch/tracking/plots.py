@@ -221,7 +221,7 @@ def _probe_subtitle(probe: ProbeResult, source: str | None, zoomed: bool) -> str
     if source is None:
         return (
             f"ceiling: memory, a budget of {budget / scale:.2f} {unit} "
-            f"({1 - probe.headroom:.0%} of capacity)"
+            f"({probe.headroom:.0%} headroom of the free memory)"
         )
     text = f"ceiling: {source}, not memory"
     model = probe.memory_model
@@ -306,7 +306,7 @@ def probe_memory_figure(probe: ProbeResult, train_size: int | None = None) -> Fi
             color="tab:red",
             ls="--",
             lw=1,
-            label=f"budget ({1 - probe.headroom:.0%} of capacity)",
+            label=f"budget ({probe.headroom:.0%} headroom of the free memory)",
         )
         ax.axhline(probe.capacity_bytes / scale, color="black", lw=1, label="capacity")
     ax.axvline(
