@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ from autobatch import InvalidInputError, join_study, tune
 from autobatch.examples import digits
 from autobatch.records import BEYOND, STEERED
 from autobatch.tuning import recommend
-from autobatch.tuning.storage import HOST, RECORD, ROLE, RUN_ID, WORKER, counts
+from autobatch.tuning.storage import HOST, RECORD, ROLE, RUN_ID, WORKER, counts, open_storage
 
 try:  # tests/ on sys.path (pytest's default rootdir import mode)
     from mlflow_server import MlflowServer
@@ -259,6 +260,23 @@ def test_two_tunes_at_once_on_a_new_sqlite_study_run_n_trials_in_all(tmp_path: P
     _assert_seeded_once(finished)
     answers = [json.loads(out)["batch_size"] for out, _ in results]
     assert answers[0] == answers[1]
+
+
+def test_a_new_sqlite_storage_is_in_wal_mode_synced_at_checkpoints(tmp_path: Path) -> None:
+    """Write-ahead logging is kept in the file, so every process opening it (another worker,
+    ``autobatch report``) uses it; ``synchronous=NORMAL`` is per connection, set on each."""
+    path = tmp_path / "study.db"
+    opened = open_storage(f"sqlite:///{path}")
+    with opened.engine.connect() as connection:
+        pragma = connection.exec_driver_sql
+        assert pragma("PRAGMA journal_mode").scalar() == "wal"
+        assert pragma("PRAGMA synchronous").scalar() == 1  # NORMAL
+    opened.engine.dispose()
+    plain = sqlite3.connect(path)
+    try:
+        assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        plain.close()
 
 
 def test_joining_checks_the_study_and_the_task(tmp_path: Path, monkeypatch) -> None:
