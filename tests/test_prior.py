@@ -185,6 +185,29 @@ def test_explain_and_its_chart() -> None:
     assert unexplained.fastest is None
 
 
+def test_candidates_predicted_twice_as_slow_are_dropped() -> None:
+    """With B_noise 200 and step time 0.01 + 0.001 B, time to target is S_min (1 + 200 / B)
+    (0.01 + 0.001 B) seconds: fastest near sqrt(0.01 x 200 / 0.001) = 45, more than twice as
+    slow at 4 and at 2048. Never the reference trial's size, nor one a trial measured fast."""
+    records = [_record(i, b, b / (0.01 + 0.001 * b), 6400 if b == 32 else None)
+               for i, b in enumerate((32, 128, 512))]  # fmt: skip
+    records[0] = replace(records[0], role=BASELINE)  # the reference: its noise scale counts
+    candidates = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    explanation = prior.explain(records, candidates)
+    seconds = {p.batch_size: p.seconds for p in explanation.predictions}
+    fastest = min(seconds.values())
+    expected = {b for b, t in seconds.items() if t >= prior.TOO_SLOW * fastest}
+    assert {4, 2048} <= expected and {16, 32, 64, 128} & expected == set()
+    assert set(prior.too_slow(explanation)) == expected
+    assert 4 not in prior.too_slow(explanation, keep=4)
+    # A trial that reached the target at 2048 within twice the fastest prediction keeps it.
+    measured = [*records, replace(_record(9, 2048, 2048 / 2.058), time_to_target=fastest)]
+    assert 2048 not in prior.too_slow(prior.explain(measured, candidates))
+    # Nothing reached the target: nothing is predicted, nothing dropped.
+    unreached = [replace(r, samples_to_target=None) for r in records]
+    assert prior.too_slow(prior.explain(unreached, candidates)) == {}
+
+
 def test_adamw_scaling_keeps_the_timescales() -> None:
     params = [nn.Parameter(torch.zeros(3))]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)

@@ -186,3 +186,26 @@ def explain(records: Sequence[TrialRecord], candidates: Sequence[int]) -> Explan
         times = [r.time_to_target for r in tried if r.time_to_target is not None]
         rows.append(Explained(size, predicted.get(size), min(times, default=None), len(tried)))
     return Explanation(noise, timing, tuple(predictions), tuple(rows))
+
+
+#: A candidate predicted at least this many times slower to the target than the fastest is
+#: dropped: no sampled trial runs there.
+TOO_SLOW = 2.0
+
+
+def too_slow(explanation: Explanation, keep: int | None = None) -> dict[int, float]:
+    """The candidates predicted at least ``TOO_SLOW`` times slower to the target than the
+    fastest, with their predicted seconds; never ``keep`` (the reference trial's batch size),
+    nor a size a trial already measured within that factor (the measurement wins)."""
+    fastest = explanation.fastest
+    if fastest is None:
+        return {}
+    limit = TOO_SLOW * fastest.seconds
+    measured = {row.batch_size: row.measured_seconds for row in explanation.rows}
+    return {
+        p.batch_size: p.seconds
+        for p in explanation.predictions
+        if p.seconds >= limit
+        and p.batch_size != keep
+        and not (measured.get(p.batch_size) or math.inf) < limit
+    }

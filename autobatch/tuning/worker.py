@@ -355,7 +355,10 @@ class Worker:
                 )
             records = storage.records(trials)
             if size in scoring.infeasible_sizes(records):
-                self._skip(trial, size)
+                self._skip(trial, size, f"batch size {size} is known to be infeasible")
+                return 0
+            if (why := self._predicted_slow(trial, size, records)) is not None:
+                self._skip(trial, size, why)
                 return 0
             return self._train(trial, size, multiplier, records, heartbeat)
         finally:
@@ -637,12 +640,31 @@ class Worker:
         if interrupted:
             raise KeyboardInterrupt
 
-    def _skip(self, trial: optuna.Trial, size: int) -> None:
-        """A batch size known not to fit: no training, not counted. Told as the worst possible
-        result, so the sampler learns to avoid the size (a failed trial would be ignored by TPE
-        and proposed again and again)."""
+    def _predicted_slow(
+        self, trial: optuna.Trial, size: int, records: list[TrialRecord]
+    ) -> str | None:
+        """Why a sampled trial at ``size`` is not worth running: the prior predicts it at
+        least ``prior.TOO_SLOW`` times slower to the target than the fastest size (never the
+        reference trial's size, and never a queued trial). None to run it."""
+        reference = scoring.reference(records)
+        explanation = prior.explain(records, self.settings.candidates)
+        slow = prior.too_slow(explanation, keep=None if reference is None else reference.batch_size)
+        if size not in slow or storage.fixed_params(self.study, trial) is not None:
+            return None
+        fastest = explanation.fastest
+        assert fastest is not None
+        return (
+            f"batch size {size} is predicted {slow[size] / fastest.seconds:.1f}x slower to the "
+            f"target than batch size {fastest.batch_size}"
+        )
+
+    def _skip(self, trial: optuna.Trial, size: int, reason: str) -> None:
+        """A batch size not worth training (it does not fit, or is predicted far slower): no
+        training, not counted. Told as the worst possible result, so the sampler learns to
+        avoid the size (a failed trial would be ignored by TPE and proposed again and
+        again)."""
         trial.set_user_attr(storage.COUNTED, False)
-        trial.set_user_attr(storage.REASON, f"batch size {size} is known to be infeasible")
+        trial.set_user_attr(storage.REASON, reason)
         worst = [scoring.INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
         self.study.tell(trial, worst if len(worst) > 1 else worst[0])
 
