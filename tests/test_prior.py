@@ -185,6 +185,26 @@ def test_explain_and_its_chart() -> None:
     assert unexplained.fastest is None
 
 
+def test_step_time_is_fitted_on_relative_errors() -> None:
+    """Measured on a CPU: 0.5 ms + 0.02 ms per sample, the largest size 10% slower than the
+    line (caches). Fitted on absolute errors that one point sets the line and the per-step
+    cost vanishes, so the smallest batch would look fastest; relative errors keep it."""
+    line = {32: 0.5e-3 + 32 * 2e-5, 256: 0.5e-3 + 256 * 2e-5}
+    points = {**{b: [t] for b, t in line.items()}, 3200: [1.1 * (0.5e-3 + 3200 * 2e-5)]}
+    fit = prior.fit_step_time(points)
+    assert 0.3e-3 < fit.fixed < 0.6e-3
+    for size, seconds in line.items():
+        assert fit(size) == pytest.approx(seconds, rel=0.1)
+    # The time to target, S (1 + B_noise / B) fit(B), is then least near sqrt(a B_noise / b).
+    noise = 200.0
+    best = min((8, 16, 32, 64, 128, 256, 512), key=lambda b: (1 + noise / b) * fit(b))
+    assert best in (32, 64, 128)
+    # No growth measured: a constant; two sizes: the line through them.
+    assert prior.fit_step_time({8: [1.0], 64: [0.9]}).per_sample == 0.0
+    two = prior.fit_step_time({10: [2.0], 20: [3.0]})
+    assert two.fixed == pytest.approx(1.0) and two.per_sample == pytest.approx(0.1)
+
+
 def test_candidates_predicted_twice_as_slow_are_dropped() -> None:
     """With B_noise 200 and step time 0.01 + 0.001 B, time to target is S_min (1 + 200 / B)
     (0.01 + 0.001 B) seconds: fastest near sqrt(0.01 x 200 / 0.001) = 45, more than twice as
