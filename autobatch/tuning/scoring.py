@@ -220,7 +220,10 @@ def _fastest_cost(records: Sequence[TrialRecord], ref: TrialRecord | None) -> fl
 
 def pruning_scale_ms(records: Sequence[TrialRecord]) -> int | None:
     """The pruner's first rung, in training milliseconds: a fifth of the reference trial's
-    training time, so a trial is first judged once it has trained that long."""
+    training time, so a trial is first judged once it has trained that long. (A tenth cut a
+    study's compute from 18% to 14% of the exhaustive grid's on the sequences task of
+    ``benchmarks/recommendation_quality.py``, but its final loss rose from 1.019x to 1.025x
+    the best reachable, 4 seeds: past the 2% a recommendation must keep.)"""
     ref = reference(records)
     if ref is None or ref.train_seconds <= 0:
         return None
