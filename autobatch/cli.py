@@ -215,7 +215,11 @@ def _probe_report(result: Any, train_size: int) -> str:
         *([("samples", result.extra["samples"])] if "samples" in result.extra else []),
         ("device", result.device),
         ("capacity", format_bytes(result.capacity_bytes)),
-        ("budget", f"{format_bytes(result.budget_bytes)} (headroom {result.headroom:.0%})"),
+        (
+            "budget",
+            f"{format_bytes(result.budget_bytes)} (headroom {result.headroom:.0%} of the memory "
+            "free above what the step needs whatever the batch)",
+        ),
         (
             "memory model",
             "- (no peak readings: found by search)"
