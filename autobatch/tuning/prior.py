@@ -218,11 +218,15 @@ def too_slow(explanation: Explanation, keep: int | None = None) -> dict[int, flo
     if fastest is None:
         return {}
     limit = TOO_SLOW * fastest.seconds
-    measured = {row.batch_size: row.measured_seconds for row in explanation.rows}
+    measured = {
+        row.batch_size: row.measured_seconds
+        for row in explanation.rows
+        if row.measured_seconds is not None
+    }
     return {
         p.batch_size: p.seconds
         for p in explanation.predictions
         if p.seconds >= limit
         and p.batch_size != keep
-        and not (measured.get(p.batch_size) or math.inf) < limit
+        and measured.get(p.batch_size, math.inf) >= limit
     }
