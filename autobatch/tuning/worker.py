@@ -647,7 +647,10 @@ class Worker:
         least ``prior.TOO_SLOW`` times slower to the target than the fastest size (never the
         reference trial's size, and never a queued trial). None to run it."""
         reference = scoring.reference(records)
-        explanation = prior.explain(records, self.settings.candidates)
+        # Judged by the current target, as the queued prediction is.
+        explanation = prior.explain(
+            scoring.rescore(records, self.settings), self.settings.candidates
+        )
         slow = prior.too_slow(explanation, keep=None if reference is None else reference.batch_size)
         if size not in slow or storage.fixed_params(self.study, trial) is not None:
             return None
