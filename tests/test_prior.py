@@ -205,6 +205,22 @@ def test_step_time_is_fitted_on_relative_errors() -> None:
     assert two.fixed == pytest.approx(1.0) and two.per_sample == pytest.approx(0.1)
 
 
+def test_step_time_reads_the_typical_window_not_warm_up_or_interference() -> None:
+    """A trial's first window pays for warm-up and another process may slow one down; the
+    median window is the batch size's speed."""
+
+    def trial(number: int, size: int, step: float) -> TrialRecord:
+        rate = size / step
+        record = _record(number, size, rate / 4)  # the whole trial's throughput: 4x too low
+        windows = (rate / 20, rate, 1.02 * rate, rate / 50, 0.98 * rate)
+        curve = tuple(replace(record.curve[0], samples_per_second=w) for w in windows)
+        return replace(record, curve=curve)
+
+    timing = prior.step_time([trial(0, 32, 1e-3 + 32e-5), trial(1, 256, 1e-3 + 256e-5)])
+    assert timing.fixed == pytest.approx(1e-3, rel=0.05)
+    assert timing.per_sample == pytest.approx(1e-5, rel=0.05)
+
+
 def test_candidates_predicted_twice_as_slow_are_dropped() -> None:
     """With B_noise 200 and step time 0.01 + 0.001 B, time to target is S_min (1 + 200 / B)
     (0.01 + 0.001 B) seconds: fastest near sqrt(0.01 x 200 / 0.001) = 45, more than twice as

@@ -20,6 +20,7 @@ prediction chart from them). The measurement itself, on a training model, is
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -81,12 +82,15 @@ def noise_scale(record: TrialRecord | None) -> float | None:
 
 
 def step_time(records: Sequence[TrialRecord]) -> StepTime | None:
-    """The line through the measured seconds per step of completed trials (their throughput
-    at two or more batch sizes); None with fewer."""
+    """The line through the seconds per step of completed trials at two or more batch sizes;
+    None with fewer. A trial's seconds per step come from the median of its evaluation
+    windows' throughput: the first window pays for warm-up, and a window another process
+    slowed down says nothing about the batch size, but over a whole trial both weigh in."""
     points: dict[int, list[float]] = {}
     for r in records:
-        if r.state == COMPLETE and r.throughput:
-            points.setdefault(r.batch_size, []).append(r.batch_size / r.throughput)
+        rates = [p.samples_per_second for p in r.curve if p.samples_per_second > 0]
+        if r.state == COMPLETE and rates:
+            points.setdefault(r.batch_size, []).append(r.batch_size / statistics.median(rates))
     return fit_step_time(points)
 
 
