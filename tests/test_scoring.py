@@ -11,15 +11,19 @@ import pytest
 
 from autobatch.records import (
     BASELINE,
+    BEYOND,
+    CEILING,
     COMPLETE,
     FAILED,
     INFEASIBLE,
+    MIDDLE,
+    PREDICTED,
     EvalPoint,
     StudySettings,
     TrialRecord,
 )
 from autobatch.tuning import scoring, space
-from autobatch.tuning.pruner import TimeHalvingPruner
+from autobatch.tuning.pruner import TimeHalvingPruner, prunable
 from autobatch.tuning.storage import RECORD
 
 
@@ -269,3 +273,12 @@ def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it(
     assert space.past_the_edge(bottom, settings()) == (256, 0.15)
     # A range that pins the rate stays pinned.
     assert space.past_the_edge(top, settings(lr_multiplier_range=(2.5, 3.0))) is None
+
+
+def test_which_trials_halving_may_stop() -> None:
+    """Sampled trials and the predicted one; never a seed nor a trial past the lr range's end
+    (its early curve is the noisiest, and the study's next doubling rests on its best loss),
+    and none under the Pareto objective."""
+    assert prunable(None, "time") and prunable(PREDICTED, "time") and prunable(None, "loss")
+    assert not any(prunable(role, "time") for role in (BASELINE, CEILING, MIDDLE, BEYOND))
+    assert not prunable(None, "pareto")

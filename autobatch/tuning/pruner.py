@@ -8,8 +8,9 @@ trial has ended. No bootstrap: Optuna's ``bootstrap_count`` prunes the first tri
 rung whatever their curve.
 
 The worker asks every trial, seeded ones included, so each registers its loss at each rung and
-later trials compete against it; the worker ignores the answer for seeded trials and for a
-trial that already reached the target (its score is known).
+later trials compete against it; the worker ignores the answer where ``prunable`` says so
+(seeded trials, trials past the lr range's end) and for a trial that already reached the
+target (its score is known).
 """
 
 from __future__ import annotations
@@ -18,10 +19,19 @@ from dataclasses import dataclass
 
 import optuna
 
+from autobatch.records import PREDICTED
 from autobatch.tuning import scoring, storage
 
 #: Each rung keeps the best third of the trials that reach it, and lies three times further.
 REDUCTION_FACTOR = 3
+
+
+def prunable(role: str | None, objective: str) -> bool:
+    """Whether halving may stop a trial: a sampled one or the predicted one. Never a seeded
+    trial (the reference points the others are judged against), nor a trial past the lr
+    range's end (the highest rate yet, so the noisiest early curve; whether the study goes on
+    doubling rests on its best loss), nor any under the Pareto objective (no single score)."""
+    return objective != "pareto" and role in (None, PREDICTED)
 
 
 @dataclass

@@ -52,7 +52,7 @@ from autobatch.records import (
     TuneResult,
 )
 from autobatch.training import TrainStep, build
-from autobatch.tuning import curves, prior, scoring, space, storage
+from autobatch.tuning import curves, prior, pruner, scoring, space, storage
 from autobatch.tuning.loop import StopTrial, TrialFailed, synchronizer, train
 from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.progress import Progress
@@ -421,8 +421,7 @@ class Worker:
         pruned = False
         last_step = 0
         objective = settings.objective
-        # Seeded trials are the reference points every other trial is judged against.
-        prunable = objective != "pareto" and record.role in (None, *STEERED)
+        prunable = pruner.prunable(record.role, objective)
 
         def on_eval(point: EvalPoint) -> None:
             nonlocal pruned, last_step, judge
