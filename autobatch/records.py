@@ -35,7 +35,8 @@ PREDICTED = "predicted"
 #: A trial queued past an end of the learning-rate multiplier range, when the trial with the
 #: best loss sits at that end (:func:`autobatch.tuning.space.past_the_edge`).
 BEYOND = "beyond"
-#: Trials the study queues itself after the seeds; pruned like sampled ones.
+#: Trials the study queues itself after the seeds (only the predicted one may be pruned:
+#: :func:`autobatch.tuning.pruner.prunable`).
 STEERED = (PREDICTED, BEYOND)
 #: How a completed trial ended against the target.
 REACHED, MISSED = "reached", "missed"

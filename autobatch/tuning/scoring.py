@@ -210,12 +210,14 @@ def best_loss(records: Sequence[TrialRecord]) -> float | None:
 def _fastest_cost(records: Sequence[TrialRecord], ref: TrialRecord | None) -> float | None:
     """The fewest seconds, in whole epochs, any record needs to reach the target it was judged
     by (:func:`rescore`'s)."""
-    costs = [
-        cost_seconds(r) * speed_factor(r, ref)
-        for r in records
-        if completed(r) and r.time_to_target is not None
-    ]
+    costs = [_cost(r, ref) for r in records if completed(r) and r.time_to_target is not None]
     return min(costs) if costs else None
+
+
+def _cost(record: TrialRecord, ref: TrialRecord | None) -> float:
+    """What ``record``'s configuration costs to the target, in whole epochs, on the reference
+    trial's clock: the time objective's comparison."""
+    return cost_seconds(record) * speed_factor(record, ref)
 
 
 def pruning_scale_ms(records: Sequence[TrialRecord]) -> int | None:
@@ -265,7 +267,7 @@ def recommend(
     elif settings.objective == "time" and reached:
         # What the user will pay: whole epochs, not the moment the target was crossed.
         ref = reference(records)
-        best = min(pool, key=lambda r: (cost_seconds(r) * speed_factor(r, ref), r.number))
+        best = min(pool, key=lambda r: (_cost(r, ref), r.number))
     else:
         best = min(pool, key=lambda r: (r.value, r.best_val_loss, r.number))
     warnings = list(notes)
