@@ -279,6 +279,44 @@ def test_a_new_sqlite_storage_is_in_wal_mode_synced_at_checkpoints(tmp_path: Pat
         plain.close()
 
 
+def _claim_queued(url: str, start: object, claimed: object) -> None:
+    """Ask for trials until no queued one is left, keeping the numbers this process got."""
+    import warnings
+
+    warnings.simplefilter("ignore")  # Optuna's heartbeat-without-optimize warning
+    study = optuna.load_study(study_name="claims", storage=open_storage(url))
+    start.wait()
+    while True:
+        trial = study.ask()
+        if "fixed_params" not in study._storage.get_trial(trial._trial_id).system_attrs:
+            study.tell(trial, state=TrialState.FAIL)  # nothing left in the queue
+            return
+        claimed.put(trial.number)
+        study.tell(trial, 0.0, skip_if_finished=True)
+
+
+def test_workers_on_one_sqlite_file_never_claim_a_queued_trial_twice(tmp_path: Path) -> None:
+    """Optuna reads that a queued trial waits, then marks it running; on SQLite two workers
+    could both read "waiting" (seen in CI: two ran one trial and the second's tell failed)."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    study = optuna.create_study(study_name="claims", storage=open_storage(url))
+    for x in range(120):
+        study.enqueue_trial({"x": x})
+    context = multiprocessing.get_context("fork")
+    start, claimed = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_claim_queued, args=(url, start, claimed)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * 4
+    numbers = [claimed.get(timeout=10) for _ in range(120)]
+    assert sorted(numbers) == list(range(120))  # each once
+    assert claimed.empty()
+
+
 def test_joining_checks_the_study_and_the_task(tmp_path: Path, monkeypatch) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     task = digits()

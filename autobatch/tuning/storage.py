@@ -131,16 +131,28 @@ def open_storage(
 def _fast_sqlite(engine: Any) -> None:
     """Write-ahead logging, synced at checkpoints: a commit costs a fraction of a millisecond
     instead of a sync to disk, and readers never block the workers' writes. A crash of the
-    process loses nothing; a power cut may lose the last commits."""
+    process loses nothing; a power cut may lose the last commits.
+
+    Every transaction takes the write lock when it begins (``BEGIN IMMEDIATE``). Optuna claims
+    a queued trial by reading that it is waiting and then marking it running; PostgreSQL locks
+    the row in between (``SELECT ... FOR UPDATE``), SQLite ignores that lock, and Python's
+    driver begins the transaction only at the write, so two workers could both read "waiting"
+    and both run the trial. Taken at the start, the lock makes the read and the write one step.
+    """
     import sqlalchemy
 
     def pragmas(connection: Any, _record: Any) -> None:
+        connection.isolation_level = None  # the driver's own BEGIN off: ``begin`` below
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
+    def begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
     sqlalchemy.event.listen(engine, "connect", pragmas)
+    sqlalchemy.event.listen(engine, "begin", begin)
     engine.dispose()  # connections opened while creating the tables reconnect with them
 
 
