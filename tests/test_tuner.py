@@ -10,9 +10,10 @@ import torch
 
 from autobatch import InvalidInputError, StudyInterrupted, Task, tune
 from autobatch.examples import digits
-from autobatch.records import COMPLETE, FAILED, INFEASIBLE, PRUNED
+from autobatch.records import BEYOND, COMPLETE, FAILED, INFEASIBLE, PRUNED
 from autobatch.tuning import prior, scoring
 from autobatch.tuning.scoring import infeasible_sizes, pruning_scale_ms
+from autobatch.tuning.storage import REASON, ROLE, counts
 
 FAST = dict(max_epochs=2, mlflow=False, candidates=[16, 32, 64, 128])
 
@@ -319,3 +320,23 @@ def test_a_study_whose_answer_stands_still_ends_before_n_trials(task, tmp_path):
     # min_trials=None (or n_trials) runs them all.
     everything = tune(task, n_trials=7, min_trials=None, **{**settings, "study_name": "all"})
     assert len(everything.trials) == 7
+
+
+@pytest.mark.slow
+def test_a_trial_queued_twice_at_once_runs_once(task, tmp_path):
+    """Two workers ending trials at the same moment can both queue the same steered trial;
+    the second copy is given back unrun and does not count."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    kwargs = dict(storage=storage, study_name="twins", min_trials=None, **FAST)
+    tune(task, n_trials=3, **kwargs)
+    study = optuna.load_study(study_name="twins", storage=storage)
+    for _ in range(2):
+        study.enqueue_trial({"batch_size": 16, "lr_multiplier": 2.0}, user_attrs={ROLE: BEYOND})
+    result = tune(task, n_trials=5, **kwargs)
+    assert len(result.trials) == 5
+    ran = [t for t in result.trials if t.role == BEYOND and t.batch_size == 16]
+    assert [(t.number, t.lr_multiplier) for t in ran] == [(3, 2.0)]
+    twin = result.study.get_trials()[4]
+    assert twin.state == optuna.trial.TrialState.FAIL
+    assert twin.user_attrs[REASON] == "not run: queued twice at once, as trial 3"
+    assert not counts(twin)

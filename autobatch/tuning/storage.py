@@ -260,6 +260,23 @@ def configurations(trials: Sequence[FrozenTrial]) -> list[tuple[int, float]]:
     return found
 
 
+def earlier_twin(trials: Sequence[FrozenTrial], number: int) -> FrozenTrial | None:
+    """A trial numbered below ``number`` that counts and was queued with the same role and
+    parameters as trial ``number``. Reading that no such trial is queued and then queueing one
+    are two steps, so two workers ending trials at once can both queue it; the earlier runs."""
+    mine = next((t for t in trials if t.number == number), None)
+    role = None if mine is None else mine.user_attrs.get(ROLE)
+    if mine is None or role is None:
+        return None
+    wanted = _configuration(mine)
+    earlier = (t for t in trials if t.number < number and t.user_attrs.get(ROLE) == role)
+    return next((t for t in earlier if counts(t) and _configuration(t) == wanted), None)
+
+
+def _configuration(trial: FrozenTrial) -> dict[str, Any]:
+    return trial.system_attrs.get(_FIXED_PARAMS) or trial.params
+
+
 def claim_bound(seen: Sequence[FrozenTrial], number: int) -> int:
     """At most how many trials numbered below ``number`` count, from an earlier read
     ``seen``: those it shows, plus every number it does not show below ``number`` (trials

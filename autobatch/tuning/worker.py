@@ -347,6 +347,11 @@ class Worker:
                 if storage.claimed_before(trials, trial.number) >= n_trials:
                     self._give_back(trial)
                     return 0
+            if trial.user_attrs.get(storage.ROLE) in STEERED:  # queued by a worker, not prepare
+                trials = study.get_trials(deepcopy=False)
+                if (twin := storage.earlier_twin(trials, trial.number)) is not None:
+                    self._give_back(trial, f"not run: queued twice at once, as trial {twin.number}")
+                    return 0
             size = int(trial.suggest_categorical("batch_size", list(settings.candidates)))
             with warnings.catch_warnings():  # a trial queued past the range's end
                 warnings.filterwarnings("ignore", "Fixed parameter .* is out of range")
@@ -512,8 +517,9 @@ class Worker:
     def _queue_prediction(self) -> None:
         """Once every seeded trial has ended, queue the batch size the prior predicts fastest
         (the noise scale the baseline measured, the seeds' step times), at the rule's rate,
-        unless a seed already ran it. Whichever worker ends the last seed queues it; Optuna's
-        ``skip_if_exists`` keeps two workers ending seeds at once from queueing it twice."""
+        unless a seed already ran it. Whichever worker ends the last seed queues it; two ending
+        seeds at the same moment may both queue it, and the later copy is not run (see
+        :func:`storage.earlier_twin`)."""
         settings = self.settings
         trials = self.study.get_trials(deepcopy=False)
         if any(t.user_attrs.get(storage.ROLE) == PREDICTED for t in trials):
@@ -550,7 +556,7 @@ class Worker:
         asks for, if any. The records this worker already holds (its own trial's among them)
         say whether the rule asks for one at all, so the study is read only when it does; the
         answer then comes from a fresh read, with the queued and running trials, so workers
-        agree on it, and ``skip_if_exists`` keeps two from queueing it twice."""
+        agree on it; of two copies queued at the same moment, the later is not run."""
         settings = self.settings
         if space.past_the_edge(known, settings) is None:
             return
@@ -670,12 +676,13 @@ class Worker:
         worst = [scoring.INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
         self.study.tell(trial, worst if len(worst) > 1 else worst[0])
 
-    def _give_back(self, trial: optuna.Trial) -> None:
+    def _give_back(self, trial: optuna.Trial, twin: str | None = None) -> None:
         """Asked for a trial past the study's budget (another worker took the last place at the
-        same moment): not run, not counted; a queued one goes back in the queue."""
+        same moment): not run, not counted; a queued one goes back in the queue. With ``twin``
+        (why), the trial duplicates one that counts: not run, and not queued again."""
         trial.set_user_attr(storage.COUNTED, False)
-        trial.set_user_attr(storage.REASON, "not run: the study already had its n_trials")
-        if storage.fixed_params(self.study, trial) is not None:
+        trial.set_user_attr(storage.REASON, twin or "not run: the study already had its n_trials")
+        if twin is None and storage.fixed_params(self.study, trial) is not None:
             self._queue_again(trial)
         self.study.tell(trial, state=TrialState.FAIL)
 
