@@ -84,6 +84,7 @@ def test_oom_marks_the_batch_size_infeasible_and_it_is_not_sampled_again(task):
     assert len(others) == 7  # the study went on to its full budget
     assert {t.state for t in others} <= {COMPLETE, PRUNED}
     assert result.batch_size != 128
+    assert len(result.study.get_trials()) == 8  # the size is never drawn, not drawn and skipped
 
 
 @pytest.mark.slow

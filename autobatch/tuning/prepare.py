@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,7 +29,7 @@ from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
 from autobatch.records import ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
-from autobatch.tuning import scoring, space, storage
+from autobatch.tuning import sampler, scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.workload import Workload
 
@@ -214,22 +212,6 @@ def prepare(
         raise
 
 
-def sampler_for(settings: StudySettings, worker: str | None = None) -> optuna.samplers.BaseSampler:
-    """TPE, seeded by the study's seed; a joining ``worker`` draws its own stream, so two
-    workers never propose the same trial. Running trials count as losses (constant liar), so
-    parallel workers spread out."""
-    n = settings.n_trials or 20
-    # Random start-up trials on top of the seeded ones: a quarter of the budget, so a short
-    # study still spends most of its trials guided.
-    startup = min(8, max(2, n // 4))
-    seed = settings.seed if worker is None else zlib.crc32(f"{settings.seed}:{worker}".encode())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True
-        )
-
-
 def pruner_for(settings: StudySettings) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner() if settings.objective == "pareto" else TimeHalvingPruner()
 
@@ -239,7 +221,7 @@ def load(opened: optuna.storages.BaseStorage, name: str, worker: str | None = No
     study = optuna.load_study(study_name=name, storage=opened)
     settings = storage.settings_of(study)
     if settings is not None:
-        study.sampler = sampler_for(settings, worker)
+        study.sampler = sampler.sampler_for(settings, worker)
         study.pruner = pruner_for(settings)
     return study
 
@@ -325,7 +307,7 @@ def _create(
         study = optuna.create_study(
             storage=opened,
             study_name=settings.study_name,
-            sampler=sampler_for(settings),
+            sampler=sampler.sampler_for(settings),
             pruner=pruner_for(settings),
             load_if_exists=False,
             **kwargs,

@@ -30,7 +30,7 @@ from autobatch.tuning import curves
 #: added: more seconds than any trial that reached it can take, so a miss never ranks above a
 #: hit, for the sampler or in a sorted table.
 MISS_OFFSET = 1e9
-#: What a batch size known not to fit scores (never trained, so never a recommendation).
+#: What a trial that ran out of memory scores, for the sampler (never a recommendation).
 INFEASIBLE_VALUE = 1e12
 #: Finished trials in a row that must leave the answer where it stood before a study may end
 #: before ``n_trials`` (:func:`settled`).

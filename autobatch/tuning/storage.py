@@ -6,9 +6,9 @@ One source of truth for every worker: study-level facts are user attributes writ
 workers, so any number of them can share a study.
 
 A trial *counts* towards ``n_trials`` while it is queued or running, and once finished with a
-record. Trials skipped (a batch size known not to fit), interrupted (queued again), given up by
-a dead worker (failed by the heartbeat and queued again) or started past the study's budget do
-not count.
+record. Trials skipped (queued at a batch size known not to fit, or queued twice at once),
+interrupted (queued again), given up by a dead worker (failed by the heartbeat and queued
+again) or started past the study's budget do not count.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.progress import Progress
 from autobatch.tuning.pruner import REDUCTION_FACTOR, Rungs
 from autobatch.tuning.recommendation import recommend
+from autobatch.tuning.sampler import AvoidingSampler
 from autobatch.tuning.space import AdamWScaling, adamw_scaling, applied_rule, scale_lr
 from autobatch.workload import Workload
 
@@ -335,6 +336,7 @@ class Worker:
             # The pieces of optimize(), used directly: Optuna warns that heartbeats are meant
             # for optimize(), and they work the same here.
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            self._steer(storage.records(seen))
             trial = study.ask()
         heartbeat = get_heartbeat_thread(trial._trial_id, study._storage)
         heartbeat.start()
@@ -359,11 +361,8 @@ class Worker:
                     trial.suggest_float("lr_multiplier", *settings.lr_multiplier_range, log=True)
                 )
             records = storage.records(trials)
-            if size in scoring.infeasible_sizes(records):
-                self._skip(trial, size, f"batch size {size} is known to be infeasible")
-                return 0
-            if (why := self._predicted_slow(trial, size, records)) is not None:
-                self._skip(trial, size, why)
+            if size in scoring.infeasible_sizes(records):  # queued, or found by another worker
+                self._skip(trial, f"not run: batch size {size} is known to be infeasible")
                 return 0
             return self._train(trial, size, multiplier, records, heartbeat)
         finally:
@@ -635,6 +634,10 @@ class Worker:
             interrupted = True
         run_id = trial.user_attrs.get(storage.RUN_ID)
         trial.set_user_attr(storage.RECORD, replace(record, mlflow_run_id=run_id).to_dict())
+        if values is None and record.state == INFEASIBLE:
+            # The worst result rather than a failure, which TPE ignores: it learns the size
+            # is bad instead of proposing it again (the sampler is kept off it anyway).
+            values = [scoring.INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
         if values is not None:
             self.study.tell(trial, list(values) if len(values) > 1 else values[0])
         else:  # why is in the record
@@ -645,36 +648,41 @@ class Worker:
         if interrupted:
             raise KeyboardInterrupt
 
-    def _predicted_slow(
-        self, trial: optuna.Trial, size: int, records: list[TrialRecord]
-    ) -> str | None:
-        """Why a sampled trial at ``size`` is not worth running: the prior predicts it at
-        least ``prior.TOO_SLOW`` times slower to the target than the fastest size (never the
-        reference trial's size, and never a queued trial). None to run it."""
+    def _steer(self, records: list[TrialRecord]) -> None:
+        """Keep the sampler off the batch sizes that ran out of memory and those the prior
+        predicts at least ``prior.TOO_SLOW`` times slower to the target than the fastest (never
+        the reference trial's size; judged by the current target, as the queued prediction
+        is). Queued trials keep their size."""
+        steered = self.study.sampler
+        if not isinstance(steered, AvoidingSampler):
+            return
+        infeasible = scoring.infeasible_sizes(records)
         reference = scoring.reference(records)
-        # Judged by the current target, as the queued prediction is.
         explanation = prior.explain(
             scoring.rescore(records, self.settings), self.settings.candidates
         )
         slow = prior.too_slow(explanation, keep=None if reference is None else reference.batch_size)
-        if size not in slow or storage.fixed_params(self.study, trial) is not None:
-            return None
-        fastest = explanation.fastest
-        assert fastest is not None
-        return (
-            f"batch size {size} is predicted {slow[size] / fastest.seconds:.1f}x slower to the "
-            f"target than batch size {fastest.batch_size}"
-        )
+        avoid = infeasible | set(slow)
+        if set(self.settings.candidates) <= avoid:
+            avoid = infeasible  # the fastest prediction ran out of memory: trust the trials
+        if avoid != steered.avoid and (slow.keys() - infeasible):
+            fastest = explanation.fastest
+            assert fastest is not None
+            log.info(
+                "not drawn any more: batch size(s) %s, predicted at least %gx slower to the "
+                "target than batch size %d",
+                ", ".join(map(str, sorted(slow.keys() - infeasible))),
+                prior.TOO_SLOW,
+                fastest.batch_size,
+            )
+        steered.steer(avoid)
 
-    def _skip(self, trial: optuna.Trial, size: int, reason: str) -> None:
-        """A batch size not worth training (it does not fit, or is predicted far slower): no
-        training, not counted. Told as the worst possible result, so the sampler learns to
-        avoid the size (a failed trial would be ignored by TPE and proposed again and
-        again)."""
+    def _skip(self, trial: optuna.Trial, reason: str) -> None:
+        """A queued trial at a batch size that does not fit: not run, not counted, failed (the
+        sampler never draws the size, see :meth:`_steer`)."""
         trial.set_user_attr(storage.COUNTED, False)
         trial.set_user_attr(storage.REASON, reason)
-        worst = [scoring.INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
-        self.study.tell(trial, worst if len(worst) > 1 else worst[0])
+        self.study.tell(trial, state=TrialState.FAIL)
 
     def _give_back(self, trial: optuna.Trial, twin: str | None = None) -> None:
         """Asked for a trial past the study's budget (another worker took the last place at the
