@@ -35,9 +35,13 @@ PREDICTED = "predicted"
 #: A trial queued past an end of the learning-rate multiplier range, when the trial with the
 #: best loss sits at that end (:func:`autobatch.tuning.space.past_the_edge`).
 BEYOND = "beyond"
-#: Trials the study queues itself after the seeds (only the predicted one may be pruned:
-#: :func:`autobatch.tuning.pruner.prunable`).
-STEERED = (PREDICTED, BEYOND)
+#: A trial queued at the predicted fastest batch size with the multiplier of the trial with
+#: the best loss, when that is not the rule's own rate
+#: (:func:`autobatch.tuning.space.carried_over`).
+CARRIED = "carried"
+#: Trials the study queues itself after the seeds (the trial past the range's end is never
+#: pruned: :func:`autobatch.tuning.pruner.prunable`).
+STEERED = (PREDICTED, BEYOND, CARRIED)
 #: How a completed trial ended against the target.
 REACHED, MISSED = "reached", "missed"
 

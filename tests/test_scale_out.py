@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from autobatch import InvalidInputError, join_study, tune
 from autobatch.examples import digits
-from autobatch.records import BEYOND, STEERED
+from autobatch.records import BEYOND, CARRIED, STEERED
 from autobatch.tuning import recommend
 from autobatch.tuning.storage import HOST, RECORD, ROLE, RUN_ID, WORKER, counts, open_storage
 
@@ -230,12 +230,14 @@ def test_a_sigkilled_study_rerun_ends_with_no_trial_running(tmp_path: Path) -> N
 def _assert_seeded_once(finished: list) -> None:
     """Each seed ran once, and the prior's predicted trial (queued by whichever worker ended
     the last seed, when it predicts a size no seed ran) at most once; a trial past the lr
-    range's end (queued from the records) never twice at one configuration."""
+    range's end or carried to the predicted fastest size (queued from the records) never twice
+    at one configuration."""
     roles = sorted(t.user_attrs[ROLE] for t in finished if t.user_attrs.get(ROLE))
     assert [r for r in roles if r not in STEERED] == ["baseline", "ceiling", "middle"]
     assert roles.count("predicted") <= 1
-    beyond = [tuple(t.params.values()) for t in finished if t.user_attrs.get(ROLE) == BEYOND]
-    assert len(beyond) == len(set(beyond))
+    for role in (BEYOND, CARRIED):
+        queued = [tuple(t.params.values()) for t in finished if t.user_attrs.get(ROLE) == role]
+        assert len(queued) == len(set(queued))
 
 
 def test_two_tunes_at_once_on_a_new_sqlite_study_run_n_trials_in_all(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 from autobatch.records import (
     BASELINE,
     BEYOND,
+    CARRIED,
     CEILING,
     COMPLETE,
     FAILED,
@@ -275,10 +276,28 @@ def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it(
     assert space.past_the_edge(top, settings(lr_multiplier_range=(2.5, 3.0))) is None
 
 
+def test_the_best_multiplier_is_carried_to_the_predicted_fastest_size() -> None:
+    inside = [_at(0, 1.0, 0.5, role=BASELINE), _at(1, 1.1, 0.45, batch_size=256)]
+    # The best trial runs at the rule's own rate (within 1.25x): nothing to carry.
+    assert space.carried_over(inside, fastest=512) is None
+    off = [*inside, _at(2, 3.0, 0.3)]  # the task's rate is about 3x too low
+    assert space.carried_over(off, fastest=512) == (512, 3.0)
+    assert space.carried_over(off, fastest=None) is None  # nothing predicted yet
+    assert space.carried_over(off, fastest=64) is None  # the best trial already runs there
+    # Once it ran there, or is queued, near that multiplier: nothing more.
+    assert space.carried_over([*off, _at(3, 2.6, 0.35, batch_size=512)], fastest=512) is None
+    assert space.carried_over(off, fastest=512, taken=[(512, 3.5)]) is None
+    assert space.carried_over(off, fastest=512, taken=[(512, 1.0)]) == (512, 3.0)
+    # A new best at another multiplier is carried again.
+    again = [*off, _at(3, 3.0, 0.35, batch_size=512), _at(4, 8.0, 0.2)]
+    assert space.carried_over(again, fastest=512) == (512, 8.0)
+
+
 def test_which_trials_halving_may_stop() -> None:
-    """Sampled trials and the predicted one; never a seed nor a trial past the lr range's end
-    (its early curve is the noisiest, and the study's next doubling rests on its best loss),
-    and none under the Pareto objective."""
+    """Sampled trials and the predicted and carried ones; never a seed nor a trial past the lr
+    range's end (its early curve is the noisiest, and the study's next doubling rests on its
+    best loss), and none under the Pareto objective."""
     assert prunable(None, "time") and prunable(PREDICTED, "time") and prunable(None, "loss")
+    assert prunable(CARRIED, "time")
     assert not any(prunable(role, "time") for role in (BASELINE, CEILING, MIDDLE, BEYOND))
     assert not prunable(None, "pareto")

@@ -194,7 +194,38 @@ def past_the_edge(
     else:
         return None
     ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
-    near = math.log(1.25)
+    near = math.log(NEAR)
     if any(size == best.batch_size and abs(math.log(m / proposal)) < near for size, m in ran):
         return None
     return best.batch_size, proposal
+
+
+#: How near two multipliers count as the same configuration for a queued trial.
+NEAR = 1.25
+
+
+def carried_over(
+    records: Sequence[TrialRecord],
+    fastest: int | None,
+    taken: Sequence[tuple[int, float]] = (),
+) -> tuple[int, float] | None:
+    """The predicted fastest batch size ``fastest`` at the multiplier of the completed trial
+    with the best loss, or None: when that multiplier is the rule's own rate (within
+    :data:`NEAR`), the best trial already runs at ``fastest``, or a trial ran or is queued
+    there (``taken``) within :data:`NEAR` of it.
+
+    The rule scales the task's rate with the batch size; a best multiplier away from 1 says the
+    task's own rate was off by that factor, at every batch size. The size predicted fastest was
+    tried at the rule's rate only (the predicted trial), so it is tried again with the factor.
+    """
+    done = [r for r in records if scoring.completed(r)]
+    if fastest is None or not done:
+        return None
+    best = min(done, key=lambda r: (r.best_val_loss, r.number))
+    near = math.log(NEAR)
+    if best.batch_size == fastest or abs(math.log(best.lr_multiplier)) < near:
+        return None
+    ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
+    if any(s == fastest and abs(math.log(m / best.lr_multiplier)) < near for s, m in ran):
+        return None
+    return fastest, best.lr_multiplier

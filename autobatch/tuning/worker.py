@@ -37,6 +37,7 @@ from autobatch.oom import drop_failed_attempt, is_oom_error
 from autobatch.records import (
     BASELINE,
     BEYOND,
+    CARRIED,
     COMPLETE,
     FAILED,
     INFEASIBLE,
@@ -510,7 +511,7 @@ class Worker:
         if record.role not in (None, *STEERED):
             self._queue_prediction()
         if state == COMPLETE:
-            self._queue_past_edge([*judge.records, record])
+            self._queue_steered([*judge.records, record])
         return 1
 
     def _queue_prediction(self) -> None:
@@ -527,7 +528,7 @@ class Worker:
         seeds = space.seeds(settings.candidates, settings.base_batch_size)
         if sum(r.role not in (None, *STEERED) for r in records) < len(seeds):
             return
-        if not self._room(trials):
+        if self._free(trials) < 1:
             return
         fastest = prior.explain(scoring.rescore(records, settings), settings.candidates).fastest
         if fastest is None:
@@ -542,39 +543,65 @@ class Worker:
             skip_if_exists=True,
         )
 
-    def _room(self, trials: Sequence[FrozenTrial]) -> bool:
-        """Whether a trial queued now would have a place within ``n_trials``: the last places
+    def _free(self, trials: Sequence[FrozenTrial]) -> float:
+        """How many trials queued now would have a place within ``n_trials``: the last places
         go to the trials already queued or running (a dead worker's, queued again, among
         them)."""
         state = storage.progress(trials)
         n_trials = self.settings.n_trials
-        return n_trials is None or state.finished + state.running + state.waiting < n_trials
+        taken = state.finished + state.running + state.waiting
+        return math.inf if n_trials is None else n_trials - taken
 
-    def _queue_past_edge(self, known: list[TrialRecord]) -> None:
-        """Queue the configuration past the multiplier range that :func:`space.past_the_edge`
-        asks for, if any. The records this worker already holds (its own trial's among them)
-        say whether the rule asks for one at all, so the study is read only when it does; the
-        answer then comes from a fresh read, with the queued and running trials, so workers
-        agree on it; of two copies queued at the same moment, the later is not run."""
-        settings = self.settings
-        if space.past_the_edge(known, settings) is None:
+    def _queue_steered(self, known: list[TrialRecord]) -> None:
+        """Queue the trials the records ask for: past the multiplier range's end
+        (:func:`space.past_the_edge`), and the best trial's multiplier at the predicted fastest
+        batch size (:func:`space.carried_over`). The records this worker already holds (its
+        own trial's among them) say whether either is asked for at all, so the study is read
+        only when one is; the answer then comes from a fresh read, with the queued and running
+        trials, so workers agree on it; of two copies queued at the same moment, the later is
+        not run."""
+        if all(propose(known, []) is None for _, propose, _ in self._steering()):
             return
         trials = self.study.get_trials(deepcopy=False)
-        if not self._room(trials):
-            return
-        proposal = space.past_the_edge(
-            storage.records(trials), settings, storage.configurations(trials)
-        )
-        if proposal is None:
-            return
-        size, multiplier = proposal
-        log.info("the best trial's learning rate is at the range's end: queued batch size %d "
-                 "at x%.3g", size, multiplier)  # fmt: skip
-        self.study.enqueue_trial(
-            {"batch_size": size, "lr_multiplier": multiplier},
-            user_attrs={storage.ROLE: BEYOND},
-            skip_if_exists=True,
-        )
+        records, taken = storage.records(trials), storage.configurations(trials)
+        free = self._free(trials)
+        for role, propose, why in self._steering():
+            proposal = propose(records, taken)
+            if proposal is None or free < 1:
+                continue
+            size, multiplier = proposal
+            log.info("%s: queued batch size %d at x%.3g", why, size, multiplier)
+            self.study.enqueue_trial(
+                {"batch_size": size, "lr_multiplier": multiplier},
+                user_attrs={storage.ROLE: role},
+                skip_if_exists=True,
+            )
+            taken, free = [*taken, proposal], free - 1
+
+    def _steering(self) -> list[tuple[str, Callable[..., tuple[int, float] | None], str]]:
+        """The rules that queue trials from the records: (role, proposal from the records and
+        the queued and running configurations, why, for the log)."""
+        settings = self.settings
+
+        def fastest(records: list[TrialRecord]) -> int | None:
+            judged = scoring.rescore(records, settings)
+            predicted = prior.explain(judged, settings.candidates).fastest
+            if predicted is None or predicted.batch_size in scoring.infeasible_sizes(records):
+                return None
+            return predicted.batch_size
+
+        return [
+            (
+                BEYOND,
+                lambda records, taken: space.past_the_edge(records, settings, taken),
+                "the best trial's learning rate is at the range's end",
+            ),
+            (
+                CARRIED,
+                lambda records, taken: space.carried_over(records, fastest(records), taken),
+                "the best trial's learning-rate multiplier, at the predicted fastest size",
+            ),
+        ]
 
     def _settle(self, trials: list[FrozenTrial], force: bool = False) -> bool:
         """Tell Optuna the deferred trials' scores once the reference trial has ended (or,
