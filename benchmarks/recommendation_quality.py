@@ -214,6 +214,7 @@ def one_task(name: str, args, log) -> dict:
             seed=seed,
             mlflow=False,
             **({"n_trials": 4} if args.quick else {}),
+            **({"n_trials": args.n_trials} if args.n_trials else {}),
             min_trials=args.min_trials,
         )
         compute = sum(t.train_seconds for t in result.trials)
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="tune()'s min_trials (default: none, every study runs all its n_trials)",
     )
+    parser.add_argument("--n-trials", type=int, help="tune()'s n_trials (default: its own)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
