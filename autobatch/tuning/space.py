@@ -162,6 +162,8 @@ def seeds(candidates: Sequence[int], base_batch_size: int) -> list[tuple[str, in
 
 #: A best trial within this factor of an end of the multiplier range sits at that end.
 EDGE = 2.0
+#: How near two multipliers count as the same configuration for a queued trial.
+NEAR = 1.25
 
 
 def past_the_edge(
@@ -198,10 +200,6 @@ def past_the_edge(
     if any(size == best.batch_size and abs(math.log(m / proposal)) < near for size, m in ran):
         return None
     return best.batch_size, proposal
-
-
-#: How near two multipliers count as the same configuration for a queued trial.
-NEAR = 1.25
 
 
 def carried_over(

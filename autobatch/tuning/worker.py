@@ -333,11 +333,11 @@ class Worker:
                 self.task, self.train_data, self._base_size()
             )
             self._measured = True
+        self._steer(storage.records(seen))
         with warnings.catch_warnings():
             # The pieces of optimize(), used directly: Optuna warns that heartbeats are meant
             # for optimize(), and they work the same here.
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            self._steer(storage.records(seen))
             trial = study.ask()
         heartbeat = get_heartbeat_thread(trial._trial_id, study._storage)
         heartbeat.start()
@@ -705,8 +705,9 @@ class Worker:
         steered.steer(avoid)
 
     def _skip(self, trial: optuna.Trial, reason: str) -> None:
-        """A queued trial at a batch size that does not fit: not run, not counted, failed (the
-        sampler never draws the size, see :meth:`_steer`)."""
+        """A trial at a batch size known not to fit (queued, or drawn before this worker read
+        another's out-of-memory trial; the sampler is kept off known ones, see
+        :meth:`_steer`): not run, not counted, failed."""
         trial.set_user_attr(storage.COUNTED, False)
         trial.set_user_attr(storage.REASON, reason)
         self.study.tell(trial, state=TrialState.FAIL)
