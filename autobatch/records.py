@@ -39,8 +39,8 @@ BEYOND = "beyond"
 #: the best loss, when that is not the rule's own rate
 #: (:func:`autobatch.tuning.space.carried_over`).
 CARRIED = "carried"
-#: Trials the study queues itself after the seeds (the trial past the range's end is never
-#: pruned: :func:`autobatch.tuning.pruner.prunable`).
+#: Trials the study queues itself after the seeds (only the predicted one may be pruned:
+#: :func:`autobatch.tuning.pruner.prunable`).
 STEERED = (PREDICTED, BEYOND, CARRIED)
 #: How a completed trial ended against the target.
 REACHED, MISSED = "reached", "missed"
