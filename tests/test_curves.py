@@ -47,6 +47,21 @@ def test_choose_epochs_warns_when_done_in_the_first_tenth():
     assert "lower max_epochs" in choice.warning
 
 
+def test_the_loss_must_be_at_the_level_at_the_epoch_training_stops():
+    """A digits-SGD trial at a rate near instability dipped under the level mid-epoch (10.53)
+    and was back 9% above it at epoch 11, where training stops: 11 epochs do not reach it."""
+    epochs = [9.53, 10.0, 10.53, 11.0, 11.53, 12.0, 12.53, 13.0]
+    losses = [0.0925, 0.0807, 0.0766, 0.0836, 0.0850, 0.0823, 0.0760, 0.0761]
+    choice = curves.choose_epochs(epochs, losses, max_epochs=20, tolerance=0.02, level=0.0769)
+    assert choice.at_epoch == 10.53  # where the curve first reached the level
+    assert choice.epochs == 13  # the first epoch end at the level
+    # An epoch end at the level right after the crossing: the usual rounding up.
+    steady = [0.0925, 0.0807, 0.0766, 0.0760, 0.0750, 0.0740, 0.0730, 0.0720]
+    assert curves.choose_epochs(epochs, steady, 20, 0.02, level=0.0769).epochs == 11
+    # No epoch end at the level (the trial stopped first): rounded up from the crossing.
+    assert curves.choose_epochs(epochs[:5], losses[:5], 20, 0.02, level=0.0769).epochs == 11
+
+
 def test_threshold_and_first_reaching():
     level = curves.threshold(0.5, 0.1)
     assert level == pytest.approx(0.55)

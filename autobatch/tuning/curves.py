@@ -77,9 +77,22 @@ def choose_epochs(
         raise ValueError("choose_epochs needs one smoothed value per evaluation point")
     best_index = min(range(len(smoothed)), key=smoothed.__getitem__)
     index = None if level is None else first_reaching(smoothed, level)
+    whole = None
     if index is None:
         index = next(
             i for i, v in enumerate(smoothed) if within(v, smoothed[best_index], tolerance)
+        )
+    else:
+        # Training stops at a whole epoch, so that is where the loss must be at the level: the
+        # first epoch end from the crossing on whose own evaluation is (a curve that dips under
+        # the level mid-epoch and is back above it at the epoch's end has not reached it).
+        whole = next(
+            (
+                math.ceil(epochs[i] - 1e-9)
+                for i in range(index, len(epochs))
+                if smoothed[i] <= level and _epoch_end(epochs[i])
+            ),
+            None,
         )
     at = float(epochs[index])
     warning = None
@@ -93,7 +106,12 @@ def choose_epochs(
             f"the validation loss levelled off within {at:.2g} epochs, the first tenth of the "
             f"{max_epochs:g}-epoch budget: lower max_epochs to save time"
         )
-    return EpochChoice(max(1, math.ceil(at - 1e-9)), at, index, best_index, warning)
+    chosen = whole if whole is not None else math.ceil(at - 1e-9)
+    return EpochChoice(max(1, chosen), at, index, best_index, warning)
+
+
+def _epoch_end(epoch: float) -> bool:
+    return epoch >= 1 - 1e-9 and abs(epoch - round(epoch)) < 1e-6
 
 
 def area_under(seconds: Sequence[float], losses: Sequence[float]) -> float | None:

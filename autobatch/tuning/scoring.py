@@ -246,8 +246,9 @@ def recommend(
     """The configuration to train with, from every finished trial's record.
 
     Among the completed trials that reached the target, the one whose recommended epochs
-    (where its curve first reached the target, rounded up to whole epochs) train fastest (the
-    lowest best loss for ``objective="loss"``); when none did, the one that came closest.
+    (the first epoch end, from where its curve first reached the target, at the target too)
+    train fastest (the lowest best loss for ``objective="loss"``); when none did, the one
+    that came closest.
     """
     records = sorted(rescore(records, settings), key=lambda r: r.number)
     target = target_loss(records, settings)
