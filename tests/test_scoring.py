@@ -277,20 +277,27 @@ def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it(
 
 
 def test_the_best_multiplier_is_carried_to_the_predicted_fastest_size() -> None:
+    def carried(records, fastest, taken=()):
+        return space.carried_over(records, settings(), fastest, taken)
+
     inside = [_at(0, 1.0, 0.5, role=BASELINE), _at(1, 1.1, 0.45, batch_size=256)]
     # The best trial runs at the rule's own rate (within 1.25x): nothing to carry.
-    assert space.carried_over(inside, fastest=512) is None
-    off = [*inside, _at(2, 3.0, 0.3)]  # the task's rate is about 3x too low
-    assert space.carried_over(off, fastest=512) == (512, 3.0)
-    assert space.carried_over(off, fastest=None) is None  # nothing predicted yet
-    assert space.carried_over(off, fastest=64) is None  # the best trial already runs there
+    assert carried(inside, 512) is None
+    # The task's rate is about 3x too low, at the range's top: not while the search past the
+    # range goes on (x6 asked for), only once it has stopped (x6 was worse).
+    off = [*inside, _at(2, 3.0, 0.3)]
+    assert carried(off, 512) is None
+    off = [*off, _at(3, 6.0, 0.32, role=BEYOND)]
+    assert carried(off, 512) == (512, 3.0)
+    assert carried(off, None) is None  # nothing predicted yet
+    assert carried(off, 64) is None  # the best trial already runs there
     # Once it ran there, or is queued, near that multiplier: nothing more.
-    assert space.carried_over([*off, _at(3, 2.6, 0.35, batch_size=512)], fastest=512) is None
-    assert space.carried_over(off, fastest=512, taken=[(512, 3.5)]) is None
-    assert space.carried_over(off, fastest=512, taken=[(512, 1.0)]) == (512, 3.0)
-    # A new best at another multiplier is carried again.
-    again = [*off, _at(3, 3.0, 0.35, batch_size=512), _at(4, 8.0, 0.2)]
-    assert space.carried_over(again, fastest=512) == (512, 8.0)
+    assert carried([*off, _at(4, 2.6, 0.35, batch_size=512)], 512) is None
+    assert carried(off, 512, taken=[(512, 3.5)]) is None
+    assert carried(off, 512, taken=[(512, 1.0)]) == (512, 3.0)
+    # A new best at another multiplier, inside the range, is carried again.
+    again = [*off, _at(4, 3.0, 0.35, batch_size=512), _at(5, 0.6, 0.2)]
+    assert carried(again, 512) == (512, 0.6)
 
 
 def test_which_trials_halving_may_stop() -> None:

@@ -204,20 +204,23 @@ def past_the_edge(
 
 def carried_over(
     records: Sequence[TrialRecord],
+    settings: StudySettings,
     fastest: int | None,
     taken: Sequence[tuple[int, float]] = (),
 ) -> tuple[int, float] | None:
     """The predicted fastest batch size ``fastest`` at the multiplier of the completed trial
-    with the best loss, or None: when that multiplier is the rule's own rate (within
-    :data:`NEAR`), the best trial already runs at ``fastest``, or a trial ran or is queued
-    there (``taken``) within :data:`NEAR` of it.
+    with the best loss, or None: while the search past the range's end goes on
+    (:func:`past_the_edge` asks for a trial), when that multiplier is the rule's own rate
+    (within :data:`NEAR`), when the best trial already runs at ``fastest``, or when a trial
+    ran or is queued there (``taken``) within :data:`NEAR` of it.
 
     The rule scales the task's rate with the batch size; a best multiplier away from 1 says the
     task's own rate was off by that factor, at every batch size. The size predicted fastest was
-    tried at the rule's rate only (the predicted trial), so it is tried again with the factor.
+    tried at the rule's rate only (the predicted trial), so it is tried again with the factor,
+    once the factor is known: not at each doubling on the way to it.
     """
     done = [r for r in records if scoring.completed(r)]
-    if fastest is None or not done:
+    if fastest is None or not done or past_the_edge(records, settings) is not None:
         return None
     best = min(done, key=lambda r: (r.best_val_loss, r.number))
     near = math.log(NEAR)

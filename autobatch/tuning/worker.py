@@ -598,7 +598,9 @@ class Worker:
             ),
             (
                 CARRIED,
-                lambda records, taken: space.carried_over(records, fastest(records), taken),
+                lambda records, taken: space.carried_over(
+                    records, settings, fastest(records), taken
+                ),
                 "the best trial's learning-rate multiplier, at the predicted fastest size",
             ),
         ]
