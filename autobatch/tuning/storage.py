@@ -254,7 +254,7 @@ def configurations(trials: Sequence[FrozenTrial]) -> list[tuple[int, float]]:
     found = []
     for t in trials:
         if t.state in (TrialState.WAITING, TrialState.RUNNING):
-            params = t.params or t.system_attrs.get(_FIXED_PARAMS) or {}
+            params = _configuration(t)
             if "batch_size" in params and "lr_multiplier" in params:
                 found.append((int(params["batch_size"]), float(params["lr_multiplier"])))
     return found
@@ -274,7 +274,8 @@ def earlier_twin(trials: Sequence[FrozenTrial], number: int) -> FrozenTrial | No
 
 
 def _configuration(trial: FrozenTrial) -> dict[str, Any]:
-    return trial.system_attrs.get(_FIXED_PARAMS) or trial.params
+    """What ``trial`` has drawn so far, or, before it draws, what it was enqueued with."""
+    return trial.params or trial.system_attrs.get(_FIXED_PARAMS) or {}
 
 
 def claim_bound(seen: Sequence[FrozenTrial], number: int) -> int:

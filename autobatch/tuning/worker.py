@@ -353,7 +353,7 @@ class Worker:
             if trial.user_attrs.get(storage.ROLE) in STEERED:  # queued by a worker, not prepare
                 trials = study.get_trials(deepcopy=False)
                 if (twin := storage.earlier_twin(trials, trial.number)) is not None:
-                    self._give_back(trial, f"not run: queued twice at once, as trial {twin.number}")
+                    self._skip(trial, f"not run: queued twice at once, as trial {twin.number}")
                     return 0
             size = int(trial.suggest_categorical("batch_size", list(settings.candidates)))
             with warnings.catch_warnings():  # a trial queued past the range's end
@@ -530,7 +530,7 @@ class Worker:
             return
         if self._free(trials) < 1:
             return
-        fastest = prior.explain(scoring.rescore(records, settings), settings.candidates).fastest
+        fastest = self._explained(records).fastest
         if fastest is None:
             return
         best = fastest.batch_size
@@ -584,8 +584,7 @@ class Worker:
         settings = self.settings
 
         def fastest(records: list[TrialRecord]) -> int | None:
-            judged = scoring.rescore(records, settings)
-            predicted = prior.explain(judged, settings.candidates).fastest
+            predicted = self._explained(records).fastest
             if predicted is None or predicted.batch_size in scoring.infeasible_sizes(records):
                 return None
             return predicted.batch_size
@@ -677,6 +676,12 @@ class Worker:
         if interrupted:
             raise KeyboardInterrupt
 
+    def _explained(self, records: list[TrialRecord]) -> prior.Explanation:
+        """The prior's predictions from ``records`` judged by the current target: what the
+        queued prediction, the carried trial and the sizes kept from the sampler all read."""
+        judged = scoring.rescore(records, self.settings)
+        return prior.explain(judged, self.settings.candidates)
+
     def _steer(self, records: list[TrialRecord]) -> None:
         """Keep the sampler off the batch sizes that ran out of memory and those the prior
         predicts at least ``prior.TOO_SLOW`` times slower to the target than the fastest (never
@@ -687,9 +692,7 @@ class Worker:
             return
         infeasible = scoring.infeasible_sizes(records)
         reference = scoring.reference(records)
-        explanation = prior.explain(
-            scoring.rescore(records, self.settings), self.settings.candidates
-        )
+        explanation = self._explained(records)
         slow = prior.too_slow(explanation, keep=None if reference is None else reference.batch_size)
         avoid = infeasible | set(slow)
         if set(self.settings.candidates) <= avoid:
@@ -707,20 +710,21 @@ class Worker:
         steered.steer(avoid)
 
     def _skip(self, trial: optuna.Trial, reason: str) -> None:
-        """A trial at a batch size known not to fit (queued, or drawn before this worker read
-        another's out-of-memory trial; the sampler is kept off known ones, see
-        :meth:`_steer`): not run, not counted, failed."""
+        """A trial not worth running, for ``reason``: at a batch size known not to fit (queued,
+        or drawn before this worker read another's out-of-memory trial; the sampler is kept
+        off known ones, see :meth:`_steer`), or a copy of a trial queued twice at once. Not
+        run, not counted, failed, not queued again."""
         trial.set_user_attr(storage.COUNTED, False)
         trial.set_user_attr(storage.REASON, reason)
         self.study.tell(trial, state=TrialState.FAIL)
 
-    def _give_back(self, trial: optuna.Trial, twin: str | None = None) -> None:
+    def _give_back(self, trial: optuna.Trial) -> None:
         """Asked for a trial past the study's budget (another worker took the last place at the
-        same moment): not run, not counted; a queued one goes back in the queue. With ``twin``
-        (why), the trial duplicates one that counts: not run, and not queued again."""
+        same moment): not run, not counted; a queued one goes back in the queue (after this
+        one stops counting, so no worker sees both count)."""
         trial.set_user_attr(storage.COUNTED, False)
-        trial.set_user_attr(storage.REASON, twin or "not run: the study already had its n_trials")
-        if twin is None and storage.fixed_params(self.study, trial) is not None:
+        trial.set_user_attr(storage.REASON, "not run: the study already had its n_trials")
+        if storage.fixed_params(self.study, trial) is not None:
             self._queue_again(trial)
         self.study.tell(trial, state=TrialState.FAIL)
 
