@@ -39,9 +39,12 @@ BEYOND = "beyond"
 #: the best loss, when that is not the rule's own rate
 #: (:func:`autobatch.tuning.space.carried_over`).
 CARRIED = "carried"
-#: Trials the study queues itself after the seeds (only the predicted one may be pruned:
-#: :func:`autobatch.tuning.pruner.prunable`).
-STEERED = (PREDICTED, BEYOND, CARRIED)
+#: A trial queued at the batch size next to the fastest trial's, at its multiplier
+#: (:func:`autobatch.tuning.space.neighbour`).
+NEIGHBOUR = "neighbour"
+#: Trials the study queues itself after the seeds (only the predicted one and the neighbours
+#: may be pruned: :func:`autobatch.tuning.pruner.prunable`).
+STEERED = (PREDICTED, BEYOND, CARRIED, NEIGHBOUR)
 #: How a completed trial ended against the target.
 REACHED, MISSED = "reached", "missed"
 

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from autobatch import InvalidInputError, join_study, tune
 from autobatch.examples import digits
-from autobatch.records import BEYOND, CARRIED, STEERED
+from autobatch.records import BEYOND, CARRIED, NEIGHBOUR, STEERED
 from autobatch.tuning import recommend
 from autobatch.tuning.storage import HOST, RECORD, ROLE, RUN_ID, WORKER, counts, open_storage
 
@@ -230,12 +230,12 @@ def test_a_sigkilled_study_rerun_ends_with_no_trial_running(tmp_path: Path) -> N
 def _assert_seeded_once(finished: list) -> None:
     """Each seed ran once, and the prior's predicted trial (queued by whichever worker ended
     the last seed, when it predicts a size no seed ran) at most once; a trial past the lr
-    range's end or carried to the predicted fastest size (queued from the records) never twice
-    at one configuration."""
+    range's end, carried to the predicted fastest size or next to the fastest trial's (queued
+    from the records) never twice at one configuration."""
     roles = sorted(t.user_attrs[ROLE] for t in finished if t.user_attrs.get(ROLE))
     assert [r for r in roles if r not in STEERED] == ["baseline", "ceiling", "middle"]
     assert roles.count("predicted") <= 1
-    for role in (BEYOND, CARRIED):
+    for role in (BEYOND, CARRIED, NEIGHBOUR):
         queued = [tuple(t.params.values()) for t in finished if t.user_attrs.get(ROLE) == role]
         assert len(queued) == len(set(queued))
 

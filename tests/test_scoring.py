@@ -18,6 +18,7 @@ from autobatch.records import (
     FAILED,
     INFEASIBLE,
     MIDDLE,
+    NEIGHBOUR,
     PREDICTED,
     EvalPoint,
     StudySettings,
@@ -300,12 +301,38 @@ def test_the_best_multiplier_is_carried_to_the_predicted_fastest_size() -> None:
     assert carried(again, 512) == (512, 0.6)
 
 
+def test_the_fastest_trial_is_tried_at_the_next_batch_size_up_then_down() -> None:
+    def next_to(records, taken=()):
+        return space.neighbour(records, settings(), taken)
+
+    seeds = [_at(0, 1.0, 0.5, batch_size=16, role=BASELINE), _at(1, 1.0, 0.6, role=MIDDLE)]
+    assert next_to(seeds) is None  # the sampler has not had a say yet
+    fast = [*seeds, _at(2, 1.5, 0.3)]  # the fastest (and only) trial at the target
+    assert next_to(fast) == (256, 1.5)
+    # Above it ran, is queued near that multiplier, or ran out of memory: below it instead.
+    assert next_to(fast, taken=[(256, 1.6)]) == (16, 1.5)
+    assert next_to(fast, taken=[(256, 3.0)]) == (256, 1.5)  # another rate is another trial
+    oom = dataclasses.replace(_at(3, 0.5, 0.9, batch_size=256), state=INFEASIBLE)
+    assert next_to([*fast, oom]) == (16, 1.5)
+    assert next_to(fast, taken=[(256, 1.5), (16, 1.5)]) is None
+    # A neighbour that won is walked on from; one that lost ends the walk on that side.
+    quicker = record(3, [1.0, 0.3], 10.0, batch_size=256, role=NEIGHBOUR)
+    quicker = dataclasses.replace(quicker, lr_multiplier=1.5)
+    assert next_to([*fast, quicker]) is None  # 256 is the top, and 64 at x1.5 ran
+    lost = record(3, [1.5, 1.0, 0.9], 10.0, batch_size=256, role=NEIGHBOUR)
+    assert next_to([*fast, dataclasses.replace(lost, lr_multiplier=1.5)]) == (16, 1.5)
+    # Not while the search past the range's end goes on.
+    edge = [*seeds, _at(2, 3.0, 0.3)]
+    assert space.past_the_edge(edge, settings()) is not None and next_to(edge) is None
+
+
 def test_which_trials_halving_may_stop() -> None:
     """Sampled trials and the predicted one; never a seed, a trial past the lr range's end (its
     early curve is the noisiest, and the study's next doubling rests on its best loss) or a
     carried one (the best rate at the size predicted fastest), and none under the Pareto
     objective."""
     assert prunable(None, "time") and prunable(PREDICTED, "time") and prunable(None, "loss")
+    assert prunable(NEIGHBOUR, "time")
     steered = (BASELINE, CEILING, MIDDLE, BEYOND, CARRIED)
     assert not any(prunable(role, "time") for role in steered)
     assert not prunable(None, "pareto")

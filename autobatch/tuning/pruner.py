@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from autobatch.records import PREDICTED
+from autobatch.records import NEIGHBOUR, PREDICTED
 from autobatch.tuning import scoring, storage
 
 #: Each rung keeps the best third of the trials that reach it, and lies three times further.
@@ -27,13 +27,14 @@ REDUCTION_FACTOR = 3
 
 
 def prunable(role: str | None, objective: str) -> bool:
-    """Whether halving may stop a trial: a sampled one or the predicted one. Never a seeded
+    """Whether halving may stop a trial: a sampled one, the predicted one or a neighbour of
+    the fastest (each a bid to be faster, judged on time like the sampled). Never a seeded
     trial (the reference points the others are judged against), nor a trial past the lr
     range's end (the highest rate yet, so the noisiest early curve; whether the study goes on
     doubling rests on its best loss), nor a carried one (the best trial's rate, often one of
     those, at the size predicted fastest: the recommendation rests on its whole curve), nor
     any under the Pareto objective (no single score)."""
-    return objective != "pareto" and role in (None, PREDICTED)
+    return objective != "pareto" and role in (None, PREDICTED, NEIGHBOUR)
 
 
 @dataclass

@@ -210,14 +210,24 @@ def best_loss(records: Sequence[TrialRecord]) -> float | None:
 def _fastest_cost(records: Sequence[TrialRecord], ref: TrialRecord | None) -> float | None:
     """The fewest seconds, in whole epochs, any record needs to reach the target it was judged
     by (:func:`rescore`'s)."""
-    costs = [_cost(r, ref) for r in records if completed(r) and r.time_to_target is not None]
-    return min(costs) if costs else None
+    best = fastest(records, ref)
+    return None if best is None else _cost(best, ref)
 
 
 def _cost(record: TrialRecord, ref: TrialRecord | None) -> float:
     """What ``record``'s configuration costs to the target, in whole epochs, on the reference
     trial's clock: the time objective's comparison."""
     return cost_seconds(record) * speed_factor(record, ref)
+
+
+def fastest(records: Sequence[TrialRecord], ref: TrialRecord | None = None) -> TrialRecord | None:
+    """The completed record that reached the target it was judged by (:func:`rescore`'s) at
+    the least cost: what the user will pay, whole epochs on the reference trial's clock
+    (``ref``, by default the records' own), not the moment the target was crossed. None when
+    none reached it."""
+    ref = ref or reference(records)
+    reached = [r for r in records if completed(r) and r.time_to_target is not None]
+    return min(reached, key=lambda r: (_cost(r, ref), r.number)) if reached else None
 
 
 def pruning_scale_ms(records: Sequence[TrialRecord]) -> int | None:
@@ -266,9 +276,7 @@ def recommend(
     if settings.objective == "loss":
         best = min(pool, key=lambda r: (r.best_val_loss, r.number))
     elif settings.objective == "time" and reached:
-        # What the user will pay: whole epochs, not the moment the target was crossed.
-        ref = reference(records)
-        best = min(pool, key=lambda r: (_cost(r, ref), r.number))
+        best = fastest(records)
     else:
         best = min(pool, key=lambda r: (r.value, r.best_val_loss, r.number))
     warnings = list(notes)

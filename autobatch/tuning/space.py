@@ -230,3 +230,37 @@ def carried_over(
     if any(s == fastest and abs(math.log(m / best.lr_multiplier)) < near for s, m in ran):
         return None
     return fastest, best.lr_multiplier
+
+
+def neighbour(
+    records: Sequence[TrialRecord],
+    settings: StudySettings,
+    taken: Sequence[tuple[int, float]] = (),
+) -> tuple[int, float] | None:
+    """The fastest trial's multiplier at the next candidate batch size above its own (else the
+    one below), or None: before any sampled trial has ended, while the search past the range's
+    end goes on (:func:`past_the_edge`), when both neighbours ran out of memory, or when a
+    trial ran or is queued (``taken``) at each within :data:`NEAR` of that multiplier.
+
+    The multiplier is relative to the rule's rate at each size, so it carries to the next size
+    as it is. The sampler spreads its trials over every size and rate; this walks from the
+    best one along the batch size, one step at a time, and stops where the next step is no
+    faster: a step that wins becomes the fastest and asks for the step after it.
+    """
+    if not any(r.role is None for r in records) or past_the_edge(records, settings) is not None:
+        return None
+    fastest = scoring.fastest(scoring.rescore(records, settings))
+    if fastest is None:
+        return None
+    sizes = sorted(settings.candidates)
+    at = sizes.index(fastest.batch_size) if fastest.batch_size in sizes else None
+    if at is None:
+        return None
+    infeasible = scoring.infeasible_sizes(records)
+    ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
+    near = math.log(NEAR)
+    for size in sizes[at + 1 : at + 2] + sizes[max(at - 1, 0) : at]:
+        tried = any(s == size and abs(math.log(m / fastest.lr_multiplier)) < near for s, m in ran)
+        if size not in infeasible and not tried:
+            return size, fastest.lr_multiplier
+    return None

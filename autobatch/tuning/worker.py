@@ -41,6 +41,7 @@ from autobatch.records import (
     COMPLETE,
     FAILED,
     INFEASIBLE,
+    NEIGHBOUR,
     PREDICTED,
     PRUNED,
     RUNNING,
@@ -554,9 +555,10 @@ class Worker:
 
     def _queue_steered(self, known: list[TrialRecord]) -> None:
         """Queue the trials the records ask for: past the multiplier range's end
-        (:func:`space.past_the_edge`), and the best trial's multiplier at the predicted fastest
-        batch size (:func:`space.carried_over`). The records this worker already holds (its
-        own trial's among them) say whether either is asked for at all, so the study is read
+        (:func:`space.past_the_edge`), the best trial's multiplier at the predicted fastest
+        batch size (:func:`space.carried_over`), and the fastest trial's at the size next to
+        its own (:func:`space.neighbour`). The records this worker already holds (its own
+        trial's among them) say whether any is asked for at all, so the study is read
         only when one is; the answer then comes from a fresh read, with the queued and running
         trials, so workers agree on it; of two copies queued at the same moment, the later is
         not run."""
@@ -601,6 +603,11 @@ class Worker:
                     records, settings, fastest(records), taken
                 ),
                 "the best trial's learning-rate multiplier, at the predicted fastest size",
+            ),
+            (
+                NEIGHBOUR,
+                lambda records, taken: space.neighbour(records, settings, taken),
+                "the fastest trial's multiplier, at the batch size next to its own",
             ),
         ]
 
