@@ -306,23 +306,25 @@ def test_the_fastest_trial_is_tried_at_the_next_batch_size_up_then_down() -> Non
         return space.neighbour(records, settings(), taken)
 
     seeds = [_at(0, 1.0, 0.5, batch_size=16, role=BASELINE), _at(1, 1.0, 0.6, role=MIDDLE)]
-    assert next_to(seeds) is None  # the sampler has not had a say yet
-    fast = [*seeds, _at(2, 1.5, 0.3)]  # the fastest (and only) trial at the target
+    # Not before two sampled trials have ended: the search has not had its say on the rate.
+    assert next_to(seeds) is None
+    assert next_to([*seeds, _at(2, 1.0, 0.3, role=PREDICTED), _at(3, 2.2, 0.9)]) is None
+    fast = [*seeds, _at(2, 1.5, 0.3), _at(3, 0.5, 0.9, batch_size=16)]  # 2 is the fastest
     assert next_to(fast) == (256, 1.5)
     # Above it ran, is queued near that multiplier, or ran out of memory: below it instead.
     assert next_to(fast, taken=[(256, 1.6)]) == (16, 1.5)
     assert next_to(fast, taken=[(256, 3.0)]) == (256, 1.5)  # another rate is another trial
-    oom = dataclasses.replace(_at(3, 0.5, 0.9, batch_size=256), state=INFEASIBLE)
+    oom = dataclasses.replace(_at(4, 0.5, 0.9, batch_size=256), state=INFEASIBLE)
     assert next_to([*fast, oom]) == (16, 1.5)
     assert next_to(fast, taken=[(256, 1.5), (16, 1.5)]) is None
     # A neighbour that won is walked on from; one that lost ends the walk on that side.
-    quicker = record(3, [1.0, 0.3], 10.0, batch_size=256, role=NEIGHBOUR)
+    quicker = record(4, [1.0, 0.3], 10.0, batch_size=256, role=NEIGHBOUR)
     quicker = dataclasses.replace(quicker, lr_multiplier=1.5)
     assert next_to([*fast, quicker]) is None  # 256 is the top, and 64 at x1.5 ran
-    lost = record(3, [1.5, 1.0, 0.9], 10.0, batch_size=256, role=NEIGHBOUR)
+    lost = record(4, [1.5, 1.0, 0.9], 10.0, batch_size=256, role=NEIGHBOUR)
     assert next_to([*fast, dataclasses.replace(lost, lr_multiplier=1.5)]) == (16, 1.5)
     # Not while the search past the range's end goes on.
-    edge = [*seeds, _at(2, 3.0, 0.3)]
+    edge = [*seeds, _at(2, 3.0, 0.3), _at(3, 0.5, 0.9, batch_size=16)]
     assert space.past_the_edge(edge, settings()) is not None and next_to(edge) is None
 
 

@@ -232,22 +232,30 @@ def carried_over(
     return fastest, best.lr_multiplier
 
 
+#: Sampled trials that end before the walk along the batch size starts (:func:`neighbour`).
+SAMPLED_FIRST = 2
+
+
 def neighbour(
     records: Sequence[TrialRecord],
     settings: StudySettings,
     taken: Sequence[tuple[int, float]] = (),
 ) -> tuple[int, float] | None:
     """The fastest trial's multiplier at the next candidate batch size above its own (else the
-    one below), or None: before any sampled trial has ended, while the search past the range's
-    end goes on (:func:`past_the_edge`), when both neighbours ran out of memory, or when a
-    trial ran or is queued (``taken``) at each within :data:`NEAR` of that multiplier.
+    one below), or None: before :data:`SAMPLED_FIRST` sampled trials have ended (until the
+    search has had a say on the rate, the fastest runs at the rule's own; walking from it
+    after one, at a task's rate ten times too low, spent three trials of a digits study),
+    while the search past the range's end goes on (:func:`past_the_edge`), when both
+    neighbours ran out of memory, or when a trial ran or is queued (``taken``) at each within
+    :data:`NEAR` of that multiplier.
 
     The multiplier is relative to the rule's rate at each size, so it carries to the next size
     as it is. The sampler spreads its trials over every size and rate; this walks from the
     best one along the batch size, one step at a time, and stops where the next step is no
     faster: a step that wins becomes the fastest and asks for the step after it.
     """
-    if not any(r.role is None for r in records) or past_the_edge(records, settings) is not None:
+    sampled = sum(r.role is None for r in records)
+    if sampled < SAMPLED_FIRST or past_the_edge(records, settings) is not None:
         return None
     fastest = scoring.fastest(scoring.rescore(records, settings))
     if fastest is None:
