@@ -166,6 +166,15 @@ EDGE = 2.0
 NEAR = 1.25
 
 
+def _tried(
+    records: Sequence[TrialRecord], taken: Sequence[tuple[int, float]], size: int, multiplier: float
+) -> bool:
+    """Whether a trial ran, runs or waits (``taken``) at ``size`` within :data:`NEAR` of
+    ``multiplier``."""
+    ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
+    return any(s == size and abs(math.log(m / multiplier)) < math.log(NEAR) for s, m in ran)
+
+
 def past_the_edge(
     records: Sequence[TrialRecord],
     settings: StudySettings,
@@ -195,9 +204,7 @@ def past_the_edge(
         proposal = best.lr_multiplier / 2
     else:
         return None
-    ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
-    near = math.log(NEAR)
-    if any(size == best.batch_size and abs(math.log(m / proposal)) < near for size, m in ran):
+    if _tried(records, taken, best.batch_size, proposal):
         return None
     return best.batch_size, proposal
 
@@ -223,11 +230,9 @@ def carried_over(
     if fastest is None or not done or past_the_edge(records, settings) is not None:
         return None
     best = min(done, key=lambda r: (r.best_val_loss, r.number))
-    near = math.log(NEAR)
-    if best.batch_size == fastest or abs(math.log(best.lr_multiplier)) < near:
+    if best.batch_size == fastest or abs(math.log(best.lr_multiplier)) < math.log(NEAR):
         return None
-    ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
-    if any(s == fastest and abs(math.log(m / best.lr_multiplier)) < near for s, m in ran):
+    if _tried(records, taken, fastest, best.lr_multiplier):
         return None
     return fastest, best.lr_multiplier
 
@@ -265,10 +270,7 @@ def neighbour(
     if at is None:
         return None
     infeasible = scoring.infeasible_sizes(records)
-    ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
-    near = math.log(NEAR)
     for size in sizes[at + 1 : at + 2] + sizes[max(at - 1, 0) : at]:
-        tried = any(s == size and abs(math.log(m / fastest.lr_multiplier)) < near for s, m in ran)
-        if size not in infeasible and not tried:
+        if size not in infeasible and not _tried(records, taken, size, fastest.lr_multiplier):
             return size, fastest.lr_multiplier
     return None
