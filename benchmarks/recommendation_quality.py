@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from autobatch import tune
-from autobatch.examples import _classification, blobs, digits
+from autobatch.examples import _classification, _split, blobs, digits
 from autobatch.task import Task
 from autobatch.tuning import curves, prior
 from autobatch.tuning.space import default_candidates, rule_for, scale_lr
@@ -119,12 +119,31 @@ def sequences(samples: int = 4000, length: int = 16, vocab: int = 16) -> Task:
     return _classification("sequences", _SequenceClassifier, x, y, seed=0, val_fraction=0.2)
 
 
+def friedman(samples: int = 5000) -> Task:
+    """Regression: scikit-learn's generated Friedman #1 problem (10 features, noise 0.5,
+    target standardised), an MLP and the mean squared error (Adam, lr 1e-3, batch 32)."""
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=samples, noise=0.5, random_state=0)
+    x = torch.tensor(x, dtype=torch.float32)
+    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
+    train, val = _split(x, y, 0.2, seed=0)
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(10, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 1)
+    )  # fmt: skip
+    return Task(
+        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
+        optimizer=torch.optim.Adam, lr=1e-3, batch_size=32, name="friedman",
+    )  # fmt: skip
+
+
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     # name: (task, max_epochs)
     "blobs-sgd": lambda: (_sgd(blobs(samples=8000), lr=0.005, momentum=0.9), 8),
     "digits-cnn": lambda: (digits_cnn(), 12),
     "sequences": lambda: (sequences(), 10),
     "digits-sgd": lambda: (_sgd(digits(), lr=0.01, momentum=0.9), 20),
+    "friedman": lambda: (friedman(), 12),
 }
 DEFAULT_TASKS = "blobs-sgd,digits-cnn,sequences"
 

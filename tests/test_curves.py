@@ -58,8 +58,14 @@ def test_the_loss_must_be_at_the_level_at_the_epoch_training_stops():
     # An epoch end at the level right after the crossing: the usual rounding up.
     steady = [0.0925, 0.0807, 0.0766, 0.0760, 0.0750, 0.0740, 0.0730, 0.0720]
     assert curves.choose_epochs(epochs, steady, 20, 0.02, level=0.0769).epochs == 11
-    # No epoch end at the level (the trial stopped first): rounded up from the crossing.
+    # No epoch end at the level: the one nearest it (here the only one: the trial stopped).
     assert curves.choose_epochs(epochs[:5], losses[:5], 20, 0.02, level=0.0769).epochs == 11
+    # A regression trial at a high Adam rate: under the level only mid-epoch, 30% above it at
+    # epoch 11, 0.2% above at 12. Stopping at 12 ends nearest the level.
+    epochs, losses = [10.51, 11.0, 11.51, 12.0], [0.02412, 0.03196, 0.02647, 0.02466]
+    assert curves.choose_epochs(epochs, losses, 12, 0.02, level=0.0246).epochs == 12
+    # No epoch end after the crossing at all (the trial stopped mid-epoch): rounded up.
+    assert curves.choose_epochs(epochs[:1], losses[:1], 12, 0.02, level=0.0246).epochs == 11
 
 
 def test_threshold_and_first_reaching():

@@ -85,15 +85,15 @@ def choose_epochs(
     else:
         # Training stops at a whole epoch, so that is where the loss must be at the level: the
         # first epoch end from the crossing on whose own evaluation is (a curve that dips under
-        # the level mid-epoch and is back above it at the epoch's end has not reached it).
-        whole = next(
-            (
-                math.ceil(epochs[i] - 1e-9)
-                for i in range(index, len(epochs))
-                if smoothed[i] <= level and _epoch_end(epochs[i])
-            ),
-            None,
-        )
+        # the level mid-epoch and is back above it at the epoch's end has not reached it). If
+        # none is, the epoch end nearest it: rounding the crossing up instead chose, on a
+        # regression task at a high Adam rate, the epoch end 30% above the level, with the
+        # next one 0.2% above it.
+        ends = [i for i in range(index, len(epochs)) if _epoch_end(epochs[i])]
+        at_level = [i for i in ends if smoothed[i] <= level]
+        if at_level or ends:
+            stop = at_level[0] if at_level else min(ends, key=smoothed.__getitem__)
+            whole = math.ceil(epochs[stop] - 1e-9)
     at = float(epochs[index])
     warning = None
     if best_index == len(smoothed) - 1 and epochs[-1] >= max_epochs * 0.999:
