@@ -1,6 +1,6 @@
 """Does tune()'s recommendation, retrained from scratch, end near the best loss reachable, and
-fast? The check of the "Predict before you train" issue, item 5, on tasks with plain SGD and
-with AdamW.
+fast? The check of the "Predict before you train" issue, item 5, on tasks with plain SGD,
+with AdamW, and a regression with Adam (``friedman``, not in the default set).
 
 For each task:
 
