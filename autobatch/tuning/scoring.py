@@ -201,10 +201,17 @@ def settled(records: Sequence[TrialRecord], settings: StudySettings) -> str | No
     )
 
 
+def best_trial(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The completed record with the lowest best loss (the earlier of two as low); None when
+    none completed."""
+    done = [r for r in records if completed(r)]
+    return min(done, key=lambda r: (r.best_val_loss, r.number)) if done else None
+
+
 def best_loss(records: Sequence[TrialRecord]) -> float | None:
     """The lowest best loss of the completed records; None when none completed."""
-    losses = [float(r.best_val_loss) for r in records if completed(r)]
-    return min(losses) if losses else None
+    best = best_trial(records)
+    return None if best is None else float(best.best_val_loss)
 
 
 def _fastest_cost(records: Sequence[TrialRecord], ref: TrialRecord | None) -> float | None:
@@ -274,7 +281,7 @@ def recommend(
     reached = [r for r in complete if r.time_to_target is not None]
     pool = reached or complete
     if settings.objective == "loss":
-        best = min(pool, key=lambda r: (r.best_val_loss, r.number))
+        best = best_trial(pool)
     elif settings.objective == "time" and reached:
         best = fastest(records)
     else:

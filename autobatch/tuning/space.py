@@ -191,10 +191,9 @@ def past_the_edge(
     Going on past the best trial's rate, one doubling at a time, finds where the loss turns
     up again; a rate that diverges fails its trial and the best stays where it was.
     """
-    done = [r for r in records if scoring.completed(r)]
-    if not done:
+    best = scoring.best_trial(records)
+    if best is None:
         return None
-    best = min(done, key=lambda r: (r.best_val_loss, r.number))
     low, high = settings.lr_multiplier_range
     if high / low < EDGE**2:  # a range this narrow pins the rate on purpose
         return None
@@ -226,10 +225,9 @@ def carried_over(
     tried at the rule's rate only (the predicted trial), so it is tried again with the factor,
     once the factor is known: not at each doubling on the way to it.
     """
-    done = [r for r in records if scoring.completed(r)]
-    if fastest is None or not done or past_the_edge(records, settings) is not None:
+    best = scoring.best_trial(records)
+    if fastest is None or best is None or past_the_edge(records, settings) is not None:
         return None
-    best = min(done, key=lambda r: (r.best_val_loss, r.number))
     if best.batch_size == fastest or abs(math.log(best.lr_multiplier)) < math.log(NEAR):
         return None
     if _tried(records, taken, fastest, best.lr_multiplier):
@@ -263,12 +261,10 @@ def neighbour(
     if sampled < SAMPLED_FIRST or past_the_edge(records, settings) is not None:
         return None
     fastest = scoring.fastest(scoring.rescore(records, settings))
-    if fastest is None:
-        return None
     sizes = sorted(settings.candidates)
-    at = sizes.index(fastest.batch_size) if fastest.batch_size in sizes else None
-    if at is None:
+    if fastest is None or fastest.batch_size not in sizes:
         return None
+    at = sizes.index(fastest.batch_size)
     infeasible = scoring.infeasible_sizes(records)
     for size in sizes[at + 1 : at + 2] + sizes[max(at - 1, 0) : at]:
         if size not in infeasible and not _tried(records, taken, size, fastest.lr_multiplier):
