@@ -278,6 +278,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from autobatch.tuning.scoring import MIN_TRIALS
     from autobatch.validation import TUNE
 
     parser = sub.add_parser(
@@ -301,9 +302,10 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--min-trials",
         type=int,
         metavar="N",
+        default=MIN_TRIALS,
         help="end the study before --n-trials once it has N trials and its last 5 moved "
-        "neither the best loss nor the fastest time to the target (default: run all "
-        "--n-trials)",
+        f"neither the best loss nor the fastest time to the target (default: {MIN_TRIALS}; "
+        "as many as --n-trials runs them all)",
     )
     parser.add_argument(
         "--timeout",

@@ -60,7 +60,7 @@ from torch import nn
 from autobatch import tune
 from autobatch.examples import _classification, _split, blobs, digits
 from autobatch.task import Task
-from autobatch.tuning import curves, prior
+from autobatch.tuning import curves, prior, scoring
 from autobatch.tuning.space import default_candidates, rule_for, scale_lr
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -249,10 +249,16 @@ def one_task(name: str, args, log) -> dict:
             mlflow=False,
             **({"n_trials": 4} if args.quick else {}),
             **({"n_trials": args.n_trials} if args.n_trials else {}),
-            min_trials=args.min_trials,
+            **({"min_trials": args.min_trials} if args.min_trials else {}),
         )
         compute = sum(t.train_seconds for t in result.trials)
         judge("autobatch", result.batch_size, result.lr, result.epochs, compute)
+        for first in args.first:
+            # The same study cut after its first trials: what a smaller n_trials would answer.
+            early = [t for t in result.trials if t.number < first]
+            cut = scoring.recommend(early, result.settings)
+            spent = sum(t.train_seconds for t in early)
+            judge(f"autobatch@{first}", cut.batch_size, cut.lr, cut.epochs, spent)
         judge("prior only", *_prior_only(task, max_epochs, sizes, seed))
         tpe = run_plain_tpe(bench, sizes, compute, seed)
         judge("plain TPE", tpe["batch_size"], tpe["lr"], max_epochs, tpe["compute_seconds"])
@@ -274,9 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-trials",
         type=int,
-        help="tune()'s min_trials (default: none, every study runs all its n_trials)",
+        help="tune()'s min_trials (default: its own; as many as n_trials runs them all)",
     )
     parser.add_argument("--n-trials", type=int, help="tune()'s n_trials (default: its own)")
+    parser.add_argument(
+        "--first",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        help="also judge each study's answer from its first N trials (e.g. 8,12): what a "
+        "smaller n_trials recommends, for the compute of those trials",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)

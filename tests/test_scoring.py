@@ -24,9 +24,9 @@ from autobatch.records import (
     StudySettings,
     TrialRecord,
 )
-from autobatch.tuning import scoring, space
+from autobatch.tuning import scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner, prunable
-from autobatch.tuning.storage import RECORD
+from autobatch.tuning.storage import RECORD, SETTINGS
 
 
 def settings(**changes) -> StudySettings:
@@ -196,6 +196,30 @@ def test_the_pruner_waits_for_the_reference_and_keeps_a_leading_trial() -> None:
     assert _pruned_at_first_rung(study, 3.0, step=rung)
 
 
+def _finished(study: optuna.Study, rec: TrialRecord, at_rung: float, step: int) -> None:
+    """A trial that reported ``at_rung`` at the first rung (its report alone makes it a rival
+    there), then completed as ``rec``."""
+    trial = study.ask()
+    trial.report(at_rung, step=step)
+    trial.set_user_attr(RECORD, dataclasses.replace(rec, number=trial.number).to_dict())
+    study.tell(trial, rec.best_val_loss)
+
+
+def test_a_trial_is_not_pruned_behind_one_that_ended_above_the_target() -> None:
+    """A large-batch seed falls fastest early and levels off above the target: being behind it
+    at the first rung says nothing against a trial that may reach the target."""
+    study = optuna.create_study(pruner=TimeHalvingPruner())
+    study.set_user_attr(SETTINGS, settings().to_dict())
+    rung = scoring.pruning_scale_ms([BASE])
+    _finished(study, BASE, 1.5, step=rung)  # target 0.4, level 0.42
+    early_leader = record(0, [0.5, 0.45, 0.45, 0.45], 10.0, batch_size=256, role=CEILING)
+    _finished(study, early_leader, 0.5, step=rung)
+    assert not _pruned_at_first_rung(study, 0.55, step=rung)  # Optuna's own rule pruned it
+    # Behind one that reached the target (and behind the baseline), it is pruned.
+    _finished(study, record(0, [0.5, 0.41], 10.0), 0.5, step=rung)
+    assert _pruned_at_first_rung(study, 1.6, step=rung)
+
+
 def _study(later: list[TrialRecord]) -> list[TrialRecord]:
     """The baseline and three trials that set the answer (best loss 0.3, reached by trial 3
     at 30 s), then ``later``."""
@@ -227,6 +251,17 @@ def test_a_study_settles_once_its_answer_stands_still() -> None:
     assert scoring.settled(standing, settings(min_trials=6, objective="pareto")) is None
     # The loss objective looks at the loss alone.
     assert scoring.settled(standing, settings(min_trials=6, objective="loss")) is not None
+
+
+def test_a_settled_study_first_runs_the_trials_it_queued() -> None:
+    study = optuna.create_study()
+    for rec in _study([_worse(n) for n in LATER]):
+        trial = study.ask()
+        trial.set_user_attr(RECORD, rec.to_dict())
+        study.tell(trial, rec.best_val_loss)
+    assert storage.settled(study.get_trials(), settings(min_trials=6)) is not None
+    study.enqueue_trial({"batch_size": 128, "lr_multiplier": 2.0})  # e.g. a neighbour
+    assert storage.settled(study.get_trials(), settings(min_trials=6)) is None
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
 from autobatch.records import ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
-from autobatch.tuning import sampler, scoring, space, storage
+from autobatch.tuning import sampler, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.workload import Workload
 
@@ -191,7 +191,7 @@ def prepare(
                 f"the study already has {finished} finished trials (n_trials={settings.n_trials}); "
                 "raise n_trials (--n-trials) to add trials"
             )
-        elif (why := scoring.settled(storage.records(trials), settings)) is not None:
+        elif (why := storage.settled(trials, settings)) is not None:
             done = (
                 f"the study {why}; raise min_trials (--min-trials) above {finished} to add trials"
             )

@@ -29,6 +29,7 @@ from autobatch import sqlite_store
 from autobatch.errors import InvalidInputError
 from autobatch.records import ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking.redact import redact_url
+from autobatch.tuning import scoring
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,15 @@ def progress(trials: Sequence[FrozenTrial]) -> Progress:
         else:
             finished += 1
     return Progress(finished, running, waiting, seeds)
+
+
+def settled(trials: Sequence[FrozenTrial], settings: StudySettings) -> str | None:
+    """Why the study may end before ``n_trials`` (:func:`scoring.settled`), or None; always
+    None while trials wait in the queue: what the study asked for itself (a neighbour, a rate
+    past the range) runs before it ends."""
+    if progress(trials).waiting:
+        return None
+    return scoring.settled(records(trials), settings)
 
 
 def claimed_before(trials: Sequence[FrozenTrial], number: int) -> int:

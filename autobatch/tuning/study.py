@@ -19,6 +19,7 @@ from autobatch.records import ProbeResult, TuneObserver, TuneResult
 from autobatch.tracking.redact import redact_url
 from autobatch.tuning import prepare as preparing
 from autobatch.tuning.recommendation import recommend
+from autobatch.tuning.scoring import MIN_TRIALS
 from autobatch.tuning.storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -37,7 +38,7 @@ def tune(
     task: Workload,
     *,
     n_trials: int | None = 20,
-    min_trials: int | None = None,
+    min_trials: int | None = MIN_TRIALS,
     timeout: float | None = None,
     max_epochs: float = 10,
     candidates: Sequence[int] | None = None,
@@ -80,11 +81,11 @@ def tune(
     loss; ``"pareto"`` keeps both (no pruning). ``scale_adamw`` (opt-in) also moves AdamW's
     ``beta2`` and weight decay with the batch size (:func:`autobatch.tuning.space.adamw_scaling`).
 
-    The study runs ``n_trials`` trials. With ``min_trials`` it may end sooner, once it has that
-    many and its answer has settled: its last five trials lowered neither the best loss nor
-    the fastest time to the target by more than seed noise
-    (:func:`autobatch.tuning.scoring.settled`). That about halves a study's compute; on the
-    recommendation-quality benchmark the loss stayed, the time to it got worse (docs/concepts.md).
+    The study runs at most ``n_trials`` trials. It ends sooner once it has ``min_trials`` and
+    its answer has settled: its last five trials lowered neither the best loss nor the fastest
+    time to the target by more than seed noise (:func:`autobatch.tuning.scoring.settled`). On
+    the recommendation-quality benchmark that saves a fifth of a study's compute for the same
+    answer (docs/concepts.md, "When the study ends"); ``min_trials=None`` runs every trial.
 
     With ``storage`` (any Optuna URL, e.g. ``sqlite:///autobatch.db`` or
     ``postgresql://user@host/db``) the study is resumable and shareable: calling ``tune`` again

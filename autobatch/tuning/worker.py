@@ -244,7 +244,7 @@ class Worker:
                     stopped = "timeout"
                     break
                 records = storage.records(trials)
-                settled = scoring.settled(records, self.settings)
+                settled = storage.settled(trials, self.settings)
                 if settled is not None and not state.running:
                     log.info("the study %s", settled)
                     break
@@ -444,14 +444,14 @@ class Worker:
             smoothed = [p.val_loss_smoothed for p in points]
             level = judge.level
             step = max(last_step + 1, int(point.seconds * judge.factor * 1000))
-            # Reported and asked at the rungs only, where halving compares trials: two storage
-            # requests per rung instead of per evaluation. Asked even when the answer is
-            # ignored: asking registers this trial's loss at the rung for later trials.
+            # Reported at the rungs only, where halving compares trials, and by every trial:
+            # the report is what later trials are compared against. Asked only where the
+            # answer counts.
             if judge.rungs.due(step):
                 last_step = step
                 trial.report(point.val_loss_smoothed, step=step)
                 reached = level is not None and curves.first_reaching(smoothed, level) is not None
-                if trial.should_prune() and prunable and not reached:
+                if prunable and not reached and trial.should_prune():
                     pruned = True
                     raise StopTrial
             if objective == "time" and level is not None and curves.plateaued(smoothed, level):
