@@ -348,6 +348,12 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "B / (lr x wd x N) constant) with the batch size",
     )
     parser.add_argument(
+        "--no-lr-range-test",
+        action="store_true",
+        help="centre the learning-rate multipliers on the task's own rate, not where a "
+        "100-step learning-rate range test finds a sound one",
+    )
+    parser.add_argument(
         "--target-loss",
         type=float,
         metavar="LOSS",
@@ -476,6 +482,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         objective=args.objective,
         lr_rule=args.lr_rule,
         scale_adamw=args.scale_adamw,
+        lr_range_test=not args.no_lr_range_test,
         target_loss=args.target_loss,
         seed=args.seed,
         storage=args.storage,
@@ -525,6 +532,16 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
     settings = result.settings
     if result.target_loss is not None:
         lines.append(f"Target: {result.target()}")
+    if (found := settings.lr_range_test) is not None:
+        blew_up = found["diverged_lr"]
+        lines.append(
+            f"Learning rates: multipliers centred on x{found['centre']:.3g}; a "
+            f"{found['steps']}-step range test at batch size {found['batch_size']} had its "
+            f"lowest loss at rate {found['lr_at_minimum']:.3g}"
+            + (f" and diverged at {blew_up:.3g}" if blew_up else "")
+            + f", suggesting x{found['suggested']:.3g} of the task's {found['task_lr']:.4g}"
+            + ("" if found["centre"] != 1 else " (within the multiplier range's reach)")
+        )
     settled = scoring.settled(result.trials, settings)
     lines.append(
         f"Study: {settings.study_name} in {settings.storage}, {len(result.trials)} trials finished "

@@ -147,6 +147,16 @@ class StudySettings:
     scale_adamw: bool = False  # scale AdamW's beta2 and weight decay with the batch size
     eval_batch_size: int | None = None  # the probe's largest evaluation batch
     min_trials: int | None = None  # may end before n_trials from here on, once settled
+    # The multiplier the sampled range is centred on (the lr range test's suggestion, or 1),
+    # and the test's measurements (autobatch.tuning.lr_range.RangeTest.to_dict()).
+    lr_centre: float = 1.0
+    lr_range_test: dict[str, Any] | None = None
+
+    @property
+    def multiplier_range(self) -> tuple[float, float]:
+        """The multipliers sampled trials draw from: the given range about the centre."""
+        low, high = self.lr_multiplier_range
+        return low * self.lr_centre, high * self.lr_centre
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

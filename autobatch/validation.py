@@ -311,6 +311,7 @@ TUNE: dict[str, Spec] = {
     "lr_rule": Choice(("auto", "saturating-linear", "saturating-sqrt", "linear", "sqrt", "none")),
     "lr_multiplier_range": MultiplierRange(),
     "scale_adamw": Flag(),
+    "lr_range_test": Flag(),
     "target_loss": Optional(Real(example=0.25)),
     "tolerance": FRACTION,
     "seed": Integer(example=0),

@@ -12,7 +12,7 @@ For each task:
 2. **tune**: ``tune(task, max_epochs=...)`` with its own defaults otherwise (20 trials,
    the target following the best loss found, 2% tolerance), once per ``--repeats`` seed
    (``--min-trials N``: ending from N trials once settled); its
-   compute is the sum of its trials' training seconds;
+   compute is the sum of its trials' training seconds and its lr range test's;
 3. **retrain**: the recommended batch size and learning rate, from scratch, in the plain
    training loop, for the recommended number of epochs. Its last smoothed validation loss
    against ``L`` is the quality; its training seconds to the level, against the grid's
@@ -38,8 +38,8 @@ Methods compared, each retrained from scratch the same way: autobatch (tune() wi
 defaults), the task default (its own batch size and rate, full budget), the probed max (the
 largest candidate at the rule-scaled rate, full budget), prior only (the batch size the noise
 scale and step time predict fastest after the three seeded trials, at the saturating rule's
-rate and the predicted epochs) and plain TPE (full-budget trials scored by best loss, at
-autobatch's compute).
+rate times the lr range test's centre, and the predicted epochs) and plain TPE (full-budget
+trials scored by best loss, at autobatch's compute).
 """
 
 from __future__ import annotations
@@ -177,15 +177,23 @@ def _prior_only(task: Task, max_epochs: float, sizes: list[int], seed: int) -> t
     and the predicted epochs. Returns (batch size, lr, epochs, compute seconds)."""
     seeds = tune(task, n_trials=3, max_epochs=max_epochs, candidates=sizes, seed=seed, mlflow=False)
     trials = list(seeds.trials)
-    compute = sum(t.train_seconds for t in trials)
+    compute = study_compute(seeds)
     explanation = prior.explain(trials, sizes)
     best = explanation.fastest
     if best is None:  # nothing to predict from: the seeds' own answer
         return seeds.batch_size, seeds.lr, seeds.epochs, compute
     rule = rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
     lr = scale_lr(task.lr, task.batch_size, best.batch_size, rule, explanation.noise)
+    lr *= seeds.settings.lr_centre
     epochs = max(1, min(math.ceil(best.steps * best.batch_size / task.train_size), max_epochs))
     return best.batch_size, lr, epochs, compute
+
+
+def study_compute(result, first: int | None = None) -> float:
+    """Training seconds of the study's trials (its first ``first``), and of its lr range test."""
+    trials = [t for t in result.trials if first is None or t.number < first]
+    found = result.settings.lr_range_test
+    return sum(t.train_seconds for t in trials) + (found["seconds"] if found else 0.0)
 
 
 def one_task(name: str, args, log) -> dict:
@@ -251,14 +259,19 @@ def one_task(name: str, args, log) -> dict:
             **({"n_trials": args.n_trials} if args.n_trials else {}),
             **({"min_trials": args.min_trials} if args.min_trials else {}),
         )
-        compute = sum(t.train_seconds for t in result.trials)
+        compute = study_compute(result)
         judge("autobatch", result.batch_size, result.lr, result.epochs, compute)
         for first in args.first:
             # The same study cut after its first trials: what a smaller n_trials would answer.
             early = [t for t in result.trials if t.number < first]
             cut = scoring.recommend(early, result.settings)
-            spent = sum(t.train_seconds for t in early)
-            judge(f"autobatch@{first}", cut.batch_size, cut.lr, cut.epochs, spent)
+            judge(
+                f"autobatch@{first}",
+                cut.batch_size,
+                cut.lr,
+                cut.epochs,
+                study_compute(result, first),
+            )
         judge("prior only", *_prior_only(task, max_epochs, sizes, seed))
         tpe = run_plain_tpe(bench, sizes, compute, seed)
         judge("plain TPE", tpe["batch_size"], tpe["lr"], max_epochs, tpe["compute_seconds"])

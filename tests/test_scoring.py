@@ -292,8 +292,19 @@ def _at(number: int, multiplier: float, best: float, batch_size: int = 64, **kw)
     )
 
 
+def _seeds() -> list[TrialRecord]:
+    """The three seeded trials of ``settings()``'s candidates, ended, at the rule's rate."""
+    return [
+        _at(-3, 1.0, 0.5, batch_size=16, role=BASELINE),
+        _at(-2, 1.0, 0.95, batch_size=256, role=CEILING),
+        _at(-1, 1.0, 0.9, role=MIDDLE),
+    ]
+
+
 def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it() -> None:
-    inside = [_at(0, 1.0, 0.5, role=BASELINE), _at(1, 1.5, 0.4)]
+    # Not before every seed has ended: the baseline alone may lie outside a centred range.
+    assert space.past_the_edge([_at(0, 0.3, 0.1, role=BASELINE)], settings()) is None
+    inside = [*_seeds(), _at(1, 1.5, 0.4)]
     assert space.past_the_edge(inside, settings()) is None  # x1.5 is inside (0.25, 4)
     top = [*inside, _at(2, 3.0, 0.3)]  # within 2x of the top: the range may be the limit
     assert space.past_the_edge(top, settings()) == (64, 6.0)
@@ -316,7 +327,7 @@ def test_the_best_multiplier_is_carried_to_the_predicted_fastest_size() -> None:
     def carried(records, fastest, taken=()):
         return space.carried_over(records, settings(), fastest, taken)
 
-    inside = [_at(0, 1.0, 0.5, role=BASELINE), _at(1, 1.1, 0.45, batch_size=256)]
+    inside = [*_seeds(), _at(1, 1.1, 0.45, batch_size=256)]
     # The best trial runs at the rule's own rate (within 1.25x): nothing to carry.
     assert carried(inside, 512) is None
     # The task's rate is about 3x too low, at the range's top: not while the search past the
@@ -340,7 +351,7 @@ def test_the_fastest_trial_is_tried_at_the_next_batch_size_up_then_down() -> Non
     def next_to(records, taken=()):
         return space.neighbour(records, settings(), taken)
 
-    seeds = [_at(0, 1.0, 0.5, batch_size=16, role=BASELINE), _at(1, 1.0, 0.6, role=MIDDLE)]
+    seeds = _seeds()
     # Not before two sampled trials have ended: the search has not had its say on the rate.
     assert next_to(seeds) is None
     assert next_to([*seeds, _at(2, 1.0, 0.3, role=PREDICTED), _at(3, 2.2, 0.9)]) is None

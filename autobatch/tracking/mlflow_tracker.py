@@ -178,14 +178,17 @@ def _param_key(key: str) -> str:
 
 
 def settings_params(settings: StudySettings) -> dict[str, str]:
-    """The study's settings as MLflow parameters; ``extra`` entries as ``extra.<key>``."""
+    """The study's settings as MLflow parameters; ``extra`` entries as ``extra.<key>``, the lr
+    range test's as ``lr_range_test.<key>``."""
     data = settings.to_dict()
     extra = data.pop("extra", {}) or {}
+    found = data.pop("lr_range_test", None) or {}
     if data.get("target_loss") is None:
         data["target_loss"] = "the best loss found"
     params = {key: _param_value(value) for key, value in data.items()}
     params["storage"] = redact_url(params["storage"])
     params.update({_param_key(f"extra.{k}"): _param_value(v) for k, v in extra.items()})
+    params.update({f"lr_range_test.{k}": _param_value(v) for k, v in found.items()})
     return params
 
 

@@ -27,9 +27,9 @@ from autobatch import workload
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
-from autobatch.records import ProbeResult, StudySettings, TuneObserver
+from autobatch.records import BASELINE, ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
-from autobatch.tuning import sampler, space, storage
+from autobatch.tuning import lr_range, sampler, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.workload import Workload
 
@@ -86,6 +86,7 @@ def prepare(
     lr_rule: str,
     lr_multiplier_range: tuple[float, float],
     scale_adamw: bool,
+    lr_range_test: bool,
     target_loss: float | None,
     tolerance: float,
     seed: int,
@@ -133,6 +134,7 @@ def prepare(
                 task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
             )
             sizes = space.check_candidates(candidates, ceiling, task.batch_size, notes)
+            found = _lr_range_test(task, sizes, lr_multiplier_range, lr_range_test, notes)
             if objective == "pareto":
                 notes.append("objective 'pareto' has two objectives, so pruning is off")
             settings = StudySettings(
@@ -160,6 +162,8 @@ def prepare(
                 ceiling=ceiling,
                 scale_adamw=bool(scale_adamw),
                 eval_batch_size=None if probed is None else probed.eval_batch_size,
+                lr_centre=1.0 if found is None else found.centre,
+                lr_range_test=None if found is None else found.to_dict(),
             )
             study = _create(opened, settings, probed, notes)
             if study is not None:
@@ -210,6 +214,30 @@ def prepare(
         if tracker is not None:
             tracker.close()
         raise
+
+
+def _lr_range_test(
+    task: Workload,
+    sizes: Sequence[int],
+    multipliers: tuple[float, float],
+    wanted: bool,
+    notes: list[str],
+) -> lr_range.RangeTest | None:
+    """The range test at the baseline's batch size, where asked for and the multiplier range
+    is wide enough to search (a narrower one pins the rate: see ``space.past_the_edge``)."""
+    low, high = multipliers
+    if not wanted or high / low < space.EDGE**2:
+        return None
+    base = next(size for role, size in space.seeds(sizes, task.batch_size) if role == BASELINE)
+    found = lr_range.range_test(task, task.training_batches().to_device(), base, multipliers)
+    log.info(
+        "learning-rate range test: lowest loss at rate %.3g, a tenth of which is x%.3g of the "
+        "task's; the multipliers are centred on x%.3g",
+        found.lr_at_minimum,
+        found.suggested,
+        found.centre,
+    )
+    return found
 
 
 def pruner_for(settings: StudySettings) -> optuna.pruners.BasePruner:
@@ -318,8 +346,10 @@ def _create(
     study.set_user_attr(storage.PROBE, None if probed is None else probed.to_dict())
     study.set_user_attr(storage.NOTES, list(notes))
     for role, size in space.seeds(settings.candidates, settings.base_batch_size):
+        # The baseline is the task's own configuration; the others start from the centre.
+        multiplier = 1.0 if role == BASELINE else settings.lr_centre
         study.enqueue_trial(
-            {"batch_size": size, "lr_multiplier": 1.0}, user_attrs={storage.ROLE: role}
+            {"batch_size": size, "lr_multiplier": multiplier}, user_attrs={storage.ROLE: role}
         )
     return study
 

@@ -175,6 +175,13 @@ def _tried(
     return any(s == size and abs(math.log(m / multiplier)) < math.log(NEAR) for s, m in ran)
 
 
+def _seeds_ended(records: Sequence[TrialRecord], settings: StudySettings) -> bool:
+    """Whether every seeded trial has ended: until then the best loss may be the baseline's
+    alone, at the task's own rate, which lies outside a range centred by the lr range test."""
+    ended = sum(r.role in (BASELINE, CEILING, MIDDLE) for r in records)
+    return ended >= len(seeds(settings.candidates, settings.base_batch_size))
+
+
 def past_the_edge(
     records: Sequence[TrialRecord],
     settings: StudySettings,
@@ -192,9 +199,9 @@ def past_the_edge(
     up again; a rate that diverges fails its trial and the best stays where it was.
     """
     best = scoring.best_trial(records)
-    if best is None:
+    if best is None or not _seeds_ended(records, settings):
         return None
-    low, high = settings.lr_multiplier_range
+    low, high = settings.multiplier_range
     if high / low < EDGE**2:  # a range this narrow pins the rate on purpose
         return None
     if best.lr_multiplier >= high / EDGE:
@@ -216,7 +223,8 @@ def carried_over(
 ) -> tuple[int, float] | None:
     """The predicted fastest batch size ``fastest`` at the multiplier of the completed trial
     with the best loss, or None: while the search past the range's end goes on
-    (:func:`past_the_edge` asks for a trial), when that multiplier is the rule's own rate
+    (:func:`past_the_edge` asks for a trial), when that multiplier is the predicted trial's (the
+    range's centre)
     (within :data:`NEAR`), when the best trial already runs at ``fastest``, or when a trial
     ran or is queued there (``taken``) within :data:`NEAR` of it.
 
@@ -228,7 +236,8 @@ def carried_over(
     best = scoring.best_trial(records)
     if fastest is None or best is None or past_the_edge(records, settings) is not None:
         return None
-    if best.batch_size == fastest or abs(math.log(best.lr_multiplier)) < math.log(NEAR):
+    centre = settings.lr_centre
+    if best.batch_size == fastest or abs(math.log(best.lr_multiplier / centre)) < math.log(NEAR):
         return None
     if _tried(records, taken, fastest, best.lr_multiplier):
         return None

@@ -46,6 +46,7 @@ def tune(
     lr_rule: str = "auto",
     lr_multiplier_range: tuple[float, float] = (0.25, 4.0),
     scale_adamw: bool = False,
+    lr_range_test: bool = True,
     target_loss: float | None = None,
     tolerance: float = 0.02,
     seed: int = 0,
@@ -73,11 +74,13 @@ def tune(
     or any :class:`~autobatch.workload.Workload` (a LightningModule's, a Trainer's).
 
     Probes the memory ceiling (or takes ``probe_result``), then runs an Optuna study over
-    batch sizes up to it and learning-rate multipliers around the rule-scaled rate. The
-    baseline (the task's own batch size and learning rate), the ceiling and the middle of the
-    range run first. ``objective="time"`` minimises training seconds until the smoothed
-    validation loss reaches ``target x (1 + tolerance)``, the target being ``target_loss`` or,
-    by default, the best loss any trial reached; ``"loss"`` minimises the best validation
+    batch sizes up to it and learning-rate multipliers around the rule-scaled rate, centred
+    where a learning-rate range test (100 steps, before any trial) finds a sound rate
+    (``lr_range_test=False``: on the task's own rate). The baseline (the task's own batch
+    size and learning rate), the ceiling and the middle of the range run first.
+    ``objective="time"`` minimises training seconds until the smoothed validation loss
+    reaches ``target x (1 + tolerance)``, the target being ``target_loss`` or, by default,
+    the best loss any trial reached; ``"loss"`` minimises the best validation
     loss; ``"pareto"`` keeps both (no pruning). ``scale_adamw`` (opt-in) also moves AdamW's
     ``beta2`` and weight decay with the batch size (:func:`autobatch.tuning.space.adamw_scaling`).
 
@@ -136,6 +139,7 @@ def tune(
         lr_rule=lr_rule,
         lr_multiplier_range=lr_multiplier_range,
         scale_adamw=scale_adamw,
+        lr_range_test=lr_range_test,
         target_loss=target_loss,
         tolerance=tolerance,
         seed=seed,

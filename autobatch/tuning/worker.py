@@ -360,7 +360,7 @@ class Worker:
             with warnings.catch_warnings():  # a trial queued past the range's end
                 warnings.filterwarnings("ignore", "Fixed parameter .* is out of range")
                 multiplier = float(
-                    trial.suggest_float("lr_multiplier", *settings.lr_multiplier_range, log=True)
+                    trial.suggest_float("lr_multiplier", *settings.multiplier_range, log=True)
                 )
             records = storage.records(trials)
             if size in scoring.infeasible_sizes(records):  # queued, or found by another worker
@@ -517,10 +517,10 @@ class Worker:
 
     def _queue_prediction(self) -> None:
         """Once every seeded trial has ended, queue the batch size the prior predicts fastest
-        (the noise scale the baseline measured, the seeds' step times), at the rule's rate,
-        unless a seed already ran it. Whichever worker ends the last seed queues it; two ending
-        seeds at the same moment may both queue it, and the later copy is not run (see
-        :func:`storage.earlier_twin`)."""
+        (the noise scale the baseline measured, the seeds' step times), at the rule's rate
+        times the range's centre, unless a seed already ran it. Whichever worker ends the last
+        seed queues it; two ending seeds at the same moment may both queue it, and the later
+        copy is not run (see :func:`storage.earlier_twin`)."""
         settings = self.settings
         trials = self.study.get_trials(deepcopy=False)
         if any(t.user_attrs.get(storage.ROLE) == PREDICTED for t in trials):
@@ -539,7 +539,7 @@ class Worker:
             return
         log.info("queued the predicted fastest batch size, %d", best)
         self.study.enqueue_trial(
-            {"batch_size": best, "lr_multiplier": 1.0},
+            {"batch_size": best, "lr_multiplier": self.settings.lr_centre},
             user_attrs={storage.ROLE: PREDICTED},
             skip_if_exists=True,
         )

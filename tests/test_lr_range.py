@@ -1,0 +1,78 @@
+"""The learning-rate range test on a problem whose largest stable rate is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autobatch import Task, tune
+from autobatch.records import BASELINE, CEILING, MIDDLE
+from autobatch.tuning import lr_range
+
+
+def _regression(d: int = 8, n: int = 4096) -> tuple[Task, float]:
+    """Least squares with SGD: full-batch gradient descent diverges above 1 / lambda_max of
+    X^T X / n (the mean squared error's Hessian is twice that). Returns the task and that
+    rate."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=generator) * torch.linspace(0.5, 2.0, d)
+    y = x @ torch.randn(d, 1, generator=generator) + 0.1 * torch.randn(n, 1, generator=generator)
+    limit = 1.0 / torch.linalg.eigvalsh(x.T @ x / n).max().item()
+    task = Task(
+        model=lambda: nn.Linear(d, 1), train_data=(x, y), val_data=(x[:256], y[:256]),
+        loss=nn.functional.mse_loss, optimizer=torch.optim.SGD, lr=1e-3, batch_size=32,
+    )  # fmt: skip
+    return task, limit
+
+
+def test_the_range_test_finds_the_stable_rate_and_centres_below_it() -> None:
+    task, limit = _regression()
+    state = torch.random.get_rng_state()
+    found = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's state untouched
+    # The loss blew up within a few times the largest stable rate (mini-batch noise and the
+    # smoothing's lag move it a little either way), and the rate suggested lies well below it.
+    assert found.diverged_lr is not None and limit / 3 < found.diverged_lr < 3 * limit
+    suggested = found.suggested * task.lr
+    assert limit / 50 < suggested < limit / 2
+    assert found.lr_at_minimum == pytest.approx(suggested * lr_range.BELOW_MINIMUM)
+    assert found.centre == found.suggested  # 44x: past the reach of (0.25, 4)
+    # Deterministic: a seeded model and data order, no timing.
+    again = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
+    assert (again.lr_at_minimum, again.diverged_lr) == (found.lr_at_minimum, found.diverged_lr)
+
+
+def test_the_suggestion_is_clamped_and_moves_the_range_only_past_its_reach() -> None:
+    rates = [1e-4, 1e-3, 1e-2]
+    # Lowest at the last rate: a tenth of it is 1000x the task's 1e-6, kept at the clamp.
+    assert lr_range.suggestion(rates, [3.0, 2.0, 1.0], task_lr=1e-6) == lr_range.CLAMP[1]
+    assert lr_range.suggestion(rates, [1.0, 2.0, 3.0], task_lr=1.0) == lr_range.CLAMP[0]
+    assert lr_range.suggestion(rates, [3.0, 1.0, 2.0], task_lr=1e-5) == 10.0
+    # (0.25, 4) reaches from 1/8 to 8 (one doubling past each end): the range stays put.
+    assert lr_range.centre_for(7.9, (0.25, 4.0)) == 1.0
+    assert lr_range.centre_for(0.13, (0.25, 4.0)) == 1.0
+    assert lr_range.centre_for(12.0, (0.25, 4.0)) == 12.0
+    assert lr_range.centre_for(0.1, (0.25, 4.0)) == 0.1
+
+
+def test_a_study_centres_its_rates_on_a_suggestion_past_the_range_s_reach() -> None:
+    task, _ = _regression()
+    result = tune(task, n_trials=5, max_epochs=2, candidates=[32, 128, 512], mlflow=False)
+    found, centre = result.settings.lr_range_test, result.settings.lr_centre
+    assert found is not None and found["suggested"] > 8 and centre == found["suggested"]
+    low, high = result.settings.multiplier_range
+    assert (low, high) == pytest.approx((0.25 * centre, 4 * centre))
+    by_role = {t.role: t.lr_multiplier for t in result.trials}
+    # The task's own configuration stays the baseline; the other seeds start at the centre.
+    assert by_role[BASELINE] == 1.0
+    assert by_role[CEILING] == by_role[MIDDLE] == pytest.approx(centre)
+    sampled = [t.lr_multiplier for t in result.trials if t.role is None]
+    assert all(low <= m <= high for m in sampled)
+    # Switched off, or with a range that pins the rate, the rates stay where the task put them.
+    off = tune(task, n_trials=3, max_epochs=1, candidates=[32, 128, 512], mlflow=False,
+               lr_range_test=False)  # fmt: skip
+    assert off.settings.lr_centre == 1.0 and off.settings.lr_range_test is None
+    pinned = tune(task, n_trials=3, max_epochs=1, candidates=[32, 128, 512], mlflow=False,
+                  lr_multiplier_range=(0.5, 1.5))  # fmt: skip
+    assert pinned.settings.lr_range_test is None
