@@ -37,7 +37,7 @@ def test_the_range_test_finds_the_stable_rate_and_centres_below_it() -> None:
     suggested = found.suggested * task.lr
     assert limit / 50 < suggested < limit / 2
     assert found.lr_at_minimum == pytest.approx(suggested * lr_range.BELOW_MINIMUM)
-    assert found.centre == found.suggested  # 44x: past the reach of (0.25, 4)
+    assert found.descended and found.centre == found.suggested  # 44x: past (0.25, 4)'s reach
     # Deterministic: a seeded model and data order, no timing.
     again = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
     assert (again.lr_at_minimum, again.diverged_lr) == (found.lr_at_minimum, found.diverged_lr)
@@ -76,3 +76,23 @@ def test_a_study_centres_its_rates_on_a_suggestion_past_the_range_s_reach() -> N
     pinned = tune(task, n_trials=3, max_epochs=1, candidates=[32, 128, 512], mlflow=False,
                   lr_multiplier_range=(0.5, 1.5))  # fmt: skip
     assert pinned.settings.lr_range_test is None
+
+
+def _zero() -> nn.Module:
+    model = nn.Linear(8, 1)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    return model
+
+
+def test_a_loss_the_test_cannot_move_leaves_the_range_where_it_was() -> None:
+    # Labels that are noise, and a model that starts at the best constant: no rate lowers
+    # the loss (until one blows it up), so where it was lowest is chance.
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2048, 8, generator=generator), torch.randn(2048, 1, generator=generator)
+    task = Task(
+        model=_zero, train_data=(x, y), val_data=(x[:256], y[:256]),
+        loss=nn.functional.mse_loss, optimizer=torch.optim.SGD, lr=1e-2, batch_size=32,
+    )  # fmt: skip
+    found = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
+    assert not found.descended and found.centre == 1.0

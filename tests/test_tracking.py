@@ -127,6 +127,8 @@ def make_settings(name: str) -> StudySettings:
         base_batch_size=32,
         train_size=TRAIN_SIZE,
         extra={"note": "synthetic trials", "weird key!": 1},
+        lr_centre=12.0,
+        lr_range_test={"lr_at_minimum": 1.2, "diverged_lr": None, "suggested": 12.0},
     )
 
 
@@ -324,6 +326,8 @@ def test_settings_and_probe_are_parameters_the_recommendation_tags(logged: Logge
     assert params["candidates"] == "[32, 256, 1000, 2048]"
     assert params["objective"] == "time"
     assert params["extra.weird key_"] == "1"
+    assert params["lr_centre"] == "12.0" and params["lr_range_test.suggested"] == "12.0"
+    assert params["lr_range_test.diverged_lr"] == "None" and "lr_range_test" not in params
     assert params["probe.batch_size"] == "1000"
     assert params["probe.capacity_bytes"] == str(4 * GiB)
     assert params["probe.bytes_per_sample"] == str(int(3.5 * MiB))

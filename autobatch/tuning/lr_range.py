@@ -47,6 +47,9 @@ BLOWUP = 4.0
 BETA = 0.9
 #: The rate suggested is the one at the lowest loss divided by this.
 BELOW_MINIMUM = 10.0
+#: The smoothed loss must fall by this fraction of its first value for the test to count: a
+#: loss that 100 steps do not move (a hard task, a model that learns slowly) says nothing.
+DESCENT = 0.1
 #: The centre is kept within these multiples of the task's rate: a test misled by a noisy
 #: loss moves the range by at most this much, and the walk past its end does the rest.
 CLAMP = (1 / 16, 64.0)
@@ -62,6 +65,7 @@ class RangeTest:
     lr_at_minimum: float  # where the smoothed training loss was lowest
     diverged_lr: float | None  # where it blew up; None when it never did within the span
     suggested: float  # a tenth of the rate at the lowest loss, as a multiple of the task's
+    descended: bool  # the loss fell by DESCENT at least: else the test is not used
     centre: float  # the multiplier the search is centred on: ``suggested``, or 1 (see above)
     seconds: float  # the test's training time (counted in the study's compute)
 
@@ -129,7 +133,16 @@ def range_test(
     seconds = time.perf_counter() - started
     suggested = suggestion(lrs, losses, task.lr) if lrs else 1.0
     lr_at_minimum = lrs[min(range(len(losses)), key=losses.__getitem__)] if lrs else task.lr
-    centre = centre_for(suggested, multipliers)
+    descended = bool(lrs) and min(losses) <= (1 - DESCENT) * losses[0]
+    centre = centre_for(suggested, multipliers) if descended else 1.0
     return RangeTest(
-        task.lr, batch_size, len(lrs), lr_at_minimum, diverged, suggested, centre, seconds
+        task.lr,
+        batch_size,
+        len(lrs),
+        lr_at_minimum,
+        diverged,
+        suggested,
+        descended,
+        centre,
+        seconds,
     )
