@@ -512,6 +512,15 @@ def _why_text(result: Any) -> str:
     return format_why(prior.explain(result.trials, result.settings.candidates), result.batch_size)
 
 
+def _unused_because(found: dict[str, Any]) -> str:
+    """Why the range test's suggestion did not move the multipliers, if it did not."""
+    if found["centre"] != 1:
+        return ""
+    if not found.get("descended", True):
+        return " (unused: the loss fell by less than a tenth, which says nothing about rates)"
+    return " (unused: within the multiplier range's reach)"
+
+
 def _result_text(result: Any, tracking_uri: str | None) -> str:
     """The trial table, the study's whereabouts and, last, the recommendation."""
     from autobatch.tracking.report import Report, format_report
@@ -540,7 +549,7 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
             f"lowest loss at rate {found['lr_at_minimum']:.3g}"
             + (f" and diverged at {blew_up:.3g}" if blew_up else "")
             + f", suggesting x{found['suggested']:.3g} of the task's {found['task_lr']:.4g}"
-            + ("" if found["centre"] != 1 else " (within the multiplier range's reach)")
+            + _unused_because(found)
         )
     settled = scoring.settled(result.trials, settings)
     lines.append(
