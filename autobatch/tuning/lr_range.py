@@ -72,10 +72,6 @@ class RangeTest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RangeTest:
-        return cls(**data)
-
 
 def suggestion(lrs: list[float], losses: list[float], task_lr: float) -> float:
     """The multiplier a tenth of the way below the rate of the lowest loss, clamped."""

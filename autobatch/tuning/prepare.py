@@ -134,7 +134,7 @@ def prepare(
                 task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
             )
             sizes = space.check_candidates(candidates, ceiling, task.batch_size, notes)
-            found = _lr_range_test(task, sizes, lr_multiplier_range, lr_range_test, notes)
+            found = _lr_range_test(task, sizes, lr_multiplier_range, lr_range_test)
             if objective == "pareto":
                 notes.append("objective 'pareto' has two objectives, so pruning is off")
             settings = StudySettings(
@@ -221,7 +221,6 @@ def _lr_range_test(
     sizes: Sequence[int],
     multipliers: tuple[float, float],
     wanted: bool,
-    notes: list[str],
 ) -> lr_range.RangeTest | None:
     """The range test at the baseline's batch size, where asked for and the multiplier range
     is wide enough to search (a narrower one pins the rate: see ``space.past_the_edge``)."""

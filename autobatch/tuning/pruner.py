@@ -10,8 +10,8 @@ rung whatever their curve.
 A trial is compared at a rung only with the trials that could still be the answer: a trial
 that completed above the target's level cannot, and the target only falls, so its loss at the
 rung says nothing against one that may reach it. (Optuna's ``SuccessiveHalvingPruner``
-counts every trial. Its large-batch seeds fall fastest in the first fifth of a trial and
-level off above the target; on the digits example a trial at 3.7x the rate, which ended at
+counts every trial. Large-batch seeds fall fastest in the first fifth of a trial and level
+off above the target; on the digits example a trial at 3.7x the rate, which ended at
 half the baseline's loss, was cut behind one of them by 6% at the first rung, in one run of
 three, and the study recommended the baseline.) Everything is read from the trials in
 storage, so every worker decides alike and no state is kept between calls.
