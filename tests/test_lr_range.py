@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from autobatch import Task, tune
+from autobatch.examples import digits
 from autobatch.records import BASELINE, CEILING, MIDDLE
 from autobatch.tuning import lr_range
 
@@ -96,3 +99,23 @@ def test_a_loss_the_test_cannot_move_leaves_the_range_where_it_was() -> None:
     )  # fmt: skip
     found = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
     assert not found.descended and found.centre == 1.0
+
+
+def test_a_rate_far_too_high_is_found_before_any_trial() -> None:
+    """SGD at 2.0 on digits: every multiplier of (0.25, 4) diverges to chance, and the walk
+    past the range's end stops at once (no lower loss to follow). The range test moves the
+    range down to where training works."""
+
+    def sgd(params, lr):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+    task = dataclasses.replace(digits(), optimizer=sgd, lr=2.0)
+    kwargs = dict(n_trials=4, max_epochs=3, candidates=[32, 128, 512], mlflow=False)
+    found = tune(task, **kwargs)
+    blind = tune(task, lr_range_test=False, **kwargs)
+    assert found.settings.lr_centre < 1 / 8 and found.lr < 0.5
+    assert _best(found) < 0.5 * _best(blind)  # chance level is ln(10) = 2.3
+
+
+def _best(result) -> float:
+    return min(t.best_val_loss for t in result.trials if t.best_val_loss is not None)
