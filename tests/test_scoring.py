@@ -259,9 +259,15 @@ def test_a_settled_study_first_runs_the_trials_it_queued() -> None:
         trial = study.ask()
         trial.set_user_attr(RECORD, rec.to_dict())
         study.tell(trial, rec.best_val_loss)
-    assert storage.settled(study.get_trials(), settings(min_trials=6)) is not None
+
+    def settled(trials):
+        return storage.settled(
+            storage.progress(trials), storage.records(trials), settings(min_trials=6)
+        )
+
+    assert settled(study.get_trials()) is not None
     study.enqueue_trial({"batch_size": 128, "lr_multiplier": 2.0})  # e.g. a neighbour
-    assert storage.settled(study.get_trials(), settings(min_trials=6)) is None
+    assert settled(study.get_trials()) is None
 
 
 @pytest.mark.parametrize(

@@ -188,14 +188,15 @@ def prepare(
             tracker=tracker,
         )
         trials = study.get_trials(deepcopy=False)
-        finished = storage.progress(trials).finished
+        state = storage.progress(trials)
+        finished = state.finished
         done = None
         if settings.n_trials is not None and finished >= settings.n_trials:
             done = (
                 f"the study already has {finished} finished trials (n_trials={settings.n_trials}); "
                 "raise n_trials (--n-trials) to add trials"
             )
-        elif (why := storage.settled(trials, settings)) is not None:
+        elif (why := storage.settled(state, storage.records(trials), settings)) is not None:
             done = (
                 f"the study {why}; raise min_trials (--min-trials) above {finished} to add trials"
             )
@@ -224,8 +225,7 @@ def _lr_range_test(
 ) -> lr_range.RangeTest | None:
     """The range test at the baseline's batch size, where asked for and the multiplier range
     is wide enough to search (a narrower one pins the rate: see ``space.past_the_edge``)."""
-    low, high = multipliers
-    if not wanted or high / low < space.EDGE**2:
+    if not wanted or space.pinned(multipliers):
         return None
     base = next(size for role, size in space.seeds(sizes, task.batch_size) if role == BASELINE)
     found = lr_range.range_test(task, task.training_batches().to_device(), base, multipliers)

@@ -175,9 +175,17 @@ def _tried(
     return any(s == size and abs(math.log(m / multiplier)) < math.log(NEAR) for s, m in ran)
 
 
-def _seeds_ended(records: Sequence[TrialRecord], settings: StudySettings) -> bool:
-    """Whether every seeded trial has ended: until then the best loss may be the baseline's
-    alone, at the task's own rate, which lies outside a range centred by the lr range test."""
+def pinned(multipliers: tuple[float, float]) -> bool:
+    """Whether a multiplier range is narrower than ``EDGE**2``: it pins the rate on purpose,
+    so the study neither searches past its ends nor moves it (the lr range test)."""
+    low, high = multipliers
+    return high / low < EDGE**2
+
+
+def seeds_ended(records: Sequence[TrialRecord], settings: StudySettings) -> bool:
+    """Whether every seeded trial has ended. The prediction waits for their step times; the
+    search past the range's end for their losses (until then the best loss may be the
+    baseline's alone, at the task's own rate, outside a range the lr range test moved)."""
     ended = sum(r.role in (BASELINE, CEILING, MIDDLE) for r in records)
     return ended >= len(seeds(settings.candidates, settings.base_batch_size))
 
@@ -199,11 +207,11 @@ def past_the_edge(
     up again; a rate that diverges fails its trial and the best stays where it was.
     """
     best = scoring.best_trial(records)
-    if best is None or not _seeds_ended(records, settings):
+    if best is None or not seeds_ended(records, settings):
+        return None
+    if pinned(settings.multiplier_range):
         return None
     low, high = settings.multiplier_range
-    if high / low < EDGE**2:  # a range this narrow pins the rate on purpose
-        return None
     if best.lr_multiplier >= high / EDGE:
         proposal = best.lr_multiplier * 2
     elif best.lr_multiplier <= low * EDGE:

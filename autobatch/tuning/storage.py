@@ -233,13 +233,11 @@ def progress(trials: Sequence[FrozenTrial]) -> Progress:
     return Progress(finished, running, waiting, seeds)
 
 
-def settled(trials: Sequence[FrozenTrial], settings: StudySettings) -> str | None:
-    """Why the study may end before ``n_trials`` (:func:`scoring.settled`), or None; always
-    None while trials wait in the queue: what the study asked for itself (a neighbour, a rate
-    past the range) runs before it ends."""
-    if progress(trials).waiting:
-        return None
-    return scoring.settled(records(trials), settings)
+def settled(state: Progress, known: Sequence[TrialRecord], settings: StudySettings) -> str | None:
+    """Why the study may end before ``n_trials`` (:func:`scoring.settled` of the records
+    ``known``), or None; always None while trials wait in the queue (``state``): what the
+    study asked for itself (a neighbour, a rate past the range) runs before it ends."""
+    return None if state.waiting else scoring.settled(known, settings)
 
 
 def claimed_before(trials: Sequence[FrozenTrial], number: int) -> int:

@@ -244,7 +244,7 @@ class Worker:
                     stopped = "timeout"
                     break
                 records = storage.records(trials)
-                settled = storage.settled(trials, self.settings)
+                settled = storage.settled(state, records, self.settings)
                 if settled is not None and not state.running:
                     log.info("the study %s", settled)
                     break
@@ -526,8 +526,7 @@ class Worker:
         if any(t.user_attrs.get(storage.ROLE) == PREDICTED for t in trials):
             return
         records = storage.records(trials)
-        seeds = space.seeds(settings.candidates, settings.base_batch_size)
-        if sum(r.role not in (None, *STEERED) for r in records) < len(seeds):
+        if not space.seeds_ended(records, settings):
             return
         if self._free(trials) < 1:
             return
@@ -535,7 +534,9 @@ class Worker:
         if fastest is None:
             return
         best = fastest.batch_size
-        if any(size == best for _, size in seeds):
+        if any(
+            size == best for _, size in space.seeds(settings.candidates, settings.base_batch_size)
+        ):
             return
         log.info("queued the predicted fastest batch size, %d", best)
         self.study.enqueue_trial(
