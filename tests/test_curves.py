@@ -1,10 +1,14 @@
 """The epoch-selection rule and time-to-target on constructed learning curves."""
 
+import dataclasses
 import math
 
 import pytest
 
+from autobatch.data import BatchSource
+from autobatch.examples import digits
 from autobatch.tuning import curves
+from autobatch.tuning.loop import train
 
 
 def test_smooth_is_causal_and_debiased():
@@ -68,6 +72,19 @@ def test_the_loss_must_be_at_the_level_at_the_epoch_training_stops():
     assert curves.choose_epochs(epochs[:1], losses[:1], 12, 0.02, level=0.0246).epochs == 11
 
 
+def test_a_curve_reaches_the_level_where_an_epoch_ends():
+    epochs = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    dips = [0.9, 0.6, 0.5, 0.58, 0.5, 0.57]  # under 0.55 only mid-epoch
+    assert curves.reaching(epochs, dips, 0.55) is None
+    assert curves.reaching(epochs, [0.9, 0.6, 0.5, 0.54, 0.5, 0.5], 0.55) == 3
+    # A budget under one epoch has no epoch end: the first point under the level.
+    assert curves.reaching([0.25, 0.5, 0.75], [0.9, 0.5, 0.4], 0.55) == 1
+    # Nothing more to learn only once an epoch end is at the level: a trial stopped on a
+    # mid-epoch dip would leave no whole epoch count that reaches it.
+    assert not curves.plateaued(epochs, dips, 0.55)
+    assert curves.plateaued(epochs + [3.5, 4.0], [0.9, 0.6, 0.5, 0.54, 0.6, 0.6, 0.6, 0.6], 0.55)
+
+
 def test_threshold_and_first_reaching():
     level = curves.threshold(0.5, 0.1)
     assert level == pytest.approx(0.55)
@@ -79,3 +96,18 @@ def test_area_under_is_mean_loss_over_time():
     assert curves.area_under([0, 1, 3], [2, 2, 2]) == pytest.approx(2.0)
     assert curves.area_under([0, 2], [1, 3]) == pytest.approx(2.0)
     assert curves.area_under([1], [1]) is None
+
+
+def test_every_epoch_ends_with_an_evaluation():
+    """Where training can stop is where the loss must be known, whether or not the evaluation
+    interval divides the data (101 samples: 51 between evaluations)."""
+    task = digits()
+    x, y = task.train_data
+    task = dataclasses.replace(task, train_data=(x[:101], y[:101]))
+    data = BatchSource(task.train_data, task.device, task.collate_fn)
+    val = BatchSource(task.val_data, task.device, task.collate_fn)
+    points = []
+    train(task, data, val, batch_size=16, lr=task.lr, max_epochs=3, eval_batch_size=64,
+          on_eval=points.append)  # fmt: skip
+    assert [p.samples for p in points] == [64, 101, 165, 202, 266, 303]
+    assert [p.epoch for p in points][1::2] == [1.0, 2.0, 3.0]

@@ -122,10 +122,10 @@ def test_the_target_follows_the_best_loss_and_the_recommendation_ends_near_it() 
     result = scoring.recommend(records, settings(tolerance=0.02))
     assert result.target_loss == 0.2
     assert result.best_trial == 3  # within 2% of 0.2, and the fastest to get there
-    assert result.epochs == 2  # reached at the third evaluation: epoch 1.5, rounded up
+    assert result.epochs == 2  # under the level from epoch 1.5, and at the end of epoch 2
     judged = {r.number: r for r in result.trials}
     assert judged[1].time_to_target is None and judged[1].value > judged[2].value
-    assert judged[3].time_to_target == pytest.approx(12.0)
+    assert judged[3].time_to_target == pytest.approx(16.0)  # at that epoch's end
     # A target the user gave is kept as given.
     mine = scoring.recommend(records, settings(tolerance=0.02, target_loss=0.4))
     assert mine.target_loss == 0.4 and mine.best_trial == 1
@@ -134,13 +134,25 @@ def test_the_target_follows_the_best_loss_and_the_recommendation_ends_near_it() 
 def test_the_winner_is_the_fastest_in_whole_epochs() -> None:
     """The user trains whole epochs: a trial that crosses the target early in an epoch pays
     for the rest of it."""
-    early_in_epoch = record(1, [0.8, 0.5, 0.2, 0.2], 4.0)  # target at epoch 1.5 (12 s); 2 = 16 s
+    early_in_epoch = record(1, [0.8, 0.5, 0.2, 0.2], 4.0)  # under it at epoch 1.5 (12 s); 2 = 16 s
     at_epoch_end = record(2, [0.8, 0.5, 0.3, 0.2], 3.5)  # target at epoch 2.0, 14 s
     result = scoring.recommend([BASE, early_in_epoch, at_epoch_end], settings(tolerance=0.02))
     judged = {r.number: r for r in result.trials}
-    assert judged[1].time_to_target < judged[2].time_to_target
+    assert judged[1].time_to_target == pytest.approx(16.0)  # paid to the epoch's end
+    assert judged[2].time_to_target == pytest.approx(14.0)
     assert (result.best_trial, result.epochs) == (2, 2)
     assert scoring.cost_seconds(judged[1]) == pytest.approx(16.0)
+
+
+def test_a_dip_under_the_level_between_epoch_ends_is_not_reaching_it() -> None:
+    """Training stops at an epoch's end: a curve under the level only between two is a miss,
+    and is not recommended over a slower trial that ends an epoch at the level."""
+    dips = record(1, [0.8, 0.5, 0.2, 0.26, 0.25, 0.25], 1.0)  # 0.2 at epoch 1.5 only
+    steady = record(2, [0.8, 0.5, 0.3, 0.2, 0.2, 0.2], 5.0)  # 0.2 at the end of epoch 2
+    result = scoring.recommend([BASE, dips, steady], settings(tolerance=0.02))
+    judged = {r.number: r for r in result.trials}
+    assert judged[1].time_to_target is None and judged[1].value > judged[2].value
+    assert (result.best_trial, result.epochs) == (2, 2)
 
 
 def test_trials_on_other_hardware_are_timed_on_the_reference_clock() -> None:
@@ -292,7 +304,7 @@ def test_small_moves_do_not_keep_a_study_going() -> None:
 
 
 def _at(number: int, multiplier: float, best: float, batch_size: int = 64, **kw) -> TrialRecord:
-    curve = [2.0, 1.0, best]
+    curve = [2.0, 1.5, 1.0, best]  # its best at the end of epoch 2
     return dataclasses.replace(
         record(number, curve, 10.0, batch_size=batch_size, **kw), lr_multiplier=multiplier
     )

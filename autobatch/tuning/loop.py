@@ -95,8 +95,9 @@ def train(
     generator = torch.Generator().manual_seed(workload.seed)
     size = len(train_data)
     max_samples = int(max_epochs * size)
+    # Evaluated at every epoch's end, where training can stop (a recommendation is in whole
+    # epochs), and at even steps within it.
     interval = evaluation_interval(size)
-    next_eval = interval
     run = TrialRun()
     # Step losses stay on the device, unreduced: appending costs no kernel launch, and one
     # reduction per evaluation turns them into the mean.
@@ -112,13 +113,15 @@ def train(
         while run.samples < max_samples:
             epoch_start = time.perf_counter()
             epoch_train = run.train_seconds
+            in_epoch, next_eval = 0, interval
             for batch in train_data.epoch(batch_size, generator):
                 n = batch_length(batch)
                 losses.append(step(batch))
                 sizes.append(n)
                 loss_samples += n
                 run.samples += n
-                if run.samples < next_eval and run.samples < max_samples:
+                in_epoch += n
+                if in_epoch < min(next_eval, size) and run.samples < max_samples:
                     continue
                 sync()
                 now = time.perf_counter()
@@ -158,7 +161,7 @@ def train(
                 sizes.clear()
                 loss_samples = 0
                 window_samples, window_seconds = 0, 0.0
-                next_eval = (run.samples // interval + 1) * interval
+                next_eval = (in_epoch // interval + 1) * interval
                 on_eval(point)
                 if run.samples >= max_samples:
                     break

@@ -38,8 +38,9 @@ PATIENCE = 5
 #: The trials a study runs, by default, before it may end settled: the seeds, the predicted
 #: trial and the steered ones have had their say by then. Cut after 12 trials, 20-trial
 #: studies ended at the same loss on 11 of 12 task-seeds of ``recommendation_quality.py``
-#: (the twelfth: 0.94x the grid's best loss, not 0.82x); cut after 8 or 10, sequences ended
-#: 2.0-2.4% above the grid's best (median) and the CNN up to 2.5x it (docs/concepts.md).
+#: (the twelfth: 0.94x the grid's best loss, not 0.82x); with 8, studies rarely settled
+#: sooner, and sequences ended 2.4% above the grid's best in one run of two
+#: (docs/concepts.md, "When the study ends").
 MIN_TRIALS = 12
 #: How far the answer may still move over those trials: the best loss by this fraction of the
 #: tolerance, the fastest cost to the target by this fraction of itself.
@@ -116,7 +117,7 @@ def score(
         return Score((best,), None, None)
     level = curves.threshold(target, settings.tolerance)
     smoothed = [p.val_loss_smoothed for p in record.curve]
-    hit = curves.first_reaching(smoothed, level)
+    hit = curves.reaching([p.epoch for p in record.curve], smoothed, level)
     time = samples = None
     if hit is not None:
         time = record.curve[hit].seconds * factor

@@ -442,6 +442,7 @@ class Worker:
                 fresh = storage.records(self.study.get_trials(deepcopy=False))
                 judge = _Yardstick.of(fresh, record, settings)
             smoothed = [p.val_loss_smoothed for p in points]
+            epochs = [p.epoch for p in points]
             level = judge.level
             step = max(last_step + 1, int(point.seconds * judge.factor * 1000))
             # Reported at the rungs only, where halving compares trials, and by every trial:
@@ -450,11 +451,12 @@ class Worker:
             if judge.rungs.due(step):
                 last_step = step
                 trial.report(point.val_loss_smoothed, step=step)
-                reached = level is not None and curves.first_reaching(smoothed, level) is not None
+                reached = level is not None and curves.reaching(epochs, smoothed, level) is not None
                 if prunable and not reached and trial.should_prune():
                     pruned = True
                     raise StopTrial
-            if objective == "time" and level is not None and curves.plateaued(smoothed, level):
+            ended = objective == "time" and level is not None
+            if ended and curves.plateaued(epochs, smoothed, level):
                 raise StopTrial
 
         state, reason, run = COMPLETE, None, None
