@@ -1,6 +1,8 @@
 """Does tune()'s recommendation, retrained from scratch, end near the best loss reachable, and
-fast? The check of the "Predict before you train" issue, item 5, on tasks with plain SGD,
-with AdamW, and a regression with Adam (``friedman``, not in the default set).
+fast? The check of the "Predict before you train" issue, item 5, on tasks with SGD, with
+AdamW, and, outside the default set, a regression with Adam (``friedman``), a digits task with
+SGD, a larger 4-class task with plain SGD (``classes4-sgd``) and a small, overfitting one with
+RMSprop (``cancer-rmsprop``): the last two were added after tuning the others, as a check.
 
 For each task:
 
@@ -137,6 +139,38 @@ def friedman(samples: int = 5000) -> Task:
     )  # fmt: skip
 
 
+def classes4_sgd(samples: int = 20000) -> Task:
+    """scikit-learn's ``make_classification``: 4 classes, 12 informative features of 40, 5%
+    of labels flipped; a tanh MLP and plain SGD (lr 0.05, batch 64). Large enough for four
+    evaluations per epoch."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=samples, n_features=40, n_informative=12, n_classes=4, flip_y=0.05,
+        random_state=1,
+    )  # fmt: skip
+    model = lambda: nn.Sequential(nn.Linear(40, 128), nn.Tanh(), nn.Linear(128, 4))  # noqa: E731
+    task = _classification(
+        "classes4", model, torch.tensor(x, dtype=torch.float32), torch.tensor(y), seed=0,
+        val_fraction=0.2,
+    )  # fmt: skip
+    return _sgd(dataclasses.replace(task, batch_size=64), lr=0.05)
+
+
+def cancer_rmsprop() -> Task:
+    """scikit-learn's breast-cancer data (569 samples, standardised), an MLP and RMSprop (lr
+    1e-3, batch 16): a small, noisy validation set whose loss overfits."""
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    model = lambda: nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 2))  # noqa: E731
+    task = _classification("cancer", model, x, torch.tensor(y), seed=0, val_fraction=0.25)
+    return dataclasses.replace(
+        task, optimizer=torch.optim.RMSprop, lr=1e-3, batch_size=16, name="cancer-rmsprop"
+    )
+
+
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     # name: (task, max_epochs)
     "blobs-sgd": lambda: (_sgd(blobs(samples=8000), lr=0.005, momentum=0.9), 8),
@@ -144,6 +178,8 @@ TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     "sequences": lambda: (sequences(), 10),
     "digits-sgd": lambda: (_sgd(digits(), lr=0.01, momentum=0.9), 20),
     "friedman": lambda: (friedman(), 12),
+    "classes4-sgd": lambda: (classes4_sgd(), 6),
+    "cancer-rmsprop": lambda: (cancer_rmsprop(), 15),
 }
 DEFAULT_TASKS = "blobs-sgd,digits-cnn,sequences"
 

@@ -45,9 +45,9 @@ def reaching(epochs: Sequence[float], smoothed: Sequence[float], level: float) -
     On a curve with no epoch end (a budget under one epoch), the first point at or below it.
 
     A curve that dips under the level mid-epoch and is back above it at the epoch's end has
-    not reached it: on a generated 4-class task (SGD at 7.5x the rate) one crossed the level
-    a quarter into its fifth epoch, was 1.2% above it at the epoch's end, and the
-    recommendation (5 epochs) ended 3.2% above the study's best loss."""
+    not reached it: on ``classes4-sgd`` of the quality benchmark (SGD at 7.5x the rate) one
+    crossed the level a quarter into its fifth epoch, was 1.2% above it at the epoch's end,
+    and the recommendation (5 epochs) ended 3.2% above the study's best loss."""
     ends = [i for i, epoch in enumerate(epochs) if _epoch_end(epoch)]
     if not ends:
         return first_reaching(smoothed, level)
