@@ -106,9 +106,9 @@ def choose_epochs(
         # instead chose, on a regression task at a high Adam rate, the epoch end 30% above
         # the level, with the next one 0.2% above it.
         stop = reaching(epochs, smoothed, level)
-        ends = [i for i in range(index, len(epochs)) if _epoch_end(epochs[i])]
-        if stop is None and ends:
-            stop = min(ends, key=smoothed.__getitem__)
+        if stop is None:
+            ends = [i for i in range(index, len(epochs)) if _epoch_end(epochs[i])]
+            stop = min(ends, key=smoothed.__getitem__) if ends else None
         if stop is not None and _epoch_end(epochs[stop]):
             whole = math.ceil(epochs[stop] - 1e-9)
     at = float(epochs[index])

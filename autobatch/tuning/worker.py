@@ -455,8 +455,11 @@ class Worker:
                 if prunable and not reached and trial.should_prune():
                     pruned = True
                     raise StopTrial
-            ended = objective == "time" and level is not None
-            if ended and curves.plateaued(epochs, smoothed, level):
+            if (
+                objective == "time"
+                and level is not None
+                and curves.plateaued(epochs, smoothed, level)
+            ):
                 raise StopTrial
 
         state, reason, run = COMPLETE, None, None
@@ -542,7 +545,7 @@ class Worker:
             return
         log.info("queued the predicted fastest batch size, %d", best)
         self.study.enqueue_trial(
-            {"batch_size": best, "lr_multiplier": self.settings.lr_centre},
+            {"batch_size": best, "lr_multiplier": settings.lr_centre},
             user_attrs={storage.ROLE: PREDICTED},
             skip_if_exists=True,
         )
