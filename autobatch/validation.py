@@ -313,7 +313,7 @@ TUNE: dict[str, Spec] = {
     "scale_adamw": Flag(),
     "lr_range_test": Flag(),
     "target_loss": Optional(Real(example=0.25)),
-    "tolerance": FRACTION,
+    "tolerance": Optional(FRACTION),
     "seed": Integer(example=0),
     "storage": Optional(Text("sqlite:///autobatch.db")),
     "study_name": Optional(Text("my-study")),

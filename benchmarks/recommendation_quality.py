@@ -12,7 +12,7 @@ For each task:
    fastest is the run that needed the fewest training seconds for its smoothed loss to reach
    ``L x 1.02`` (the level);
 2. **tune**: ``tune(task, max_epochs=...)`` with its own defaults otherwise (20 trials,
-   the target following the best loss found, 2% tolerance), once per ``--repeats`` seed
+   the target following the best loss found, 1% tolerance), once per ``--repeats`` seed
    (``--min-trials N``: ending from N trials once settled); its
    compute is the sum of its trials' training seconds and its lr range test's;
 3. **retrain**: the recommended batch size and learning rate, from scratch, in the plain

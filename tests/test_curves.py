@@ -51,6 +51,19 @@ def test_choose_epochs_warns_when_done_in_the_first_tenth():
     assert "lower max_epochs" in choice.warning
 
 
+def test_choose_epochs_warns_when_whole_epochs_go_past_a_fractional_budget():
+    epochs = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    losses = [1.0, 0.8, 0.6, 0.5, 0.4, 0.405]
+    choice = curves.choose_epochs(epochs, losses, max_epochs=1.5, tolerance=0.05, level=0.41)
+    assert (choice.epochs, choice.at_epoch) == (2, 1.25)
+    assert "1.5-epoch budget, and the recommendation rounds it up to 2: train 1.25" in (
+        choice.warning
+    )
+    # Reached at an epoch end inside the budget: no warning.
+    inside = curves.choose_epochs(epochs, losses, max_epochs=1.5, tolerance=0.05, level=0.5)
+    assert (inside.epochs, inside.warning) == (1, None)
+
+
 def test_the_loss_must_be_at_the_level_at_the_epoch_training_stops():
     """A digits-SGD trial at a rate near instability dipped under the level mid-epoch (10.53)
     and was back 9% above it at epoch 11, where training stops: 11 epochs do not reach it."""

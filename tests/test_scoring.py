@@ -341,6 +341,30 @@ def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it(
     assert space.past_the_edge(top, settings(lr_multiplier_range=(2.5, 3.0))) is None
 
 
+def test_sampled_trials_draw_from_a_range_moved_to_a_best_trial_outside_it() -> None:
+    """The range test centred the range on x16 (4-64); the best rate lies lower."""
+    centred = settings(lr_centre=16.0)
+    seeds = [  # the baseline at the task's own rate, the other seeds at the centre
+        _at(-3, 1.0, 0.5, batch_size=16, role=BASELINE),
+        _at(-2, 16.0, 0.95, batch_size=256, role=CEILING),
+        _at(-1, 16.0, 0.9, role=MIDDLE),
+    ]
+    # Not before every seed has ended: the baseline alone says nothing against the centre.
+    assert space.sampling_range(seeds[:1], centred) == (4.0, 64.0)
+    # The baseline, at x1, is the best: the range moves down, same width, one doubling below.
+    assert space.sampling_range(seeds, centred) == pytest.approx((0.5, 8.0))
+    # A best trial far past the top moves it up alike. One inside, or within 2x of an end
+    # (the walk past the end goes there, one doubling at a time), leaves it where it was.
+    assert space.sampling_range([*_seeds(), _at(1, 12.0, 0.3)], settings()) == (
+        pytest.approx((1.5, 24.0))
+    )
+    for near in (3.0, 6.0, 0.15):
+        assert space.sampling_range([*_seeds(), _at(1, near, 0.3)], settings()) == (0.25, 4.0)
+    # A range that pins the rate stays pinned.
+    pinned = settings(lr_multiplier_range=(2.5, 3.0))
+    assert space.sampling_range([*_seeds(), _at(1, 12.0, 0.3)], pinned) == (2.5, 3.0)
+
+
 def test_the_best_multiplier_is_carried_to_the_predicted_fastest_size() -> None:
     def carried(records, fastest, taken=()):
         return space.carried_over(records, settings(), fastest, taken)

@@ -164,6 +164,18 @@ def test_changed_search_space_on_an_existing_study_is_refused(task, tmp_path):
     assert [t.values for t in finished] == [[first.trials[0].value]]
 
 
+def test_a_stored_study_keeps_its_tolerance_unless_another_is_given(task, tmp_path):
+    """A study made before the default changed (or with its own) continues as it was made;
+    only a tolerance given on purpose is checked against it."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert tune(task, n_trials=1, **FAST).settings.tolerance == 0.01  # the default
+    tune(task, n_trials=1, storage=storage, study_name="s", tolerance=0.02, **FAST)
+    again = tune(task, n_trials=2, storage=storage, study_name="s", **FAST)
+    assert again.settings.tolerance == 0.02 and len(again.trials) == 2
+    with pytest.raises(InvalidInputError, match=r"different search space \(tolerance\)"):
+        tune(task, n_trials=3, storage=storage, study_name="s", tolerance=0.05, **FAST)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

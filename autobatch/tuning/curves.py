@@ -123,8 +123,16 @@ def choose_epochs(
             f"the validation loss levelled off within {at:.2g} epochs, the first tenth of the "
             f"{max_epochs:g}-epoch budget: lower max_epochs to save time"
         )
-    chosen = whole if whole is not None else math.ceil(at - 1e-9)
-    return EpochChoice(max(1, chosen), at, index, best_index, warning)
+    chosen = max(1, whole if whole is not None else math.ceil(at - 1e-9))
+    if chosen > max_epochs + 1e-9:
+        # Only a fractional budget gets here: the stop lies in its last, partial epoch.
+        past = (
+            f"the stopping point lies {at:.3g} epochs in, past the last whole epoch of the "
+            f"{max_epochs:g}-epoch budget, and the recommendation rounds it up to {chosen}: "
+            f"train {at:.3g} epochs (as steps) instead, or give max_epochs in whole epochs"
+        )
+        warning = past if warning is None else f"{warning}; {past}"
+    return EpochChoice(chosen, at, index, best_index, warning)
 
 
 def _epoch_end(epoch: float) -> bool:

@@ -29,7 +29,7 @@ from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
 from autobatch.records import BASELINE, ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
-from autobatch.tuning import lr_range, sampler, space, storage
+from autobatch.tuning import lr_range, sampler, scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.workload import Workload
 
@@ -88,7 +88,7 @@ def prepare(
     scale_adamw: bool,
     lr_range_test: bool,
     target_loss: float | None,
-    tolerance: float,
+    tolerance: float | None,
     seed: int,
     storage_url: str | None,
     study_name: str | None,
@@ -123,9 +123,10 @@ def prepare(
             "scale_adamw": bool(scale_adamw),
             "max_epochs": float(max_epochs),
             "seed": seed,
-            "tolerance": tolerance,
             "target_loss": target_loss,
         }
+        if tolerance is not None:  # None: the stored study's, or the default for a new one
+            wanted["tolerance"] = tolerance
         study = _existing(opened, name, storage_url)
         notes: list[str] = []
         created = False
@@ -151,7 +152,7 @@ def prepare(
                 seed=seed,
                 sampler="TPESampler",
                 pruner="none" if objective == "pareto" else "SuccessiveHalving(training ms)",
-                tolerance=tolerance,
+                tolerance=scoring.TOLERANCE if tolerance is None else tolerance,
                 target_loss=target_loss,
                 task_name=task.name,
                 device=str(task.device),

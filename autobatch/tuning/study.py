@@ -48,7 +48,7 @@ def tune(
     scale_adamw: bool = False,
     lr_range_test: bool = True,
     target_loss: float | None = None,
-    tolerance: float = 0.02,
+    tolerance: float | None = None,
     seed: int = 0,
     storage: str | None = None,
     study_name: str | None = None,
@@ -80,9 +80,11 @@ def tune(
     size and learning rate), the ceiling and the middle of the range run first.
     ``objective="time"`` minimises training seconds until the smoothed validation loss
     reaches ``target x (1 + tolerance)``, the target being ``target_loss`` or, by default,
-    the best loss any trial reached; ``"loss"`` minimises the best validation
-    loss; ``"pareto"`` keeps both (no pruning). ``scale_adamw`` (opt-in) also moves AdamW's
-    ``beta2`` and weight decay with the batch size (:func:`autobatch.tuning.space.adamw_scaling`).
+    the best loss any trial reached (``tolerance``: 1% for a new study, so that seed noise
+    leaves the answer within 2% of the best reachable; a stored study keeps its own);
+    ``"loss"`` minimises the best validation loss; ``"pareto"`` keeps both (no pruning).
+    ``scale_adamw`` (opt-in) also moves AdamW's ``beta2`` and weight decay with the batch
+    size (:func:`autobatch.tuning.space.adamw_scaling`).
 
     The study runs at most ``n_trials`` trials. It ends sooner once it has ``min_trials`` and
     its answer has settled: its last five trials lowered neither the best loss nor the fastest

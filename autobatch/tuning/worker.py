@@ -356,13 +356,12 @@ class Worker:
                 if (twin := storage.earlier_twin(trials, trial.number)) is not None:
                     self._skip(trial, f"not run: queued twice at once, as trial {twin.number}")
                     return 0
+            records = storage.records(trials)
             size = int(trial.suggest_categorical("batch_size", list(settings.candidates)))
             with warnings.catch_warnings():  # a trial queued past the range's end
                 warnings.filterwarnings("ignore", "Fixed parameter .* is out of range")
-                multiplier = float(
-                    trial.suggest_float("lr_multiplier", *settings.multiplier_range, log=True)
-                )
-            records = storage.records(trials)
+                multipliers = space.sampling_range(records, settings)
+                multiplier = float(trial.suggest_float("lr_multiplier", *multipliers, log=True))
             if size in scoring.infeasible_sizes(records):  # queued, or found by another worker
                 self._skip(trial, f"not run: batch size {size} is known to be infeasible")
                 return 0
