@@ -1,8 +1,10 @@
 """Does tune()'s recommendation, retrained from scratch, end near the best loss reachable, and
 fast? The check of the "Predict before you train" issue, item 5, on tasks with SGD, with
 AdamW, and, outside the default set, a regression with Adam (``friedman``), a digits task with
-SGD, a larger 4-class task with plain SGD (``classes4-sgd``) and a small, overfitting one with
-RMSprop (``cancer-rmsprop``): the last two were added after tuning the others, as a check.
+SGD, a larger 4-class task with plain SGD (``classes4-sgd``), a small, overfitting one with
+RMSprop (``cancer-rmsprop``), a binary task with AdamW whose own rate is right but which the
+lr range test puts 15x too high (``hastie-adamw``) and a small, noisy regression with SGD and
+momentum (``diabetes-sgdm``): the last four were added after tuning the others, as checks.
 
 For each task:
 
@@ -171,6 +173,46 @@ def cancer_rmsprop() -> Task:
     )
 
 
+def hastie_adamw() -> Task:
+    """scikit-learn's ``make_hastie_10_2`` (12,000 samples, a spherical boundary in 10
+    features), an MLP and AdamW (lr 1e-3, weight decay 0.01, batch 32): small batches win the
+    last percent of loss."""
+    from sklearn.datasets import make_hastie_10_2
+
+    x, y = make_hastie_10_2(n_samples=12000, random_state=3)
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
+    )  # fmt: skip
+    task = _classification(
+        "hastie", model, torch.tensor(x, dtype=torch.float32),
+        torch.tensor((y > 0).astype("int64")), seed=0, val_fraction=0.2,
+    )  # fmt: skip
+
+    def optimizer(params, lr):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+
+    return dataclasses.replace(
+        task, optimizer=optimizer, lr=1e-3, batch_size=32, name="hastie-adamw"
+    )
+
+
+def diabetes_sgdm() -> Task:
+    """scikit-learn's diabetes regression (442 samples, standardised), a tanh MLP and SGD with
+    momentum 0.9 (lr 0.01, batch 16): a validation set of 111 samples, so noisy curves."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
+    train, val = _split(x, y, 0.25, seed=0)
+    model = lambda: nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))  # noqa: E731
+    task = Task(
+        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
+        optimizer=torch.optim.SGD, lr=0.01, batch_size=16, name="diabetes",
+    )  # fmt: skip
+    return _sgd(task, lr=0.01, momentum=0.9)
+
+
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     # name: (task, max_epochs)
     "blobs-sgd": lambda: (_sgd(blobs(samples=8000), lr=0.005, momentum=0.9), 8),
@@ -180,6 +222,8 @@ TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     "friedman": lambda: (friedman(), 12),
     "classes4-sgd": lambda: (classes4_sgd(), 6),
     "cancer-rmsprop": lambda: (cancer_rmsprop(), 15),
+    "hastie-adamw": lambda: (hastie_adamw(), 10),
+    "diabetes-sgdm": lambda: (diabetes_sgdm(), 40),
 }
 DEFAULT_TASKS = "blobs-sgd,digits-cnn,sequences"
 
