@@ -36,8 +36,8 @@ INFEASIBLE_VALUE = 1e12
 #: seed's curve, and the best reachable (an exhaustive grid's) lies about 1% lower on tasks
 #: where the study cannot beat the grid: aimed at 2%, the recommendation, retrained, ended
 #: over 2% above the best reachable on 4 of 27 task-seeds of ``recommendation_quality.py``
-#: and two tasks built to check it; aimed at 1%, on 2 (one, at 5%, in both: a high SGD
-#: rate whose curve varies by seed). It costs compute: docs/concepts.md.
+#: and two tasks built to check it; aimed at 1%, on 2 (one, at 5%, in both: a study whose
+#: pruning timing sent it elsewhere). It costs compute: docs/concepts.md.
 TOLERANCE = 0.01
 #: Finished trials in a row that must leave the answer where it stood before a study may end
 #: before ``n_trials`` (:func:`settled`).
