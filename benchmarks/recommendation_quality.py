@@ -3,8 +3,10 @@ fast? The check of the "Predict before you train" issue, item 5, on tasks with S
 AdamW, and, outside the default set, a regression with Adam (``friedman``), a digits task with
 SGD, a larger 4-class task with plain SGD (``classes4-sgd``), a small, overfitting one with
 RMSprop (``cancer-rmsprop``), a binary task with AdamW whose own rate is right but which the
-lr range test puts 15x too high (``hastie-adamw``) and a small, noisy regression with SGD and
-momentum (``diabetes-sgdm``): the last four were added after tuning the others, as checks.
+lr range test puts 15x too high (``hastie-adamw``), a small, noisy regression with SGD and
+momentum (``diabetes-sgdm``), two moons with Adam at a low rate (``moons-adam``) and a
+regression whose best losses are dips of unstable high-rate SGD curves (``friedman3-sgdm``,
+which no method here meets): the last six were added after tuning the others, as checks.
 
 For each task:
 
@@ -213,6 +215,43 @@ def diabetes_sgdm() -> Task:
     return _sgd(task, lr=0.01, momentum=0.9)
 
 
+def moons_adam() -> Task:
+    """scikit-learn's two moons (6,000 samples, noise 0.3), an MLP and Adam at a low rate
+    (3e-4, batch 64)."""
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(n_samples=6000, noise=0.3, random_state=5)
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
+    )  # fmt: skip
+    task = _classification(
+        "moons", model, torch.tensor(x, dtype=torch.float32), torch.tensor(y), seed=0,
+        val_fraction=0.2,
+    )  # fmt: skip
+    return dataclasses.replace(
+        task, optimizer=torch.optim.Adam, lr=3e-4, batch_size=64, name="moons-adam"
+    )
+
+
+def friedman3_sgdm() -> Task:
+    """scikit-learn's Friedman #3 regression (4,000 samples, standardised), a tanh MLP and SGD
+    with momentum 0.9 (lr 0.01, batch 32). Near the stable edge of the rate its curves dip
+    and rise again, and a 2% change of rate moves the best loss by 12%: the grid's best is
+    such a dip, which its own fastest configuration, retrained, ends 21% above."""
+    from sklearn.datasets import make_friedman3
+
+    x, y = make_friedman3(n_samples=4000, noise=0.05, random_state=2)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
+    train, val = _split(x, y, 0.2, seed=0)
+    model = lambda: nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1))  # noqa: E731
+    task = Task(
+        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
+        optimizer=torch.optim.SGD, lr=0.01, batch_size=32, name="friedman3",
+    )  # fmt: skip
+    return _sgd(task, lr=0.01, momentum=0.9)
+
+
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     # name: (task, max_epochs)
     "blobs-sgd": lambda: (_sgd(blobs(samples=8000), lr=0.005, momentum=0.9), 8),
@@ -224,6 +263,8 @@ TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     "cancer-rmsprop": lambda: (cancer_rmsprop(), 15),
     "hastie-adamw": lambda: (hastie_adamw(), 10),
     "diabetes-sgdm": lambda: (diabetes_sgdm(), 40),
+    "moons-adam": lambda: (moons_adam(), 12),
+    "friedman3-sgdm": lambda: (friedman3_sgdm(), 15),
 }
 DEFAULT_TASKS = "blobs-sgd,digits-cnn,sequences"
 
