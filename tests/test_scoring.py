@@ -341,6 +341,23 @@ def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it(
     assert space.past_the_edge(top, settings(lr_multiplier_range=(2.5, 3.0))) is None
 
 
+def test_a_step_of_the_walk_that_lost_at_one_batch_size_is_not_taken_at_another() -> None:
+    top = [*_seeds(), _at(1, 1.5, 0.4), _at(2, 3.0, 0.3)]
+    lost = [*top, _at(3, 6.0, 0.35, role=BEYOND)]  # x6 ended above x3, at batch size 64
+    moved = [*lost, _at(4, 3.0, 0.2, batch_size=256)]  # the best moves to 256, still at x3
+    assert space.past_the_edge(moved, settings()) is None
+    # A step that won (or one not taken) is taken from the new best.
+    won = [*top, _at(3, 6.0, 0.25, role=BEYOND), _at(4, 3.0, 0.2, batch_size=256)]
+    assert space.past_the_edge(won, settings()) == (256, 6.0)
+    fresh = [*top, _at(4, 3.0, 0.2, batch_size=256)]
+    assert space.past_the_edge(fresh, settings()) == (256, 6.0)
+    # A step that diverged lost; one that ran out of memory says nothing about the rate.
+    diverged = [*top, _at(3, 6.0, 0.1, role=BEYOND, state=FAILED), moved[-1]]
+    assert space.past_the_edge(diverged, settings()) is None
+    oom = [*top, _at(3, 6.0, 0.1, role=BEYOND, state=INFEASIBLE), moved[-1]]
+    assert space.past_the_edge(oom, settings()) == (256, 6.0)
+
+
 def test_sampled_trials_draw_from_a_range_moved_to_a_best_trial_outside_it() -> None:
     """The range test centred the range on x16 (4-64); the best rate lies lower."""
     centred = settings(lr_centre=16.0)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 
 from autobatch.errors import InvalidInputError
-from autobatch.records import BASELINE, CEILING, MIDDLE, StudySettings, TrialRecord
+from autobatch.records import (
+    BASELINE,
+    BEYOND,
+    CEILING,
+    INFEASIBLE,
+    MIDDLE,
+    StudySettings,
+    TrialRecord,
+)
 from autobatch.tuning import prior, scoring
 
 RULES = ("saturating-linear", "saturating-sqrt", "linear", "sqrt", "none")
@@ -213,14 +221,39 @@ def past_the_edge(
         return None
     low, high = settings.multiplier_range
     if best.lr_multiplier >= high / EDGE:
-        proposal = best.lr_multiplier * 2
+        step = 2.0
     elif best.lr_multiplier <= low * EDGE:
-        proposal = best.lr_multiplier / 2
+        step = 0.5
     else:
         return None
-    if _tried(records, taken, best.batch_size, proposal):
+    proposal = best.lr_multiplier * step
+    if _tried(records, taken, best.batch_size, proposal) or _step_lost(records, proposal, step):
         return None
     return best.batch_size, proposal
+
+
+def _step_lost(records: Sequence[TrialRecord], multiplier: float, step: float) -> bool:
+    """Whether the walk's step to ``multiplier`` (from ``multiplier / step``) lost already, at
+    some batch size: it diverged, or ended above the trial it stepped from. The multiplier is
+    relative to the rule's rate at each size, so the walk does not take the same step again
+    from a new best trial at another size (on blobs-SGD and the AdamW task of the quality
+    benchmark, each such step lost again, at 1.2% and 4.4% of the grid's compute)."""
+    near = math.log(NEAR)
+    for r in records:
+        if r.role != BEYOND or abs(math.log(r.lr_multiplier / multiplier)) >= near:
+            continue
+        if r.state == INFEASIBLE:  # out of memory says nothing about the rate
+            continue
+        origins = [
+            o.best_val_loss
+            for o in records
+            if o.batch_size == r.batch_size
+            and scoring.completed(o)
+            and abs(math.log(o.lr_multiplier * step / multiplier)) < near
+        ]
+        if origins and (not scoring.completed(r) or r.best_val_loss > min(origins)):
+            return True
+    return False
 
 
 def sampling_range(records: Sequence[TrialRecord], settings: StudySettings) -> tuple[float, float]:
