@@ -198,21 +198,29 @@ def hastie_adamw() -> Task:
     )
 
 
+def _regression_sgdm(
+    name: str, x, y, model: Callable[[], nn.Module], val_fraction: float, batch_size: int
+) -> Task:
+    """Features and target standardised, the mean squared error, SGD with momentum 0.9 at lr
+    0.01."""
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
+    train, val = _split(x, y, val_fraction, seed=0)
+    task = Task(
+        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
+        optimizer=torch.optim.SGD, lr=0.01, batch_size=batch_size, name=name,
+    )  # fmt: skip
+    return _sgd(task, lr=0.01, momentum=0.9)
+
+
 def diabetes_sgdm() -> Task:
-    """scikit-learn's diabetes regression (442 samples, standardised), a tanh MLP and SGD with
-    momentum 0.9 (lr 0.01, batch 16): a validation set of 111 samples, so noisy curves."""
+    """scikit-learn's diabetes regression (442 samples), a tanh MLP, batch 16: a validation
+    set of 111 samples, so noisy curves."""
     from sklearn.datasets import load_diabetes
 
     x, y = load_diabetes(return_X_y=True)
-    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
-    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
-    train, val = _split(x, y, 0.25, seed=0)
     model = lambda: nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))  # noqa: E731
-    task = Task(
-        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
-        optimizer=torch.optim.SGD, lr=0.01, batch_size=16, name="diabetes",
-    )  # fmt: skip
-    return _sgd(task, lr=0.01, momentum=0.9)
+    return _regression_sgdm("diabetes", x, y, model, 0.25, batch_size=16)
 
 
 def moons_adam() -> Task:
@@ -234,22 +242,15 @@ def moons_adam() -> Task:
 
 
 def friedman3_sgdm() -> Task:
-    """scikit-learn's Friedman #3 regression (4,000 samples, standardised), a tanh MLP and SGD
-    with momentum 0.9 (lr 0.01, batch 32). Near the stable edge of the rate its curves dip
-    and rise again, and a 2% change of rate moves the best loss by 12%: the grid's best is
-    such a dip, which its own fastest configuration, retrained, ends 21% above."""
+    """scikit-learn's Friedman #3 regression (4,000 samples), a tanh MLP, batch 32. Near the
+    stable edge of the rate its curves dip and rise again, and a 2% change of rate moves the
+    best loss by 12%: the grid's best is such a dip, which its own fastest configuration,
+    retrained, ends 21% above."""
     from sklearn.datasets import make_friedman3
 
     x, y = make_friedman3(n_samples=4000, noise=0.05, random_state=2)
-    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
-    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
-    train, val = _split(x, y, 0.2, seed=0)
     model = lambda: nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1))  # noqa: E731
-    task = Task(
-        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
-        optimizer=torch.optim.SGD, lr=0.01, batch_size=32, name="friedman3",
-    )  # fmt: skip
-    return _sgd(task, lr=0.01, momentum=0.9)
+    return _regression_sgdm("friedman3", x, y, model, 0.2, batch_size=32)
 
 
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
