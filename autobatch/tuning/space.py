@@ -264,10 +264,11 @@ def sampling_range(records: Sequence[TrialRecord], settings: StudySettings) -> t
 
     The range test can centre the range on a rate several times off: on an AdamW task whose
     own rate was right, it suggested 15.6x, the best trials ran at 0.5-1x, and every sampled
-    trial drew from 3.9-62x (all missed the target, none pruned: a quarter of the exhaustive
-    grid's compute for the task's own configuration). The walk past the range's end finds
-    where the best rate lies; this lets the search follow it. Read from the records, so every
-    worker draws alike."""
+    trial drew from 3.9-62x: all missed the target, and the studies spent a quarter of the
+    exhaustive grid's compute to recommend the task's own configuration. The walk past the
+    range's end finds where the best rate lies; this lets the search follow it. Read from the
+    records, so every worker draws alike. Once the range has moved, Optuna's TPE samples the
+    multiplier on its own (a changed distribution leaves its multivariate model)."""
     low, high = settings.multiplier_range
     best = scoring.best_trial(records)
     if best is None or pinned((low, high)) or not seeds_ended(records, settings):
