@@ -180,7 +180,12 @@ def _tried(
     """Whether a trial ran, runs or waits (``taken``) at ``size`` within :data:`NEAR` of
     ``multiplier``."""
     ran = [(r.batch_size, r.lr_multiplier) for r in records] + list(taken)
-    return any(s == size and abs(math.log(m / multiplier)) < math.log(NEAR) for s, m in ran)
+    return any(s == size and _near(m, multiplier) for s, m in ran)
+
+
+def _near(multiplier: float, other: float) -> bool:
+    """Whether two multipliers count as the same configuration (within :data:`NEAR`)."""
+    return abs(math.log(multiplier / other)) < math.log(NEAR)
 
 
 def pinned(multipliers: tuple[float, float]) -> bool:
@@ -238,9 +243,8 @@ def _step_lost(records: Sequence[TrialRecord], multiplier: float, step: float) -
     relative to the rule's rate at each size, so the walk does not take the same step again
     from a new best trial at another size (on blobs-SGD and the AdamW task of the quality
     benchmark, each such step lost again, at 1.2% and 4.4% of the grid's compute)."""
-    near = math.log(NEAR)
     for r in records:
-        if r.role != BEYOND or abs(math.log(r.lr_multiplier / multiplier)) >= near:
+        if r.role != BEYOND or not _near(r.lr_multiplier, multiplier):
             continue
         if r.state == INFEASIBLE:  # out of memory says nothing about the rate
             continue
@@ -249,7 +253,7 @@ def _step_lost(records: Sequence[TrialRecord], multiplier: float, step: float) -
             for o in records
             if o.batch_size == r.batch_size
             and scoring.completed(o)
-            and abs(math.log(o.lr_multiplier * step / multiplier)) < near
+            and _near(o.lr_multiplier * step, multiplier)
         ]
         if origins and (not scoring.completed(r) or r.best_val_loss > min(origins)):
             return True
@@ -305,7 +309,7 @@ def carried_over(
     if fastest is None or best is None or past_the_edge(records, settings) is not None:
         return None
     centre = settings.lr_centre
-    if best.batch_size == fastest or abs(math.log(best.lr_multiplier / centre)) < math.log(NEAR):
+    if best.batch_size == fastest or _near(best.lr_multiplier, centre):
         return None
     if _tried(records, taken, fastest, best.lr_multiplier):
         return None
