@@ -277,6 +277,10 @@ class TuneResult:
     probe: ProbeResult | None
     trials: tuple[TrialRecord, ...]
     settings: StudySettings
+    #: Optimizer steps to train: ``epochs`` times the steps per epoch, or, where the stop lies
+    #: in a fractional budget's last, partial epoch (``max_epochs=0.5`` on a large dataset),
+    #: the steps up to it: train these where whole epochs would go past the budget.
+    steps: int | None = None
     warnings: tuple[str, ...] = ()
     mlflow_run_id: str | None = None
     study: optuna.Study | None = field(default=None, compare=False, repr=False)
@@ -293,6 +297,7 @@ class TuneResult:
         return {
             "batch_size": self.batch_size,
             "epochs": self.epochs,
+            **({} if self.steps is None else {"steps": self.steps}),
             "lr": self.lr,
             "lr_multiplier": self.lr_multiplier,
             "best_trial": self.best_trial,

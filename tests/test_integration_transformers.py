@@ -376,3 +376,24 @@ def test_tune_trainer_returns_the_recommendation(tmp_path):
         eval_dataset=trainer.eval_dataset,
     )
     assert sized.train().global_step > 0
+
+
+@pytest.mark.slow
+def test_tune_trainer_under_one_epoch_trains_the_fraction_the_study_chose(tmp_path):
+    """A budget of half an epoch (a large dataset's usual case): whole epochs would train
+    twice the budget, so the Trainer gets the fraction of an epoch where the study stopped."""
+    trainer = make_trainer(tmp_path, train=96, evaluation=32, learning_rate=1e-3)
+    plan = tune_trainer(trainer, n_trials=2, max_epochs=0.5, memory_budget="4MiB")
+    result = plan.tune
+    best = next(t for t in result.trials if t.number == result.best_trial)
+    assert result.epochs == 1 and result.steps <= best.iterations_per_epoch / 2
+    fraction = plan.updates["num_train_epochs"]
+    assert fraction == result.steps / best.iterations_per_epoch <= 0.5
+    assert any("num_train_epochs=" in note for note in plan.notes)
+    sized = Trainer(
+        model_init=model_init,
+        args=plan.apply_to(trainer.args),
+        train_dataset=trainer.train_dataset,
+        eval_dataset=trainer.eval_dataset,
+    )
+    assert sized.train().global_step == result.steps

@@ -24,7 +24,7 @@ from autobatch.records import (
     StudySettings,
     TrialRecord,
 )
-from autobatch.tuning import scoring, space, storage
+from autobatch.tuning import curves, pruner, scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner, prunable
 from autobatch.tuning.storage import RECORD, SETTINGS
 
@@ -131,6 +131,23 @@ def test_the_target_follows_the_best_loss_and_the_recommendation_ends_near_it() 
     assert mine.target_loss == 0.4 and mine.best_trial == 1
 
 
+def test_the_recommendation_gives_steps_and_a_fractional_budget_its_partial_epoch() -> None:
+    whole = curves.EpochChoice(epochs=2, at_epoch=1.6, index=0, best_index=0, warning=None)
+    assert scoring.steps_to_train(whole, 50, max_epochs=3) == 100
+    partial = dataclasses.replace(whole, at_epoch=1.25)
+    assert scoring.steps_to_train(partial, 50, max_epochs=1.5) == 63  # not 2 whole epochs
+    # A budget of 1.5 epochs whose best loss lies at its end: 2 whole epochs would overrun it.
+    base = dataclasses.replace(
+        record(0, [2.0, 1.0, 0.5], 10.0, role=BASELINE), iterations_per_epoch=40, max_epochs=1.5
+    )
+    result = scoring.recommend([base], settings(max_epochs=1.5))
+    assert (result.epochs, result.steps) == (2, 60)
+    assert result.recommendation()["steps"] == 60
+    assert any("train 1.5 epochs instead (the result's steps)" in w for w in result.warnings)
+    inside = scoring.recommend([base], settings(max_epochs=3.0))
+    assert (inside.epochs, inside.steps) == (2, 80)
+
+
 def test_the_winner_is_the_fastest_in_whole_epochs() -> None:
     """The user trains whole epochs: a trial that crosses the target early in an epoch pays
     for the rest of it."""
@@ -230,6 +247,41 @@ def test_a_trial_is_not_pruned_behind_one_that_ended_above_the_target() -> None:
     # Behind one that reached the target (and behind the baseline), it is pruned.
     _finished(study, record(0, [0.5, 0.41], 10.0), 0.5, step=rung)
     assert _pruned_at_first_rung(study, 1.6, step=rung)
+
+
+def test_a_trial_ahead_per_sample_goes_on_where_it_costs_no_more_than_the_reference() -> None:
+    """A small batch at a high rate is behind a large batch on the clock but ahead of it at
+    every epoch: where the budget limits the loss, it ends lowest. Halving on time alone cut
+    it; its lead per sample keeps it, unless finishing it costs more than the reference."""
+    from autobatch.tuning.worker import _Yardstick
+
+    base = record(0, [2.0, 1.0, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45], 10.0, batch_size=16, role=BASELINE)
+    # Batch 64: four times cheaper per epoch, best so far (target 0.3).
+    fast = record(1, [1.2, 0.8, 0.6, 0.5, 0.42, 0.36, 0.32, 0.3], 2.5, batch_size=64)
+    done = [base, fast]
+    assert pruner.contending(fast, 0.31) and not pruner.contending(base, 0.31)
+    # At epoch 1 (its second evaluation), 0.7 against the leader's 0.8 at that epoch: ahead.
+    assert pruner.ahead_per_sample(1.0, 0.7, [fast.curve])
+    assert not pruner.ahead_per_sample(1.0, 0.9, [fast.curve])
+    assert not pruner.ahead_per_sample(9.0, 0.1, [fast.curve])  # no rival got that far
+    # Among the best third at that epoch, as halving keeps on time: 0.7 is not, of four.
+    rivals = [fast.curve, *(record(n, [0.6, 0.5], 2.5).curve for n in (2, 3))]
+    assert not pruner.ahead_per_sample(1.0, 0.7, rivals)
+
+    def point(epoch: float, seconds: float, loss: float) -> EvalPoint:
+        return dataclasses.replace(
+            fast.curve[0], epoch=epoch, seconds=seconds, val_loss_smoothed=loss
+        )
+
+    at = settings(max_epochs=4.0, tolerance=0.05)
+    trial = record(2, [], 10.0, batch_size=16)
+    judge = _Yardstick.of(done, trial, at)
+    assert judge.rivals == [fast.curve]  # the baseline ended above the level: no rival
+    # At the baseline's batch size: it costs what the reference did. Ahead at epoch 1: kept.
+    assert judge.keeps_on(point(1.0, 20.0, 0.7), at.max_epochs)
+    assert not judge.keeps_on(point(1.0, 20.0, 0.9), at.max_epochs)  # behind per sample too
+    # A smaller batch, twice the reference's cost to finish: its lead buys nothing.
+    assert not judge.keeps_on(point(1.0, 40.0, 0.7), at.max_epochs)
 
 
 def _study(later: list[TrialRecord]) -> list[TrialRecord]:

@@ -27,7 +27,7 @@ from autobatch.tracking.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-RECOMMENDATION_KEYS = ("batch_size", "epochs", "lr", "lr_multiplier", "best_trial")
+RECOMMENDATION_KEYS = ("batch_size", "epochs", "steps", "lr", "lr_multiplier", "best_trial")
 _COLUMNS = tuple(f.name for f in fields(TrialRecord) if f.name != "curve")
 # The Python type of each column, read from TrialRecord's annotations ("float | None" -> float).
 _TYPES = {
@@ -186,16 +186,11 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
             rows.setdefault(row["number"], row)
     # Tags since one run serves a study however often it is extended; parameters before.
     params = {**parent.data.params, **parent.data.tags}
+    names = {
+        key: key if key == "best_trial" else f"recommended_{key}" for key in RECOMMENDATION_KEYS
+    }
     recommendation = {
-        key: _coerce(key, params.get(name))
-        for key, name in (
-            ("batch_size", "recommended_batch_size"),
-            ("epochs", "recommended_epochs"),
-            ("lr", "recommended_lr"),
-            ("lr_multiplier", "recommended_lr_multiplier"),
-            ("best_trial", "best_trial"),
-        )
-        if name in params
+        key: _coerce(key, params.get(name)) for key, name in names.items() if name in params
     }
     recommendation = _typed_recommendation(recommendation)
     warnings = [w for w in parent.data.tags.get("warnings", "").splitlines() if w]
@@ -242,7 +237,7 @@ def _logged_table(client: Any, run_id: str) -> list[dict[str, Any]]:
 
 
 def _typed_recommendation(values: dict[str, Any]) -> dict[str, Any]:
-    kinds = {"batch_size": int, "epochs": int, "best_trial": int, "lr": float}
+    kinds = {"batch_size": int, "epochs": int, "steps": int, "best_trial": int, "lr": float}
     kinds["lr_multiplier"] = float
     out = {}
     for key, value in values.items():
@@ -365,7 +360,9 @@ def format_report(report: Report, why_width: int = 60) -> str:
     if rec:
         out.append(
             f"Recommendation: batch size {rec.get('batch_size', '?')}, "
-            f"{rec.get('epochs', '?')} epochs, learning rate {_number(rec.get('lr'), '.4g')} "
+            f"{rec.get('epochs', '?')} epochs"
+            + (f" ({rec['steps']} steps)" if rec.get("steps") is not None else "")
+            + f", learning rate {_number(rec.get('lr'), '.4g')} "
             f"(x{_number(rec.get('lr_multiplier'), '.3g')} of the rule-scaled rate), "
             + (
                 f"AdamW beta2 {rec['beta2']:.5g} and weight decay {rec['weight_decay']:.3g}, "

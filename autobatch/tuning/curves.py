@@ -129,7 +129,8 @@ def choose_epochs(
         past = (
             f"the stopping point lies {at:.3g} epochs in, past the last whole epoch of the "
             f"{max_epochs:g}-epoch budget, and the recommendation rounds it up to {chosen}: "
-            f"train {at:.3g} epochs (as steps) instead, or give max_epochs in whole epochs"
+            f"train {at:.3g} epochs instead (the result's steps), or give max_epochs in "
+            "whole epochs"
         )
         warning = past if warning is None else f"{warning}; {past}"
     return EpochChoice(chosen, at, index, best_index, warning)

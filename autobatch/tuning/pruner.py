@@ -19,7 +19,16 @@ storage, so every worker decides alike and no state is kept between calls.
 Every trial, seeded ones included, reports its loss at each rung, and later trials compete
 against those reports. The worker asks the pruner only where its answer counts: not where
 ``prunable`` says no (seeded trials, trials past the lr range's end), nor for a trial that
-already reached the target (its score is known).
+already reached the target (its score is known), nor for one :func:`ahead_per_sample`.
+
+Equal training time is the right yardstick for speed, not for the loss a trial ends at. A
+small batch at a high rate learns the most per sample but is slowest per second early on;
+where the budget, not the data, limits the loss, it ends lowest and lowers the target. (On
+a GRU regression with Adam the best trial was batch 128; each trial at batch 32 and 4x
+the rate was cut at the first rung, behind it on the clock though ahead of it at every
+epoch, and the study recommended batch 128, 28% above what batch 32 reaches.) So a trial
+that, at its epoch, is among the best of the contenders at that same epoch goes on: the
+same halving rule on the other axis.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
-from autobatch.records import NEIGHBOUR, PREDICTED
+from autobatch.records import NEIGHBOUR, PREDICTED, EvalPoint, TrialRecord
 from autobatch.tuning import curves, scoring, storage
 
 #: Each rung keeps the best third of the trials that reach it, and lies three times further.
@@ -78,6 +87,30 @@ def promoted(value: float, others: Sequence[float], reduction_factor: int) -> bo
     return value <= competing[max(len(competing) // reduction_factor, 1) - 1]
 
 
+def contending(record: TrialRecord, level: float | None) -> bool:
+    """Whether ``record`` could still be the answer: not completed above the target's level
+    (the target only falls, so it never will be)."""
+    return level is None or not (scoring.completed(record) and record.best_val_loss > level)
+
+
+def ahead_per_sample(
+    epoch: float,
+    loss: float,
+    rivals: Sequence[Sequence[EvalPoint]],
+    reduction_factor: int = REDUCTION_FACTOR,
+) -> bool:
+    """Whether a trial at smoothed ``loss`` after ``epoch`` epochs is among the best
+    ``1 / reduction_factor`` of ``rivals`` (the contenders' curves) at that same epoch: it
+    learns at least as much per sample, so it may end below them however slow its steps.
+    False where no rival got that far (nothing to go on)."""
+    others = [
+        next(p.val_loss_smoothed for p in curve if p.epoch >= epoch)
+        for curve in rivals
+        if curve and curve[-1].epoch >= epoch
+    ]
+    return bool(others) and promoted(loss, others, reduction_factor)
+
+
 def value_at(trial: FrozenTrial, rung_ms: int) -> float | None:
     """The loss ``trial`` reported at the rung: its first report at or after it."""
     steps = [step for step in trial.intermediate_values if step >= rung_ms]
@@ -105,11 +138,7 @@ class TimeHalvingPruner(optuna.pruners.BasePruner):
         settings = storage.settings_of(study)
         target = None if settings is None else scoring.target_loss(records, settings)
         level = None if target is None else curves.threshold(target, settings.tolerance)
-        out = {
-            r.number
-            for r in records
-            if level is not None and scoring.completed(r) and r.best_val_loss > level
-        }
+        out = {r.number for r in records if not contending(r, level)}
         rivals = [t for t in trials if t.number != trial.number and t.number not in out]
         # The rungs between this trial's previous report and this one: it passed the earlier.
         before = max((s for s in trial.intermediate_values if s < step), default=-1)

@@ -11,6 +11,7 @@ batch size (:func:`speed_factor`); on a single kind of device that factor is exa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -309,6 +310,7 @@ def recommend(
     return TuneResult(
         batch_size=best.batch_size,
         epochs=choice.epochs,
+        steps=steps_to_train(choice, best.iterations_per_epoch, settings.max_epochs),
         lr=best.lr,
         lr_multiplier=best.lr_multiplier,
         best_trial=best.number,
@@ -318,6 +320,14 @@ def recommend(
         settings=settings,
         warnings=tuple(warnings),
     )
+
+
+def steps_to_train(choice: curves.EpochChoice, per_epoch: int, max_epochs: float) -> int:
+    """Optimizer steps for ``choice``: its whole epochs, or, where those go past a fractional
+    budget, the steps to the point it picked."""
+    if choice.epochs <= max_epochs + 1e-9:
+        return choice.epochs * per_epoch
+    return max(1, math.ceil(choice.at_epoch * per_epoch - 1e-9))
 
 
 def completed(record: TrialRecord) -> bool:

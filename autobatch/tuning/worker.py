@@ -67,6 +67,10 @@ from autobatch.workload import Workload
 log = logging.getLogger(__name__)
 
 PRUNED_REASON = "successive halving: behind other trials at equal training time"
+#: How much dearer than the reference trial a trial may be and still go on for its lead per
+#: sample (:meth:`_Yardstick.keeps_on`): a trial at the reference's own batch size costs the
+#: same, give or take its timing noise.
+TIMING_NOISE = 0.15
 
 
 class Observers:
@@ -141,6 +145,7 @@ class _Yardstick:
     level: float | None
     factor: float
     rungs: Rungs
+    rivals: list[tuple[EvalPoint, ...]]  # the contenders' curves, for ahead_per_sample
 
     @classmethod
     def of(
@@ -148,13 +153,29 @@ class _Yardstick:
     ) -> _Yardstick:
         ref = scoring.reference(records)
         target = scoring.target_loss(records, settings)
+        level = None if target is None else curves.threshold(target, settings.tolerance)
         return cls(
             records=records,
             reference=ref,
-            level=None if target is None else curves.threshold(target, settings.tolerance),
+            level=level,
             factor=scoring.speed_factor(record, ref),
             rungs=Rungs(scoring.pruning_scale_ms(records), REDUCTION_FACTOR),
+            rivals=[r.curve for r in records if r.curve and pruner.contending(r, level)],
         )
+
+    def keeps_on(self, point: EvalPoint, max_epochs: float) -> bool:
+        """Whether a lead per sample keeps the trial going past a rung it lost on time: where
+        :func:`~autobatch.tuning.pruner.ahead_per_sample`, and finishing costs no more than
+        the reference trial did (timing noise aside). Smaller batches always lead per sample
+        early on, and most end no lower; below the task's own batch size that lead would buy
+        the dearest trials of the study."""
+        ref = self.reference
+        if ref is None or ref.train_seconds is None or point.epoch <= 0:
+            return False
+        projected = point.seconds * self.factor * max_epochs / point.epoch
+        if projected > ref.train_seconds * (1 + TIMING_NOISE):
+            return False
+        return pruner.ahead_per_sample(point.epoch, point.val_loss_smoothed, self.rivals)
 
 
 @dataclass(frozen=True)
@@ -451,7 +472,12 @@ class Worker:
                 last_step = step
                 trial.report(point.val_loss_smoothed, step=step)
                 reached = level is not None and curves.reaching(epochs, smoothed, level) is not None
-                if prunable and not reached and trial.should_prune():
+                if (
+                    prunable
+                    and not reached
+                    and not judge.keeps_on(point, settings.max_epochs)
+                    and trial.should_prune()
+                ):
                     pruned = True
                     raise StopTrial
             if (
