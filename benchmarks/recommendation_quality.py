@@ -89,6 +89,12 @@ def _sgd(task: Task, lr: float, momentum: float = 0.0) -> Task:
     return dataclasses.replace(task, optimizer=optimizer, lr=lr, name=f"{task.name}-sgd")
 
 
+def _arrays(name: str, model: Callable[[], nn.Module], x, y, val_fraction: float = 0.2) -> Task:
+    """A classification task (AdamW, batch 32) on scikit-learn's arrays, a seeded split."""
+    inputs, labels = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    return _classification(name, model, inputs, labels, seed=0, val_fraction=val_fraction)
+
+
 def digits_cnn() -> Task:
     """The 8x8 digits as one-channel images, and a small CNN (AdamW, lr 1e-3, batch 32)."""
     task = digits()
@@ -159,10 +165,7 @@ def classes4_sgd(samples: int = 20000) -> Task:
         random_state=1,
     )  # fmt: skip
     model = lambda: nn.Sequential(nn.Linear(40, 128), nn.Tanh(), nn.Linear(128, 4))  # noqa: E731
-    task = _classification(
-        "classes4", model, torch.tensor(x, dtype=torch.float32), torch.tensor(y), seed=0,
-        val_fraction=0.2,
-    )  # fmt: skip
+    task = _arrays("classes4", model, x, y)
     return _sgd(dataclasses.replace(task, batch_size=64), lr=0.05)
 
 
@@ -190,10 +193,7 @@ def hastie_adamw() -> Task:
     model = lambda: nn.Sequential(  # noqa: E731
         nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
     )  # fmt: skip
-    task = _classification(
-        "hastie", model, torch.tensor(x, dtype=torch.float32),
-        torch.tensor((y > 0).astype("int64")), seed=0, val_fraction=0.2,
-    )  # fmt: skip
+    task = _arrays("hastie", model, x, (y > 0).astype("int64"))
 
     def optimizer(params, lr):
         return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -237,10 +237,7 @@ def moons_adam() -> Task:
     model = lambda: nn.Sequential(  # noqa: E731
         nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
     )  # fmt: skip
-    task = _classification(
-        "moons", model, torch.tensor(x, dtype=torch.float32), torch.tensor(y), seed=0,
-        val_fraction=0.2,
-    )  # fmt: skip
+    task = _arrays("moons", model, x, y)
     return dataclasses.replace(
         task, optimizer=torch.optim.Adam, lr=3e-4, batch_size=64, name="moons-adam"
     )
@@ -271,10 +268,7 @@ def bn_nesterov() -> Task:
         nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2),
         nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 5),
     )  # fmt: skip
-    task = _classification(
-        "bn-nesterov", model, torch.tensor(x, dtype=torch.float32), torch.tensor(y), seed=0,
-        val_fraction=0.2,
-    )  # fmt: skip
+    task = _arrays("bn-nesterov", model, x, y)
 
     def optimizer(params, lr):
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
@@ -321,10 +315,7 @@ def classes7_high() -> Task:
     model = lambda: nn.Sequential(  # noqa: E731
         nn.Linear(30, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 7)
     )  # fmt: skip
-    task = _classification(
-        "classes7", model, torch.tensor(x, dtype=torch.float32), torch.tensor(y), seed=0,
-        val_fraction=0.2,
-    )  # fmt: skip
+    task = _arrays("classes7", model, x, y)
     return _sgd(task, lr=0.3, momentum=0.9)
 
 
