@@ -19,7 +19,8 @@ storage, so every worker decides alike and no state is kept between calls.
 Every trial, seeded ones included, reports its loss at each rung, and later trials compete
 against those reports. The worker asks the pruner only where its answer counts: not where
 ``prunable`` says no (seeded trials, trials past the lr range's end), nor for a trial that
-already reached the target (its score is known), nor for one :func:`ahead_per_sample`.
+already reached the target (its score is known), nor for one :func:`ahead_per_sample` whose
+whole run costs no more than the reference trial's did.
 
 Equal training time is the right yardstick for speed, not for the loss a trial ends at. A
 small batch at a high rate learns the most per sample but is slowest per second early on;

@@ -170,7 +170,7 @@ class _Yardstick:
         early on, and most end no lower; below the task's own batch size that lead would buy
         the dearest trials of the study."""
         ref = self.reference
-        if ref is None or ref.train_seconds is None or point.epoch <= 0:
+        if ref is None or point.epoch <= 0:
             return False
         projected = point.seconds * self.factor * max_epochs / point.epoch
         if projected > ref.train_seconds * (1 + TIMING_NOISE):
