@@ -226,6 +226,7 @@ def run_study(tracker: MlflowTracker, name: str, plan=PLAN) -> tuple[optuna.Stud
     result = TuneResult(
         batch_size=best.batch_size,
         epochs=3,
+        steps=3 * best.iterations_per_epoch,
         lr=best.lr,
         lr_multiplier=best.lr_multiplier,
         best_trial=best.number,
@@ -335,6 +336,8 @@ def test_settings_and_probe_are_parameters_the_recommendation_tags(logged: Logge
     assert tags["recommended_batch_size"] == str(logged.result.batch_size)
     assert tags["best_trial"] == str(logged.result.best_trial)
     assert tags["recommended_epochs"] == "3"
+    assert tags["recommended_steps"] == str(logged.result.steps)
+    assert f"({logged.result.steps} steps)" in tags["mlflow.note.content"]
     assert set(logged.parent.data.metrics) == {"probe/peak_mib"}  # no one-point summaries
     assert "recommended_batch_size" not in params
     assert "above the ceiling" in tags["warnings"]

@@ -792,7 +792,9 @@ class MlflowTracker:
         """The recommendation as Markdown: the run description in the MLflow UI."""
         lines = [
             f"**Recommendation** for study `{result.settings.study_name}`: batch size "
-            f"**{result.batch_size}**, **{result.epochs}** epochs, learning rate "
+            f"**{result.batch_size}**, **{result.epochs}** epochs"
+            + ("" if result.steps is None else f" ({result.steps} steps)")
+            + ", learning rate "
             f"**{result.lr:.4g}** (x{result.lr_multiplier:.3g} of the rule-scaled rate), "
             f"from trial {result.best_trial}.",
         ]
