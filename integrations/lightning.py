@@ -302,6 +302,7 @@ class AutoBatchFinder(Callback):
         lightning_setattr(pl_module, plan.lr_attr_name, result.lr)
         trainer.strategy.setup_optimizers(trainer)  # configure_optimizers, with the tuned rate
         trainer.fit_loop.max_epochs = result.epochs
+        self._stop_inside_the_last_epoch(trainer, result)
         _reload_dataloaders(trainer)
         if trainer.max_steps != -1:
             log.warning(
@@ -317,6 +318,33 @@ class AutoBatchFinder(Callback):
             plan.lr_attr_name,
             result.lr,
             result.epochs,
+        )
+
+    @staticmethod
+    def _stop_inside_the_last_epoch(trainer: pl.Trainer, result: Any) -> None:
+        """Where the study stopped inside a fractional budget's last, partial epoch, train that
+        share of each epoch's batches (``limit_train_batches``: a share per process, so it
+        holds on any number of devices), not the whole epochs above it."""
+        best = next(t for t in result.trials if t.number == result.best_trial)
+        whole = result.epochs * best.iterations_per_epoch
+        if result.steps is None or result.steps >= whole:
+            return
+        if trainer.limit_train_batches not in (None, 1.0):
+            log.warning(
+                "AutoBatchFinder: limit_train_batches=%s kept, though the study stopped %.3g "
+                "epochs in (%d steps at batch size %d)",
+                trainer.limit_train_batches,
+                result.steps / best.iterations_per_epoch,
+                result.steps,
+                result.batch_size,
+            )
+            return
+        # Half a batch over, so Lightning's rounding down lands on the steps themselves.
+        trainer.limit_train_batches = min(1.0, (result.steps + 0.5) / whole)
+        log.info(
+            "AutoBatchFinder: limit_train_batches=%.4g: the study stopped %.3g epochs in",
+            trainer.limit_train_batches,
+            result.steps / best.iterations_per_epoch,
         )
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeResult:

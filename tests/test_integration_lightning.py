@@ -635,3 +635,16 @@ def test_tune_mode_refuses_what_trials_cannot_run_before_probing(kind, kwargs, m
     with pytest.raises(InvalidInputError, match=message):
         trainer(tuner(**kwargs), max_steps=-1).fit(module)
     assert not module.seen_sizes  # refused before the probe ran a step
+
+
+def test_tune_mode_under_one_epoch_fits_the_share_of_the_epoch_the_study_chose():
+    """A budget of half an epoch: one whole epoch would train twice the budget, so fit takes
+    the share of the epoch's batches where the study stopped."""
+    module, finder = Tunable(), tuner(tune_max_epochs=0.5, n_trials=2)
+    run = trainer(finder, max_steps=-1, max_epochs=5, limit_val_batches=None)
+    run.fit(module)
+    result = finder.tune_result
+    best = next(t for t in result.trials if t.number == result.best_trial)
+    assert result.epochs == 1 and result.steps <= best.iterations_per_epoch / 2
+    assert run.limit_train_batches < 1.0
+    assert run.global_step == result.steps  # the steps the study chose, not a whole epoch
