@@ -54,7 +54,9 @@ REDUCTION_FACTOR = 3
 def prunable(role: str | None, objective: str) -> bool:
     """Whether halving may stop a trial: a sampled one, the predicted one or a neighbour of
     the fastest (each a bid to be faster, judged on time like the sampled). Never a seeded
-    trial (the reference points the others are judged against), nor a trial past the lr
+    trial (the reference points the others are judged against; the ceiling seed made
+    prunable, twice measured, saved no compute: blobs 19.0% of the grid's from 20.0%,
+    digits-cnn 16.0% from 14.3%, 3 seeds each), nor a trial past the lr
     range's end (the highest rate yet, so the noisiest early curve; whether the study goes on
     doubling rests on its best loss), nor a carried one (the best trial's rate, often one of
     those, at the size predicted fastest: the recommendation rests on its whole curve), nor
