@@ -285,10 +285,24 @@ class TuneResult:
     mlflow_run_id: str | None = None
     study: optuna.Study | None = field(default=None, compare=False, repr=False)
 
+    def best(self) -> TrialRecord | None:
+        """The record of the trial the recommendation comes from."""
+        return next((t for t in self.trials if t.number == self.best_trial), None)
+
+    def partial_steps(self) -> tuple[int, int] | None:
+        """(``steps``, steps per epoch) where the steps stop short of ``epochs`` whole epochs:
+        the stop lies in a fractional budget's last, partial epoch, so train the steps. None
+        where whole epochs are the answer."""
+        best = self.best()
+        if self.steps is None or best is None:
+            return None
+        per_epoch = best.iterations_per_epoch
+        return (self.steps, per_epoch) if self.steps < self.epochs * per_epoch else None
+
     def recommendation(self) -> dict[str, Any]:
         """What to train with, and the trial it comes from (with ``scale_adamw``, AdamW's
         ``beta2`` and ``weight_decay`` too)."""
-        best = next((t for t in self.trials if t.number == self.best_trial), None)
+        best = self.best()
         scaled = (
             {}
             if best is None or best.beta2 is None

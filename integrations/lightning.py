@@ -325,26 +325,27 @@ class AutoBatchFinder(Callback):
         """Where the study stopped inside a fractional budget's last, partial epoch, train that
         share of each epoch's batches (``limit_train_batches``: a share per process, so it
         holds on any number of devices), not the whole epochs above it."""
-        best = next(t for t in result.trials if t.number == result.best_trial)
-        whole = result.epochs * best.iterations_per_epoch
-        if result.steps is None or result.steps >= whole:
+        partial = result.partial_steps()
+        if partial is None:
             return
+        steps, per_epoch = partial
+        whole = result.epochs * per_epoch
         if trainer.limit_train_batches not in (None, 1.0):
             log.warning(
                 "AutoBatchFinder: limit_train_batches=%s kept, though the study stopped %.3g "
                 "epochs in (%d steps at batch size %d)",
                 trainer.limit_train_batches,
-                result.steps / best.iterations_per_epoch,
-                result.steps,
+                steps / per_epoch,
+                steps,
                 result.batch_size,
             )
             return
         # Half a batch over, so Lightning's rounding down lands on the steps themselves.
-        trainer.limit_train_batches = min(1.0, (result.steps + 0.5) / whole)
+        trainer.limit_train_batches = min(1.0, (steps + 0.5) / whole)
         log.info(
             "AutoBatchFinder: limit_train_batches=%.4g: the study stopped %.3g epochs in",
             trainer.limit_train_batches,
-            result.steps / best.iterations_per_epoch,
+            steps / per_epoch,
         )
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeResult:

@@ -217,11 +217,12 @@ def tune_trainer(
         "num_train_epochs": result.epochs,
     }
     notes = list(result.warnings)
-    best = next(t for t in result.trials if t.number == result.best_trial)
-    if result.steps is not None and result.steps < result.epochs * best.iterations_per_epoch:
+    partial = result.partial_steps()
+    if partial is not None:
         # The stop lies in a fractional budget's last, partial epoch: the Trainer takes a
         # fraction of an epoch (and, unlike a step count, whatever number of devices).
-        updates["num_train_epochs"] = result.steps / best.iterations_per_epoch
+        steps, per_epoch = partial
+        updates["num_train_epochs"] = steps / per_epoch
         notes.append(
             f"num_train_epochs={updates['num_train_epochs']:.4g}: where the study stopped, "
             f"inside the last partial epoch of the {max_epochs:g}-epoch budget"

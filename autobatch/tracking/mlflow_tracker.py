@@ -55,6 +55,7 @@ from autobatch.records import (
     trial_label,
 )
 from autobatch.tracking.redact import redact_url
+from autobatch.tracking.report import recommendation_tag
 from autobatch.tracking.uri import check_store, unreachable
 from autobatch.tuning import curves
 
@@ -616,7 +617,7 @@ class MlflowTracker:
         parent = self.parent_run_id
         # Tags, not parameters: a study given more trials later gets a new recommendation.
         tags = {
-            key if key == "best_trial" else f"recommended_{key}": _param_value(value)
+            recommendation_tag(key): _param_value(value)
             for key, value in result.recommendation().items()
         }
         if result.target_loss is not None and math.isfinite(result.target_loss):

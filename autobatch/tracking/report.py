@@ -28,6 +28,14 @@ from autobatch.tracking.redact import redact_url
 log = logging.getLogger(__name__)
 
 RECOMMENDATION_KEYS = ("batch_size", "epochs", "steps", "lr", "lr_multiplier", "best_trial")
+
+
+def recommendation_tag(key: str) -> str:
+    """The study run's tag for a key of ``TuneResult.recommendation()``: written by the
+    tracker, read back here."""
+    return key if key == "best_trial" else f"recommended_{key}"
+
+
 _COLUMNS = tuple(f.name for f in fields(TrialRecord) if f.name != "curve")
 # The Python type of each column, read from TrialRecord's annotations ("float | None" -> float).
 _TYPES = {
@@ -186,9 +194,7 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
             rows.setdefault(row["number"], row)
     # Tags since one run serves a study however often it is extended; parameters before.
     params = {**parent.data.params, **parent.data.tags}
-    names = {
-        key: key if key == "best_trial" else f"recommended_{key}" for key in RECOMMENDATION_KEYS
-    }
+    names = {key: recommendation_tag(key) for key in RECOMMENDATION_KEYS}
     recommendation = {
         key: _coerce(key, params.get(name)) for key, name in names.items() if name in params
     }
