@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autobatch.data import BatchSource
-from autobatch.records import BASELINE, COMPLETE, EvalPoint, TrialRecord
+from autobatch.records import BASELINE, COMPLETE, PRUNED, EvalPoint, TrialRecord
 from autobatch.task import Task
 from autobatch.tuning import prior
 from autobatch.tuning.noise_probe import NoiseProbe
@@ -219,6 +219,30 @@ def test_step_time_reads_the_typical_window_not_warm_up_or_interference() -> Non
     timing = prior.step_time([trial(0, 32, 1e-3 + 32e-5), trial(1, 256, 1e-3 + 256e-5)])
     assert timing.fixed == pytest.approx(1e-3, rel=0.05)
     assert timing.per_sample == pytest.approx(1e-5, rel=0.05)
+
+
+def test_a_pruned_trial_s_pace_counts_once_it_has_three_windows() -> None:
+    """Why a trial ended says nothing about its steps' speed: a pruned one counts where its
+    windows show the typical speed past warm-up (a seed given up as hopeless is often the
+    only trial at the largest size)."""
+
+    def trial(number: int, size: int, windows: int, state: str = COMPLETE) -> TrialRecord:
+        record = _record(number, size, size / (0.01 + 0.001 * size))
+        curve = (record.curve[0],) * windows
+        return replace(record, curve=curve, state=state)
+
+    done = [trial(0, 32, 3), trial(1, 128, 3)]
+    slow = replace(
+        trial(2, 512, 3, PRUNED), curve=(replace(done[0].curve[0], samples_per_second=1.0),) * 3
+    )
+    assert prior.step_time([*done, slow]) != prior.step_time(done)  # counted
+    assert prior.step_time(
+        [
+            *done,
+            slow,
+        ]
+    ) == prior.step_time([*done, replace(slow, state=COMPLETE)])
+    assert prior.step_time([*done, replace(slow, curve=slow.curve[:2])]) == prior.step_time(done)
 
 
 def test_candidates_predicted_twice_as_slow_are_dropped() -> None:

@@ -14,6 +14,7 @@ from autobatch.records import BEYOND, COMPLETE, FAILED, INFEASIBLE, PRUNED
 from autobatch.tuning import prior, scoring
 from autobatch.tuning.scoring import infeasible_sizes, pruning_scale_ms
 from autobatch.tuning.storage import REASON, ROLE, counts
+from autobatch.tuning.worker import HOPELESS_REASON
 
 FAST = dict(max_epochs=2, mlflow=False, candidates=[16, 32, 64, 128])
 
@@ -278,6 +279,20 @@ def test_a_trial_that_reached_the_target_is_never_pruned(task):
     result = tune(task, n_trials=8, target_loss=5.0, seed=1, **{**FAST, "max_epochs": 4})
     assert len(result.trials) == 8
     assert all(t.state == COMPLETE and t.time_to_target is not None for t in result.trials)
+
+
+@pytest.mark.slow
+def test_a_trial_far_from_the_target_is_given_up_past_a_third_of_its_budget(task):
+    # No trial gets near this target: every seeded one but the reference is given up once a
+    # third of its budget is spent (halving never stops a seeded trial); the baseline runs on.
+    result = tune(task, n_trials=3, target_loss=0.001, seed=1, **{**FAST, "max_epochs": 3})
+    baseline, *seeds = result.trials
+    assert baseline.role == "baseline" and baseline.state == COMPLETE
+    assert baseline.curve[-1].epoch == 3
+    for trial in seeds:
+        assert (trial.state, trial.reason) == (PRUNED, HOPELESS_REASON)
+        assert 1 <= trial.curve[-1].epoch < 1.5
+    assert result.best_trial == baseline.number  # a stopped trial is never the answer
 
 
 @pytest.mark.slow

@@ -65,6 +65,57 @@ def plateaued(
     return len(smoothed) - 1 - best_index >= patience
 
 
+#: A trial is given up (:func:`hopeless`) only past this share of its budget: the best
+#: configurations of ``benchmarks/recommendation_quality.py``'s exhaustive grids were up to 7.9x
+#: their final best loss at a quarter of the budget (a regression at a small batch), and
+#: none was given up from a third on.
+HOPELESS_FROM = 1 / 3
+#: The pace a curve is projected at: its best loss's ratio over this share of the budget.
+HOPELESS_PACE = 1 / 8
+#: How far above the level even the optimistic projection must end. Over the grids' curves
+#: that went on to reach a level of 1.01-1.1x the best, the highest projection before they
+#: reached it, from a third of the budget on, was 1.29x that level.
+HOPELESS_FACTOR = 2.0
+
+
+def projected_end(
+    epochs: Sequence[float], smoothed: Sequence[float], max_epochs: float
+) -> float | None:
+    """An optimistic end for a curve: its best smoothed loss so far, falling for the rest of
+    the budget at the pace (ratio per epoch) its best loss fell over the last
+    :data:`HOPELESS_PACE` of the budget, as though it never slowed (curves slow down). The
+    best so far, not the last: a high rate's curve spikes and comes back. None before that
+    much of a curve exists, or for a loss that is not positive (a ratio means nothing there)."""
+    if not epochs or len(epochs) != len(smoothed):
+        return None
+    epoch = epochs[-1]
+    window = HOPELESS_PACE * max_epochs
+    earlier = [i for i, e in enumerate(epochs[:-1]) if e <= epoch - window + 1e-9]
+    if not earlier:
+        return None
+    start = earlier[-1]
+    best, before = min(smoothed), min(smoothed[: start + 1])
+    if not (best > 0 and math.isfinite(before)):
+        return None
+    return best * (best / before) ** ((max_epochs - epoch) / (epoch - epochs[start]))
+
+
+def hopeless(
+    epochs: Sequence[float], smoothed: Sequence[float], level: float, max_epochs: float
+) -> bool:
+    """Whether a curve that has not reached ``level`` can be given up: past
+    :data:`HOPELESS_FROM` of the budget, even :func:`projected_end` lies above
+    :data:`HOPELESS_FACTOR` times the level. The level only falls as the study goes on, so
+    such a trial would never be the answer; successive halving cannot stop the seeded trials,
+    and a trial that passed its rungs early can still end far off."""
+    if level <= 0 or not epochs or epochs[-1] < HOPELESS_FROM * max_epochs:
+        return False
+    if reaching(epochs, smoothed, level) is not None:
+        return False
+    end = projected_end(epochs, smoothed, max_epochs)
+    return end is not None and end > HOPELESS_FACTOR * level
+
+
 @dataclass(frozen=True)
 class EpochChoice:
     """Where to stop training, read off one smoothed validation curve."""

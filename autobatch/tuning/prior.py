@@ -24,7 +24,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from autobatch.records import COMPLETE, StepTime, TrialRecord
+from autobatch.records import COMPLETE, PRUNED, StepTime, TrialRecord
 
 #: Weight of the old value in the moving averages of ``|G|^2`` and ``tr(Sigma)``.
 EMA = 0.9
@@ -81,15 +81,22 @@ def noise_scale(record: TrialRecord | None) -> float | None:
     return readings[-1] if readings else None
 
 
+#: Evaluation windows a pruned trial needs before its throughput counts: the median of three
+#: leaves out the first, which pays for warm-up.
+PACED_WINDOWS = 3
+
+
 def step_time(records: Sequence[TrialRecord]) -> StepTime | None:
-    """The line through the seconds per step of completed trials at two or more batch sizes;
-    None with fewer. A trial's seconds per step come from the median of its evaluation
-    windows' throughput: the first window pays for warm-up, and a window another process
-    slowed down says nothing about the batch size, but over a whole trial both weigh in."""
+    """The line through the seconds per step of trials at two or more batch sizes; None with
+    fewer. A trial's seconds per step come from the median of its evaluation windows'
+    throughput: the first window pays for warm-up, and a window another process slowed down
+    says nothing about the batch size, but over a whole trial both weigh in. A completed
+    trial counts, and a pruned one with :data:`PACED_WINDOWS` windows or more (a seed given up
+    as hopeless is often the one at the largest size)."""
     points: dict[int, list[float]] = {}
     for r in records:
         rates = [p.samples_per_second for p in r.curve if p.samples_per_second > 0]
-        if r.state == COMPLETE and rates:
+        if rates and (r.state == COMPLETE or (r.state == PRUNED and len(rates) >= PACED_WINDOWS)):
             points.setdefault(r.batch_size, []).append(r.batch_size / statistics.median(rates))
     return fit_step_time(points)
 

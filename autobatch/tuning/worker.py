@@ -67,6 +67,10 @@ from autobatch.workload import Workload
 log = logging.getLogger(__name__)
 
 PRUNED_REASON = "successive halving: behind other trials at equal training time"
+HOPELESS_REASON = (
+    "given up: even at its recent pace kept up to the end of the budget, it would end above "
+    "twice the target"
+)
 #: How much dearer than the reference trial a trial may be and still go on for its lead per
 #: sample (:meth:`_Yardstick.keeps_on`): a trial at the reference's own batch size costs the
 #: same, give or take its timing noise.
@@ -444,13 +448,13 @@ class Worker:
         if bar is not None:
             bar.start_trial(record, int(settings.max_epochs * settings.train_size))
         points: list[EvalPoint] = []
-        pruned = False
+        pruned, why = False, PRUNED_REASON
         last_step = 0
         objective = settings.objective
         prunable = pruner.prunable(record.role, objective)
 
         def on_eval(point: EvalPoint) -> None:
-            nonlocal pruned, last_step, judge
+            nonlocal pruned, why, last_step, judge
             points.append(point)
             self.observers.evaluated(record, point)
             if bar is not None:
@@ -485,6 +489,18 @@ class Worker:
                 and level is not None
                 and curves.plateaued(epochs, smoothed, level)
             ):
+                raise StopTrial
+            # Never the reference, nor a step of the walk past the range's end: whether the
+            # walk goes on rests on its best loss, and its rate is the highest yet.
+            if (
+                record.role not in (BASELINE, BEYOND)
+                and level is not None
+                and curves.hopeless(epochs, smoothed, level, settings.max_epochs)
+            ):
+                if step > last_step:  # the sampler ranks a stopped trial by its last report
+                    last_step = step
+                    trial.report(point.val_loss_smoothed, step=step)
+                pruned, why = True, HOPELESS_REASON
                 raise StopTrial
 
         state, reason, run = COMPLETE, None, None
@@ -530,7 +546,7 @@ class Worker:
             drop_failed_attempt(exc)
             state, reason = INFEASIBLE, f"out of memory at batch size {size}"
         if pruned:
-            state, reason = PRUNED, PRUNED_REASON
+            state, reason = PRUNED, why
         record = _measured(record, points, run, state, reason, settings)
         if state != COMPLETE:
             self._finish(trial, record)
