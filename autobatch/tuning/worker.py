@@ -67,10 +67,8 @@ from autobatch.workload import Workload
 log = logging.getLogger(__name__)
 
 PRUNED_REASON = "successive halving: behind other trials at equal training time"
-HOPELESS_REASON = (
-    "given up: even at its recent pace kept up to the end of the budget, it would end above "
-    "twice the target"
-)
+#: (Short enough for the report's "why" column: :func:`curves.hopeless` says the rest.)
+HOPELESS_REASON = "given up: even at its best pace it ends above 2x the target"
 #: How much dearer than the reference trial a trial may be and still go on for its lead per
 #: sample (:meth:`_Yardstick.keeps_on`): a trial at the reference's own batch size costs the
 #: same, give or take its timing noise.
