@@ -101,22 +101,27 @@ def test_a_curve_reaches_the_level_where_an_epoch_ends():
 def test_a_trial_is_given_up_only_where_even_its_best_pace_ends_far_above_the_level():
     """Past a third of the budget, the best loss so far, projected at the pace it fell
     recently kept up to the end (falling curves slow down, so that is optimistic), must lie
-    above twice the level."""
+    above 1.5x the level."""
+    assert curves.HOPELESS_FACTOR == 1.5
     epochs = [0.5 * i for i in range(1, 17)]  # 8 epochs, two evaluations each
     flat = [2.0 - 0.01 * i for i in range(16)]  # a large batch at a low rate: barely moves
     assert not curves.hopeless(epochs[:5], flat[:5], 0.4, 8)  # 2.5 epochs: too soon
     assert curves.hopeless(epochs[:6], flat[:6], 0.4, 8)
     assert curves.projected_end(epochs[:6], flat[:6], 8) > 1.5
-    # Falling by a fifth an epoch at epoch 3: 1.0 x 0.8^5 = 0.33 by the end, under twice 0.4.
+    # Falling by a fifth an epoch at epoch 3: 1.0 x 0.8^5 = 0.33 by the end, under 1.5 x 0.4.
     falling = [1.0 / 0.8 ** (3 - e) for e in epochs[:6]]
     assert curves.projected_end(epochs[:6], falling, 8) == pytest.approx(0.8**5)
     assert not curves.hopeless(epochs[:6], falling, 0.4, 8)
-    assert curves.hopeless(epochs[:6], falling, 0.16, 8)  # but not under twice 0.16
+    assert curves.hopeless(epochs[:6], falling, 0.2, 8)  # but above 1.5 x 0.2
     # A high rate's spike is not its pace: the best so far is projected, not the last value.
     # (Its best, 0.8^-0.5 at epoch 2.5, fell 0.8^0.5 since epoch 2: 0.8^-0.5 x 0.8^2.5.)
     spiking = [*falling[:5], 3.0]
     assert curves.projected_end(epochs[:6], spiking, 8) == pytest.approx(0.8**2)
-    assert not curves.hopeless(epochs[:6], spiking, 0.4, 8)
+    assert not curves.hopeless(epochs[:6], spiking, 0.45, 8)
+    # Leaving a plateau, speeding up: no pace to project yet, whatever the level.
+    leaving = [2.3, 2.29, 2.28, 2.27, 2.2, 2.0]
+    assert curves.projected_end(epochs[:6], leaving, 8) is None
+    assert not curves.hopeless(epochs[:6], leaving, 0.1, 8)
     # Never once at the level, nor for a level or loss that is not positive (no ratio).
     assert not curves.hopeless([1.0, 2.0, 3.0], [0.3, 0.3, 0.3], 0.4, 8)
     assert not curves.hopeless(epochs[:6], [-v for v in flat[:6]], -0.4, 8)

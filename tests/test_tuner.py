@@ -291,7 +291,7 @@ def test_a_trial_far_from_the_target_is_given_up_past_a_third_of_its_budget(task
     assert baseline.curve[-1].epoch == 3
     for trial in seeds:
         assert (trial.state, trial.reason) == (PRUNED, HOPELESS_REASON)
-        assert 1 <= trial.curve[-1].epoch < 1.5
+        assert 1 <= trial.curve[-1].epoch < 3  # past a third, before the end
     assert result.best_trial == baseline.number  # a stopped trial is never the answer
 
 
