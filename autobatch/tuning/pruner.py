@@ -60,8 +60,9 @@ def prunable(role: str | None, objective: str) -> bool:
     range's end (the highest rate yet, so the noisiest early curve; whether the study goes on
     doubling rests on its best loss), nor a carried one (the best trial's rate, often one of
     those, at the size predicted fastest: the recommendation rests on its whole curve), nor
-    any under the Pareto objective (no single score). Any of them but the baseline is still
-    given up where its curve is hopeless (:func:`~autobatch.tuning.curves.hopeless`)."""
+    any under the Pareto objective (no single score). Any of them but the baseline and the
+    walk past the range's end is still given up where its curve is hopeless
+    (:func:`~autobatch.tuning.curves.hopeless`)."""
     return objective != "pareto" and role in (None, PREDICTED, NEIGHBOUR)
 
 
