@@ -5,6 +5,7 @@ Pure functions on lists of numbers, so the rules can be tested on constructed cu
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def projected_end(
     and 39% over its second)."""
     if not epochs or len(epochs) != len(smoothed):
         return None
-    best = [min(smoothed[: i + 1]) for i in range(len(smoothed))]
+    best = list(itertools.accumulate(smoothed, min))  # the best so far, at each point
     window = HOPELESS_PACE * max_epochs
 
     def window_before(i: int) -> int | None:

@@ -446,13 +446,13 @@ class Worker:
         if bar is not None:
             bar.start_trial(record, int(settings.max_epochs * settings.train_size))
         points: list[EvalPoint] = []
-        pruned, why = False, PRUNED_REASON
+        pruned: str | None = None  # why, once halving or the hopeless rule stopped it
         last_step = 0
         objective = settings.objective
         prunable = pruner.prunable(record.role, objective)
 
         def on_eval(point: EvalPoint) -> None:
-            nonlocal pruned, why, last_step, judge
+            nonlocal pruned, last_step, judge
             points.append(point)
             self.observers.evaluated(record, point)
             if bar is not None:
@@ -480,7 +480,7 @@ class Worker:
                     and not judge.keeps_on(point, settings.max_epochs)
                     and trial.should_prune()
                 ):
-                    pruned = True
+                    pruned = PRUNED_REASON
                     raise StopTrial
             if (
                 objective == "time"
@@ -498,7 +498,7 @@ class Worker:
                 if step > last_step:  # the sampler ranks a stopped trial by its last report
                     last_step = step
                     trial.report(point.val_loss_smoothed, step=step)
-                pruned, why = True, HOPELESS_REASON
+                pruned = HOPELESS_REASON
                 raise StopTrial
 
         state, reason, run = COMPLETE, None, None
@@ -543,8 +543,8 @@ class Worker:
                 raise
             drop_failed_attempt(exc)
             state, reason = INFEASIBLE, f"out of memory at batch size {size}"
-        if pruned:
-            state, reason = PRUNED, why
+        if pruned is not None:
+            state, reason = PRUNED, pruned
         record = _measured(record, points, run, state, reason, settings)
         if state != COMPLETE:
             self._finish(trial, record)
