@@ -56,8 +56,10 @@ def _runs(client: MlflowClient, experiment: str):
 
 
 @pytest.mark.slow
-def test_tune_against_a_real_server(task, mlflow_server: str, tmp_path: Path) -> None:
+def test_tune_against_a_real_server(task, mlflow_server: str, tmp_path: Path, capfd) -> None:
     result = tune(task, tracking_uri=mlflow_server, experiment="tune-over-http", **FAST)
+    printed = "".join(capfd.readouterr())
+    assert "View run" not in printed  # MLflow's own links, two per trial: not on the terminal
     client = MlflowClient(mlflow_server)
     parents, children = _runs(client, "tune-over-http")
 

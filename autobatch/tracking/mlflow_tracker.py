@@ -104,7 +104,8 @@ _OPEN_ERRORS = (*_STORE_ERRORS, ImportError)
 @contextlib.contextmanager
 def http_limits(retries: int, timeout: int) -> Iterator[None]:
     """Bound MLflow's HTTP retries and timeout for the calls inside the block, and keep its
-    artifact progress bars off the terminal.
+    artifact progress bars and its "View run" links off the terminal (two lines per trial,
+    each after one more request; the study's own link is printed once, at the end).
 
     MLflow reads these settings from the environment at every request; its defaults (7
     retries with exponential backoff, 120 s timeout) would stall training for minutes when
@@ -115,6 +116,7 @@ def http_limits(retries: int, timeout: int) -> Iterator[None]:
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     }
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
