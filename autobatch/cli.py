@@ -277,6 +277,16 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _multiplier_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a range of multipliers; write it like 0.25,4 (low,high)"
+        ) from None
+    return low, high
+
+
 def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from autobatch.tuning.scoring import MIN_TRIALS
     from autobatch.validation import TUNE
@@ -342,6 +352,14 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "for Adam-style optimizers, linear for SGD)",
     )
     parser.add_argument(
+        "--lr-multiplier-range",
+        type=_multiplier_range,
+        default=(0.25, 4.0),
+        metavar="LOW,HIGH",
+        help="learning-rate multipliers the trials draw from, around the rule-scaled rate "
+        "(default: 0.25,4; narrower than 4x pins the rate)",
+    )
+    parser.add_argument(
         "--scale-adamw",
         action="store_true",
         help="also scale AdamW's beta2 (beta2^(B/B0)) and weight decay (keeping "
@@ -357,7 +375,14 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--target-loss",
         type=float,
         metavar="LOSS",
-        help="validation loss to reach (default: the baseline trial's best)",
+        help="validation loss to reach (default: the best any trial reaches)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="FRACTION",
+        help="a trial reaches the target within this fraction above it (default: 0.01 for a "
+        "new study; a stored study keeps its own)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
     parser.add_argument(
@@ -481,9 +506,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         candidates=args.batch_sizes,
         objective=args.objective,
         lr_rule=args.lr_rule,
+        lr_multiplier_range=args.lr_multiplier_range,
         scale_adamw=args.scale_adamw,
         lr_range_test=not args.no_lr_range_test,
         target_loss=args.target_loss,
+        tolerance=args.tolerance,
         seed=args.seed,
         storage=args.storage,
         study_name=args.study_name,

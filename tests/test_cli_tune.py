@@ -85,6 +85,9 @@ def test_tune_without_mlflow_writes_no_mlflow_store(capsys, tmp_path):
         (["--storage", "postgresql://u:hunter2@127.0.0.1:1/db"], "cannot open the study storage"),
         (["--tracking-uri", "http://127.0.0.1:1"], "127.0.0.1:1"),
         (["--n-trials", "0"], "n_trials"),
+        (["--lr-multiplier-range", "0.5"], "0.25,4"),
+        (["--lr-multiplier-range", "2,4"], "lr_multiplier_range"),
+        (["--tolerance", "2"], "tolerance=2"),
     ],
 )
 def test_tune_bad_input_is_one_line_exit_2(capsys, args, message):
@@ -97,3 +100,25 @@ def test_tune_bad_input_is_one_line_exit_2(capsys, args, message):
 def test_report_needs_a_study(capsys):
     assert main(["report"]) == 2
     assert "--run-id" in capsys.readouterr().err
+
+
+def test_report_on_a_missing_sqlite_file_says_so_and_creates_nothing(capsys, tmp_path):
+    missing = tmp_path / "typo.db"
+    assert main(["report", "--storage", f"sqlite:///{missing}", "--study-name", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert not missing.exists()
+
+
+@pytest.mark.slow
+def test_tune_takes_the_multiplier_range_and_the_tolerance(capsys, tmp_path):
+    # narrower than 4x: pinned, so no range test moves it and no trial walks past it
+    options = ["--lr-multiplier-range", "0.8,1.25", "--tolerance", "0.05", "--no-mlflow"]
+    assert main(["tune", "digits", *QUICK, *options, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["lr_multiplier_range"] == [0.8, 1.25]
+    assert result["settings"]["tolerance"] == 0.05
+    assert result["settings"]["lr_range_test"] is None
+    multipliers = [t["lr_multiplier"] for t in result["trials"]]
+    assert all(0.8 <= m <= 1.25 for m in multipliers), multipliers
+    assert result["target_loss"] is not None

@@ -263,12 +263,6 @@ def _from_optuna(storage: str, study_name: str | None) -> Report:
     from autobatch.errors import AutobatchError
     from autobatch.tuning.recommendation import load_study, recommend
 
-    shown = redact_url(storage)
-    if storage.startswith("sqlite:///"):
-        path = Path(storage[len("sqlite:///") :].split("?", 1)[0])
-        if not path.exists():
-            # optuna would create an empty database here; a report should not.
-            raise InvalidInputError(f"no Optuna storage at {shown}: {path} does not exist")
     study = load_study(storage, study_name)
     warnings: tuple[str, ...] = ()
     try:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import optuna
 
+from autobatch import sqlite_store
 from autobatch.errors import AutobatchError, InvalidInputError
 from autobatch.records import TuneResult
 from autobatch.tracking.redact import redact_url
@@ -45,7 +46,14 @@ def recommend(
 
 
 def load_study(url: str, study_name: str | None) -> optuna.Study:
-    """An existing study; one line naming what exists when it does not."""
+    """An existing study; one line naming what exists when it does not (a SQLite file that
+    does not exist is not created)."""
+    path = sqlite_store.path_of(url)
+    if path is not None and not path.exists():  # Optuna would create an empty database
+        raise InvalidInputError(
+            f"no Optuna storage at {redact_url(url)}: {path} does not exist; give the URL the "
+            "study ran with (autobatch tune's default: sqlite:///autobatch.db, in its folder)"
+        )
     opened = storage.open_storage(url)
     names = [s.study_name for s in opened.get_all_studies()]
     if study_name is None:

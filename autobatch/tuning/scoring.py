@@ -293,7 +293,7 @@ def recommend(
             "no trial completed, so there is nothing to recommend"
             + (f" ({why[:300]})" if why else "")
             + "; fix what the trials say (a learning rate that diverges: narrow "
-            "lr_multiplier_range) and rerun"
+            "lr_multiplier_range, --lr-multiplier-range) and rerun"
         )
     reached = [r for r in complete if r.time_to_target is not None]
     pool = reached or complete
