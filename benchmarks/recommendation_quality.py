@@ -534,8 +534,14 @@ def one_task(name: str, args, log) -> dict:
 
 
 def _spread(values: list[float], fmt: str) -> str:
+    """The median [range]; a ratio past 1000 (a diverged run) in three figures, so the
+    columns stay put."""
+
+    def shown(value: float) -> str:
+        return f"{value:.3g}" if math.isfinite(value) and abs(value) >= 1000 else f"{value:{fmt}}"
+
     median = statistics.median(values)
-    return f"{median:{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+    return f"{shown(median)} [{shown(min(values))}-{shown(max(values))}]"
 
 
 def main(argv: list[str] | None = None) -> int:
