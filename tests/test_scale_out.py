@@ -319,11 +319,12 @@ def test_workers_on_one_sqlite_file_never_claim_a_queued_trial_twice(tmp_path: P
     assert claimed.empty()
 
 
-def test_joining_checks_the_study_and_the_task(tmp_path: Path, monkeypatch) -> None:
+def test_joining_checks_the_study_and_the_task(tmp_path: Path, monkeypatch, caplog) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     task = digits()
     with pytest.raises(InvalidInputError, match="does not exist"):
         join_study(task, storage=storage, study_name="nope", wait=0.5, mlflow=False)
+    assert "study.db does not exist: creating it" in caplog.text  # said at once, not after 0.5 s
     tune(task, n_trials=1, max_epochs=1, candidates=[32], storage=storage, mlflow=False)
     other = digits(seed=1)
     other.name = "other"

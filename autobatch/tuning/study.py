@@ -225,6 +225,14 @@ def join_study(
     validation.check(validation.JOIN_STUDY, locals())
     name = study_name or f"autobatch-{task.name}"
     storage = sqlite_store.absolute(storage)
+    path = sqlite_store.path_of(storage)
+    if path is not None and not path.exists():  # a mistyped path would wait out ``wait``
+        log.warning(
+            "%s does not exist: creating it and waiting for `autobatch tune` to prepare study "
+            "%r in it (check --storage if the study runs with another file)",
+            path,
+            name,
+        )
     opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = preparing.wait_prepared(opened, name, wait, worker_name())
     preparing.check_shareable(study, storage)
