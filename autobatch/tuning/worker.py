@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 PRUNED_REASON = "successive halving: behind other trials at equal training time"
 #: (Short enough for the report's "why" column: :func:`curves.hopeless` says the rest.)
-HOPELESS_REASON = "given up: even its best pace ends above 1.5x the target"
+HOPELESS_REASON = f"given up: even its best pace ends above {curves.HOPELESS_FACTOR:g}x the target"
 #: How much dearer than the reference trial a trial may be and still go on for its lead per
 #: sample (:meth:`_Yardstick.keeps_on`): a trial at the reference's own batch size costs the
 #: same, give or take its timing noise.
