@@ -366,6 +366,12 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "B / (lr x wd x N) constant) with the batch size",
     )
     parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="measure the memory ceiling and the step times again, even if this machine has "
+        "them cached for the same setup (a rerun with the same --seed then may differ)",
+    )
+    parser.add_argument(
         "--no-lr-range-test",
         action="store_true",
         help="centre the learning-rate multipliers on the task's own rate, not where a "
@@ -509,6 +515,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         lr_multiplier_range=args.lr_multiplier_range,
         scale_adamw=args.scale_adamw,
         lr_range_test=not args.no_lr_range_test,
+        cache=not args.no_cache,
         target_loss=args.target_loss,
         tolerance=args.tolerance,
         seed=args.seed,
@@ -536,7 +543,9 @@ def _why_text(result: Any) -> str:
     from autobatch.tracking.report import format_why
     from autobatch.tuning import prior
 
-    return format_why(prior.explain(result.trials, result.settings.candidates), result.batch_size)
+    settings = result.settings
+    explanation = prior.explain(result.trials, settings.candidates, prior.step_clock(settings))
+    return format_why(explanation, result.batch_size)
 
 
 def _unused_because(found: dict[str, Any]) -> str:
@@ -578,6 +587,10 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
             + f", suggesting x{found['suggested']:.3g} of the task's {found['task_lr']:.4g}"
             + _unused_because(found)
         )
+    if (timed := settings.step_clock) is not None:
+        steps = ", ".join(f"{b}: {s * 1e3:.3g}" for b, s in timed["seconds"].items())
+        how = "this machine's, from the cache" if timed.get("cached") else "timed before trial 0"
+        lines.append(f"Clock: ms per training step by batch size ({how}): {steps}")
     settled = scoring.settled(result.trials, settings)
     lines.append(
         f"Study: {settings.study_name} in {settings.storage}, {len(result.trials)} trials finished "

@@ -81,7 +81,7 @@ class TrialRecord:
     seed: int
     reason: str | None = None
     curve: tuple[EvalPoint, ...] = ()
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # on the study's clock (its steps), like the curve's seconds
     epoch_seconds: float | None = None
     time_to_target: float | None = None
     samples_to_target: int | None = None
@@ -96,8 +96,8 @@ class TrialRecord:
     role: str | None = None  # BASELINE, CEILING or MIDDLE for a seeded trial
     worker: str | None = None  # host:pid of the process that ran it
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3" or "cpu (1 thread)"
-    reference_step_seconds: float | None = None  # its worker's step time at the base batch size
-    throughput: float | None = None  # training samples per second over the whole trial
+    wall_seconds: float | None = None  # training seconds as the worker's wall clock measured
+    throughput: float | None = None  # training samples per wall-clock second over the trial
     started_ms: int | None = None  # wall-clock start and end, ms since the epoch
     ended_ms: int | None = None
 
@@ -151,6 +151,9 @@ class StudySettings:
     # and the test's measurements (autobatch.tuning.lr_range.RangeTest.to_dict()).
     lr_centre: float = 1.0
     lr_range_test: dict[str, Any] | None = None
+    # Seconds per training step by batch size, the study's clock, and what measuring it cost
+    # (autobatch.tuning.clock.measure()); None: trials are timed on the wall clock.
+    step_clock: dict[str, Any] | None = None
 
     @property
     def multiplier_range(self) -> tuple[float, float]:

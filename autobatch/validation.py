@@ -312,6 +312,7 @@ TUNE: dict[str, Spec] = {
     "lr_multiplier_range": MultiplierRange(),
     "scale_adamw": Flag(),
     "lr_range_test": Flag(),
+    "cache": Flag(),
     "target_loss": Optional(Real(example=0.25)),
     "tolerance": Optional(FRACTION),
     "seed": Integer(example=0),

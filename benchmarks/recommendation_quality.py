@@ -435,10 +435,15 @@ def _prior_only(task: Task, max_epochs: float, sizes: list[int], seed: int) -> t
 
 
 def study_compute(result, first: int | None = None) -> float:
-    """Training seconds of the study's trials (its first ``first``), and of its lr range test."""
+    """Wall-clock training seconds of the study's trials (its first ``first``), of its lr
+    range test and of timing its clock."""
     trials = [t for t in result.trials if first is None or t.number < first]
-    found = result.settings.lr_range_test
-    return sum(t.train_seconds for t in trials) + (found["seconds"] if found else 0.0)
+    found, timed = result.settings.lr_range_test, result.settings.step_clock
+    return (
+        sum(t.wall_seconds or t.train_seconds for t in trials)
+        + (found["seconds"] if found else 0.0)
+        + (timed["cost"] if timed else 0.0)
+    )
 
 
 def one_task(name: str, args, log) -> dict:

@@ -215,7 +215,7 @@ def storage_cost(storage: str, n_trials: int) -> tuple[dict[str, float], Storage
             mlflow=False,
         )
     trials = len(result.trials)
-    train = sum(t.train_seconds for t in result.trials)
+    train = sum(t.wall_seconds or t.train_seconds for t in result.trials)
     return {
         "training_ms": 1000 * clock.seconds["training"] / trials,
         "heartbeat_ms": 1000 * clock.seconds["heartbeat"] / trials,

@@ -204,7 +204,7 @@ def run_tune(
         "lr_multiplier": result.lr_multiplier,
         "epochs": result.epochs,
         "target_loss": result.target_loss,
-        "compute_seconds": sum(t["train_seconds"] for t in trials),
+        "compute_seconds": sum(t.get("wall_seconds") or t["train_seconds"] for t in trials),
         "wall_seconds": wall,
         "states": {s: sum(t["state"] == s for t in trials) for s in {t["state"] for t in trials}},
         "warnings": list(result.warnings),

@@ -33,6 +33,8 @@ def test_tune_prints_table_and_recommendation_and_report_rebuilds_it(capsys, tmp
     rates = next(line for line in out if line.startswith("Learning rates:"))
     assert "range test at batch size 32" in rates and "suggesting x6.14" in rates
     assert rates.endswith("(unused: within the multiplier range's reach)")  # 6.14 < 8
+    clock = next(line for line in out if line.startswith("Clock:"))
+    assert "timed before trial 0" in clock and all(f" {b}: " in clock for b in (16, 32, 64))
     why = next(i for i, line in enumerate(out) if line.startswith("Why batch size"))
     table = [line for line in out[:why] if line.strip()[:1].isdigit()]
     assert len(table) == 3  # one row per trial

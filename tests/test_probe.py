@@ -1104,7 +1104,7 @@ def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path, caplog):
     entry.mkdir()  # the entry's name is taken: the final rename fails
     again = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
     assert again.batch_size == first.batch_size  # the probe itself did not fail
-    assert "could not write the probe cache" in caplog.text
+    assert "could not write the cache" in caplog.text
     assert list(tmp_path.glob(".*.tmp")) == []
 
 

@@ -49,8 +49,6 @@ def record(
     batch_size: int = 64,
     state: str = COMPLETE,
     role: str | None = None,
-    device: str = "gpu-a",
-    step_seconds: float | None = 0.01,
 ) -> TrialRecord:
     """A trial whose smoothed validation loss takes ``losses``, one evaluation every
     ``seconds_per_eval`` training seconds."""
@@ -73,7 +71,7 @@ def record(
         number=number, state=state, batch_size=batch_size, lr=0.01, lr_multiplier=1.0,
         lr_rule="sqrt", iterations_per_epoch=1, max_epochs=4.0, seed=0, curve=curve,
         train_seconds=seconds_per_eval * len(losses), best_val_loss=min(losses) if losses else None,
-        role=role, device_name=device, reference_step_seconds=step_seconds,
+        role=role,
     )  # fmt: skip
 
 
@@ -172,19 +170,6 @@ def test_a_dip_under_the_level_between_epoch_ends_is_not_reaching_it() -> None:
     assert (result.best_trial, result.epochs) == (2, 2)
 
 
-def test_trials_on_other_hardware_are_timed_on_the_reference_clock() -> None:
-    # A worker twice as slow (0.02 s per step at the base batch size against 0.01).
-    twin = record(1, [1.0, 0.41], 10.0, device="gpu-a", step_seconds=0.013)
-    slower = record(2, [1.0, 0.41], 10.0, device="gpu-b", step_seconds=0.02)
-    assert scoring.speed_factor(twin, BASE) == 1.0  # same device name: compared as is
-    assert scoring.speed_factor(slower, BASE) == pytest.approx(0.5)
-    target = scoring.target_loss([BASE], settings())
-    assert scoring.score(slower, settings(), target, 0.5).time_to_target == pytest.approx(10.0)
-    assert scoring.score(twin, settings(), target, 1.0).time_to_target == pytest.approx(20.0)
-    unknown = record(3, [0.41], 10.0, device="gpu-c", step_seconds=None)
-    assert scoring.speed_factor(unknown, BASE) == 1.0
-
-
 def test_objectives_and_infeasible_sizes() -> None:
     hit = record(1, [1.0, 0.41], 10.0)
     target = 0.4
@@ -274,8 +259,7 @@ def test_a_trial_ahead_per_sample_goes_on_where_it_costs_no_more_than_the_refere
         )
 
     at = settings(max_epochs=4.0, tolerance=0.05)
-    trial = record(2, [], 10.0, batch_size=16)
-    judge = _Yardstick.of(done, trial, at)
+    judge = _Yardstick.of(done, at)
     assert judge.rivals == [fast.curve]  # the baseline ended above the level: no rival
     # At the baseline's batch size: it costs what the reference did. Ahead at epoch 1: kept.
     assert judge.keeps_on(point(1.0, 20.0, 0.7), at.max_epochs)

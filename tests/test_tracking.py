@@ -129,6 +129,7 @@ def make_settings(name: str) -> StudySettings:
         extra={"note": "synthetic trials", "weird key!": 1},
         lr_centre=12.0,
         lr_range_test={"lr_at_minimum": 1.2, "diverged_lr": None, "suggested": 12.0},
+        step_clock={"seconds": {32: 0.0012, 2048: 0.0315}, "cost": 0.4, "cached": False},
     )
 
 
@@ -329,6 +330,9 @@ def test_settings_and_probe_are_parameters_the_recommendation_tags(logged: Logge
     assert params["extra.weird key_"] == "1"
     assert params["lr_centre"] == "12.0" and params["lr_range_test.suggested"] == "12.0"
     assert params["lr_range_test.diverged_lr"] == "None" and "lr_range_test" not in params
+    assert params["step_seconds.32"] == "0.0012" and params["step_seconds.2048"] == "0.0315"
+    assert params["step_seconds.cost"] == "0.4" and params["step_seconds.cached"] == "False"
+    assert "step_clock" not in params
     assert params["probe.batch_size"] == "1000"
     assert params["probe.capacity_bytes"] == str(4 * GiB)
     assert params["probe.bytes_per_sample"] == str(int(3.5 * MiB))

@@ -78,6 +78,7 @@ SUMMARY_METRICS = {
     "epoch_seconds": "epoch_seconds",
     "throughput": "samples_per_second",
     "train_seconds": "train_seconds",
+    "wall_seconds": "wall_seconds",
     "value": "objective_value",
     "time_to_target": "time_to_target",
     "samples_to_target": "samples_to_target",
@@ -182,16 +183,23 @@ def _param_key(key: str) -> str:
 
 def settings_params(settings: StudySettings) -> dict[str, str]:
     """The study's settings as MLflow parameters; ``extra`` entries as ``extra.<key>``, the lr
-    range test's as ``lr_range_test.<key>``."""
+    range test's as ``lr_range_test.<key>``, the study's clock as ``step_seconds.<batch
+    size>``, ``step_seconds.cost`` (what timing it took) and ``step_seconds.cached``."""
     data = settings.to_dict()
     extra = data.pop("extra", {}) or {}
     found = data.pop("lr_range_test", None) or {}
+    timed = data.pop("step_clock", None) or {}
     if data.get("target_loss") is None:
         data["target_loss"] = "the best loss found"
     params = {key: _param_value(value) for key, value in data.items()}
     params["storage"] = redact_url(params["storage"])
     params.update({_param_key(f"extra.{k}"): _param_value(v) for k, v in extra.items()})
     params.update({f"lr_range_test.{k}": _param_value(v) for k, v in found.items()})
+    steps = timed.get("seconds", {})
+    params.update({f"step_seconds.{size}": f"{s:.6g}" for size, s in steps.items()})
+    if timed:
+        params["step_seconds.cost"] = f"{timed['cost']:.3g}"
+        params["step_seconds.cached"] = str(bool(timed.get("cached")))
     return params
 
 
@@ -778,7 +786,8 @@ class MlflowTracker:
             "search_space.png": plots.search_space_figure(trials, best, level),
             "optimization_history.png": plots.optimization_history_figure(trials, best),
             "why_batch_size.png": plots.prediction_figure(
-                prior.explain(trials, settings.candidates), result.batch_size
+                prior.explain(trials, settings.candidates, prior.step_clock(settings)),
+                result.batch_size,
             ),
         }
         with tempfile.TemporaryDirectory(prefix="autobatch-mlflow-") as folder:

@@ -381,8 +381,12 @@ def format_why(explanation: Any, chosen: int) -> str:
     """Predicted against measured seconds to target per batch size (``prior.explain``), the
     chosen size marked: what the batch-size physics expected, and what the trials found."""
     noise, timing = explanation.noise, explanation.timing
-    if noise is None or timing is None:
+    if noise is None:
         basis = "no prediction: the reference trial measured no gradient noise scale"
+    elif timing is None and not explanation.predictions:
+        basis = "no prediction: fewer than two batch sizes were timed"
+    elif timing is None:  # one size timed: its step time
+        basis = f"predicted from the gradient noise scale, {noise:.0f} samples, and the step time"
     else:
         basis = (
             f"predicted from the gradient noise scale, {noise:.0f} samples, and the step time, "

@@ -2,7 +2,8 @@
 
 No per-step host synchronisation: the training loss is summed on the device and read once per
 evaluation, and the clock is read only there (after a device sync), so evaluation time is
-excluded from training time.
+excluded from training time. Given the study's clock (``prior.StepClock``), training
+time is counted on it, step by step; the wall clock's is kept beside it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class TrialRun:
     """What one training run produced."""
 
     points: list[EvalPoint] = field(default_factory=list)
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # on the study's clock, where one was given
+    wall_seconds: float = 0.0
     samples: int = 0
     epoch_seconds: float | None = None
 
@@ -81,12 +83,15 @@ def train(
     meter: MemoryMeter | None = None,
     noise: Callable[[torch.nn.Module, torch.optim.Optimizer], float | None] | None = None,
     configure: Callable[[torch.optim.Optimizer], None] | None = None,
+    clock: Callable[[int], float] | None = None,
 ) -> TrialRun:
     """Train a fresh model for up to ``max_epochs``; ``on_eval`` sees every evaluation and may
     raise ``StopTrial``. A non-finite loss raises ``TrialFailed``. ``noise`` (a
     :class:`~autobatch.tuning.noise_probe.NoiseProbe`) reads the gradient noise scale at each
     evaluation, off the training clock. ``configure`` adjusts the optimizer before the first
-    step (AdamW's scaled ``beta2`` and weight decay)."""
+    step (AdamW's scaled ``beta2`` and weight decay). ``clock`` gives the seconds a step of
+    so many samples counts for (:meth:`~autobatch.tuning.prior.StepClock.for_batch_size`);
+    without one, training time is the wall clock's."""
     model, optimizer = build(workload, lr)
     if configure is not None:
         configure(optimizer)
@@ -106,6 +111,7 @@ def train(
     loss_samples = 0
     val_losses: list[float] = []
     window_samples, window_seconds = 0, 0.0
+    counted = 0.0  # the clock's seconds for the steps since the last evaluation
     sync = meter.synchronize if meter is not None else synchronizer(workload.device)
     if meter is not None:
         meter.reset_peak()
@@ -117,6 +123,8 @@ def train(
             for batch in train_data.epoch(batch_size, generator):
                 n = batch_length(batch)
                 losses.append(step(batch))
+                if clock is not None:
+                    counted += clock(n)
                 sizes.append(n)
                 loss_samples += n
                 run.samples += n
@@ -125,7 +133,9 @@ def train(
                     continue
                 sync()
                 now = time.perf_counter()
-                run.train_seconds += now - epoch_start
+                run.wall_seconds += now - epoch_start
+                run.train_seconds += now - epoch_start if clock is None else counted
+                counted = 0.0
                 window_seconds += now - epoch_start
                 window_samples += loss_samples
                 weights = torch.tensor(sizes, device=workload.device, dtype=torch.float32)
@@ -168,7 +178,10 @@ def train(
                 epoch_start = time.perf_counter()
             else:
                 sync()
-                run.train_seconds += time.perf_counter() - epoch_start
+                elapsed = time.perf_counter() - epoch_start
+                run.wall_seconds += elapsed
+                run.train_seconds += elapsed if clock is None else counted
+                counted = 0.0
             if run.epoch_seconds is None and run.samples >= size:
                 run.epoch_seconds = run.train_seconds - epoch_train
     except StopTrial:

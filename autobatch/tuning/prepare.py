@@ -1,10 +1,10 @@
 """Prepare a study: check the inputs, probe, and write every study-level fact once, before any
 worker runs a trial.
 
-The facts: the settings (search space, budget, the task it was made for), the probe result,
-the notes a user should see, the seeded trials in the queue, where the study logs to MLflow and
-on which host it was prepared. Workers only read them and add trials, so nothing shared is ever
-read, changed and written back.
+The facts: the settings (search space, budget, the task it was made for, the step times that
+are the study's clock), the probe result, the notes a user should see, the seeded trials in the
+queue, where the study logs to MLflow and on which host it was prepared. Workers only read them
+and add trials, so nothing shared is ever read, changed and written back.
 
 A study that already exists is joined as it is: its facts win over a new probe (on a machine
 with another GPU, say); a search space that differs from the stored one is an error, a larger
@@ -29,7 +29,7 @@ from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
 from autobatch.records import BASELINE, ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
-from autobatch.tuning import lr_range, sampler, scoring, space, storage
+from autobatch.tuning import clock, lr_range, sampler, scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.workload import Workload
 
@@ -103,8 +103,12 @@ def prepare(
     observers: Sequence[TuneObserver],
     heartbeat_interval: int,
     grace_period: int,
+    threads: int | None = None,
+    cache: bool = True,
 ) -> Prepared:
-    """A study for ``task`` with its facts written (see the module docstring)."""
+    """A study for ``task`` with its facts written (see the module docstring); its clock is
+    timed with ``threads`` torch threads, the workers' count, where given; ``cache``: the
+    probe and the clock may be read from the disk cache."""
     check_tune_inputs(task, n_trials=n_trials, timeout=timeout)
     # Everything that can be unreachable is contacted before any trial. The MLflow logging
     # process starts now and imports MLflow while the probe runs.
@@ -132,10 +136,18 @@ def prepare(
         created = False
         if study is None:
             probed, ceiling = _resolve_probe(
-                task, probe_result, memory_budget, meter, headroom, max_batch_size, notes
+                task, probe_result, memory_budget, meter, headroom, max_batch_size, notes, cache
             )
             sizes = space.check_candidates(candidates, ceiling, task.batch_size, notes)
             found = _lr_range_test(task, sizes, lr_multiplier_range, lr_range_test)
+            timed = clock.measure(
+                task, task.training_batches().to_device(), sizes, threads, cache=cache
+            )
+            log.info(
+                "the study's clock, seconds per step: %s (%s)",
+                ", ".join(f"{b}: {s * 1e3:.3g} ms" for b, s in timed["seconds"].items()),
+                "from the cache" if timed["cached"] else f"{timed['cost']:.1f} s to measure",
+            )
             if objective == "pareto":
                 notes.append("objective 'pareto' has two objectives, so pruning is off")
             settings = StudySettings(
@@ -165,6 +177,7 @@ def prepare(
                 eval_batch_size=None if probed is None else probed.eval_batch_size,
                 lr_centre=1.0 if found is None else found.centre,
                 lr_range_test=None if found is None else found.to_dict(),
+                step_clock=timed if timed["seconds"] else None,
             )
             study = _create(opened, settings, probed, notes)
             if study is not None:
@@ -427,6 +440,7 @@ def _resolve_probe(
     headroom: float,
     max_batch_size: int | None,
     notes: list[str],
+    cache: bool = True,
 ) -> tuple[ProbeResult | None, int]:
     train_size = task.train_size
     if given is not None:  # checked at the boundary
@@ -444,5 +458,6 @@ def _resolve_probe(
         meter=meter,
         headroom=headroom,
         max_batch_size=max_batch_size,
+        cache=cache,
     )
     return result, result.batch_size

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
-from autobatch.records import COMPLETE, PRUNED, StepTime, TrialRecord
+from autobatch.records import COMPLETE, PRUNED, StepTime, StudySettings, TrialRecord
 
 #: Weight of the old value in the moving averages of ``|G|^2`` and ``tr(Sigma)``.
 EMA = 0.9
@@ -132,6 +133,46 @@ def fit_step_time(points: Mapping[int, Sequence[float]]) -> StepTime | None:
 
 
 @dataclass(frozen=True)
+class StepClock:
+    """The study's clock: seconds per training step by batch size, as measured once before the
+    first trial (``autobatch.tuning.clock.measure``); other sizes from the line through them.
+    A trial's training time is its steps counted on it."""
+
+    seconds: Mapping[int, float]
+
+    @cached_property
+    def line(self) -> StepTime | None:
+        """``fixed + per_sample x B`` through the table; None below two sizes."""
+        return fit_step_time({size: [s] for size, s in self.seconds.items()})
+
+    def __call__(self, batch_size: int) -> float:
+        """Seconds per step at ``batch_size``."""
+        measured = self.seconds.get(batch_size)
+        if measured is not None:
+            return measured
+        if self.line is not None:
+            return self.line(batch_size)
+        nearest = min(self.seconds, key=lambda s: abs(math.log(s / batch_size)))
+        return self.seconds[nearest] * batch_size / nearest
+
+    def for_batch_size(self, batch_size: int) -> Callable[[int], float]:
+        """Seconds for one step of so many samples in a run at ``batch_size``: the size's own
+        time, less in proportion to the line for an epoch's smaller last batch."""
+        full, line = self(batch_size), self.line
+        if line is None or line(batch_size) <= 0:
+            return lambda samples: full * min(samples, batch_size) / batch_size
+        return lambda samples: full * line(min(samples, batch_size)) / line(batch_size)
+
+
+def step_clock(settings: StudySettings) -> StepClock | None:
+    """The study's clock; None for a study prepared without one (timed on the wall clock)."""
+    found = settings.step_clock
+    if not found or not found.get("seconds"):
+        return None
+    return StepClock({int(size): float(s) for size, s in found["seconds"].items()})
+
+
+@dataclass(frozen=True)
 class Prediction:
     """Predicted training seconds to the target at one batch size."""
 
@@ -141,7 +182,10 @@ class Prediction:
 
 
 def predict(
-    records: Sequence[TrialRecord], noise: float, timing: StepTime, candidates: Sequence[int]
+    records: Sequence[TrialRecord],
+    noise: float,
+    timing: Callable[[int], float],
+    candidates: Sequence[int],
 ) -> list[Prediction]:
     """Time to target for each candidate: ``S(B) = S_min (1 + B_noise / B)`` steps of
     ``timing(B)`` seconds each. ``S_min`` is calibrated on the trials that reached the target:
@@ -197,16 +241,21 @@ class Explanation:
         return min(self.predictions, key=lambda p: p.seconds, default=None)
 
 
-def explain(records: Sequence[TrialRecord], candidates: Sequence[int]) -> Explanation:
+def explain(
+    records: Sequence[TrialRecord], candidates: Sequence[int], clock: StepClock | None = None
+) -> Explanation:
     """Predicted against measured time to target per batch size. ``records`` judged by the
     final target (:func:`scoring.rescore`); there are no predictions where the reference
-    trial measured no noise scale or no trial reached the target."""
+    trial measured no noise scale or no trial reached the target. Step times come from the
+    study's ``clock`` (its measured table), or, for a study without one, from the trials."""
     from autobatch.tuning import scoring
 
-    noise, timing = noise_scale(scoring.reference(records)), step_time(records)
+    noise = noise_scale(scoring.reference(records))
+    timing = step_time(records) if clock is None else clock.line
+    per_step = clock or timing
     predictions = []
-    if noise is not None and timing is not None:
-        predictions = predict(records, noise, timing, candidates)
+    if noise is not None and per_step is not None:
+        predictions = predict(records, noise, per_step, candidates)
     predicted = {p.batch_size: p.seconds for p in predictions}
     rows = []
     for size in sorted(candidates):

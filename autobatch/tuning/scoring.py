@@ -4,9 +4,8 @@ A worker calls them when its trial ends, for the value Optuna is told; the recom
 them again on every stored record, so whichever process reads a study gets the same answer, and
 an early trial is judged by the same target as a late one.
 
-Seconds are compared on one clock: the reference trial's hardware. A trial run on a device of
-another name has its seconds multiplied by the ratio of the two workers' step times at the base
-batch size (:func:`speed_factor`); on a single kind of device that factor is exactly 1.
+Seconds are training seconds on the study's clock (``autobatch.tuning.clock``): every trial's
+steps counted at the step times measured where the study was prepared, whichever worker ran it.
 """
 
 from __future__ import annotations
@@ -70,7 +69,7 @@ class Score:
 
 
 def reference(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    """The trial that fixes the target, the pruner's time scale and the reference clock.
+    """The trial that fixes the target and the pruner's time scale.
 
     The baseline when it completed. When it ended otherwise (diverged, out of memory), the
     first trial that completed. None while the baseline has not ended.
@@ -102,18 +101,7 @@ def target_loss(records: Sequence[TrialRecord], settings: StudySettings) -> floa
     return best_loss(records)
 
 
-def speed_factor(record: TrialRecord, ref: TrialRecord | None) -> float:
-    """What turns ``record``'s seconds into seconds on the reference trial's hardware."""
-    if ref is None or record.device_name == ref.device_name:
-        return 1.0
-    if not record.reference_step_seconds or not ref.reference_step_seconds:
-        return 1.0
-    return ref.reference_step_seconds / record.reference_step_seconds
-
-
-def score(
-    record: TrialRecord, settings: StudySettings, target: float | None, factor: float = 1.0
-) -> Score | None:
+def score(record: TrialRecord, settings: StudySettings, target: float | None) -> Score | None:
     """``record`` judged against ``target``; None when it did not complete or no target is
     known yet (the ``loss`` objective needs none)."""
     if not completed(record):
@@ -128,7 +116,7 @@ def score(
     hit = curves.reaching([p.epoch for p in record.curve], smoothed, level)
     time = samples = None
     if hit is not None:
-        time = record.curve[hit].seconds * factor
+        time = record.curve[hit].seconds
         samples = record.curve[hit].samples
         speed = time
     else:
@@ -167,11 +155,10 @@ def cost_seconds(record: TrialRecord) -> float:
 
 def rescore(records: Sequence[TrialRecord], settings: StudySettings) -> list[TrialRecord]:
     """Every record judged by the final target: its value, time to target and epochs."""
-    ref = reference(records)
     target = target_loss(records, settings)
     out = []
     for record in records:
-        judged = score(record, settings, target, speed_factor(record, ref))
+        judged = score(record, settings, target)
         if judged is not None:
             record = replace(
                 record,
@@ -199,14 +186,14 @@ def settled(records: Sequence[TrialRecord], settings: StudySettings) -> str | No
     if len(records) < max(settings.min_trials, PATIENCE + 1):
         return None
     judged = sorted(rescore(records, settings), key=lambda r: r.number)
-    earlier, ref = judged[:-PATIENCE], reference(judged)
+    earlier = judged[:-PATIENCE]
     loss_then, loss_now = best_loss(earlier), best_loss(judged)
     if loss_then is None or loss_now is None:
         return None
     if loss_then - loss_now > LOSS_MOVE * settings.tolerance * abs(loss_now):
         return None
     if settings.objective == "time":
-        cost_then, cost_now = _fastest_cost(earlier, ref), _fastest_cost(judged, ref)
+        cost_then, cost_now = _fastest_cost(earlier), _fastest_cost(judged)
         if cost_then is None or cost_now is None or cost_then - cost_now > COST_MOVE * cost_then:
             return None
     return (
@@ -229,27 +216,19 @@ def best_loss(records: Sequence[TrialRecord]) -> float | None:
     return None if best is None else float(best.best_val_loss)
 
 
-def _fastest_cost(records: Sequence[TrialRecord], ref: TrialRecord | None) -> float | None:
+def _fastest_cost(records: Sequence[TrialRecord]) -> float | None:
     """The fewest seconds, in whole epochs, any record needs to reach the target it was judged
     by (:func:`rescore`'s)."""
-    best = fastest(records, ref)
-    return None if best is None else _cost(best, ref)
+    best = fastest(records)
+    return None if best is None else cost_seconds(best)
 
 
-def _cost(record: TrialRecord, ref: TrialRecord | None) -> float:
-    """What ``record``'s configuration costs to the target, in whole epochs, on the reference
-    trial's clock: the time objective's comparison."""
-    return cost_seconds(record) * speed_factor(record, ref)
-
-
-def fastest(records: Sequence[TrialRecord], ref: TrialRecord | None = None) -> TrialRecord | None:
+def fastest(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The completed record that reached the target it was judged by (:func:`rescore`'s) at
-    the least cost: what the user will pay, whole epochs on the reference trial's clock
-    (``ref``, by default the records' own), not the moment the target was crossed. None when
-    none reached it."""
-    ref = ref or reference(records)
+    the least cost: what the user will pay, whole epochs (:func:`cost_seconds`), not the
+    moment the target was crossed. None when none reached it."""
     reached = [r for r in records if completed(r) and r.time_to_target is not None]
-    return min(reached, key=lambda r: (_cost(r, ref), r.number)) if reached else None
+    return min(reached, key=lambda r: (cost_seconds(r), r.number)) if reached else None
 
 
 def pruning_scale_ms(records: Sequence[TrialRecord]) -> int | None:

@@ -69,6 +69,7 @@ def tune(
     devices: Sequence[str] | None = None,
     threads: int | None = None,
     verbose: int = 0,
+    cache: bool = True,
 ) -> TuneResult:
     """Recommend a batch size, epoch count and learning rate for ``task``: a :class:`Task`,
     or any :class:`~autobatch.workload.Workload` (a LightningModule's, a Trainer's).
@@ -78,6 +79,11 @@ def tune(
     where a learning-rate range test (100 steps, before any trial) finds a sound rate
     (``lr_range_test=False``: on the task's own rate). The baseline (the task's own batch
     size and learning rate), the ceiling and the middle of the range run first.
+    Training time is counted in steps, at step times measured once for every candidate
+    before the first trial (the study's clock, :mod:`autobatch.tuning.clock`), so timing
+    noise does not steer the study; with ``cache`` (the default) the probe's result and the
+    step times are kept on disk and a rerun on this machine with the same ``seed`` runs the
+    same trials to the same answer (``cache=False`` measures both again).
     ``objective="time"`` minimises training seconds until the smoothed validation loss
     reaches ``target x (1 + tolerance)``, the target being ``target_loss`` or, by default,
     the best loss any trial reached (``tolerance``: 1% for a new study, so that seed noise
@@ -158,6 +164,9 @@ def tune(
         observers=observers,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
+        # The clock is timed as the trials will run: in this process, or in the workers.
+        threads=(threads or (1 if task.device.type == "cpu" else None)) if workers > 1 else None,
+        cache=cache,
     )
     try:
         for note in prepared.notes:

@@ -8,11 +8,12 @@ fails the trials of dead workers and queues them again (Optuna's heartbeat machi
 shared fact is read from trial records or was written once by *prepare*.
 
 Until the reference trial (the baseline) has ended, only seeded trials start: its result fixes
-the target, the pruner's first rung and the reference clock that every other trial is judged
-by. A seed that ends first stays RUNNING in Optuna until then, and its worker goes on. Then
-workers run sampled trials in parallel. A worker that finds the last trials running elsewhere
-waits for them, failing and rerunning any whose worker dies, so a study never ends with a
-trial of a dead worker still RUNNING.
+the target and the pruner's first rung that every other trial is judged by. Training time is
+counted on the study's clock (``autobatch.tuning.clock``), the same for every worker. A seed
+that ends first stays RUNNING in Optuna until then, and its worker goes on. Then workers run
+sampled trials in parallel. A worker that finds the last trials running elsewhere waits for
+them, failing and rerunning any whose worker dies, so a study never ends with a trial of a dead
+worker still RUNNING.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as optimize() uses
 from optuna.trial import FrozenTrial, TrialState
 
-from autobatch.data import BatchSource
 from autobatch.errors import StudyInterrupted
 from autobatch.memory import MemoryMeter
 from autobatch.oom import drop_failed_attempt, is_oom_error
@@ -53,9 +53,8 @@ from autobatch.records import (
     TuneObserver,
     TuneResult,
 )
-from autobatch.training import TrainStep, build
-from autobatch.tuning import curves, prior, pruner, scoring, space, storage
-from autobatch.tuning.loop import StopTrial, TrialFailed, synchronizer, train
+from autobatch.tuning import clock, curves, prior, pruner, scoring, space, storage
+from autobatch.tuning.loop import StopTrial, TrialFailed, train
 from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.progress import Progress
 from autobatch.tuning.pruner import REDUCTION_FACTOR, Rungs
@@ -70,8 +69,9 @@ PRUNED_REASON = "successive halving: behind other trials at equal training time"
 #: (Short enough for the report's "why" column: :func:`curves.hopeless` says the rest.)
 HOPELESS_REASON = f"given up: even its best pace ends above {curves.HOPELESS_FACTOR:g}x the target"
 #: How much dearer than the reference trial a trial may be and still go on for its lead per
-#: sample (:meth:`_Yardstick.keeps_on`): a trial at the reference's own batch size costs the
-#: same, give or take its timing noise.
+#: sample (:meth:`_Yardstick.keeps_on`). The rule was measured with this margin when trials were
+#: timed on the wall clock, where a trial at the reference's own batch size cost the same give
+#: or take its timing noise; on the study's clock it costs exactly the same.
 TIMING_NOISE = 0.15
 
 
@@ -97,62 +97,19 @@ class Observers:
         return call
 
 
-def describe_device(device: torch.device) -> str:
-    """What decides a device's speed, as a name: workers of equal names are compared as is."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        threads = torch.get_num_threads()
-        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
-    return device.type
-
-
-def reference_step_seconds(
-    task: Workload, source: BatchSource, batch_size: int, warmup: int = 2, steps: int = 5
-) -> float | None:
-    """Seconds per training step at ``batch_size`` on this worker's device, after warm-up;
-    None if that size does not fit here. Random generators are left as they were."""
-    sync = synchronizer(task.device)
-    devices = [task.device] if task.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        model = optimizer = step = batch = None
-        try:
-            model, optimizer = build(task)
-            step = TrainStep(task, model, optimizer)
-            batch = source.first(min(batch_size, len(source)))
-            for _ in range(warmup):
-                step(batch)
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(batch)
-            sync()
-            return (time.perf_counter() - start) / steps
-        except BaseException as exc:
-            if not is_oom_error(exc):
-                raise
-            drop_failed_attempt(exc)
-            return None
-        finally:
-            model = optimizer = step = batch = None
-
-
 @dataclass(frozen=True)
 class _Yardstick:
     """What a running trial is measured against, from the study's records: the reference
-    trial (None until it has ended), the target level, the speed factor, the rungs."""
+    trial (None until it has ended), the target level, the rungs."""
 
     records: list[TrialRecord]
     reference: TrialRecord | None
     level: float | None
-    factor: float
     rungs: Rungs
     rivals: list[tuple[EvalPoint, ...]]  # the contenders' curves, for ahead_per_sample
 
     @classmethod
-    def of(
-        cls, records: list[TrialRecord], record: TrialRecord, settings: StudySettings
-    ) -> _Yardstick:
+    def of(cls, records: list[TrialRecord], settings: StudySettings) -> _Yardstick:
         ref = scoring.reference(records)
         target = scoring.target_loss(records, settings)
         level = None if target is None else curves.threshold(target, settings.tolerance)
@@ -160,7 +117,6 @@ class _Yardstick:
             records=records,
             reference=ref,
             level=level,
-            factor=scoring.speed_factor(record, ref),
             rungs=Rungs(scoring.pruning_scale_ms(records), REDUCTION_FACTOR),
             rivals=[r.curve for r in records if r.curve and pruner.contending(r, level)],
         )
@@ -174,7 +130,7 @@ class _Yardstick:
         ref = self.reference
         if ref is None or point.epoch <= 0:
             return False
-        projected = point.seconds * self.factor * max_epochs / point.epoch
+        projected = point.seconds * max_epochs / point.epoch
         if projected > ref.train_seconds * (1 + TIMING_NOISE):
             return False
         return pruner.ahead_per_sample(point.epoch, point.val_loss_smoothed, self.rivals)
@@ -221,12 +177,11 @@ class Worker:
         # only found dead after the grace period anyway.
         self.stale_check_seconds = 5.0
         self.name = storage.worker_name()
-        self.device_name = describe_device(task.device)
+        self.device_name = clock.describe_device(task.device)
         self.train_data = task.training_batches().to_device()
         self.val_data = task.validation_batches().to_device()
         self.notes: list[str] = list(notes)  # for this run's result, beside the stored ones
-        self._step_seconds: float | None = None
-        self._measured = False
+        self.clock = prior.step_clock(settings)
         self._bar: Progress | None = None
         # Seeded trials that finished before the reference trial: still RUNNING in Optuna
         # (their heartbeat goes on) until the target they are judged by exists.
@@ -351,12 +306,6 @@ class Worker:
         """Ask for a trial and run it; 1 if it counts towards ``n_trials``. ``seen``: the
         study's trials as this worker last read them."""
         study, settings = self.study, self.settings
-        if not self._measured:
-            # Before the first trial, outside its training time: this worker's clock.
-            self._step_seconds = reference_step_seconds(
-                self.task, self.train_data, self._base_size()
-            )
-            self._measured = True
         self._steer(storage.records(seen))
         with warnings.catch_warnings():
             # The pieces of optimize(), used directly: Optuna warns that heartbeats are meant
@@ -401,10 +350,6 @@ class Worker:
         optimizer = self.task.optimizer([torch.nn.Parameter(torch.zeros(1))], settings.base_lr)
         return adamw_scaling(optimizer, settings.base_batch_size, size, settings.base_lr, lr)
 
-    def _base_size(self) -> int:
-        base = self.settings.base_batch_size
-        return min(self.settings.candidates, key=lambda s: abs(s - base))
-
     def _train(
         self,
         trial: optuna.Trial,
@@ -437,10 +382,9 @@ class Worker:
             role=trial.user_attrs.get(storage.ROLE),
             worker=self.name,
             device_name=self.device_name,
-            reference_step_seconds=self._step_seconds,
             started_ms=int(time.time() * 1000),
         )
-        judge = _Yardstick.of(records, record, settings)
+        judge = _Yardstick.of(records, settings)
         self.observers.trial_started(trial, record)
         bar = self._bar
         if bar is not None:
@@ -462,11 +406,11 @@ class Worker:
             if judge.reference is None and record.role != BASELINE:
                 # A trial started beside the reference trial: look again until it has ended.
                 fresh = storage.records(self.study.get_trials(deepcopy=False))
-                judge = _Yardstick.of(fresh, record, settings)
+                judge = _Yardstick.of(fresh, settings)
             smoothed = [p.val_loss_smoothed for p in points]
             epochs = [p.epoch for p in points]
             level = judge.level
-            step = max(last_step + 1, int(point.seconds * judge.factor * 1000))
+            step = max(last_step + 1, int(point.seconds * 1000))
             # Reported at the rungs only, where halving compares trials, and by every trial:
             # the report is what later trials are compared against. Asked only where the
             # answer counts.
@@ -525,6 +469,7 @@ class Worker:
                 if record.role == BASELINE
                 else None,
                 configure=None if scaling is None else scaling.apply,
+                clock=None if self.clock is None else self.clock.for_batch_size(size),
             )
         except TrialFailed as exc:
             state, reason = FAILED, str(exc)
@@ -679,9 +624,8 @@ class Worker:
     ) -> None:
         """Judge the trial by the target and tell Optuna."""
         records = [*records, record]
-        ref = scoring.reference(records)
         target = scoring.target_loss(records, self.settings)
-        judged = scoring.score(record, self.settings, target, scoring.speed_factor(record, ref))
+        judged = scoring.score(record, self.settings, target)
         if judged is None:  # no target yet: a provisional score (see _settle)
             judged = scoring.Score(
                 (scoring.MISS_OFFSET,) * (2 if self.settings.objective == "pareto" else 1),
@@ -732,7 +676,7 @@ class Worker:
         """The prior's predictions from ``records`` judged by the current target: what the
         queued prediction, the carried trial and the sizes kept from the sampler all read."""
         judged = scoring.rescore(records, self.settings)
-        return prior.explain(judged, self.settings.candidates)
+        return prior.explain(judged, self.settings.candidates, self.clock)
 
     def _steer(self, records: list[TrialRecord]) -> None:
         """Keep the sampler off the batch sizes that ran out of memory and those the prior
@@ -798,9 +742,10 @@ def _measured(
     updates: dict[str, Any] = {"state": state, "reason": reason, "curve": tuple(points)}
     if run is not None:
         updates["train_seconds"] = run.train_seconds
+        updates["wall_seconds"] = run.wall_seconds
         updates["epoch_seconds"] = run.epoch_seconds
-        if run.train_seconds > 0:
-            updates["throughput"] = run.samples / run.train_seconds
+        if run.wall_seconds > 0:
+            updates["throughput"] = run.samples / run.wall_seconds
     if points:
         smoothed = [p.val_loss_smoothed for p in points]
         choice = curves.choose_epochs(
