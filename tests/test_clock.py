@@ -96,3 +96,21 @@ def test_a_rerun_on_this_machine_does_the_same_study_however_the_steps_are_timed
     assert walls[0] != walls[1]  # the wall clock did differ
     timed_again = tune(task, **{**settings, "n_trials": 3}, cache=False)
     assert not timed_again.settings.step_clock["cached"]
+
+
+def test_the_step_times_are_cached_per_machine_and_an_unreadable_entry_is_timed_again(
+    tmp_path, caplog
+) -> None:
+    task = digits()
+    source = task.training_batches().to_device()
+    first = clock.measure(task, source, [16, 64], cache_dir=tmp_path)
+    again = clock.measure(task, source, [16, 64], cache_dir=tmp_path)
+    assert not first["cached"] and again["cached"] and again["seconds"] == first["seconds"]
+    other = clock.measure(task, source, [16, 128], cache_dir=tmp_path)  # other sizes: timed
+    assert not other["cached"]
+    entries = sorted(tmp_path.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    assert len(entries) == 2
+    entries[0].write_text("{not json")
+    timed = clock.measure(task, source, [16, 64], cache_dir=tmp_path)
+    assert not timed["cached"] and "ignoring unreadable cache entry" in caplog.text
+    assert clock.measure(task, source, [16, 64], cache_dir=tmp_path)["cached"]  # replaced
