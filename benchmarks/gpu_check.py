@@ -9,6 +9,9 @@
    on the CPU) next to the size the real card gave, with and without the CUDA margin.
 4. Compare the CPU simulation (``TrackedMeter``) of the same model at small sizes with the peak
    CUDA measures at the same sizes, to check that the simulation matches reality.
+5. Time the study's clock (``autobatch.tuning.clock``: one step at each size, as a study's
+   prepare does) and train up to 200 steps at each size with the trial loop: the training
+   seconds counted on the clock against the wall clock's, on the real device.
 
 Without CUDA it prints ``no CUDA device: gpu_check skipped`` and exits 0 (``--cpu-dry-run`` runs
 the same flow on the CPU under a ``TrackedMeter``, to check the script itself). Exit status: 0
@@ -27,6 +30,7 @@ import argparse
 import dataclasses
 import functools
 import gc
+import math
 import sys
 import time
 from typing import Any
@@ -40,6 +44,9 @@ from autobatch.memory import CudaMeter, MemoryMeter, TrackedMeter
 from autobatch.oom import drop_failed_attempt
 from autobatch.task import Task
 from autobatch.training import TrainStep, build
+from autobatch.tuning import clock
+from autobatch.tuning.loop import train as train_loop
+from autobatch.tuning.prior import StepClock
 from autobatch.units import format_bytes, parse_bytes
 
 # Per workload: rows in all (10% go to validation), large enough that memory, not the data,
@@ -271,7 +278,36 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {size:>7} {format_bytes(simulated):>12} {format_bytes(measured):>12} {ratio:>13.3f}"
         )
+
+    # 4. the study's clock (step times timed once, as prepare does) against the wall clock
+    compare_clock(task, sorted({*args.compare_sizes, found}))
     return 0 if within_capacity else 1
+
+
+def compare_clock(task: Task, sizes: list[int], steps: int = 200) -> None:
+    """Time the step at ``sizes`` as a study's prepare does, then train up to ``steps`` steps
+    at each with the trial loop: its training seconds on that clock against the wall clock's."""
+    sizes = [s for s in sizes if 1 <= s <= task.train_size]
+    train = task.training_batches().to_device()
+    val = task.validation_batches().to_device()
+    timed = clock.measure(task, train, sizes, cache=False)
+    table = StepClock(timed["seconds"])
+    print(f"\nthe study's clock ({timed['cost']:.2f} s to time) vs the wall clock, trial loop:")
+    print(
+        f"  {'batch':>7} {'ms/step':>9} {'steps':>6} {'clock s':>9} {'wall s':>9} {'wall/clock':>11}"
+    )  # noqa: E501
+    for size in sizes:
+        run = train_loop(
+            task, train, val, batch_size=size, lr=task.lr,
+            max_epochs=min(1.0, steps * size / task.train_size),
+            eval_batch_size=min(size, len(val)), on_eval=lambda point: None,
+            clock=table.for_batch_size(size),
+        )  # fmt: skip
+        ratio = run.wall_seconds / run.train_seconds if run.train_seconds else float("nan")
+        print(
+            f"  {size:>7} {table(size) * 1e3:>9.3g} {math.ceil(run.samples / size):>6} "
+            f"{run.train_seconds:>9.3f} {run.wall_seconds:>9.3f} {ratio:>11.3f}"
+        )
 
 
 if __name__ == "__main__":
