@@ -76,6 +76,13 @@ def test_tune_without_mlflow_writes_no_mlflow_store(capsys, tmp_path):
     )
     out = capsys.readouterr().out
     assert "MLflow:" not in out and not (tmp_path / "mlflow.db").exists()
+    # A new study of the same task on this machine runs on the step times timed for the first,
+    # and --no-cache times them again.
+    for flags, how in (([], "from the cache"), (["--no-cache"], "timed before trial 0")):
+        new = ["--study-name", f"again{len(flags)}", "--no-mlflow", *flags]
+        assert main(["tune", "digits", *QUICK, *new]) == 0
+        clock = next(line for line in capsys.readouterr().out.splitlines() if "Clock:" in line)
+        assert how in clock
 
 
 @pytest.mark.parametrize(
