@@ -293,9 +293,8 @@ def compare_clock(task: Task, sizes: list[int], steps: int = 200) -> None:
     timed = clock.measure(task, train, sizes, cache=False)
     table = StepClock(timed["seconds"])
     print(f"\nthe study's clock ({timed['cost']:.2f} s to time) vs the wall clock, trial loop:")
-    print(
-        f"  {'batch':>7} {'ms/step':>9} {'steps':>6} {'clock s':>9} {'wall s':>9} {'wall/clock':>11}"
-    )  # noqa: E501
+    columns = ("batch", 7), ("ms/step", 9), ("steps", 6), ("clock s", 9), ("wall s", 9)
+    print("  " + " ".join(f"{name:>{width}}" for name, width in columns) + f" {'wall/clock':>11}")
     for size in sizes:
         run = train_loop(
             task, train, val, batch_size=size, lr=task.lr,
