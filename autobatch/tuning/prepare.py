@@ -24,6 +24,7 @@ import optuna
 import torch
 
 from autobatch import workload
+from autobatch.data import BatchSource
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
@@ -139,10 +140,9 @@ def prepare(
                 task, probe_result, memory_budget, meter, headroom, max_batch_size, notes, cache
             )
             sizes = space.check_candidates(candidates, ceiling, task.batch_size, notes)
-            found = _lr_range_test(task, sizes, lr_multiplier_range, lr_range_test)
-            timed = clock.measure(
-                task, task.training_batches().to_device(), sizes, threads, cache=cache
-            )
+            source = task.training_batches().to_device()  # moved once, for both
+            found = _lr_range_test(task, source, sizes, lr_multiplier_range, lr_range_test)
+            timed = clock.measure(task, source, sizes, threads, cache=cache)
             log.info(
                 "the study's clock, seconds per step: %s (%s)",
                 ", ".join(f"{b}: {s * 1e3:.3g} ms" for b, s in timed["seconds"].items()),
@@ -233,6 +233,7 @@ def prepare(
 
 def _lr_range_test(
     task: Workload,
+    source: BatchSource,
     sizes: Sequence[int],
     multipliers: tuple[float, float],
     wanted: bool,
@@ -242,7 +243,7 @@ def _lr_range_test(
     if not wanted or space.pinned(multipliers):
         return None
     base = next(size for role, size in space.seeds(sizes, task.batch_size) if role == BASELINE)
-    found = lr_range.range_test(task, task.training_batches().to_device(), base, multipliers)
+    found = lr_range.range_test(task, source, base, multipliers)
     log.info(
         "learning-rate range test: lowest loss at rate %.3g, a tenth of which is x%.3g of the "
         "task's; the multipliers are centred on x%.3g",

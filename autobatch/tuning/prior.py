@@ -160,8 +160,10 @@ class StepClock:
         time, less in proportion to the line for an epoch's smaller last batch."""
         full, line = self(batch_size), self.line
         if line is None or line(batch_size) <= 0:
-            return lambda samples: full * min(samples, batch_size) / batch_size
-        return lambda samples: full * line(min(samples, batch_size)) / line(batch_size)
+            per_sample = full / batch_size
+            return lambda samples: full if samples >= batch_size else per_sample * samples
+        scale = full / line(batch_size)  # computed once: this runs at every training step
+        return lambda samples: full if samples >= batch_size else scale * line(samples)
 
 
 def step_clock(settings: StudySettings) -> StepClock | None:

@@ -165,7 +165,7 @@ def tune(
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
         # The clock is timed as the trials will run: in this process, or in the workers.
-        threads=(threads or (1 if task.device.type == "cpu" else None)) if workers > 1 else None,
+        threads=_worker_threads(task, threads) if workers > 1 else None,
         cache=cache,
     )
     try:
@@ -179,7 +179,7 @@ def tune(
                 prepared,
                 storage_url=storage,
                 devices=worker_devices(task.device, workers, devices),
-                threads=threads or (1 if task.device.type == "cpu" else None),
+                threads=_worker_threads(task, threads),
                 mlflow=mlflow,
                 tracking_uri=tracking_uri,
                 timeout=timeout,
@@ -201,6 +201,11 @@ def tune(
         return outcome.result or recommend(prepared.study, notes=worker.notes)
     finally:
         prepared.close()
+
+
+def _worker_threads(task: Workload, threads: int | None) -> int | None:
+    """Torch threads per worker process: one on the CPU unless told otherwise."""
+    return threads or (1 if task.device.type == "cpu" else None)
 
 
 def join_study(
