@@ -24,7 +24,9 @@ For each task:
 2. **tune**: ``tune(task, max_epochs=...)`` with its own defaults otherwise (20 trials,
    the target following the best loss found, 1% tolerance), once per ``--repeats`` seed
    (``--min-trials N``: ending from N trials once settled); its
-   compute is the sum of its trials' training seconds and its lr range test's;
+   compute is the sum of its trials' training seconds and its lr range test's. Timing the
+   step clock (below) is shown apart, as ``(timing the clock)``: a study pays it once per
+   machine and model, and these read it from the cache;
 3. **seed noise**: the grid's best configuration trained again on other seeds (``best
    reseeded``): its final loss against ``L`` shows how much of 2% seed noise alone takes; the
    recommendation is retrained on the same other seed too (``autobatch reseeded``), since on the
@@ -41,8 +43,13 @@ Targets (exit status 1 when missed, medians over seeds): final loss <= 1.02 L, t
 the grid's fastest, compute <= 5% of the grid's.
 
 The same figures for the task's own configuration (batch size and learning rate, full budget)
-show what the study adds. Timing: one torch thread; each figure is one run, so the time
-ratios carry a few percent of timing noise.
+show what the study adds. Timing: one torch thread, and every training second, the grid's,
+the retrains' and the trials', is counted on one step clock: the seconds per step at each
+batch size that tune() measures before its first trial (``autobatch.tuning.clock``, read back
+from the same cache). A figure is then steps times one table, the same on every run of the
+same training; on the wall clock, the same configuration retrained beside the same reference
+measured 0.66x to 1.84x of it in six retrains on this 2-core machine. Each retrain's
+wall-clock seconds are logged beside.
 
 Run::
 
@@ -76,7 +83,8 @@ from torch import nn
 from autobatch import tune
 from autobatch.examples import _classification, _split, blobs, digits
 from autobatch.task import Task
-from autobatch.tuning import curves, prior, scoring
+from autobatch.tuning import clock, curves, prior, scoring
+from autobatch.tuning.prior import StepClock
 from autobatch.tuning.space import default_candidates, rule_for, scale_lr
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -411,19 +419,41 @@ def first_time(run: Run, level: float) -> float | None:
     return next((seconds for _, seconds, loss in run.curve if loss <= level), None)
 
 
-def retrain(task: Task, batch_size: int, lr: float, epochs: float, ceiling: int) -> Run:
-    bench = Bench(task, epochs, QUALITY, ceiling)
+def retrain(
+    task: Task, batch_size: int, lr: float, epochs: float, ceiling: int, timing: StepClock
+) -> Run:
+    bench = Bench(task, epochs, QUALITY, ceiling, timing)
     return bench.run(batch_size, lr)
+
+
+def step_clock(task: Task, bench: Bench, sizes: list[int], log) -> tuple[StepClock, float]:
+    """The step times tune() counts its trials on (read from the same cache, so the same
+    table), for the grid and every retrain too: every figure is then steps times one table,
+    the same on every run, instead of one noisy wall-clock measurement each. And the seconds
+    timing them takes (timed again, where cached), reported apart from the studies' compute:
+    a study pays them once per machine and model, then reads the table from the cache, as the
+    studies here do."""
+    timed = clock.measure(task, bench.train, sizes)
+    cost = timed["cost"]
+    if timed["cached"]:  # how long timing takes, the table left as cached
+        cost = clock.measure(task, bench.train, sizes, cache=False)["cost"]
+    log(
+        "  step clock, ms per step: "
+        + ", ".join(f"{b}: {s * 1e3:.3g}" for b, s in timed["seconds"].items())
+        + f" ({'cached; ' if timed['cached'] else ''}timed in {cost:.1f} s)"
+    )
+    return StepClock(timed["seconds"]), cost
 
 
 def _prior_only(task: Task, max_epochs: float, sizes: list[int], seed: int) -> tuple:
     """The batch size the prior predicts fastest after the three seeded trials alone (the
-    baseline measures the noise scale, the seeds the step time), at the rule's learning rate
-    and the predicted epochs. Returns (batch size, lr, epochs, compute seconds)."""
+    baseline measures the noise scale, the study's clock the step time), at the rule's
+    learning rate and the predicted epochs. Returns (batch size, lr, epochs, compute
+    seconds)."""
     seeds = tune(task, n_trials=3, max_epochs=max_epochs, candidates=sizes, seed=seed, mlflow=False)
     trials = list(seeds.trials)
     compute = study_compute(seeds)
-    explanation = prior.explain(trials, sizes)
+    explanation = prior.explain(trials, sizes, prior.step_clock(seeds.settings))
     best = explanation.fastest
     if best is None:  # nothing to predict from: the seeds' own answer
         return seeds.batch_size, seeds.lr, seeds.epochs, compute
@@ -435,12 +465,12 @@ def _prior_only(task: Task, max_epochs: float, sizes: list[int], seed: int) -> t
 
 
 def study_compute(result, first: int | None = None) -> float:
-    """Wall-clock training seconds of the study's trials (its first ``first``), of its lr
-    range test and of timing its clock."""
+    """Training seconds of the study's trials (its first ``first``) on its clock, and the
+    wall-clock seconds of its lr range test and of reading or timing its clock."""
     trials = [t for t in result.trials if first is None or t.number < first]
     found, timed = result.settings.lr_range_test, result.settings.step_clock
     return (
-        sum(t.wall_seconds or t.train_seconds for t in trials)
+        sum(t.train_seconds for t in trials)
         + (found["seconds"] if found else 0.0)
         + (timed["cost"] if timed else 0.0)
     )
@@ -453,8 +483,9 @@ def one_task(name: str, args, log) -> dict:
     ceiling = task.train_size
     sizes = [s for s in default_candidates(ceiling, task.batch_size) if s >= args.min_batch_size]
     multipliers = [float(m) for m in args.multipliers.split(",")]
-    bench = Bench(task, max_epochs, QUALITY, ceiling)
     log(f"{name}: candidates {sizes}, multipliers {multipliers}, {max_epochs:g} epochs")
+    timing, clock_cost = step_clock(task, Bench(task, max_epochs, QUALITY, ceiling), sizes, log)
+    bench = Bench(task, max_epochs, QUALITY, ceiling, timing)
     grid = run_grid(bench, sizes, multipliers, log)
     finished = [r for r in grid if not r.failed and math.isfinite(r.best_loss)]
     best_loss = min(r.best_loss for r in finished)
@@ -467,34 +498,35 @@ def one_task(name: str, args, log) -> dict:
         f"lr={fastest.lr:.2e} in {grid_fastest:.2f} s; grid compute {grid_compute:.0f} s"
     )
     rows: dict[str, list[dict]] = {}
-    # The grid's fastest, trained again beside each method: its time to the level, measured
-    # the same way and at the same moment, is what each method's is divided by (the grid's own
-    # figure is the least of ~50 noisy ones, so biased low).
-    clock = {"fastest": grid_fastest}
+    # The grid's fastest, trained again beside each method: its time to the level is what each
+    # method's is divided by. On the step clock it is the grid's own figure again, where the
+    # training is deterministic (on the CPU); on a GPU its kernels may not be.
+    reference = {"fastest": grid_fastest}
 
     def judge(
         method: str, size: int, lr: float, epochs: float, compute: float, seed: int | None = None
     ) -> None:
         trained = task if seed is None else dataclasses.replace(task, seed=seed)
-        again = retrain(trained, size, lr, epochs, ceiling)
+        again = retrain(trained, size, lr, epochs, ceiling, timing)
         final = again.curve[-1][2] if again.curve else math.inf
         reached = first_time(again, level)
         if method == "grid fastest":
-            clock["fastest"] = reached if reached is not None else grid_fastest
+            reference["fastest"] = reached if reached is not None else grid_fastest
         row = {
             "batch_size": size,
             "lr": lr,
             "epochs": epochs,
             "loss_ratio": final / best_loss,
-            "time_ratio": math.inf if reached is None else reached / clock["fastest"],
-            "run_ratio": again.train_seconds / clock["fastest"],
+            "time_ratio": math.inf if reached is None else reached / reference["fastest"],
+            "run_ratio": again.train_seconds / reference["fastest"],
+            "wall_seconds": again.wall_seconds,
             "compute_fraction": compute / grid_compute,
         }
         rows.setdefault(method, []).append(row)
         log(
             f"  {method:<18} bs={size:<5} lr={lr:.2e} {epochs:g} epochs -> "
             f"{row['loss_ratio']:.3f}x best loss, {row['time_ratio']:.2f}x grid fastest to it "
-            f"(whole run {row['run_ratio']:.2f}x), "
+            f"(whole run {row['run_ratio']:.2f}x, {again.wall_seconds:.2f} s on the wall clock), "
             f"compute {row['compute_fraction']:.1%} of grid"
         )
 
@@ -535,7 +567,13 @@ def one_task(name: str, args, log) -> dict:
         judge("prior only", *_prior_only(task, max_epochs, sizes, seed))
         tpe = run_plain_tpe(bench, sizes, compute, seed)
         judge("plain TPE", tpe["batch_size"], tpe["lr"], max_epochs, tpe["compute_seconds"])
-    return {"task": name, "best_loss": best_loss, "grid_fastest": grid_fastest, "rows": rows}
+    return {
+        "task": name,
+        "best_loss": best_loss,
+        "grid_fastest": grid_fastest,
+        "rows": rows,
+        "clock_fraction": clock_cost / grid_compute,
+    }
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -598,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{report['task']:<16} {method:<18} {_spread(loss, '.3f'):>22} "
                 f"{_spread(times, '.2f'):>22} {_spread(compute, '.1%'):>22}"
             )
+        print(
+            f"{report['task']:<16} {'(timing the clock)':<18} {'':>22} {'':>22} "
+            f"{report['clock_fraction']:>22.1%}"
+        )
         ours = report["rows"]["autobatch"]
         ok &= statistics.median(r["loss_ratio"] for r in ours) <= 1 + QUALITY
         ok &= statistics.median(r["time_ratio"] for r in ours) <= MAX_TIME_RATIO

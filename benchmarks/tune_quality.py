@@ -75,6 +75,7 @@ from autobatch.records import COMPLETE, PRUNED
 from autobatch.task import Task
 from autobatch.tuning import curves
 from autobatch.tuning.loop import StopTrial, TrialFailed, train
+from autobatch.tuning.prior import StepClock
 from autobatch.tuning.space import default_candidates, rule_for, scale_lr
 
 MAX_TIME_RATIO = 1.10  # autobatch's time to target / the grid best's
@@ -96,14 +97,27 @@ class Run:
     epochs_run: float
     failed: str | None = None
     curve: list[tuple[float, float, float]] = field(default_factory=list)  # epoch, s, smoothed
+    wall_seconds: float = 0.0  # train_seconds on the wall clock, where a step clock counts them
 
 
 class Bench:
-    def __init__(self, task: Task, max_epochs: float, tolerance: float, ceiling: int) -> None:
+    """Trains configurations of ``task`` from scratch. With a ``clock`` (the study's step
+    times), training seconds are counted on it, as tune() counts its trials', so a figure is
+    the same on every run of the same steps; without one, on the wall clock."""
+
+    def __init__(
+        self,
+        task: Task,
+        max_epochs: float,
+        tolerance: float,
+        ceiling: int,
+        clock: StepClock | None = None,
+    ) -> None:
         self.task = task
         self.max_epochs = max_epochs
         self.tolerance = tolerance
         self.ceiling = ceiling
+        self.clock = clock
         self.rule = rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
         self.train = BatchSource(task.train_data, task.device, task.collate_fn).to_device()
         self.val = BatchSource(task.val_data, task.device, task.collate_fn).to_device()
@@ -122,7 +136,7 @@ class Bench:
                 raise StopTrial
 
         failed = None
-        train_seconds = 0.0
+        train_seconds = wall_seconds = 0.0
         try:
             result = train(
                 self.task,
@@ -134,8 +148,9 @@ class Bench:
                 # as the tuner evaluates, so evaluation costs the same everywhere
                 eval_batch_size=min(self.ceiling, max(batch_size, 256), len(self.val)),
                 on_eval=on_eval,
+                clock=None if self.clock is None else self.clock.for_batch_size(batch_size),
             )
-            train_seconds = result.train_seconds
+            train_seconds, wall_seconds = result.train_seconds, result.wall_seconds
         except TrialFailed as exc:
             failed = str(exc)
             train_seconds = points[-1].seconds if points else 0.0
@@ -154,6 +169,7 @@ class Bench:
             epochs_run=points[-1].epoch if points else 0.0,
             failed=failed,
             curve=[(p.epoch, p.seconds, p.val_loss_smoothed) for p in points],
+            wall_seconds=wall_seconds or train_seconds,
         )
 
 
