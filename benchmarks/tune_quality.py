@@ -34,7 +34,12 @@ best's, at <= 25% of the grid's compute (median over seeds), and a shorter media
 target than each of the three alternatives.
 
 Timing: torch runs on one thread (``--threads``). On a loaded 2-core machine two intra-op
-threads made a batch-32 epoch of this task 40-60x slower and its timings meaningless.
+threads made a batch-32 epoch of this task 40-60x slower and its timings meaningless. Every
+training second, the grid's, the re-runs', plain TPE's and tune()'s trials', is counted on
+tune()'s step clock (the seconds per step at each candidate, measured once and read back
+from the same cache the study reads; ``--wall-clock`` times on the wall clock instead), so on
+the CPU a re-run of a configuration measures what its first run did and ``--reruns`` 1
+suffices; the re-runs exist for wall-clock timing and for a GPU's non-deterministic kernels.
 
 Run::
 
@@ -47,7 +52,7 @@ Defaults: candidates are default_candidates(ceiling, 32) with ceiling ``--max-ba
 keeping those >= ``--min-batch-size`` 8 (batch sizes 1-4 alone would cost the grid over half an
 hour at 10-40 s per epoch); multipliers 0.25, 0.5, 1, 2, 4 (tune() searches 0.25-4);
 ``--max-epochs`` 8; tune() gets its default ``--n-trials`` 20; ``--repeats`` 3 seeds x
-``--reruns`` 3 re-runs of each configuration, so each median is over 9 runs.
+``--reruns`` 1 (3 with ``--wall-clock``, so each median is over 9 runs).
 ``--tune-target own`` lets tune() derive the target from its own baseline trial instead of
 passing ``target_loss=L*`` (same definition, so the same value on a deterministic CPU run; the
 log prints tune()'s target). ``--reuse-grid`` skips the grid; the compute fraction then divides
@@ -73,7 +78,7 @@ from autobatch.data import BatchSource
 from autobatch.examples import blobs
 from autobatch.records import COMPLETE, PRUNED
 from autobatch.task import Task
-from autobatch.tuning import curves
+from autobatch.tuning import clock, curves
 from autobatch.tuning.loop import StopTrial, TrialFailed, train
 from autobatch.tuning.prior import StepClock
 from autobatch.tuning.space import default_candidates, rule_for, scale_lr
@@ -220,7 +225,10 @@ def run_tune(
         "lr_multiplier": result.lr_multiplier,
         "epochs": result.epochs,
         "target_loss": result.target_loss,
-        "compute_seconds": sum(t.get("wall_seconds") or t["train_seconds"] for t in trials),
+        "compute_seconds": sum(
+            t["train_seconds"] if bench.clock else t.get("wall_seconds") or t["train_seconds"]
+            for t in trials
+        ),
         "wall_seconds": wall,
         "states": {s: sum(t["state"] == s for t in trials) for s in {t["state"] for t in trials}},
         "warnings": list(result.warnings),
@@ -296,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="tune() and plain TPE runs, one per seed"
     )
     parser.add_argument(
-        "--reruns", type=int, default=3, help="re-runs of each configuration per repeat"
+        "--reruns",
+        type=int,
+        help="re-runs of each configuration per repeat (default: 1 on the step clock, 3 on the "
+        "wall clock)",
     )
     parser.add_argument(
         "--tune-target",
@@ -310,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         "--grid-top", type=int, default=3, help="re-run the grid's fastest N; best median wins"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--wall-clock",
+        action="store_true",
+        help="time training on the wall clock, not on tune()'s step clock",
+    )
     parser.add_argument("--quick", action="store_true", help="a small budget: a smoke test")
     parser.add_argument("--json", metavar="PATH", help="save every figure and run here")
     parser.add_argument(
@@ -317,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-run progress lines")
     args = parser.parse_args(argv)
+    if args.reruns is None:
+        args.reruns = 3 if args.wall_clock else 1
     if args.quick:
         args.min_batch_size, args.max_batch_size = 64, 1024
         args.multipliers, args.max_epochs = "0.5,2", 2
@@ -336,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s for s in default_candidates(ceiling, task.batch_size) if s >= args.min_batch_size]
     multipliers = [float(m) for m in args.multipliers.split(",")]
     bench = Bench(task, args.max_epochs, args.tolerance, ceiling)
+    if not args.wall_clock:
+        bench.clock = StepClock(clock.measure(task, bench.train, sizes)["seconds"])
     log(f"candidates {sizes}, multipliers {multipliers}, {args.max_epochs:g} epochs")
 
     # 1. the target: the task's own configuration, full budget (tune()'s own definition)
