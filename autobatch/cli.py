@@ -560,7 +560,7 @@ def _unused_because(found: dict[str, Any]) -> str:
 def _result_text(result: Any, tracking_uri: str | None) -> str:
     """The trial table, the study's whereabouts and, last, the recommendation."""
     from autobatch.tracking.report import Report, format_report
-    from autobatch.tuning import scoring
+    from autobatch.tuning import prior, scoring
 
     report = Report(
         recommendation=result.recommendation(),
@@ -588,7 +588,7 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
             + _unused_because(found)
         )
     if (timed := settings.step_clock) is not None:
-        steps = ", ".join(f"{b}: {s * 1e3:.3g}" for b, s in timed["seconds"].items())
+        steps = prior.format_step_times(timed["seconds"])
         how = "this machine's, from the cache" if timed.get("cached") else "timed before trial 0"
         lines.append(f"Clock: ms per training step by batch size ({how}): {steps}")
     settled = scoring.settled(result.trials, settings)

@@ -439,7 +439,7 @@ def step_clock(task: Task, bench: Bench, sizes: list[int], log) -> tuple[StepClo
         cost = clock.measure(task, bench.train, sizes, cache=False)["cost"]
     log(
         "  step clock, ms per step: "
-        + ", ".join(f"{b}: {s * 1e3:.3g}" for b, s in timed["seconds"].items())
+        + prior.format_step_times(timed["seconds"])
         + f" ({'cached; ' if timed['cached'] else ''}timed in {cost:.1f} s)"
     )
     return StepClock(timed["seconds"]), cost

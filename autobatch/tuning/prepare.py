@@ -30,7 +30,7 @@ from autobatch.memory import MemoryMeter
 from autobatch.probing import probe
 from autobatch.records import BASELINE, ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
-from autobatch.tuning import clock, lr_range, sampler, scoring, space, storage
+from autobatch.tuning import clock, lr_range, prior, sampler, scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
 from autobatch.workload import Workload
 
@@ -144,8 +144,8 @@ def prepare(
             found = _lr_range_test(task, source, sizes, lr_multiplier_range, lr_range_test)
             timed = clock.measure(task, source, sizes, threads, cache=cache)
             log.info(
-                "the study's clock, seconds per step: %s (%s)",
-                ", ".join(f"{b}: {s * 1e3:.3g} ms" for b, s in timed["seconds"].items()),
+                "the study's clock, ms per step: %s (%s)",
+                prior.format_step_times(timed["seconds"]),
                 "from the cache" if timed["cached"] else f"{timed['cost']:.1f} s to measure",
             )
             if objective == "pareto":

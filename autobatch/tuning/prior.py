@@ -24,6 +24,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from autobatch.records import COMPLETE, PRUNED, StepTime, StudySettings, TrialRecord
 
@@ -164,6 +165,12 @@ class StepClock:
             return lambda samples: full if samples >= batch_size else per_sample * samples
         scale = full / line(batch_size)  # computed once: this runs at every training step
         return lambda samples: full if samples >= batch_size else scale * line(samples)
+
+
+def format_step_times(seconds: Mapping[Any, float]) -> str:
+    """A clock's table as ``size: ms`` pairs, for logs and reports (sizes as stored: ints, or
+    strings once read back from storage)."""
+    return ", ".join(f"{size}: {s * 1e3:.3g}" for size, s in seconds.items())
 
 
 def step_clock(settings: StudySettings) -> StepClock | None:
