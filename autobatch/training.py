@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -72,11 +72,20 @@ class TrainStep:
 _built: weakref.WeakValueDictionary[tuple[int, int], nn.Module] = weakref.WeakValueDictionary()
 
 
+@contextlib.contextmanager
+def seeded(workload: Workload) -> Iterator[None]:
+    """The global random generators (the CPU's and the workload's GPU's) seeded with the
+    workload's seed inside, the caller's states back after: the same draws on every run."""
+    devices = [workload.device] if workload.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(workload.seed)
+        yield
+
+
 def build(workload: Workload, lr: float | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A fresh model on the workload's device and its optimizer, from the workload's seed."""
     owner = type(workload).__name__
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(workload.seed)
+    with seeded(workload):
         model = workload.model()
     if not isinstance(model, nn.Module):
         raise InvalidInputError(

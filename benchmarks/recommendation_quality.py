@@ -12,7 +12,10 @@ high (``classes7-high``) and a CNN with Adam near instability (``cnn-adam-high``
 were added after tuning the others, as checks. Two circles with plain SGD (``circles-sgd``)
 and a regression with AdamW and weight decay (``regression-adamw``, where the grid's best
 configuration, trained again on another seed, ends 1.4x above its best loss) came later still,
-with no change to the tuning after them.
+with no change to the tuning after them. Four more were built as unseen checks last: an
+autoencoder on the digits with Adam (``autoencoder-adam``), a 1-d CNN on noisy generated signals
+with SGD and momentum (``conv1d-sgdm``), an MLP with dropout and AdamW (``dropout-adamw``) and
+a noisy S-curve regression with plain SGD at batch 16 (``scurve-sgd``).
 
 For each task:
 
@@ -378,6 +381,87 @@ def regression_adamw() -> Task:
     )  # fmt: skip
 
 
+def autoencoder_adam() -> Task:
+    """The digits as 64 pixels in [0, 1], reconstructed through an 8-wide tanh bottleneck (the
+    mean squared error), Adam at 1e-3, batch 32."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
+    train, val = _split(x, x.clone(), 0.2, seed=0)
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 8), nn.Tanh(),
+        nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 64),
+    )  # fmt: skip
+    return Task(
+        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
+        optimizer=torch.optim.Adam, lr=1e-3, batch_size=32, name="autoencoder-adam",
+    )  # fmt: skip
+
+
+class _Conv1dClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 16, 5, padding=2), nn.ReLU(),
+            nn.AdaptiveAvgPool1d(4), nn.Flatten(), nn.Linear(64, 3),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.unsqueeze(1))
+
+
+def conv1d_sgdm(samples: int = 6000, length: int = 32) -> Task:
+    """Generated signals: a sinusoid of one of three frequency bands, random phase, under
+    noise of 0.8 its amplitude; a 1-d CNN and SGD with momentum 0.9 at 0.02, batch 32. Noisy
+    curves: the grid's best configuration on other seeds ends 1.2x-1.7x its best loss."""
+    generator = torch.Generator().manual_seed(11)
+    y = torch.randint(0, 3, (samples,), generator=generator)
+    freq = 1.0 + 0.6 * y.float() + 0.5 * torch.rand(samples, generator=generator)
+    phase = 6.28 * torch.rand(samples, 1, generator=generator)
+    t = torch.arange(length).float().unsqueeze(0)
+    x = torch.sin(freq.unsqueeze(1) * t * 0.4 + phase)
+    x = x + 0.8 * torch.randn(samples, length, generator=generator)
+    task = _classification("conv1d", _Conv1dClassifier, x, y, seed=0, val_fraction=0.2)
+    return dataclasses.replace(_sgd(task, lr=0.02, momentum=0.9), name="conv1d-sgdm")
+
+
+def dropout_adamw() -> Task:
+    """A 3-class ``make_classification`` problem (12,000 samples, 4% of labels flipped), an MLP
+    with layer norm and dropout 0.3, AdamW at 2e-3, batch 64: random draws inside the model."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=12000, n_features=24, n_informative=10, n_classes=3, flip_y=0.04,
+        random_state=31,
+    )  # fmt: skip
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(24, 96), nn.LayerNorm(96), nn.GELU(), nn.Dropout(0.3),
+        nn.Linear(96, 96), nn.GELU(), nn.Dropout(0.3), nn.Linear(96, 3),
+    )  # fmt: skip
+    task = _arrays("dropout", model, x, y)
+    return dataclasses.replace(task, lr=2e-3, batch_size=64, name="dropout-adamw")
+
+
+def scurve_sgd() -> Task:
+    """scikit-learn's S curve (6,000 points, noise 0.1): the curve's parameter regressed from
+    the 3-d point (standardised), a tanh MLP and plain SGD at 0.05, batch 16. Small batches
+    win; high rates make the curves noisy."""
+    from sklearn.datasets import make_s_curve
+
+    x, t = make_s_curve(n_samples=6000, noise=0.1, random_state=4)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    t = torch.tensor((t - t.mean()) / t.std(), dtype=torch.float32).unsqueeze(1)
+    train, val = _split(x, t, 0.2, seed=0)
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(3, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 1)
+    )  # fmt: skip
+    task = Task(
+        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
+        optimizer=torch.optim.SGD, lr=0.05, batch_size=16, name="scurve",
+    )  # fmt: skip
+    return _sgd(task, lr=0.05)
+
+
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     # name: (task, max_epochs)
     "blobs-sgd": lambda: (_sgd(blobs(samples=8000), lr=0.005, momentum=0.9), 8),
@@ -397,6 +481,10 @@ TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     "cnn-adam-high": lambda: (cnn_adam_high(), 12),
     "circles-sgd": lambda: (circles_sgd(), 10),
     "regression-adamw": lambda: (regression_adamw(), 10),
+    "autoencoder-adam": lambda: (autoencoder_adam(), 15),
+    "conv1d-sgdm": lambda: (conv1d_sgdm(), 8),
+    "dropout-adamw": lambda: (dropout_adamw(), 6),
+    "scurve-sgd": lambda: (scurve_sgd(), 8),
 }
 DEFAULT_TASKS = "blobs-sgd,digits-cnn,sequences"
 

@@ -88,14 +88,21 @@ def test_the_loss_must_be_at_the_level_at_the_epoch_training_stops():
 def test_a_curve_reaches_the_level_where_an_epoch_ends():
     epochs = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
     dips = [0.9, 0.6, 0.5, 0.58, 0.5, 0.57]  # under 0.55 only mid-epoch
-    assert curves.reaching(epochs, dips, 0.55) is None
-    assert curves.reaching(epochs, [0.9, 0.6, 0.5, 0.54, 0.5, 0.5], 0.55) == 3
+    assert curves.reaching(epochs, dips, 0.55, 3) is None
+    assert curves.reaching(epochs, [0.9, 0.6, 0.5, 0.54, 0.5, 0.5], 0.55, 3) == 3
     # A budget under one epoch has no epoch end: the first point under the level.
-    assert curves.reaching([0.25, 0.5, 0.75], [0.9, 0.5, 0.4], 0.55) == 1
+    assert curves.reaching([0.25, 0.5, 0.75], [0.9, 0.5, 0.4], 0.55, 0.75) == 1
+    # The end of a fractional budget is a stop too (the recommendation's steps go there).
+    assert curves.reaching([0.5, 1.0, 1.5], [0.9, 0.6, 0.5], 0.55, 1.5) == 2
+    assert curves.reaching([0.5, 1.0, 1.5], [0.9, 0.6, 0.5], 0.55, 2.0) is None  # cut short
+    # The best loss training can stop at: a dip between epoch ends is not one.
+    assert curves.best_at_stop(epochs, dips, 3) == 0.57
+    assert curves.best_at_stop([0.5, 1.0, 1.5], [0.9, 0.6, 0.5], 1.5) == 0.5
+    assert curves.best_at_stop([0.25, 0.5], [0.9, 0.5], 0.5) == 0.5
     # Nothing more to learn only once an epoch end is at the level: a trial stopped on a
     # mid-epoch dip would leave no whole epoch count that reaches it.
-    assert not curves.plateaued(epochs, dips, 0.55)
-    assert curves.plateaued(epochs + [3.5, 4.0], [0.9, 0.6, 0.5, 0.54, 0.6, 0.6, 0.6, 0.6], 0.55)
+    assert not curves.plateaued(epochs, dips, 0.55, 4)
+    assert curves.plateaued(epochs + [3.5, 4.0], [0.9, 0.6, 0.5, 0.54, 0.6, 0.6, 0.6, 0.6], 0.55, 4)
 
 
 def test_a_trial_is_given_up_only_where_even_its_best_pace_ends_far_above_the_level():

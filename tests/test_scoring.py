@@ -49,6 +49,7 @@ def record(
     batch_size: int = 64,
     state: str = COMPLETE,
     role: str | None = None,
+    max_epochs: float = 4.0,
 ) -> TrialRecord:
     """A trial whose smoothed validation loss takes ``losses``, one evaluation every
     ``seconds_per_eval`` training seconds."""
@@ -67,11 +68,11 @@ def record(
         )  # fmt: skip
         for i, loss in enumerate(losses)
     )
+    best = min(losses) if losses else None
     return TrialRecord(
         number=number, state=state, batch_size=batch_size, lr=0.01, lr_multiplier=1.0,
-        lr_rule="sqrt", iterations_per_epoch=1, max_epochs=4.0, seed=0, curve=curve,
-        train_seconds=seconds_per_eval * len(losses), best_val_loss=min(losses) if losses else None,
-        role=role,
+        lr_rule="sqrt", iterations_per_epoch=1, max_epochs=max_epochs, seed=0, curve=curve,
+        train_seconds=seconds_per_eval * len(losses), best_val_loss=best, role=role,
     )  # fmt: skip
 
 
@@ -136,7 +137,7 @@ def test_the_recommendation_gives_steps_and_a_fractional_budget_its_partial_epoc
     assert scoring.steps_to_train(partial, 50, max_epochs=1.5) == 63  # not 2 whole epochs
     # A budget of 1.5 epochs whose best loss lies at its end: 2 whole epochs would overrun it.
     base = dataclasses.replace(
-        record(0, [2.0, 1.0, 0.5], 10.0, role=BASELINE), iterations_per_epoch=40, max_epochs=1.5
+        record(0, [2.0, 1.0, 0.5], 10.0, role=BASELINE, max_epochs=1.5), iterations_per_epoch=40
     )
     result = scoring.recommend([base], settings(max_epochs=1.5))
     assert (result.epochs, result.steps) == (2, 60)
@@ -168,6 +169,20 @@ def test_a_dip_under_the_level_between_epoch_ends_is_not_reaching_it() -> None:
     judged = {r.number: r for r in result.trials}
     assert judged[1].time_to_target is None and judged[1].value > judged[2].value
     assert (result.best_trial, result.epochs) == (2, 2)
+
+
+def test_where_no_trial_reaches_the_target_the_closest_is_judged_where_it_can_stop() -> None:
+    """The target is the best loss any trial reached, a dip between two epoch ends (0.30)
+    included. Where no epoch end comes within the tolerance of it, the closest trial is the
+    one whose training can stop nearest it: not the dip's own, which ends an epoch at 0.45,
+    worse than the baseline."""
+    dip = record(1, [0.8, 0.5, 0.30, 0.45], 1.0)
+    steady = record(2, [0.9, 0.6, 0.42, 0.38], 5.0)
+    result = scoring.recommend([BASE, dip, steady], settings(tolerance=0.02))
+    assert result.target_loss == 0.30
+    assert (result.best_trial, result.epochs) == (2, 2)
+    judged = {r.number: r for r in result.trials}
+    assert judged[2].value < judged[0].value < judged[1].value  # 0.38, 0.40, 0.45
 
 
 def test_objectives_and_infeasible_sizes() -> None:

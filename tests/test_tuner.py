@@ -129,6 +129,35 @@ def test_interrupted_study_resumes_and_keeps_finished_trials(task, tmp_path):
     assert any(t.batch_size == 64 and t.state == COMPLETE for t in result.trials)
 
 
+def test_a_model_with_dropout_trains_the_same_at_the_same_seed_and_leaves_the_rng_alone(task):
+    from autobatch.data import BatchSource
+    from autobatch.tuning.loop import train
+
+    dropout = dataclasses.replace(
+        task,
+        model=lambda: torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)
+        ),
+    )
+    data = BatchSource(dropout.train_data, dropout.device)
+    val = BatchSource(dropout.val_data, dropout.device)
+
+    def curve(seed: int) -> list[float]:
+        points = []
+        trained = dataclasses.replace(dropout, seed=seed)
+        train(trained, data, val, batch_size=64, lr=1e-2, max_epochs=1, eval_batch_size=256,
+              on_eval=points.append)  # fmt: skip
+        return [p.val_loss for p in points]
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = curve(0)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's draws are its own
+    torch.rand(7)  # whatever the caller drew in between
+    assert curve(0) == first
+    assert curve(1) != first
+
+
 @pytest.mark.slow
 def test_same_seed_gives_the_same_study(task):
     a = tune(task, n_trials=5, objective="loss", seed=7, **FAST)
@@ -316,8 +345,14 @@ def test_the_predicted_fastest_batch_size_is_queued_after_the_seeds(task):
     records = scoring.rescore(list(seeds), result.settings)
     noise = prior.noise_scale(scoring.reference(records))
     predictions = prior.predict(records, noise, prior.step_time(records), FAST["candidates"])
-    fastest = min(predictions, key=lambda p: p.seconds).batch_size
-    assert prior.explain(records, FAST["candidates"]).fastest.batch_size == fastest
+    assert (
+        prior.explain(records, FAST["candidates"]).fastest.batch_size
+        == min(predictions, key=lambda p: p.seconds).batch_size
+    )
+    # The worker predicts on the study's step clock (measured, so it can differ from the
+    # line through the seeds' times on a busy machine).
+    clock = prior.step_clock(result.settings)
+    fastest = prior.explain(records, FAST["candidates"], clock).fastest.batch_size
     queued = [t for t in rest if t.role == "predicted"]
     if fastest in [t.batch_size for t in seeds]:
         assert not queued  # nothing new to try

@@ -40,27 +40,50 @@ def first_reaching(values: Sequence[float], level: float) -> int | None:
     return next((i for i, v in enumerate(values) if v <= level), None)
 
 
-def reaching(epochs: Sequence[float], smoothed: Sequence[float], level: float) -> int | None:
-    """Index of the first point where training can stop at ``level``: an epoch's end (every
-    epoch ends with an evaluation, and a recommendation is in whole epochs) at or below it.
-    On a curve with no epoch end (a budget under one epoch), the first point at or below it.
+def reaching(
+    epochs: Sequence[float], smoothed: Sequence[float], level: float, max_epochs: float
+) -> int | None:
+    """Index of the first point where training can stop (:func:`stops`) at or below ``level``.
 
     A curve that dips under the level mid-epoch and is back above it at the epoch's end has
     not reached it: on ``classes4-sgd`` of the quality benchmark (SGD at 7.5x the rate) one
     crossed the level a quarter into its fifth epoch, was 1.2% above it at the epoch's end,
     and the recommendation (5 epochs) ended 3.2% above the study's best loss."""
-    ends = [i for i, epoch in enumerate(epochs) if _epoch_end(epoch)]
-    if not ends:
-        return first_reaching(smoothed, level)
-    return next((i for i in ends if smoothed[i] <= level), None)
+    return next((i for i in stops(epochs, max_epochs) if smoothed[i] <= level), None)
+
+
+def stops(epochs: Sequence[float], max_epochs: float) -> list[int]:
+    """Indices of the points where training can stop: the epoch ends (every epoch ends with
+    an evaluation, and a recommendation is in whole epochs) and the end of a fractional
+    ``max_epochs`` budget; on a curve with no epoch end (a budget under one epoch), every
+    point."""
+    ends = [
+        i
+        for i, epoch in enumerate(epochs)
+        if _epoch_end(epoch) or (i == len(epochs) - 1 and epoch >= max_epochs - 1e-9)
+    ]
+    return ends if any(_epoch_end(e) for e in epochs) else list(range(len(epochs)))
+
+
+def best_at_stop(epochs: Sequence[float], smoothed: Sequence[float], max_epochs: float) -> float:
+    """The lowest smoothed loss at a point where training can stop (:func:`stops`): the best
+    a run of whole epochs delivers. A dip between two epoch ends is not: on a noisy SGD
+    regression the study's best loss came from one, no epoch end of any trial came within
+    the tolerance of it, and the trial recommended as the closest, the dip's own, ended 5%
+    above the best epoch end of another."""
+    return min(smoothed[i] for i in stops(epochs, max_epochs))
 
 
 def plateaued(
-    epochs: Sequence[float], smoothed: Sequence[float], level: float, patience: int = 3
+    epochs: Sequence[float],
+    smoothed: Sequence[float],
+    level: float,
+    max_epochs: float,
+    patience: int = 3,
 ) -> bool:
     """Target reached (:func:`reaching`) and no new best for ``patience`` evaluations:
     nothing left to learn."""
-    if reaching(epochs, smoothed, level) is None or len(smoothed) <= patience:
+    if reaching(epochs, smoothed, level, max_epochs) is None or len(smoothed) <= patience:
         return False
     best_index = min(range(len(smoothed)), key=smoothed.__getitem__)
     return len(smoothed) - 1 - best_index >= patience
@@ -134,7 +157,7 @@ def hopeless(
     and a trial that passed its rungs early can still end far off."""
     if level <= 0 or not epochs or epochs[-1] < HOPELESS_FROM * max_epochs:
         return False
-    if reaching(epochs, smoothed, level) is not None:
+    if reaching(epochs, smoothed, level, max_epochs) is not None:
         return False
     end = projected_end(epochs, smoothed, max_epochs)
     return end is not None and end > HOPELESS_FACTOR * level
@@ -180,7 +203,7 @@ def choose_epochs(
         # (:func:`reaching`). If no epoch end is, the one nearest it: rounding the crossing up
         # instead chose, on a regression task at a high Adam rate, the epoch end 30% above
         # the level, with the next one 0.2% above it.
-        stop = reaching(epochs, smoothed, level)
+        stop = reaching(epochs, smoothed, level, max_epochs)
         if stop is None:
             ends = [i for i in range(index, len(epochs)) if _epoch_end(epochs[i])]
             stop = min(ends, key=smoothed.__getitem__) if ends else None

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from autobatch.data import BatchSource
-from autobatch.training import TrainStep, build
+from autobatch.training import TrainStep, build, seeded
 from autobatch.tuning.space import EDGE
 from autobatch.workload import Workload
 
@@ -92,13 +92,11 @@ def range_test(
 ) -> RangeTest:
     """Run the test on a fresh model (the workload's seed); the caller's random state, model
     and optimizer are untouched."""
-    devices = [task.device] if task.device.type == "cuda" else []
     lrs: list[float] = []
     losses: list[float] = []
     diverged = None
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(task.seed)
+    with seeded(task):
         model, optimizer = build(task, task.lr * LOW)
         step = TrainStep(task, model, optimizer)
         generator = torch.Generator().manual_seed(task.seed)

@@ -113,15 +113,18 @@ def score(record: TrialRecord, settings: StudySettings, target: float | None) ->
         return Score((best,), None, None)
     level = curves.threshold(target, settings.tolerance)
     smoothed = [p.val_loss_smoothed for p in record.curve]
-    hit = curves.reaching([p.epoch for p in record.curve], smoothed, level)
+    epochs = [p.epoch for p in record.curve]
+    hit = curves.reaching(epochs, smoothed, level, record.max_epochs)
     time = samples = None
     if hit is not None:
         time = record.curve[hit].seconds
         samples = record.curve[hit].samples
         speed = time
     else:
-        # Among misses, the closer one ranks first; every miss ranks after every hit.
-        speed = MISS_OFFSET + (best - level) / max(abs(level), 1e-12)
+        # Among misses, the one whose training can stop closer to the level ranks first (a
+        # dip between epoch ends is not where it can); every miss ranks after every hit.
+        stop = curves.best_at_stop(epochs, smoothed, record.max_epochs)
+        speed = MISS_OFFSET + (stop - level) / max(abs(level), 1e-12)
     values = {"time": (speed,), "loss": (best,), "pareto": (speed, best)}[settings.objective]
     return Score(values, time, samples)
 
