@@ -219,19 +219,26 @@ def hastie_adamw() -> Task:
     )
 
 
-def _regression_sgdm(
-    name: str, x, y, model: Callable[[], nn.Module], val_fraction: float, batch_size: int
+def _regression_sgd(
+    name: str,
+    x,
+    y,
+    model: Callable[[], nn.Module],
+    val_fraction: float,
+    batch_size: int,
+    lr: float = 0.01,
+    momentum: float = 0.9,
 ) -> Task:
-    """Features and target standardised, the mean squared error, SGD with momentum 0.9 at lr
-    0.01."""
+    """Features and target standardised, the mean squared error, SGD (by default with momentum
+    0.9 at lr 0.01)."""
     x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
     y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
     train, val = _split(x, y, val_fraction, seed=0)
     task = Task(
         model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
-        optimizer=torch.optim.SGD, lr=0.01, batch_size=batch_size, name=name,
+        optimizer=torch.optim.SGD, lr=lr, batch_size=batch_size, name=name,
     )  # fmt: skip
-    return _sgd(task, lr=0.01, momentum=0.9)
+    return _sgd(task, lr=lr, momentum=momentum)
 
 
 def diabetes_sgdm() -> Task:
@@ -241,7 +248,7 @@ def diabetes_sgdm() -> Task:
 
     x, y = load_diabetes(return_X_y=True)
     model = lambda: nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))  # noqa: E731
-    return _regression_sgdm("diabetes", x, y, model, 0.25, batch_size=16)
+    return _regression_sgd("diabetes", x, y, model, 0.25, batch_size=16)
 
 
 def moons_adam() -> Task:
@@ -268,7 +275,7 @@ def friedman3_sgdm() -> Task:
 
     x, y = make_friedman3(n_samples=4000, noise=0.05, random_state=2)
     model = lambda: nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1))  # noqa: E731
-    return _regression_sgdm("friedman3", x, y, model, 0.2, batch_size=32)
+    return _regression_sgd("friedman3", x, y, model, 0.2, batch_size=32)
 
 
 def bn_nesterov() -> Task:
@@ -449,17 +456,10 @@ def scurve_sgd() -> Task:
     from sklearn.datasets import make_s_curve
 
     x, t = make_s_curve(n_samples=6000, noise=0.1, random_state=4)
-    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
-    t = torch.tensor((t - t.mean()) / t.std(), dtype=torch.float32).unsqueeze(1)
-    train, val = _split(x, t, 0.2, seed=0)
     model = lambda: nn.Sequential(  # noqa: E731
         nn.Linear(3, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 1)
     )  # fmt: skip
-    task = Task(
-        model=model, train_data=train, val_data=val, loss=nn.functional.mse_loss,
-        optimizer=torch.optim.SGD, lr=0.05, batch_size=16, name="scurve",
-    )  # fmt: skip
-    return _sgd(task, lr=0.05)
+    return _regression_sgd("scurve", x, t, model, 0.2, batch_size=16, lr=0.05, momentum=0.0)
 
 
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {

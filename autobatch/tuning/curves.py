@@ -57,12 +57,13 @@ def stops(epochs: Sequence[float], max_epochs: float) -> list[int]:
     an evaluation, and a recommendation is in whole epochs) and the end of a fractional
     ``max_epochs`` budget; on a curve with no epoch end (a budget under one epoch), every
     point."""
-    ends = [
-        i
-        for i, epoch in enumerate(epochs)
-        if _epoch_end(epoch) or (i == len(epochs) - 1 and epoch >= max_epochs - 1e-9)
-    ]
-    return ends if any(_epoch_end(e) for e in epochs) else list(range(len(epochs)))
+    ends = [i for i, epoch in enumerate(epochs) if _epoch_end(epoch)]
+    if not ends:
+        return list(range(len(epochs)))
+    last = len(epochs) - 1
+    if ends[-1] != last and epochs[last] >= max_epochs - 1e-9:
+        ends.append(last)
+    return ends
 
 
 def best_at_stop(epochs: Sequence[float], smoothed: Sequence[float], max_epochs: float) -> float:
