@@ -772,8 +772,10 @@ def probe(
             # by phase.
             batch = source.largest(batch_size)
             readings: list[int] = []
+            history: torch.Tensor | None = None
             try:
                 train_step(batch)
+                history = _history_to_come(optimizer)
                 first_peak = meter.peak()
                 meter.reset_peak()
                 base = meter.current()
@@ -794,7 +796,7 @@ def probe(
                 release_if_oom(exc)
                 raise
             finally:
-                del batch
+                del batch, history
                 state.restore()
                 rng.restore()
 
@@ -992,6 +994,22 @@ def _as_plan(result: ProbeResult, multiple_of: int) -> ProbeResult:
         "unseen_fraction": UNSEEN,
     }
     return dataclasses.replace(result, planned=True, extra=extra)
+
+
+def _history_to_come(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The memory L-BFGS's curvature history will still take, allocated now (None for other
+    optimizers). The history grows by up to two flat copies of the parameters per iteration
+    until it holds ``history_size`` pairs, long after the probe's two steps; held through the
+    measured step, it counts as it will in training."""
+    if not isinstance(optimizer, torch.optim.LBFGS):
+        return None
+    group = optimizer.param_groups[0]
+    params = [p for p in group["params"] if p.requires_grad]
+    held = len(optimizer.state[group["params"][0]].get("old_dirs", []))
+    missing = 2 * (group["history_size"] - held) * sum(p.numel() for p in params)
+    if missing <= 0 or not params:
+        return None
+    return torch.empty(missing, dtype=params[0].dtype, device=params[0].device)
 
 
 def _build_on(task: Workload, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Optimizer]:

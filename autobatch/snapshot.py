@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import weakref
 from collections.abc import Sequence
@@ -43,6 +44,31 @@ def _saved_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]:
     return _host_copy(tensor), tensor.device
 
 
+@dataclass(frozen=True)
+class _SavedList:
+    """A list in optimizer state (L-BFGS's history: tensors it appends to and pops in place),
+    its tensors copied to the host."""
+
+    items: list[Any]
+
+
+def _saved_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _saved_tensor(value)
+    if isinstance(value, list):
+        return _SavedList([_saved_value(item) for item in value])
+    return copy.deepcopy(value)
+
+
+def _restored_value(value: Any) -> Any:
+    if isinstance(value, _SavedList):
+        return [_restored_value(item) for item in value.items]
+    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+        saved, device = value
+        return saved.to(device, copy=True)
+    return copy.deepcopy(value)
+
+
 class TrainingState:
     """Model parameters, buffers, gradients, train/eval flags and optimizer state.
 
@@ -72,8 +98,7 @@ class TrainingState:
         if optimizer is not None:
             for param, state in optimizer.state.items():
                 self.optimizer_state[id(param)] = {
-                    key: _saved_tensor(value) if isinstance(value, torch.Tensor) else value
-                    for key, value in state.items()
+                    key: _saved_value(value) for key, value in state.items()
                 }
             self.param_groups = [
                 {k: v for k, v in group.items() if k != "params"}
@@ -115,14 +140,15 @@ class TrainingState:
                     del state[key]
             for key, value in saved.items():
                 current = state.get(key)
-                if isinstance(value, tuple) and isinstance(value[0], torch.Tensor):
-                    saved_value, device = value
-                    if isinstance(current, torch.Tensor) and current.shape == saved_value.shape:
-                        current.copy_(saved_value)
-                    else:
-                        state[key] = saved_value.to(device, copy=True)
+                saved_value = value[0] if isinstance(value, tuple) and value else None
+                if (
+                    isinstance(saved_value, torch.Tensor)
+                    and isinstance(current, torch.Tensor)
+                    and current.shape == saved_value.shape
+                ):
+                    current.copy_(saved_value)  # the same tensor object, for references held
                 else:
-                    state[key] = value
+                    state[key] = _restored_value(value)
         for group, saved_group in zip(self.optimizer.param_groups, self.param_groups, strict=True):
             group.update(saved_group)
 
@@ -136,7 +162,9 @@ def state_tensors(
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for optimizer in optimizers:
         for state in optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+            for value in state.values():
+                items = value if isinstance(value, list) else [value]  # L-BFGS's history
+                tensors += [v for v in items if isinstance(v, torch.Tensor)]
     return tensors
 
 

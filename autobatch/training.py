@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,11 +25,23 @@ def autocast(workload: Workload) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=workload.device.type, dtype=dtype)
 
 
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` must be given a closure that evaluates the loss again
+    (L-BFGS: it re-evaluates the batch during its line search)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
 class TrainStep:
     """One optimizer update on one batch, exactly as training will run it.
 
     The returned loss stays on the device (detached): callers accumulate it there and read it
-    once per evaluation, so no step waits for the host.
+    once per evaluation, so no step waits for the host. An optimizer that needs a closure
+    (L-BFGS) gets one that re-evaluates the same batch; its first call hands back the loss and
+    gradients already computed, so the phases read between stay those of one step.
     """
 
     def __init__(
@@ -40,6 +53,13 @@ class TrainStep:
         fp16 = workload.precision == "fp16"
         self.scaler = torch.amp.GradScaler(workload.device.type) if fp16 else None
         self._autocast = autocast(workload)  # re-entered every step, made once
+        self.closure = needs_closure(optimizer)
+        if self.closure and fp16:
+            raise InvalidInputError(
+                f"{type(optimizer).__name__} needs a closure, which fp16 loss scaling cannot "
+                "drive (torch's GradScaler does not support one); use precision='bf16' or "
+                "'fp32'"
+            )
 
     def __call__(
         self,
@@ -62,9 +82,30 @@ class TrainStep:
             loss.backward()
             if after_backward is not None:
                 after_backward()
-            self.optimizer.step()
+            if self.closure:
+                self.optimizer.step(self._again(batch, loss.detach()))
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def _again(self, batch: Any, first: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The closure: the loss and gradients just computed, then a fresh evaluation of
+        ``batch`` at each later call."""
+        calls = 0
+
+        def closure() -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return first
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast:
+                loss = self.workload.batch_loss(self.model, batch)
+            loss.backward()
+            return loss.detach()
+
+        return closure
 
 
 #: The last model each factory returned, while it lives: a factory that hands back the same

@@ -127,6 +127,8 @@ def test_learning_rate_rules(rule: str, noise: float | None, size: int, expected
 def test_rule_names() -> None:
     assert rule_for(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)) == "saturating-linear"
     assert rule_for(torch.optim.AdamW([nn.Parameter(torch.zeros(1))])) == "saturating-sqrt"
+    assert rule_for(torch.optim.Rprop([nn.Parameter(torch.zeros(1))])) == "none"
+    assert rule_for(torch.optim.LBFGS([nn.Parameter(torch.zeros(1))])) == "none"
     assert applied_rule("saturating-sqrt", None) == "sqrt"
     assert applied_rule("saturating-sqrt", 300.0) == "saturating-sqrt"
     assert applied_rule("linear", 300.0) == "linear"

@@ -1205,3 +1205,49 @@ def test_the_probe_fits_step_time_through_its_warm_steps():
     assert timing is not None and timing.fixed >= 0 and timing.per_sample >= 0
     assert ProbeResult.from_dict(result.to_dict()).step_time == timing
     assert probe(task, plan_for="2MiB", cache=False).step_time is None
+
+
+def test_an_lbfgs_answer_still_fits_once_its_history_is_full():
+    # L-BFGS's history grows for many steps after the probe's two: the probe must count it.
+    torch.manual_seed(0)
+    x, y = torch.randn(2048, 128), torch.randn(2048, 128)
+    task = Task(
+        model=lambda: nn.Sequential(nn.Linear(128, 256), nn.Tanh(), nn.Linear(256, 128)),
+        train_data=(x, y),
+        loss=nn.functional.mse_loss,
+        optimizer=lambda params, lr: torch.optim.LBFGS(params, lr=lr, max_iter=5, history_size=20),
+        lr=1.0,
+    )
+    capacity = 16 * MiB
+    result = probe(task, meter=TrackedMeter(capacity), cache=False)
+    assert 2 <= result.batch_size < 2048, result.batch_size
+    fresh = TrackedMeter(capacity)
+    with fresh:
+        model, optimizer = build(task)
+        step = TrainStep(task, model, optimizer)
+        for _ in range(8):  # fresh batches: on one, L-BFGS soon converges and stops adding
+            step((torch.randn(result.batch_size, 128), torch.randn(result.batch_size, 128)))
+    assert len(optimizer.state[optimizer._params[0]]["old_dirs"]) == 20
+    assert fresh.peak() <= result.budget_bytes
+
+
+def test_probe_restores_an_lbfgs_history_it_grew_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=3, history_size=30)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    state = optimizer.state[optimizer._params[0]]
+    history = [t.clone() for t in state["old_dirs"]]
+    task = make_task(samples=512, optimizer=torch.optim.LBFGS, lr=1.0)
+    probe(task, meter=TrackedMeter(MiB), model=model, optimizer=optimizer, cache=False)
+    state = optimizer.state[optimizer._params[0]]
+    assert len(state["old_dirs"]) == len(history) > 0
+    assert all(torch.equal(a, b) for a, b in zip(state["old_dirs"], history, strict=True))

@@ -154,3 +154,40 @@ def test_a_model_factory_that_returns_the_same_module_is_refused():
     fresh = make(model=lambda: nn.Linear(8, 3))
     for _ in range(2):
         probe(fresh, memory_budget="1MiB", cache=False)
+
+
+def test_an_optimizer_that_needs_a_closure_gets_one_that_reuses_the_first_evaluation():
+    from autobatch.training import TrainStep, build
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1)
+    forwards = []
+
+    def loss(out, target):
+        forwards.append(1)
+        return F.mse_loss(out, target)
+
+    task = make(
+        model=lambda: nn.Linear(8, 1),
+        train_data=(x, y),
+        loss=loss,
+        optimizer=lambda params, lr: torch.optim.LBFGS(params, lr=lr, max_iter=4),
+        lr=1.0,
+    )
+    model, optimizer = build(task)
+    step = TrainStep(task, model, optimizer)
+    first = float(step((x, y)))
+    # One evaluation by the step, the rest by L-BFGS's own iterations: none twice over.
+    assert len(forwards) == optimizer.state[optimizer._params[0]]["func_evals"] > 1
+    assert float(step((x, y))) < first / 10
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fp16_loss_scaling_with_an_optimizer_that_needs_a_closure_is_refused():
+    from autobatch.training import TrainStep, build
+
+    task = make(optimizer=torch.optim.LBFGS, lr=1.0, precision="fp16")
+    model, optimizer = build(task)
+    with pytest.raises(InvalidInputError, match="use precision='bf16' or 'fp32'"):
+        TrainStep(task, model, optimizer)

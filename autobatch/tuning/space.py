@@ -44,11 +44,18 @@ _ADAPTIVE = (
     torch.optim.Adadelta,
     torch.optim.RMSprop,
 )
+#: Optimizers whose step size does not follow the gradient's scale: Rprop adapts each
+#: parameter's step from the gradient's sign alone, L-BFGS takes quasi-Newton steps under its
+#: own line search. Their rate means the same at every batch size.
+_SCALE_FREE = (torch.optim.Rprop, torch.optim.LBFGS)
 
 
 def rule_for(optimizer: torch.optim.Optimizer) -> str:
-    """``saturating-sqrt`` for adaptive optimizers (Adam family), ``saturating-linear`` for SGD
-    and the rest."""
+    """``saturating-sqrt`` for adaptive optimizers (Adam family), ``none`` for those whose
+    step ignores the gradient's scale (Rprop, L-BFGS), ``saturating-linear`` for SGD and the
+    rest."""
+    if isinstance(optimizer, _SCALE_FREE):
+        return "none"
     return _SATURATING + ("sqrt" if isinstance(optimizer, _ADAPTIVE) else "linear")
 
 
