@@ -42,9 +42,13 @@ CARRIED = "carried"
 #: A trial queued at the batch size next to the fastest trial's, at its multiplier
 #: (:func:`autobatch.tuning.space.neighbour`).
 NEIGHBOUR = "neighbour"
+#: A trial queued at twice the multiplier of the trial with the best loss, at its batch size,
+#: when that trial's loss was still falling as its budget ran out
+#: (:func:`autobatch.tuning.space.raised_rate`).
+RAISED = "raised"
 #: Trials the study queues itself after the seeds (only the predicted one and the neighbours
 #: may be pruned: :func:`autobatch.tuning.pruner.prunable`).
-STEERED = (PREDICTED, BEYOND, CARRIED, NEIGHBOUR)
+STEERED = (PREDICTED, BEYOND, CARRIED, NEIGHBOUR, RAISED)
 #: How a completed trial ended against the target.
 REACHED, MISSED = "reached", "missed"
 

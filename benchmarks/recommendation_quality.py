@@ -15,7 +15,11 @@ configuration, trained again on another seed, ends 1.4x above its best loss) cam
 with no change to the tuning after them. Four more were built as unseen checks last: an
 autoencoder on the digits with Adam (``autoencoder-adam``), a 1-d CNN on noisy generated signals
 with SGD and momentum (``conv1d-sgdm``), an MLP with dropout and AdamW (``dropout-adamw``) and
-a noisy S-curve regression with plain SGD at batch 16 (``scurve-sgd``).
+a noisy S-curve regression with plain SGD at batch 16 (``scurve-sgd``). And four more after
+them: a multi-label task with a binary cross-entropy and Adam (``multilabel-adam``), a
+bag-of-words model on generated token documents with Adagrad (``bow-adagrad``), a Friedman #2
+regression with SGD, Nesterov momentum and weight decay at batch 256 (``friedman2-nesterov``)
+and a residual MLP with layer norm and NAdam (``resmlp-nadam``).
 
 For each task:
 
@@ -462,6 +466,104 @@ def scurve_sgd() -> Task:
     return _regression_sgd("scurve", x, t, model, 0.2, batch_size=16, lr=0.05, momentum=0.0)
 
 
+def multilabel_adam() -> Task:
+    """scikit-learn's ``make_multilabel_classification`` (8,000 samples, 30 features, 6
+    labels), an MLP, the binary cross-entropy on logits, Adam at 1e-3, batch 32."""
+    from sklearn.datasets import make_multilabel_classification
+
+    x, y = make_multilabel_classification(8000, 30, n_classes=6, n_labels=2, random_state=3)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    train, val = _split(x, torch.tensor(y, dtype=torch.float32), 0.2, seed=0)
+    model = lambda: nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 6))  # noqa: E731
+    return Task(
+        model=model, train_data=train, val_data=val,
+        loss=nn.functional.binary_cross_entropy_with_logits, optimizer=torch.optim.Adam,
+        lr=1e-3, batch_size=32, name="multilabel-adam",
+    )  # fmt: skip
+
+
+class _Bag(nn.Module):
+    def __init__(self, vocab: int = 300, width: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab, width, mode="mean")
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(tokens)))
+
+
+def bow_adagrad(samples: int = 8000, length: int = 24, vocab: int = 300) -> Task:
+    """Generated documents of random tokens, each with up to three keywords of its class (of
+    ten per class; 15% carry another class's), a mean bag of embeddings, Adagrad at 0.05,
+    batch 32."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 4, (samples,), generator=g)
+    tokens = torch.randint(0, vocab, (samples, length), generator=g)
+    swapped = torch.rand(samples, generator=g) < 0.15
+    planted = torch.where(swapped, torch.randint(0, 4, (samples,), generator=g), y)
+    for _ in range(3):
+        slot = torch.randint(0, length, (samples,), generator=g)
+        keyword = planted * 10 + torch.randint(0, 10, (samples,), generator=g)
+        keep = torch.rand(samples, generator=g) < 0.7
+        tokens[torch.arange(samples)[keep], slot[keep]] = keyword[keep]
+    train, val = _split(tokens, y, 0.2, seed=0)
+    return Task(
+        model=_Bag, train_data=train, val_data=val, loss=nn.functional.cross_entropy,
+        optimizer=torch.optim.Adagrad, lr=0.05, batch_size=32, name="bow-adagrad",
+    )  # fmt: skip
+
+
+def friedman2_nesterov() -> Task:
+    """scikit-learn's Friedman #2 regression (8,000 samples, noise 30), standardised, an MLP
+    and SGD with Nesterov momentum 0.9 and weight decay 1e-4 at 0.01, batch 256: a task whose
+    own rate is several times too low, with its best rate inside the multiplier range."""
+    from sklearn.datasets import make_friedman2
+
+    x, t = make_friedman2(n_samples=8000, noise=30.0, random_state=6)
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+    )  # fmt: skip
+    task = _regression_sgd("friedman2", x, t, model, 0.2, batch_size=256)
+
+    def optimizer(params, lr):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    return dataclasses.replace(task, optimizer=optimizer, name="friedman2-nesterov")
+
+
+class _ResMLP(nn.Module):
+    def __init__(self, features: int = 32, width: int = 64, classes: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(features, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
+            )  # fmt: skip
+            for _ in range(3)
+        )
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+def resmlp_nadam() -> Task:
+    """A 6-class ``make_classification`` problem (10,000 samples, 3% of labels flipped), a
+    residual MLP with layer norm, NAdam at 1e-3, batch 64."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        10000, 32, n_informative=14, n_classes=6, flip_y=0.03, random_state=8
+    )  # fmt: skip
+    task = _arrays("resmlp", _ResMLP, x, y)
+    return dataclasses.replace(
+        task, optimizer=torch.optim.NAdam, lr=1e-3, batch_size=64, name="resmlp-nadam"
+    )
+
+
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     # name: (task, max_epochs)
     "blobs-sgd": lambda: (_sgd(blobs(samples=8000), lr=0.005, momentum=0.9), 8),
@@ -485,6 +587,10 @@ TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     "conv1d-sgdm": lambda: (conv1d_sgdm(), 8),
     "dropout-adamw": lambda: (dropout_adamw(), 6),
     "scurve-sgd": lambda: (scurve_sgd(), 8),
+    "multilabel-adam": lambda: (multilabel_adam(), 10),
+    "bow-adagrad": lambda: (bow_adagrad(), 8),
+    "friedman2-nesterov": lambda: (friedman2_nesterov(), 15),
+    "resmlp-nadam": lambda: (resmlp_nadam(), 8),
 }
 DEFAULT_TASKS = "blobs-sgd,digits-cnn,sequences"
 

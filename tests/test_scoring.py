@@ -20,6 +20,7 @@ from autobatch.records import (
     MIDDLE,
     NEIGHBOUR,
     PREDICTED,
+    RAISED,
     EvalPoint,
     StudySettings,
     TrialRecord,
@@ -390,6 +391,43 @@ def test_a_best_trial_at_the_end_of_the_lr_range_asks_for_the_next_rate_past_it(
     assert space.past_the_edge(bottom, settings()) == (256, 0.15)
     # A range that pins the rate stays pinned.
     assert space.past_the_edge(top, settings(lr_multiplier_range=(2.5, 3.0))) is None
+
+
+def test_a_study_about_to_settle_with_its_best_still_falling_asks_for_twice_its_rate() -> None:
+    # Inside the range, but the budget, not the rate, stopped it: a higher rate may get further.
+    def best(losses: list[float], multiplier: float = 1.5, **kw) -> TrialRecord:
+        return dataclasses.replace(record(3, losses, 10.0, **kw), lr_multiplier=multiplier)
+
+    def study(top: TrialRecord, *more: TrialRecord) -> list[TrialRecord]:
+        later = [dataclasses.replace(_worse(n), lr_multiplier=1.0) for n in LATER]
+        return [*_seeds(), top, *later, *more]
+
+    ending = settings(min_trials=6)
+    falling = best([2.0, 1.5, 1.0, 0.8, 0.6, 0.5, 0.45, 0.4])
+    assert space.raised_rate(study(falling), ending) == (64, 3.0)
+    # Only as the study's last question: not while it would go on anyway.
+    assert space.raised_rate(study(falling)[:-1], ending) is None  # one trial short
+    assert space.raised_rate(study(falling), settings()) is None  # it runs every trial
+    # Once that ran (or is queued), nothing more unless it became the best, falling still.
+    assert space.raised_rate(study(falling, _at(9, 3.0, 0.45)), ending) is None
+    assert space.raised_rate(study(falling), ending, taken=[(64, 3.1)]) is None
+    # A step that lost at one batch size is not taken again from a best at another.
+    lost = dataclasses.replace(_at(10, 3.0, 0.47, batch_size=256), role=RAISED)
+    was = dataclasses.replace(_at(9, 1.5, 0.44, batch_size=256), role=RAISED)
+    assert space.raised_rate(study(falling, was), ending) == (64, 3.0)
+    assert space.raised_rate(study(falling, was, lost), ending) is None  # x3 lost at 256
+    # Lowest before the end: it levelled off within the budget, and the rate stays.
+    levelled = best([2.0, 1.5, 1.0, 0.8, 0.6, 0.4, 0.45, 0.5])
+    assert space.raised_rate(study(levelled), ending) is None
+    # Stopped early (plateaued at the target): not the budget's doing either.
+    assert space.raised_rate(study(best([2.0, 1.5, 1.0, 0.4])), ending) is None
+    # A best at the range's end walks past it instead (past_the_edge), not both.
+    top = best([2.0, 1.5, 1.0, 0.8, 0.6, 0.5, 0.45, 0.4], multiplier=3.0)
+    assert space.raised_rate(study(top), ending) is None
+    assert (
+        space.raised_rate(study(falling), settings(min_trials=6, lr_multiplier_range=(1.2, 2.0)))
+        is None
+    )
 
 
 def test_a_step_of_the_walk_that_lost_at_one_batch_size_is_not_taken_at_another() -> None:

@@ -164,6 +164,14 @@ def hopeless(
     return end is not None and end > HOPELESS_FACTOR * level
 
 
+def still_falling(epochs: Sequence[float], smoothed: Sequence[float], max_epochs: float) -> bool:
+    """Whether a curve ran its whole budget and was lowest at its last evaluation: the
+    budget, not the rate, stopped it."""
+    if not smoothed or epochs[-1] < max_epochs * 0.999:
+        return False
+    return min(range(len(smoothed)), key=smoothed.__getitem__) == len(smoothed) - 1
+
+
 @dataclass(frozen=True)
 class EpochChoice:
     """Where to stop training, read off one smoothed validation curve."""
@@ -212,7 +220,7 @@ def choose_epochs(
             whole = math.ceil(epochs[stop] - 1e-9)
     at = float(epochs[index])
     warning = None
-    if best_index == len(smoothed) - 1 and epochs[-1] >= max_epochs * 0.999:
+    if still_falling(epochs, smoothed, max_epochs):
         warning = (
             f"the validation loss was still falling at the end of the {max_epochs:g}-epoch "
             "budget: raise max_epochs to see where it levels off"

@@ -27,10 +27,11 @@ from autobatch.records import (
     CEILING,
     INFEASIBLE,
     MIDDLE,
+    RAISED,
     StudySettings,
     TrialRecord,
 )
-from autobatch.tuning import prior, scoring
+from autobatch.tuning import curves, prior, scoring
 
 RULES = ("saturating-linear", "saturating-sqrt", "linear", "sqrt", "none")
 _SATURATING = "saturating-"
@@ -251,7 +252,7 @@ def _step_lost(records: Sequence[TrialRecord], multiplier: float, step: float) -
     from a new best trial at another size (on blobs-SGD and the AdamW task of the quality
     benchmark, each such step lost again, at 1.2% and 4.4% of the grid's compute)."""
     for r in records:
-        if r.role != BEYOND or not _near(r.lr_multiplier, multiplier):
+        if r.role not in (BEYOND, RAISED) or not _near(r.lr_multiplier, multiplier):
             continue
         if r.state == INFEASIBLE:  # out of memory says nothing about the rate
             continue
@@ -325,6 +326,41 @@ def carried_over(
 
 #: Sampled trials that end before the walk along the batch size starts (:func:`neighbour`).
 SAMPLED_FIRST = 2
+
+
+def raised_rate(
+    records: Sequence[TrialRecord],
+    settings: StudySettings,
+    taken: Sequence[tuple[int, float]] = (),
+) -> tuple[int, float] | None:
+    """The batch size of the completed trial with the best loss at twice its multiplier, when
+    the study would otherwise end settled (:func:`scoring.settled`) and that trial's loss was
+    still falling as its budget ran out; None when a trial ran or is queued there
+    (``taken``), when that step already lost (at any batch size), while the search past the
+    range's end goes on (:func:`past_the_edge`), or for a pinned range.
+
+    A best curve cut off by the budget, not levelled by its rate, says a higher rate may get
+    further in the same epochs; the walk past the range's end only looks once the best sits
+    at an end. (On a Friedman regression with SGD and Nesterov momentum, one study of three
+    settled at 1.12x the grid's best loss with its best trial at 1.7x, every curve still
+    falling: the other two had walked on to 8x.) The last thing a study asks before it ends:
+    taken as soon as the sampler had had its say, from the baseline, the step won, lowered
+    the target early, and held the blobs study at the task's own batch size, 3.2x slower to
+    the grid's level.
+    """
+    if pinned(settings.multiplier_range) or scoring.settled(records, settings) is None:
+        return None
+    best = scoring.best_trial(records)
+    if best is None or past_the_edge(records, settings) is not None:
+        return None
+    points = best.curve
+    epochs, losses = [p.epoch for p in points], [p.val_loss_smoothed for p in points]
+    if not curves.still_falling(epochs, losses, settings.max_epochs):
+        return None
+    proposal = best.lr_multiplier * 2.0
+    if _tried(records, taken, best.batch_size, proposal) or _step_lost(records, proposal, 2.0):
+        return None
+    return best.batch_size, proposal
 
 
 def neighbour(

@@ -44,6 +44,7 @@ from autobatch.records import (
     NEIGHBOUR,
     PREDICTED,
     PRUNED,
+    RAISED,
     RUNNING,
     STEERED,
     EvalPoint,
@@ -438,7 +439,7 @@ class Worker:
             # Never the reference, nor a step of the walk past the range's end: whether the
             # walk goes on rests on its best loss, and its rate is the highest yet.
             if (
-                record.role not in (BASELINE, BEYOND)
+                record.role not in (BASELINE, BEYOND, RAISED)
                 and level is not None
                 and curves.hopeless(epochs, smoothed, level, settings.max_epochs)
             ):
@@ -605,6 +606,11 @@ class Worker:
                 NEIGHBOUR,
                 lambda records, taken: space.neighbour(records, settings, taken),
                 "the fastest trial's multiplier, at the batch size next to its own",
+            ),
+            (
+                RAISED,
+                lambda records, taken: space.raised_rate(records, settings, taken),
+                "the best trial's loss was still falling at the end: twice its rate",
             ),
         ]
 
