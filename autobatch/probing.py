@@ -1000,7 +1000,8 @@ def _history_to_come(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     """The memory L-BFGS's curvature history will still take, allocated now (None for other
     optimizers). The history grows by up to two flat copies of the parameters per iteration
     until it holds ``history_size`` pairs, long after the probe's two steps; held through the
-    measured step, it counts as it will in training."""
+    measured step, it counts as it will in training (the pairs that step adds count twice: on
+    the safe side)."""
     if not isinstance(optimizer, torch.optim.LBFGS):
         return None
     group = optimizer.param_groups[0]

@@ -246,8 +246,9 @@ def past_the_edge(
 
 
 def _step_lost(records: Sequence[TrialRecord], multiplier: float, step: float) -> bool:
-    """Whether the walk's step to ``multiplier`` (from ``multiplier / step``) lost already, at
-    some batch size: it diverged, or ended above the trial it stepped from. The multiplier is
+    """Whether the walk's step to ``multiplier`` (from ``multiplier / step``; past the range's
+    end, or raised) lost already, at some batch size: it diverged, or ended above the trial it
+    stepped from. The multiplier is
     relative to the rule's rate at each size, so the walk does not take the same step again
     from a new best trial at another size (on blobs-SGD and the AdamW task of the quality
     benchmark, each such step lost again, at 1.2% and 4.4% of the grid's compute)."""

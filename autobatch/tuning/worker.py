@@ -436,8 +436,8 @@ class Worker:
                 and curves.plateaued(epochs, smoothed, level, settings.max_epochs)
             ):
                 raise StopTrial
-            # Never the reference, nor a step of the walk past the range's end: whether the
-            # walk goes on rests on its best loss, and its rate is the highest yet.
+            # Never the reference, nor a step up the rate (past the range's end, or raised):
+            # whether the walk goes on rests on its best loss, and its rate is the highest yet.
             if (
                 record.role not in (BASELINE, BEYOND, RAISED)
                 and level is not None
