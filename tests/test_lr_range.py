@@ -11,7 +11,7 @@ from torch import nn
 from autobatch import Task, tune
 from autobatch.examples import digits
 from autobatch.records import BASELINE, CEILING, MIDDLE
-from autobatch.tuning import lr_range
+from autobatch.tuning import lr_range, prior
 
 
 def _regression(d: int = 8, n: int = 4096) -> tuple[Task, float]:
@@ -72,6 +72,10 @@ def test_a_study_centres_its_rates_on_a_suggestion_past_the_range_s_reach() -> N
     assert by_role[CEILING] == by_role[MIDDLE] == pytest.approx(centre)
     sampled = [t.lr_multiplier for t in result.trials if t.role is None]
     assert all(low <= m <= high for m in sampled)
+    # Its cost is its steps on the study's clock, as the trials' are; the wall clock beside.
+    clock = prior.step_clock(result.settings)
+    assert found["seconds"] == pytest.approx(found["steps"] * clock(found["batch_size"]))
+    assert found["wall_seconds"] > 0
     # Switched off, or with a range that pins the rate, the rates stay where the task put them.
     off = tune(task, n_trials=3, max_epochs=1, candidates=[32, 128, 512], mlflow=False,
                lr_range_test=False)  # fmt: skip

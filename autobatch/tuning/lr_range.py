@@ -67,7 +67,8 @@ class RangeTest:
     suggested: float  # a tenth of the rate at the lowest loss, as a multiple of the task's
     descended: bool  # the loss fell by DESCENT at least: else the test is not used
     centre: float  # the multiplier the search is centred on: ``suggested``, or 1 (see above)
-    seconds: float  # the test's training time (counted in the study's compute)
+    seconds: float  # the test's training time, counted in the study's compute
+    wall_seconds: float | None = None  # where ``seconds`` counts its steps on the study's clock
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

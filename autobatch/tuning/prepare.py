@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -141,8 +141,10 @@ def prepare(
             )
             sizes = space.check_candidates(candidates, ceiling, task.batch_size, notes)
             source = task.training_batches().to_device()  # moved once, for both
-            found = _lr_range_test(task, source, sizes, lr_multiplier_range, lr_range_test)
             timed = clock.measure(task, source, sizes, threads, cache=cache)
+            found = _lr_range_test(
+                task, source, sizes, lr_multiplier_range, lr_range_test, timed["seconds"]
+            )
             log.info(
                 "the study's clock, ms per step: %s (%s)",
                 prior.format_step_times(timed["seconds"]),
@@ -237,13 +239,18 @@ def _lr_range_test(
     sizes: Sequence[int],
     multipliers: tuple[float, float],
     wanted: bool,
+    step_seconds: Mapping[Any, float],
 ) -> lr_range.RangeTest | None:
     """The range test at the baseline's batch size, where asked for and the multiplier range
-    is wide enough to search (a narrower one pins the rate: see ``space.past_the_edge``)."""
+    is wide enough to search (a narrower one pins the rate: see ``space.past_the_edge``). Its
+    steps are counted on the study's clock (``step_seconds``), as the trials' are, so the
+    study's compute is the same on every rerun, however busy the machine was."""
     if not wanted or space.pinned(multipliers):
         return None
     base = next(size for role, size in space.seeds(sizes, task.batch_size) if role == BASELINE)
     found = lr_range.range_test(task, source, base, multipliers)
+    if (timing := prior.clock_of(step_seconds)) is not None:
+        found = replace(found, seconds=found.steps * timing(base), wall_seconds=found.seconds)
     log.info(
         "learning-rate range test: lowest loss at rate %.3g, a tenth of which is x%.3g of the "
         "task's; the multipliers are centred on x%.3g",

@@ -176,9 +176,15 @@ def format_step_times(seconds: Mapping[Any, float]) -> str:
 def step_clock(settings: StudySettings) -> StepClock | None:
     """The study's clock; None for a study prepared without one (timed on the wall clock)."""
     found = settings.step_clock
-    if not found or not found.get("seconds"):
+    return clock_of(found.get("seconds") or {}) if found else None
+
+
+def clock_of(seconds: Mapping[Any, float]) -> StepClock | None:
+    """A clock from its table (sizes as ints, or strings once read back from storage); None
+    for an empty one."""
+    if not seconds:
         return None
-    return StepClock({int(size): float(s) for size, s in found["seconds"].items()})
+    return StepClock({int(size): float(s) for size, s in seconds.items()})
 
 
 @dataclass(frozen=True)
