@@ -19,7 +19,11 @@ a noisy S-curve regression with plain SGD at batch 16 (``scurve-sgd``). And four
 them: a multi-label task with a binary cross-entropy and Adam (``multilabel-adam``), a
 bag-of-words model on generated token documents with Adagrad (``bow-adagrad``), a Friedman #2
 regression with SGD, Nesterov momentum and weight decay at batch 256 (``friedman2-nesterov``)
-and a residual MLP with layer norm and NAdam (``resmlp-nadam``).
+and a residual MLP with layer norm and NAdam (``resmlp-nadam``). Then four more: logistic
+regression on 200 standardised features with plain SGD (``wide-logreg-sgd``), an LSTM
+classifying generated sequences with Adamax (``lstm-adamax``), a regression with 5% gross
+outliers under the Huber loss with AdamW at batch 512 (``huber-adamw``) and a CNN with batch
+norm on the digits with SGD and momentum (``digits-bn-sgdm``).
 
 For each task:
 
@@ -564,6 +568,96 @@ def resmlp_nadam() -> Task:
     )
 
 
+def wide_logreg_sgd() -> Task:
+    """A binary ``make_classification`` problem (10,000 samples, 200 standardised features,
+    30 informative, 5% of labels flipped), logistic regression (one linear layer), plain SGD
+    at 0.05, batch 32."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        10000, 200, n_informative=30, n_redundant=20, n_classes=2, flip_y=0.05, random_state=12
+    )  # fmt: skip
+    x = (x - x.mean(0)) / x.std(0)
+    task = _arrays("wide-logreg", lambda: nn.Linear(200, 2), x, y)
+    return dataclasses.replace(_sgd(task, lr=0.05), name="wide-logreg-sgd")
+
+
+class _LSTMClassifier(nn.Module):
+    def __init__(self, features: int = 4, width: int = 32, classes: int = 3) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, width, batch_first=True)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def lstm_adamax(samples: int = 4000, length: int = 20) -> Task:
+    """Generated sequences of 4 features, in 3 classes by a running sum and a product of the
+    two halves; an LSTM and Adamax at 2e-3, batch 32."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(samples, length, 4, generator=g)
+    score = x[:, :, 0].cumsum(1)[:, -1] * 0.3 + (x[:, :10, 1] * x[:, 10:, 2]).sum(1) * 0.5
+    y = torch.bucketize(score, torch.tensor([-0.8, 0.8]))
+    train, val = _split(x, y, 0.2, seed=0)
+    return Task(
+        model=_LSTMClassifier, train_data=train, val_data=val, loss=nn.functional.cross_entropy,
+        optimizer=torch.optim.Adamax, lr=2e-3, batch_size=32, name="lstm-adamax",
+    )  # fmt: skip
+
+
+def huber_adamw() -> Task:
+    """scikit-learn's ``make_regression`` (12,000 samples, 20 features, noise 5) with 5% of
+    the targets thrown far off, standardised; an MLP under the Huber (smooth L1) loss, AdamW at
+    1e-3, batch 512."""
+    from sklearn.datasets import make_regression
+
+    x, t = make_regression(
+        n_samples=12000, n_features=20, n_informative=12, noise=5.0, random_state=13
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor(t, dtype=torch.float32)
+    t = t + (torch.rand(len(t), generator=g) < 0.05) * 300.0 * torch.randn(len(t), generator=g)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    train, val = _split(x, ((t - t.mean()) / t.std()).unsqueeze(1), 0.2, seed=0)
+    model = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(20, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 1)
+    )  # fmt: skip
+    return Task(
+        model=model, train_data=train, val_data=val, loss=nn.functional.smooth_l1_loss,
+        optimizer=torch.optim.AdamW, lr=1e-3, batch_size=512, name="huber-adamw",
+    )  # fmt: skip
+
+
+class _BatchNormCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def digits_bn_sgdm() -> Task:
+    """The 8x8 digits as images, a CNN with batch norm, SGD with momentum 0.9 at 0.01, batch
+    64: a rate far too low, and a validation set of 359 images."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    train, val = _split(x, torch.tensor(d.target), 0.2, seed=0)
+    task = Task(
+        model=_BatchNormCNN, train_data=train, val_data=val, loss=nn.functional.cross_entropy,
+        optimizer=torch.optim.SGD, lr=0.01, batch_size=64, name="digits-bn",
+    )  # fmt: skip
+    return dataclasses.replace(_sgd(task, lr=0.01, momentum=0.9), name="digits-bn-sgdm")
+
+
 TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     # name: (task, max_epochs)
     "blobs-sgd": lambda: (_sgd(blobs(samples=8000), lr=0.005, momentum=0.9), 8),
@@ -591,6 +685,10 @@ TASKS: dict[str, Callable[[], tuple[Task, float]]] = {
     "bow-adagrad": lambda: (bow_adagrad(), 8),
     "friedman2-nesterov": lambda: (friedman2_nesterov(), 15),
     "resmlp-nadam": lambda: (resmlp_nadam(), 8),
+    "wide-logreg-sgd": lambda: (wide_logreg_sgd(), 6),
+    "lstm-adamax": lambda: (lstm_adamax(), 10),
+    "huber-adamw": lambda: (huber_adamw(), 12),
+    "digits-bn-sgdm": lambda: (digits_bn_sgdm(), 12),
 }
 DEFAULT_TASKS = "blobs-sgd,digits-cnn,sequences"
 
