@@ -172,6 +172,40 @@ def test_a_dip_under_the_level_between_epoch_ends_is_not_reaching_it() -> None:
     assert (result.best_trial, result.epochs) == (2, 2)
 
 
+def _trained(trial: TrialRecord, train: list[float]) -> TrialRecord:
+    """``trial`` with these training losses at its evaluations."""
+    curve = tuple(
+        dataclasses.replace(p, train_loss=t) for p, t in zip(trial.curve, train, strict=True)
+    )
+    return dataclasses.replace(trial, curve=curve)
+
+
+def test_a_trial_whose_training_blew_up_neither_sets_the_target_nor_is_recommended() -> None:
+    steady = record(1, [1.0, 0.6, 0.45, 0.4], 10.0)
+    # A dip to 0.3, then the training loss itself climbs to 3x its lowest: past the edge.
+    dip = _trained(record(2, [0.9, 0.3, 0.5, 0.9], 5.0), [1.0, 0.3, 0.5, 0.9])
+    assert scoring.unstable(dip) and not scoring.unstable(steady)
+    # Overfitting is not instability: the validation loss climbs, the training loss falls.
+    overfit = _trained(record(3, [0.9, 0.3, 0.5, 0.9], 5.0), [1.0, 0.5, 0.3, 0.2])
+    assert not scoring.unstable(overfit)
+    base = record(0, [1.2, 0.9, 0.7, 0.6], 10.0, role=BASELINE)
+    records = [base, steady, dip]
+    assert scoring.best_loss(records) == 0.4
+    result = scoring.recommend(records, settings())
+    assert result.best_trial == 1 and result.target_loss == 0.4
+    assert any(w.startswith("trial 2 reached a lower loss (0.3)") for w in result.warnings)
+    # Where every completed trial is unstable, they are judged as they are.
+    assert scoring.best_loss([_trained(base, [1.0, 0.5, 1.2, 1.5]), dip]) == 0.3
+    # A step of the walk past the range that went unstable lost, whatever its best loss: it is
+    # not taken again from a new best at another batch size.
+    origin = _at(3, 3.0, 0.35, batch_size=256)
+    step = _trained(_at(4, 6.0, 0.2, batch_size=256, role=BEYOND), [2.0, 1.5, 0.2, 0.9])
+    moved = _at(5, 3.0, 0.3)
+    assert space.past_the_edge([*_seeds(), origin, step, moved], settings()) is None
+    calm = _at(4, 6.0, 0.32, batch_size=256, role=BEYOND)  # won, and stayed stable
+    assert space.past_the_edge([*_seeds(), origin, calm, moved], settings()) == (64, 6.0)
+
+
 def test_where_no_trial_reaches_the_target_the_closest_is_judged_where_it_can_stop() -> None:
     """The target is the best loss any trial reached, a dip between two epoch ends (0.30)
     included. Where no epoch end comes within the tolerance of it, the closest trial is the

@@ -207,9 +207,9 @@ def settled(records: Sequence[TrialRecord], settings: StudySettings) -> str | No
 
 
 def best_trial(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    """The completed record with the lowest best loss (the earlier of two as low); None when
-    none completed."""
-    done = [r for r in records if completed(r)]
+    """The completed record with the lowest best loss (the earlier of two as low), stable
+    ones first (:func:`stable`); None when none completed."""
+    done = stable(records)
     return min(done, key=lambda r: (r.best_val_loss, r.number)) if done else None
 
 
@@ -230,7 +230,7 @@ def fastest(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The completed record that reached the target it was judged by (:func:`rescore`'s) at
     the least cost: what the user will pay, whole epochs (:func:`cost_seconds`), not the
     moment the target was crossed. None when none reached it."""
-    reached = [r for r in records if completed(r) and r.time_to_target is not None]
+    reached = [r for r in stable(records) if r.time_to_target is not None]
     return min(reached, key=lambda r: (cost_seconds(r), r.number)) if reached else None
 
 
@@ -268,7 +268,7 @@ def recommend(
     """
     records = sorted(rescore(records, settings), key=lambda r: r.number)
     target = target_loss(records, settings)
-    complete = [r for r in records if completed(r) and r.value is not None]
+    complete = [r for r in stable(records) if r.value is not None]
     if not complete:
         why = "; ".join(f"trial {r.number} {r.state}: {r.reason}" for r in records if r.reason)
         raise AutobatchError(
@@ -286,6 +286,14 @@ def recommend(
     else:
         best = min(pool, key=lambda r: (r.value, r.best_val_loss, r.number))
     warnings = list(notes)
+    passed = [r for r in records if unstable(r) and r.best_val_loss < best.best_val_loss]
+    if passed:
+        lowest = min(passed, key=lambda r: (r.best_val_loss, r.number))
+        warnings.append(
+            f"trial {lowest.number} reached a lower loss ({lowest.best_val_loss:.4g}), but its "
+            f"training loss ended {climb(lowest):.1f}x its lowest: a rate past the stable edge, "
+            "so it was not recommended"
+        )
     choice = epochs(best, settings, target)
     if choice.warning:
         warnings.append(f"trial {best.number}: {choice.warning}")
@@ -310,6 +318,37 @@ def steps_to_train(choice: curves.EpochChoice, per_epoch: int, max_epochs: float
     if choice.epochs <= max_epochs + 1e-9:
         return choice.epochs * per_epoch
     return max(1, math.ceil(choice.at_epoch * per_epoch - 1e-9))
+
+
+#: How many times its lowest a trial's training loss may end at before the trial counts as
+#: unstable (:func:`unstable`).
+UNSTABLE = 2.0
+
+
+def unstable(record: TrialRecord) -> bool:
+    """Whether ``record`` completed with its training loss ending at least :data:`UNSTABLE`
+    times its lowest: its rate took it past the stable edge, and a low validation loss it
+    passed on the way is one seed's luck. (On a batch-norm CNN with SGD, a study recommended
+    the epoch of such a dip, 0.39x the grid's best loss on its seed; on another seed the
+    configuration ended 3.3x.) Overfitting is not this: it leaves the training loss falling
+    while the validation loss climbs."""
+    return completed(record) and climb(record) >= UNSTABLE
+
+
+def climb(record: TrialRecord) -> float:
+    """How many times its lowest ``record``'s training loss ended at (1 where that means
+    nothing: no curve, or a loss that is not positive)."""
+    losses = [p.train_loss for p in record.curve if math.isfinite(p.train_loss)]
+    if not losses or min(losses) <= 0:
+        return 1.0
+    return losses[-1] / min(losses)
+
+
+def stable(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """The completed records that are not :func:`unstable` (all the completed ones, where
+    every one is): the ones that may set the target and be recommended."""
+    done = [r for r in records if completed(r)]
+    return [r for r in done if not unstable(r)] or done
 
 
 def completed(record: TrialRecord) -> bool:

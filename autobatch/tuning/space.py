@@ -247,8 +247,8 @@ def past_the_edge(
 
 def _step_lost(records: Sequence[TrialRecord], multiplier: float, step: float) -> bool:
     """Whether the walk's step to ``multiplier`` (from ``multiplier / step``; past the range's
-    end, or raised) lost already, at some batch size: it diverged, or ended above the trial it
-    stepped from. The multiplier is
+    end, or raised) lost already, at some batch size: it diverged, went unstable
+    (:func:`scoring.unstable`), or ended above the trial it stepped from. The multiplier is
     relative to the rule's rate at each size, so the walk does not take the same step again
     from a new best trial at another size (on blobs-SGD and the AdamW task of the quality
     benchmark, each such step lost again, at 1.2% and 4.4% of the grid's compute)."""
@@ -264,7 +264,9 @@ def _step_lost(records: Sequence[TrialRecord], multiplier: float, step: float) -
             and scoring.completed(o)
             and _near(o.lr_multiplier * step, multiplier)
         ]
-        if origins and (not scoring.completed(r) or r.best_val_loss > min(origins)):
+        if origins and (
+            not scoring.completed(r) or scoring.unstable(r) or r.best_val_loss > min(origins)
+        ):
             return True
     return False
 
