@@ -113,12 +113,18 @@ class TrainStep:
 _built: weakref.WeakValueDictionary[tuple[int, int], nn.Module] = weakref.WeakValueDictionary()
 
 
+def forked(workload: Workload) -> contextlib.AbstractContextManager:
+    """The global random generators (the CPU's and the workload's GPU's) given back to their
+    states at entry once the block ends: draws inside leave the caller's stream as it was."""
+    devices = [workload.device] if workload.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 @contextlib.contextmanager
 def seeded(workload: Workload) -> Iterator[None]:
-    """The global random generators (the CPU's and the workload's GPU's) seeded with the
-    workload's seed inside, the caller's states back after: the same draws on every run."""
-    devices = [workload.device] if workload.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    """The global random generators seeded with the workload's seed inside (:func:`forked`):
+    the same draws on every run, and the caller's states back after."""
+    with forked(workload):
         torch.manual_seed(workload.seed)
         yield
 

@@ -36,7 +36,7 @@ import torch
 from autobatch import probe_cache
 from autobatch.data import BatchSource, batch_length
 from autobatch.oom import drop_failed_attempt, is_oom_error
-from autobatch.training import TrainStep, build
+from autobatch.training import TrainStep, build, forked
 from autobatch.tuning.loop import synchronizer
 from autobatch.workload import Workload
 
@@ -87,10 +87,9 @@ def measure(
     if threads:
         torch.set_num_threads(threads)
     sync = synchronizer(task.device)
-    devices = [task.device] if task.device.type == "cuda" else []
     seconds: dict[int, float] = {}
     try:
-        with torch.random.fork_rng(devices=devices):
+        with forked(task):
             model, optimizer = build(task)
             step = TrainStep(task, model, optimizer)
             model.train()

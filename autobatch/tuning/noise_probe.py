@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from autobatch.data import BatchSource
-from autobatch.training import autocast
+from autobatch.training import autocast, forked
 from autobatch.tuning.prior import NoiseScale
 from autobatch.workload import Workload
 
@@ -74,8 +74,7 @@ class NoiseProbe:
         buffers = [b.detach().clone() for b in model.buffers()]
         total = [torch.zeros_like(p) for p in params]
         small_sum = 0.0
-        devices = [self.workload.device] if self.workload.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with forked(self.workload):
             for batch in self._batches():
                 for p in params:
                     p.grad = None

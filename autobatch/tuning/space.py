@@ -239,6 +239,17 @@ def past_the_edge(
         step = 0.5
     else:
         return None
+    return _step_from(best, step, records, taken)
+
+
+def _step_from(
+    best: TrialRecord,
+    step: float,
+    records: Sequence[TrialRecord],
+    taken: Sequence[tuple[int, float]],
+) -> tuple[int, float] | None:
+    """``best``'s batch size at ``step`` times its multiplier: a step of the walk along the
+    rate, or None where a trial ran or waits there, or that step already lost."""
     proposal = best.lr_multiplier * step
     if _tried(records, taken, best.batch_size, proposal) or _step_lost(records, proposal, step):
         return None
@@ -351,19 +362,15 @@ def raised_rate(
     the target early, and held the blobs study at the task's own batch size, 3.2x slower to
     the grid's level.
     """
-    if pinned(settings.multiplier_range) or scoring.settled(records, settings) is None:
-        return None
     best = scoring.best_trial(records)
-    if best is None or past_the_edge(records, settings) is not None:
+    if best is None or pinned(settings.multiplier_range):
         return None
-    points = best.curve
-    epochs, losses = [p.epoch for p in points], [p.val_loss_smoothed for p in points]
+    epochs, losses = [p.epoch for p in best.curve], [p.val_loss_smoothed for p in best.curve]
     if not curves.still_falling(epochs, losses, settings.max_epochs):
         return None
-    proposal = best.lr_multiplier * 2.0
-    if _tried(records, taken, best.batch_size, proposal) or _step_lost(records, proposal, 2.0):
+    if scoring.settled(records, settings) is None or past_the_edge(records, settings) is not None:
         return None
-    return best.batch_size, proposal
+    return _step_from(best, 2.0, records, taken)
 
 
 def neighbour(
