@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 PROG = "autobatch"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: A reader that closed the pipe (128 + SIGPIPE, as a shell reports a command it killed).
+EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(Exception):
@@ -434,9 +437,24 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 
 
 def _devices(text: str) -> list[str]:
+    """The devices, each checked here: a worker started on a bad one would fail alone while
+    the others ran the study without it."""
+    import torch
+
     devices = [part.strip() for part in text.split(",") if part.strip()]
     if not devices:
         raise argparse.ArgumentTypeError("give at least one device, e.g. cuda:0,cuda:1")
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is not a torch device; use e.g. cpu, cuda:0, mps or xpu:1"
+            ) from None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return devices
 
 
@@ -827,6 +845,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (``| head``): nothing left to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as exc:  # StudyInterrupted too: its message says what was kept
         detail = _one_line(exc)
         print(f"{PROG}: interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)

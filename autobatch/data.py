@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -93,15 +94,25 @@ class BatchSource:
         return self._sample_sizes
 
     def epoch(
-        self, batch_size: int, generator: torch.Generator, *, shuffle: bool = True
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        *,
+        shuffle: bool = True,
+        drop_single: bool = False,
     ) -> Iterator[Any]:
-        """One pass over the data in batches; the order comes from ``generator`` alone."""
+        """One pass over the data in batches; the order comes from ``generator`` alone.
+
+        ``drop_single`` leaves out a final batch of one sample (see :func:`epoch_samples`):
+        batch norm cannot train on one sample. The order is drawn anew each epoch, so the
+        sample left out is a different one each time."""
         n = len(self)
+        batches = steps_per_epoch(n, batch_size, drop_single)
         if self._tensors is not None:
             order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(
                 self._tensors[0].device
             )
-            for start in range(0, n, batch_size):
+            for start in range(0, batches * batch_size, batch_size):
                 index = order[start : start + batch_size]
                 yield tuple(t[index] for t in self._tensors)
             return
@@ -113,8 +124,43 @@ class BatchSource:
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
         )
-        for batch in loader:
+        for batch in itertools.islice(loader, batches):
             yield to_device(batch, self.device)
+
+
+def epoch_samples(size: int, batch_size: int, drop_single: bool = False) -> int:
+    """Samples one training epoch trains on: all ``size``, or, with ``drop_single``, one
+    fewer where the last batch would hold a single sample (``size % batch_size == 1``, for a
+    batch size of 2 or more). Epochs, evaluation points and steps are counted on it."""
+    single = drop_single and batch_size > 1 and size % batch_size == 1
+    return size - 1 if single else size
+
+
+def steps_per_epoch(size: int, batch_size: int, drop_single: bool = False) -> int:
+    """Optimizer steps (batches) in one training epoch, as :meth:`BatchSource.epoch` draws
+    them: ``ceil(size / batch_size)``, one fewer where ``drop_single`` leaves out a final
+    one-sample batch."""
+    return -(-epoch_samples(size, batch_size, drop_single) // batch_size)
+
+
+def non_finite(obj: Any, chunk_elements: int = 1 << 24) -> str | None:
+    """``"nan"`` or ``"inf"`` when a floating tensor inside ``obj`` (tuples, lists, dicts)
+    holds one, else None. Row blocks of about ``chunk_elements`` at a time, so a large
+    dataset needs no second copy of itself."""
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, tuple | list):
+        return next((bad for v in obj if (bad := non_finite(v, chunk_elements))), None)
+    if not isinstance(obj, torch.Tensor) or not obj.is_floating_point() or obj.numel() == 0:
+        return None
+    if obj.dim() == 0:
+        obj = obj.reshape(1)
+    rows = max(1, chunk_elements // max(1, obj[0].numel()))
+    for start in range(0, obj.shape[0], rows):
+        block = obj[start : start + rows]
+        if not bool(torch.isfinite(block).all()):
+            return "nan" if bool(torch.isnan(block).any()) else "inf"
+    return None
 
 
 def _elements(sample: Any) -> int:

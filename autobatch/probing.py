@@ -33,7 +33,13 @@ from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.memory.plan import PlanMeter, build_fake
 from autobatch.oom import drop_failed_attempt, is_oom_error, release_if_oom
 from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult, StepTime
-from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
+from autobatch.snapshot import (
+    RngState,
+    TrainingState,
+    check_restorable,
+    has_batch_norm,
+    state_tensors,
+)
 from autobatch.training import TrainStep, autocast, build
 from autobatch.tuning.prior import fit_step_time
 from autobatch.units import format_bytes, parse_bytes
@@ -750,6 +756,8 @@ def probe(
             model, optimizer = build_fake(task.model, task.optimizer, task.lr, meter)
         elif owned:
             model, optimizer = _build_on(task, meter)
+        if not owned:
+            check_restorable(model)  # before a step initialises lazy parameters for good
         if isinstance(meter, TrackedMeter) and not owned:
             meter.track(state_tensors(model, [optimizer]))
         key = probe_cache.key(
@@ -757,8 +765,7 @@ def probe(
         )
         ranks = distributed_ranks()
         cache = cache and ranks == 1  # each rank's answer depends on the others'
-        if cache and (hit := probe_cache.load(key, cache_dir)) is not None:
-            return hit
+        hit = probe_cache.load(key, cache_dir) if cache else None
         state = TrainingState(model, optimizer)
         try:
             train_step = TrainStep(task, _with_ddp_buckets(model, meter, ranks), optimizer)
@@ -800,7 +807,23 @@ def probe(
                 state.restore()
                 rng.restore()
 
+        if hit is not None:
+            if _still_fits(hit, attempt, meter):
+                return hit
+            log.info("the cached batch size %d no longer fits: probing again", hit.batch_size)
+        # Batch norm cannot train on a single sample.
+        smallest = 2 if has_batch_norm(model) else 1
         try:
+            if bound < smallest:
+                limit = (
+                    f"max_batch_size={max_batch_size}; raise it to 2 or more"
+                    if bound < len(source)
+                    else f"the training data has {len(source)} sample; give at least 2"
+                )
+                raise InvalidInputError(
+                    f"{type(model).__name__} has batch norm, which needs at least 2 samples per "
+                    f"batch to train, but {limit}"
+                )
             result = find_max_batch_size(
                 attempt,
                 meter=meter,
@@ -809,8 +832,7 @@ def probe(
                 multiple_of=multiple_of,
                 tolerance=tolerance,
                 steps_per_call=2,
-                # Batch norm cannot train on a single sample.
-                min_batch_size=2 if has_batch_norm(model) else 1,
+                min_batch_size=smallest,
             )
             evaluation = _probe_evaluation(
                 task, model, train_step, state, rng, meter, headroom, multiple_of, tolerance,
@@ -845,6 +867,28 @@ def probe(
             model = optimizer = None
         rng.restore()
         meter.release(full=True)
+
+
+def _still_fits(hit: ProbeResult, attempt: Callable[[int], Any], meter: MemoryMeter) -> bool:
+    """Whether a cached result's batch size runs here within the budget it was judged by: one
+    real attempt, so that a cached answer is never a size that did not run, whatever the cache
+    key could not see (a setting the step reads from an object it names only by type)."""
+    meter.release()
+    meter.reset_peak()
+    capped = meter.capped(hit.budget_bytes) if meter.peak() is None else contextlib.nullcontext()
+    try:
+        with capped, meter:
+            reading = attempt(hit.batch_size)
+        meter.synchronize()
+    except BaseException as exc:
+        if not is_oom_error(exc):
+            raise
+        drop_failed_attempt(exc)
+        return False
+    finally:
+        meter.release()
+    peak = max(meter.peak() or 0, reading.peak_bytes or 0)
+    return peak <= hit.budget_bytes
 
 
 def distributed_ranks() -> int:

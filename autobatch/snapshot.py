@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
+
+from autobatch.errors import InvalidInputError
 
 
 @dataclass
@@ -34,6 +37,27 @@ class RngState:
         torch.set_rng_state(self.torch)
         if self.cuda:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and every buffer, persistent or not: a buffer left out of ``state_dict``
+    (a running mean kept for the forward pass) changes in training all the same. A lazy
+    parameter not yet initialised holds no value and is left out."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {name: t for name, t in tensors.items() if not is_lazy(t)}
+
+
+def check_restorable(model: nn.Module) -> None:
+    """Refuse a model the probe could not hand back as it found it: a training step initialises
+    its lazy parameters (``nn.LazyLinear``) and turns the modules into their eager kind."""
+    lazy = [name for name, t in model.named_parameters() if is_lazy(t)]
+    lazy += [name for name, t in model.named_buffers() if is_lazy(t)]
+    if lazy:
+        raise InvalidInputError(
+            f"the model's lazy parameters are not initialised yet ({', '.join(lazy[:3])}), and "
+            "a probe would initialise them; run one forward pass on a batch first, or pass no "
+            "model= so that the probe builds its own"
+        )
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,20 +94,23 @@ def _restored_value(value: Any) -> Any:
 
 
 class TrainingState:
-    """Model parameters, buffers, gradients, train/eval flags and optimizer state.
+    """Model parameters, buffers (persistent or not), gradients, train/eval flags and optimizer
+    state.
 
     Copies live in host memory, so saving them costs no accelerator memory. ``restore`` writes
     the saved values back into the same tensors (so references the user holds stay valid) and
     removes optimizer state that did not exist before. Gradients too: the probe's steps set
     ``p.grad`` to None between steps, and a gradient tensor the caller still holds is filled
     with its saved values and put back as ``p.grad``; one nobody holds is freed during the
-    probe and restored as a new tensor with the same values.
+    probe and restored as a new tensor with the same values. Lazy parameters not yet
+    initialised have no value to save: a model built for the probe skips them, and one the
+    user holds is refused first (:func:`check_restorable`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.tensors = {name: _host_copy(t) for name, t in model.state_dict(keep_vars=True).items()}
+        self.tensors = {name: _host_copy(t) for name, t in _model_tensors(model).items()}
         self.grads = {
             name: None if p.grad is None else _host_copy(p.grad)
             for name, p in model.named_parameters()
@@ -107,7 +134,7 @@ class TrainingState:
 
     @torch.no_grad()
     def restore(self) -> None:
-        live = self.model.state_dict(keep_vars=True)
+        live = _model_tensors(self.model)
         for name, saved in self.tensors.items():
             live[name].copy_(saved)
         for name, param in self.model.named_parameters():
@@ -157,8 +184,10 @@ def state_tensors(
     model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
 ) -> list[torch.Tensor]:
     """What the device holds before a probe: parameters, buffers, gradients, optimizer state
-    (for a tracked meter to count as already there)."""
-    tensors = list(model.state_dict(keep_vars=True).values())
+    (for a tracked meter to count as already there) of a model the user holds, refused where
+    the probe could not restore it (:func:`check_restorable`)."""
+    check_restorable(model)
+    tensors = list(_model_tensors(model).values())
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for optimizer in optimizers:
         for state in optimizer.state.values():

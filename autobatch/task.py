@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from autobatch import validation
-from autobatch.data import BatchSource
+from autobatch.data import BatchSource, non_finite
 from autobatch.errors import InvalidInputError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -114,12 +115,13 @@ class Task:
         return self.loss(model(*inputs), targets)
 
     def evaluate(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The batch's loss, and its correct predictions (argmax) when ``metric="accuracy"``."""
+        """The batch's loss, and its correct predictions when ``metric="accuracy"`` (see
+        :func:`correct_predictions`)."""
         if self.metric != "accuracy" or self.step is not None:
             return self.batch_loss(model, batch), None
         *inputs, targets = batch
         outputs = model(*inputs)
-        return self.loss(outputs, targets), (outputs.argmax(-1) == targets).sum()
+        return self.loss(outputs, targets), correct_predictions(outputs, targets)
 
     def training_batches(self) -> BatchSource:
         return BatchSource(self.train_data, self.device, self.collate_fn)
@@ -130,6 +132,39 @@ class Task:
         return BatchSource(self.val_data, self.device, self.collate_fn)
 
 
+def correct_predictions(outputs: Any, targets: Any) -> torch.Tensor:
+    """How many samples the model classified right: the argmax of its logits ``(N, classes)``
+    (a tensor, or a dict's ``"logits"``) against class indices ``(N,)``, or against the argmax
+    of targets shaped like the logits (one-hot or probabilities). Any other shape is refused:
+    a count over tokens or pixels, divided by the samples, would be a wrong accuracy."""
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        outputs = outputs["logits"]
+    if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise InvalidInputError(
+            "Task(metric='accuracy') reads the model's output as logits of shape (N, classes) "
+            f"and the targets as a tensor; got {_described(outputs)} and targets "
+            f"{_described(targets)}; return the logits from forward (or a dict with 'logits'), "
+            "or leave metric unset"
+        )
+    n = outputs.shape[0] if outputs.dim() else 0
+    if outputs.dim() == 2 and targets.shape == outputs.shape:
+        return (outputs.argmax(-1) == targets.argmax(-1)).sum()
+    if outputs.dim() == 2 and targets.shape == (n,):
+        return (outputs.argmax(-1) == targets).sum()
+    raise InvalidInputError(
+        "Task(metric='accuracy') counts one prediction per sample: it needs logits of shape "
+        "(N, classes) and targets of shape (N,) (class indices) or (N, classes) (one-hot or "
+        f"probabilities); got logits {tuple(outputs.shape)} and targets "
+        f"{tuple(targets.shape)}; leave metric unset for other outputs"
+    )
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 def _is_tensor_tuple(data: Any) -> bool:
     return isinstance(data, Sequence) and all(isinstance(t, torch.Tensor) for t in data)
 
@@ -138,19 +173,6 @@ def _length(data: Any) -> int:
     if _is_tensor_tuple(data):
         return int(data[0].shape[0])
     return len(data)
-
-
-def _non_finite(tensor: torch.Tensor, chunk_elements: int = 1 << 24) -> str | None:
-    """``"nan"`` or ``"inf"`` when a floating tensor holds one, else None. Row blocks of about
-    ``chunk_elements`` at a time, so a large dataset needs no second copy of itself."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return None
-    rows = max(1, chunk_elements // max(1, tensor[0].numel()))
-    for start in range(0, tensor.shape[0], rows):
-        block = tensor[start : start + rows]
-        if not bool(torch.isfinite(block).all()):
-            return "nan" if bool(torch.isnan(block).any()) else "inf"
-    return None
 
 
 def _check_data(data: Any, name: str) -> None:
@@ -169,7 +191,7 @@ def _check_data(data: Any, name: str) -> None:
         if sizes == {0}:
             raise InvalidInputError(f"Task.{name} is empty; give at least one sample")
         for tensor in data:
-            bad = _non_finite(tensor)
+            bad = non_finite(tensor)
             if bad:
                 raise InvalidInputError(
                     f"Task.{name} holds {bad} values (in a tensor of shape "
@@ -185,7 +207,13 @@ def _check_data(data: Any, name: str) -> None:
             f"Task.{name} is a {kind} of {', '.join(type(t).__name__ for t in data[:4])}; every "
             "element must be a torch tensor (convert with torch.as_tensor), or pass a torch Dataset"
         )
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+    # An IterableDataset inherits Dataset.__getitem__, which only raises: batches are drawn
+    # by index, so it is refused whether or not it defines __len__.
+    if (
+        isinstance(data, IterableDataset)
+        or not hasattr(data, "__getitem__")
+        or not hasattr(data, "__len__")
+    ):
         raise InvalidInputError(
             f"Task.{name} must be a torch Dataset (with __len__ and __getitem__) or a tuple of "
             f"tensors (inputs, targets); got {type(data).__name__}"

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from autobatch.data import batch_length
 from autobatch.errors import InvalidInputError
+from autobatch.task import Task
 from autobatch.workload import Workload
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,6 +37,21 @@ def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's batch-norm layers (``BatchNorm1d/2d/3d``, their lazy forms,
+    ``SyncBatchNorm``). In training mode each normalises over the batch, so it cannot train on
+    a batch of one sample (torch raises for ``(1, C)`` inputs; on larger ones the statistics
+    of one sample are noise). Instance and group norm normalise each sample on its own."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def needs_two_samples(model: nn.Module) -> bool:
+    """Whether a batch of one sample cannot train ``model`` as it is now: it has a batch-norm
+    layer in training mode. Training epochs then leave out a final one-sample batch
+    (``BatchSource.epoch(drop_single=True)``), and a batch size of 1 is refused."""
+    return any(m.training for m in batch_norms(model))
+
+
 class TrainStep:
     """One optimizer update on one batch, exactly as training will run it.
 
@@ -42,6 +59,10 @@ class TrainStep:
     once per evaluation, so no step waits for the host. An optimizer that needs a closure
     (L-BFGS) gets one that re-evaluates the same batch; its first call hands back the loss and
     gradients already computed, so the phases read between stay those of one step.
+
+    What the workload's loss returns is checked (a tensor of one element that requires grad),
+    and a batch of one sample is refused for a model with batch norm in training mode: each
+    would otherwise fail inside ``backward`` or batch norm, far from its cause.
     """
 
     def __init__(
@@ -53,6 +74,7 @@ class TrainStep:
         fp16 = workload.precision == "fp16"
         self.scaler = torch.amp.GradScaler(workload.device.type) if fp16 else None
         self._autocast = autocast(workload)  # re-entered every step, made once
+        self._batch_norms = batch_norms(model)
         self.closure = needs_closure(optimizer)
         if self.closure and fp16:
             raise InvalidInputError(
@@ -68,8 +90,17 @@ class TrainStep:
         after_backward: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """``after_forward``/``after_backward`` let the probe read memory between phases."""
+        if self._batch_norms and _one_sample(batch) and needs_two_samples(self.model):
+            names = sorted({type(m).__name__ for m in self._batch_norms})
+            raise InvalidInputError(
+                f"a batch of 1 sample cannot train {type(self.model).__name__}: its "
+                f"{', '.join(names)} layers need at least 2 samples per batch in training mode; "
+                "use batch sizes of 2 or more (Task.batch_size, tune's candidates)"
+            )
         with self._autocast:
             loss = self.workload.batch_loss(self.model, batch)
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+            raise InvalidInputError(_not_a_loss(self.workload, loss))
         if after_forward is not None:
             after_forward()
         if self.scaler is not None:
@@ -87,7 +118,7 @@ class TrainStep:
             else:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().reshape(())  # a loss of shape (1,) too: losses stack as scalars
 
     def _again(self, batch: Any, first: torch.Tensor) -> Callable[[], torch.Tensor]:
         """The closure: the loss and gradients just computed, then a fresh evaluation of
@@ -106,6 +137,30 @@ class TrainStep:
             return loss.detach()
 
         return closure
+
+
+def _one_sample(batch: Any) -> bool:
+    try:
+        return batch_length(batch) == 1
+    except (TypeError, IndexError, StopIteration):  # a batch type whose size cannot be told
+        return False
+
+
+def _not_a_loss(workload: Workload, loss: Any) -> str:
+    """Why ``loss`` cannot be trained on, naming where it came from and the fix."""
+    source = f"{type(workload).__name__}.batch_loss(model, batch)"
+    if isinstance(workload, Task):
+        source = "Task.step(model, batch)" if workload.step is not None else "Task.loss"
+    if not isinstance(loss, torch.Tensor):
+        got = f"a {type(loss).__name__}"
+        fix = "return the loss tensor itself (not .item() or a number)"
+    elif loss.numel() != 1:
+        got = f"a tensor of shape {tuple(loss.shape)}"
+        fix = "reduce it to one value, e.g. .mean() (reduction='mean')"
+    else:
+        got = "a tensor that does not require grad"
+        fix = "compute it from the model's output, outside torch.no_grad() and without .detach()"
+    return f"{source} must return a scalar loss tensor to backpropagate; it returned {got}: {fix}"
 
 
 #: The last model each factory returned, while it lives: a factory that hands back the same

@@ -23,7 +23,7 @@ _UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_PATTERN = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_bytes(value: str | int | float, *, name: str = "memory_budget") -> int:
@@ -46,7 +46,7 @@ def parse_bytes(value: str | int | float, *, name: str = "memory_budget") -> int
         raise InvalidInputError(f"{name}={value!r} must be a finite size, such as '2GiB'")
     size = int(number * _UNITS[unit])
     if size <= 0:
-        raise InvalidInputError(f"{name}={value!r} must be a positive size, such as '2GiB'")
+        raise InvalidInputError(f"{name}={value!r} must be one byte or more, such as '2GiB'")
     return size
 
 

@@ -172,6 +172,7 @@ def test_help_exits_zero(capsys):
         (["probe", "no_such_example"], "digits, blobs, mlp, cnn, transformer"),
         (["probe", "no_such_module_abc:make"], "no module named 'no_such_module_abc'"),
         (["probe", "missing/tasks.py:make"], "does not exist"),
+        (["tune", "digits", "--devices", "cpu,bogus"], "'bogus' is not a torch device"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, expected, capsys):
@@ -185,6 +186,16 @@ def test_bad_input_is_one_line_and_exit_2(args, expected, capsys):
 def test_cuda_without_cuda_is_bad_input(capsys):
     assert main(["probe", "digits", "--device", "cuda"]) == 2
     assert "no CUDA device" in _error_line(capsys)
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    read, write = os.pipe()
+    os.close(read)  # ``autobatch examples | head -0``
+    with os.fdopen(write, "w", buffering=1) as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["examples"]) == 141
+        closed.write("more")  # stdout now goes nowhere, so the exit's flush cannot fail
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

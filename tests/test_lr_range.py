@@ -46,6 +46,22 @@ def test_the_range_test_finds_the_stable_rate_and_centres_below_it() -> None:
     assert (again.lr_at_minimum, again.diverged_lr) == (found.lr_at_minimum, found.diverged_lr)
 
 
+def test_the_range_test_keeps_the_rates_of_the_optimizer_s_groups() -> None:
+    """A factory that puts the weights at a tenth of the task's rate: the test sweeps the
+    optimizer the trials train with, so the weights never reach the rate that diverges."""
+    task, limit = _regression()
+
+    def grouped(params, lr):
+        weight, bias = list(params)
+        return torch.optim.SGD([{"params": [weight], "lr": lr / 10}, {"params": [bias]}], lr=lr)
+
+    plain = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
+    task = dataclasses.replace(task, optimizer=grouped)
+    found = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
+    assert plain.diverged_lr is not None and plain.diverged_lr < 3 * limit
+    assert found.diverged_lr is None and found.suggested > plain.suggested
+
+
 def test_the_suggestion_is_clamped_and_moves_the_range_only_past_its_reach() -> None:
     rates = [1e-4, 1e-3, 1e-2]
     # Lowest at the last rate: a tenth of it is 1000x the task's 1e-6, kept at the clamp.
@@ -103,6 +119,11 @@ def test_a_loss_the_test_cannot_move_leaves_the_range_where_it_was() -> None:
     )  # fmt: skip
     found = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
     assert not found.descended and found.centre == 1.0
+    # A loss that blows up below the task's own rate before it fell: that rate is too high.
+    task = dataclasses.replace(task, model=lambda: nn.Linear(8, 1), lr=1e4)
+    found = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
+    assert not found.descended and found.diverged_lr <= task.lr
+    assert found.centre == lr_range.CLAMP[0]
 
 
 def test_a_rate_far_too_high_is_found_before_any_trial() -> None:

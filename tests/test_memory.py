@@ -283,6 +283,8 @@ def test_meter_for_an_absent_accelerator_is_rejected_up_front(device, available)
         ("100", 100),
         ("100B", 100),
         (".5KiB", 512),
+        ("1e3GiB", 1000 * 1024**3),
+        ("2.5e3", 2500),
         (4096, 4096),
         (2.5e3, 2500),
     ],
@@ -384,3 +386,57 @@ def test_capped_lowers_the_capacity_while_inside():
         with pytest.raises(torch.OutOfMemoryError):
             torch.empty(5000, dtype=U8)
     assert meter.capacity() == 10_000
+
+
+# -- sparse tensors ----------------------------------------------------------------------------
+
+
+def sparse_bytes(tensor: torch.Tensor) -> int:
+    if tensor.layout == torch.sparse_coo:
+        return storage_bytes(tensor._indices(), tensor._values())
+    return storage_bytes(tensor.crow_indices(), tensor.col_indices(), tensor.values())
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_tensors_count_their_indices_and_values():
+    meter = TrackedMeter(MiB)
+    dense = torch.zeros(64, 64)
+    dense[::8, ::4] = 1.0
+    with meter:
+        coo = dense.to_sparse()
+        assert meter.current() == sparse_bytes(coo) > 0
+        csr = dense.to_sparse_csr()
+        assert meter.current() == sparse_bytes(coo) + sparse_bytes(csr)
+        del coo
+        assert meter.current() == sparse_bytes(csr)
+        meter.track([csr])  # counted once
+        assert meter.current() == sparse_bytes(csr)
+        del csr
+    assert meter.current() == 0
+
+
+def test_a_sparse_gradient_is_counted_and_one_that_does_not_fit_raises():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(10_000, 32, sparse=True)
+    tokens = torch.randint(0, 10_000, (256, 16))
+    meter = TrackedMeter(8 * MiB)
+    meter.track(bag.parameters())
+    params = meter.current()
+    optimizer = torch.optim.SGD(bag.parameters(), lr=0.1, momentum=0.9)
+    with meter:
+        for _ in range(2):  # the second step accumulates into the momentum in place
+            bag(tokens).sum().backward()
+            optimizer.step()
+            grad = bag.weight.grad
+            assert grad.layout == torch.sparse_coo
+            momentum = optimizer.state[bag.weight]["momentum_buffer"]
+            assert meter.current() == params + sparse_bytes(grad) + sparse_bytes(momentum)
+            optimizer.zero_grad(set_to_none=True)
+            del grad
+    assert meter.peak() <= meter.capacity()
+    optimizer.state.clear()
+    del momentum
+    assert meter.current() == params
+    with meter.capped(params + 1000), meter, pytest.raises(torch.OutOfMemoryError):
+        bag(tokens).sum().backward()
+    assert meter.current() == params

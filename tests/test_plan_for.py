@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch import InvalidInputError, Task, examples, probe
+from autobatch import InvalidInputError, Task, TrackedMeter, examples, probe
 from autobatch.cli import main
 from autobatch.memory.plan import PlanMeter, check_torch_version
 from autobatch.records import ProbeResult
+from autobatch.training import TrainStep, build
 
 MiB = 1024**2
 
@@ -96,6 +97,65 @@ def test_plan_keeps_a_margin_for_a_cuda_card():
     assert (
         probe(tagger_task(), plan_for="512MiB", cache=False).extra["cuda_card_batch_size"] is None
     )
+
+
+class Bag(nn.Module):
+    """A sparse embedding: its gradient holds only the rows a batch used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(20_000, 32, sparse=True)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bag(tokens))
+
+
+def bag_task() -> Task:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20_000, (4000, 16), generator=generator)
+    y = torch.randint(0, 4, (4000,), generator=generator)
+    return Task(
+        model=Bag, train_data=(x, y), loss=F.cross_entropy, optimizer=torch.optim.SGD, lr=0.1
+    )
+
+
+def test_a_sparse_gradient_is_probed_and_a_plan_of_it_refused():
+    task = bag_task()
+    capacity = 4 * MiB
+    result = probe(task, memory_budget=capacity, cache=False)
+    assert 1 < result.batch_size < 4000
+    # The answer trains within the budget on a fresh simulated device, its sparse gradient
+    # (16 rows of 32 floats per sample) counted; twice as many samples do not fit.
+    for batch_size, fits in ((result.batch_size, True), (2 * result.batch_size, False)):
+        fresh = TrackedMeter(capacity)
+        try:
+            with fresh:
+                model, optimizer = build(task)
+                step = TrainStep(task, model, optimizer)
+                batch = tuple(t[:batch_size].clone() for t in task.train_data)
+                step(batch)
+                step(batch)
+            ran = True
+        except torch.OutOfMemoryError:
+            ran = False
+        assert (ran and fresh.peak() <= result.budget_bytes) == fits, batch_size
+        model = optimizer = step = batch = None
+    # Fake tensors drop a sparse tensor's entries: a plan would leave the gradient out.
+    with pytest.raises(InvalidInputError, match="sparse") as info:
+        probe(task, plan_for=capacity, cache=False)
+    assert "memory_budget" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_plan_refuses_lazy_modules_with_the_fix():
+    task = Task(
+        model=lambda: nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 4)),
+        train_data=(torch.randn(64, 16), torch.randint(0, 4, (64,))),
+        loss=F.cross_entropy,
+    )
+    with pytest.raises(InvalidInputError, match="lazy modules") as info:
+        probe(task, plan_for="1GiB", cache=False)
+    assert "nn.Linear(in, out)" in str(info.value)
 
 
 @pytest.mark.parametrize(

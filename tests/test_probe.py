@@ -896,6 +896,50 @@ def test_error_in_the_step_propagates_unchanged_and_the_model_is_restored():
     assert meter.current() == held  # the meter is no longer active
 
 
+class RunningMean(nn.Module):
+    """A buffer the forward pass updates and ``state_dict`` leaves out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.register_buffer("mean", torch.zeros(16), persistent=False)
+
+    def forward(self, x):
+        if self.training:
+            self.mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return self.body(x)
+
+
+def test_probe_restores_buffers_left_out_of_the_state_dict():
+    torch.manual_seed(0)
+    model = RunningMean()
+    model(torch.randn(8, 16))
+    optimizer = torch.optim.AdamW(model.parameters())
+    mean = model.mean
+    before = mean.clone()
+    meter = TrackedMeter(MiB)
+    probe(make_task(model=RunningMean), meter=meter, model=model, optimizer=optimizer, cache=False)
+    assert model.mean is mean and torch.equal(mean, before)
+    assert meter.current() == state_bytes(model, optimizer) + mean.untyped_storage().nbytes()
+
+
+def lazy_model() -> nn.Module:
+    return nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_probe_builds_a_lazy_model_and_refuses_one_it_could_not_hand_back():
+    task = make_task(samples=512, model=lazy_model)
+    result = probe(task, meter=TrackedMeter(MiB), cache=False)
+    eager = probe(make_task(samples=512), meter=TrackedMeter(MiB), cache=False)  # nn.Linear(16, 32)
+    assert result.batch_size == eager.batch_size  # the same step once its shapes are known
+    model = lazy_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(InvalidInputError, match="run one forward pass") as info:
+        probe(task, meter=TrackedMeter(MiB), model=model, optimizer=optimizer, cache=False)
+    assert "\n" not in str(info.value)
+    assert isinstance(model[0], nn.LazyLinear) and model[0].has_uninitialized_params()
+
+
 def test_shape_mismatch_propagates_as_the_error_torch_raised():
     class Narrow(nn.Module):
         def __init__(self) -> None:
@@ -1036,7 +1080,7 @@ def test_variable_length_samples_are_probed_at_their_longest():
 # -- probe: cache ------------------------------------------------------------------------------
 
 
-def test_second_probe_comes_from_the_cache_without_running_a_step(tmp_path):
+def test_second_probe_comes_from_the_cache_after_one_attempt_at_its_size(tmp_path):
     step = CountingStep()
     task = make_task(step=step)
     first = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
@@ -1045,7 +1089,7 @@ def test_second_probe_comes_from_the_cache_without_running_a_step(tmp_path):
     step.sizes.clear()
     second = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
     assert second.cached
-    assert step.sizes == []
+    assert step.sizes == [first.batch_size] * 2  # one attempt, verifying the cached size
     assert second.batch_size == first.batch_size
     assert second.attempts == first.attempts
     assert second.step_time == first.step_time  # the throughput curve comes back too
@@ -1079,8 +1123,9 @@ def test_default_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
     probe(task, meter=TrackedMeter(MiB))
     assert len(list((tmp_path / "env-cache").glob("*.json"))) == 1
     step.sizes.clear()
-    assert probe(task, meter=TrackedMeter(MiB)).cached
-    assert step.sizes == []
+    hit = probe(task, meter=TrackedMeter(MiB))
+    assert hit.cached
+    assert step.sizes == [hit.batch_size] * 2
 
 
 def test_unreadable_cache_entry_is_ignored_and_replaced(tmp_path):
@@ -1128,8 +1173,99 @@ def test_a_hardware_meter_limit_is_part_of_the_cache_key(tmp_path):
     assert not probe(task, meter=PlannedCardMeter(2 * MiB), cache_dir=tmp_path).cached
     assert step.sizes
     step.sizes.clear()
-    assert probe(task, meter=PlannedCardMeter(2 * MiB), cache_dir=tmp_path).cached
-    assert step.sizes == []
+    hit = probe(task, meter=PlannedCardMeter(2 * MiB), cache_dir=tmp_path)
+    assert hit.cached
+    assert step.sizes == [hit.batch_size] * 2
+
+
+class Repeated(nn.Module):
+    """A width kept as a plain attribute, which ``repr`` does not show, and a scratch buffer
+    left out of ``state_dict``."""
+
+    def __init__(self, repeats: int = 1, scratch: int = 1) -> None:
+        super().__init__()
+        self.repeats = repeats
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.register_buffer("scratch", torch.zeros(scratch), persistent=False)
+
+    def forward(self, x):
+        return self.body(x.repeat(1, self.repeats).view(-1, self.repeats, 16).mean(1))
+
+
+def with_model(model: nn.Module) -> dict:
+    return {"model": model, "optimizer": torch.optim.AdamW(model.parameters())}
+
+
+def frozen_first_layer() -> dict:
+    model = Repeated()
+    model.body[0].requires_grad_(False)  # no gradient, no optimizer state
+    return with_model(model)
+
+
+def step_repeating(times: int):
+    def step(model, batch):
+        x, y = batch
+        return sum(F.cross_entropy(model(x), y) for _ in range(times))
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # Each pair looks the same to repr(model), state_dict and the step's name and bytecode.
+        (lambda: {"step": step_repeating(1)}, lambda: {"step": step_repeating(4)}),
+        (
+            lambda: {"step": lambda m, b: sum(F.cross_entropy(m(b[0]), b[1]) for _ in range(1))},
+            lambda: {"step": lambda m, b: sum(F.cross_entropy(m(b[0]), b[1]) for _ in range(4))},
+        ),
+        (lambda: with_model(Repeated()), frozen_first_layer),
+        (lambda: with_model(Repeated(repeats=1)), lambda: with_model(Repeated(repeats=8))),
+        (lambda: with_model(Repeated(scratch=1)), lambda: with_model(Repeated(scratch=4096))),
+    ],
+    ids=["closure", "constant", "requires-grad", "attribute", "non-persistent-buffer"],
+)
+def test_what_changes_a_steps_memory_is_part_of_the_cache_key(tmp_path, first, second):
+    def run(make):
+        kwargs = make()
+        step = kwargs.pop("step", None) or step_repeating(1)
+        counting = CountingStep(step)
+        task = make_task(samples=512, step=counting, model=Repeated)
+        result = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path, **kwargs)
+        return result, counting.sizes
+
+    assert run(first)[0].cached is False
+    assert run(first)[0].cached is True  # the same step again: from the cache
+    second_result, sizes = run(second)
+    assert not second_result.cached and sizes
+
+
+class Setting:
+    """A setting the step reads from an object the cache key describes only by its type."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+
+
+def test_a_cached_size_runs_once_before_it_is_returned(tmp_path):
+    setting = Setting(1)
+
+    def step(model, batch):
+        x, y = batch
+        return sum(F.cross_entropy(model(x), y) for _ in range(setting.repeats))
+
+    counting = CountingStep(step)
+    task = make_task(samples=4096, step=counting, model=Repeated)
+    first = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    setting.repeats = 8  # eight forward passes' activations: the same key, more memory
+    counting.sizes.clear()
+    second = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    assert counting.sizes[0] == first.batch_size  # the cached size, tried first
+    assert not second.cached and second.batch_size < first.batch_size
+    counting.sizes.clear()
+    third = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)  # the entry replaced
+    assert third.cached and third.batch_size == second.batch_size
+    assert counting.sizes == [second.batch_size] * 2
 
 
 # -- probe: bad input --------------------------------------------------------------------------

@@ -191,3 +191,144 @@ def test_fp16_loss_scaling_with_an_optimizer_that_needs_a_closure_is_refused():
     model, optimizer = build(task)
     with pytest.raises(InvalidInputError, match="use precision='bf16' or 'fp32'"):
         TrainStep(task, model, optimizer)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter((torch.zeros(8), 0) for _ in range(self.n))
+
+
+class _SizedStream(_Stream):
+    def __len__(self) -> int:  # still no __getitem__ of its own: Dataset's only raises
+        return self.n
+
+
+@pytest.mark.parametrize("field", ["train_data", "val_data"])
+def test_every_iterable_dataset_is_refused_in_the_same_line(field):
+    messages = []
+    for data in (_Stream(16), _SizedStream(16)):
+        with pytest.raises(InvalidInputError) as info:
+            make(**{field: data})
+        messages.append(str(info.value).replace(type(data).__name__, "X"))
+    assert messages[0] == messages[1]
+    assert f"Task.{field}" in messages[0] and "Dataset" in messages[0]
+
+
+def _accuracy_task(**overrides) -> Task:
+    return make(metric="accuracy", loss=lambda outputs, targets: torch.zeros(()), **overrides)
+
+
+class _Fixed(nn.Module):
+    """Returns the logits it was given, whatever the input; wrapped as ``wrap`` says."""
+
+    def __init__(self, logits: torch.Tensor, wrap=lambda logits: logits) -> None:
+        super().__init__()
+        self.logits, self.wrap = logits, wrap
+
+    def forward(self, x):
+        return self.wrap(self.logits)
+
+
+def test_accuracy_compares_argmax_with_one_hot_targets_and_reads_a_dict_s_logits():
+    logits = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 3.0, 0], [3.0, 0, 0, 0]])
+    classes = torch.tensor([0, 1, 2, 3])  # the last sample is wrong: 3 of 4 right
+    one_hot = F.one_hot(classes, 4).float()  # as many samples as classes: no shape tells
+    soft = one_hot * 0.7 + 0.075
+    x = torch.zeros(4, 8)
+    for targets in (classes, one_hot, soft):
+        _, right = _accuracy_task().evaluate(_Fixed(logits), (x, targets))
+        assert int(right) == 3
+    task = _accuracy_task()
+    _, right = task.evaluate(_Fixed(logits, lambda lo: {"logits": lo}), (x, one_hot))
+    assert int(right) == 3
+
+
+@pytest.mark.parametrize(
+    ("logits", "wrap", "targets", "expected"),
+    [
+        (torch.zeros(4, 3), lambda lo: {"scores": lo}, torch.zeros(4).long(), "a dict"),
+        (torch.zeros(4, 3), lambda lo: (lo, lo), torch.zeros(4).long(), "a tuple"),
+        (torch.zeros(4, 5, 3), None, torch.zeros(4, 5).long(), r"\(4, 5, 3\)"),  # per token
+        (torch.zeros(4), None, torch.zeros(4), r"logits \(4,\)"),  # one logit: no argmax
+        (torch.zeros(4, 3), None, torch.zeros(4, 1).long(), r"targets \(4, 1\)"),
+    ],
+)
+def test_accuracy_refuses_outputs_it_cannot_read_in_one_line(logits, wrap, targets, expected):
+    model = _Fixed(logits) if wrap is None else _Fixed(logits, wrap)
+    with pytest.raises(InvalidInputError, match=expected) as info:
+        _accuracy_task().evaluate(model, (torch.zeros(4, 8), targets))
+    message = str(info.value)
+    assert "metric='accuracy'" in message and "leave metric unset" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("fields", "names", "got"),
+    [
+        ({"loss": lambda o, t: F.cross_entropy(o, t, reduction="none")}, "Task.loss", "(32,)"),
+        ({"loss": lambda o, t: F.cross_entropy(o, t).item()}, "Task.loss", "a float"),
+        ({"loss": lambda o, t: F.cross_entropy(o, t).detach()}, "Task.loss", "grad"),
+        (
+            {"loss": None, "step": lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])},
+            None,
+            None,
+        ),
+        ({"loss": lambda o, t: F.cross_entropy(o, t).reshape(1)}, None, None),  # one element
+        (
+            {"loss": None, "step": lambda model, batch: model(batch[0]).sum(1)},
+            "Task.step",
+            "(32,)",
+        ),
+    ],
+)
+def test_a_loss_that_is_not_a_scalar_tensor_is_one_line_naming_where_it_came_from(
+    fields, names, got
+):
+    from autobatch.training import TrainStep, build
+
+    task = make(**fields)
+    model, optimizer = build(task)
+    step = TrainStep(task, model, optimizer)
+    if names is None:  # a scalar loss from a custom step trains
+        assert step(task.train_data).dim() == 0
+        return
+    with pytest.raises(InvalidInputError) as info:
+        step(task.train_data)
+    message = str(info.value)
+    assert message.startswith(names) and got in message and "\n" not in message
+    with pytest.raises(InvalidInputError, match=names):  # the probe's first step says it
+        probe(task, memory_budget="1MiB", cache=False)
+
+
+def _batch_norm_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_a_batch_of_one_sample_is_refused_for_a_model_with_batch_norm_in_training_mode():
+    from autobatch.training import TrainStep, build, needs_two_samples
+
+    x, y = x_y()
+    task = make(model=_batch_norm_net)
+    model, optimizer = build(task)
+    step = TrainStep(task, model, optimizer)
+    assert needs_two_samples(model)
+    step((x[:2], y[:2]))  # two samples train
+    with pytest.raises(InvalidInputError, match="BatchNorm1d") as info:
+        step((x[:1], y[:1]))
+    assert "2 or more" in str(info.value)
+    model.eval()  # on running statistics, one sample is fine
+    assert not needs_two_samples(model)
+    step((x[:1], y[:1]))
+    plain = make()  # and for a model without batch norm
+    TrainStep(plain, *build(plain))((x[:1], y[:1]))
+
+
+def test_probing_a_batch_norm_model_that_cannot_get_two_samples_names_why():
+    one = make(model=_batch_norm_net, train_data=x_y(1))
+    with pytest.raises(InvalidInputError, match="training data has 1 sample; give at least 2"):
+        probe(one, memory_budget="4MiB", cache=False)
+    with pytest.raises(InvalidInputError, match="max_batch_size=1; raise it to 2"):
+        probe(make(model=_batch_norm_net), memory_budget="4MiB", cache=False, max_batch_size=1)

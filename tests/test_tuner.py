@@ -403,3 +403,110 @@ def test_a_trial_queued_twice_at_once_runs_once(task, tmp_path):
     assert twin.state == optuna.trial.TrialState.FAIL
     assert twin.user_attrs[REASON] == "not run: queued twice at once, as trial 3"
     assert not counts(twin)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows of tensors as a Dataset: batches come through a DataLoader, and nothing checks the
+    values up front."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def _rows(samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 16, generator=generator)
+    return x, x[:, :4].argmax(1)
+
+
+def _batch_norm_net() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    )
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def test_a_batch_norm_model_never_trains_on_a_final_batch_of_one_sample():
+    from autobatch.data import BatchSource, steps_per_epoch
+    from autobatch.tuning.loop import train
+
+    x, y = _rows(513)  # 513 = 32 x 16 + 1: the last batch of 16 holds one sample
+    val = BatchSource(_rows(100, seed=1), torch.device("cpu"))
+    for data in ((x, y), _Rows(x, y)):
+        for factory, drops in ((_batch_norm_net, True), (_mlp, False)):
+            trained: list[int] = []
+
+            def model(factory=factory, trained=trained) -> torch.nn.Module:
+                net = factory()
+                net[0].register_forward_pre_hook(
+                    lambda m, args: trained.append(len(args[0])) if m.training else None
+                )
+                return net
+
+            task = Task(model=model, train_data=data, loss=torch.nn.functional.cross_entropy)
+            points = []
+            run = train(
+                task, BatchSource(data, task.device), val, batch_size=16, lr=1e-3, max_epochs=2,
+                eval_batch_size=100, on_eval=points.append,
+            )  # fmt: skip
+            per_epoch = 32 if drops else 33
+            assert run.iterations_per_epoch == per_epoch == steps_per_epoch(513, 16, drops)
+            assert len(trained) == 2 * per_epoch
+            assert min(trained) == (16 if drops else 1)
+            assert run.samples == 2 * (512 if drops else 513)
+            assert [p.epoch for p in points][1::2] == [1.0, 2.0]  # whole epochs at their ends
+
+
+@pytest.mark.slow
+def test_tune_trains_batch_norm_at_sizes_that_leave_one_sample_and_refuses_size_1():
+    x, y = _rows(713)
+    task = Task(
+        model=_batch_norm_net, train_data=(x[:513], y[:513]), val_data=(x[513:], y[513:]),
+        loss=torch.nn.functional.cross_entropy, batch_size=24,
+    )  # fmt: skip
+    options = dict(max_epochs=1, mlflow=False, memory_budget="4MiB", cache=False)
+    # The baseline at 24, then the ceiling at 64: 513 = 8 x 64 + 1.
+    result = tune(task, n_trials=2, candidates=[16, 24, 64], **options)
+    assert [(t.batch_size, t.state) for t in result.trials] == [(24, COMPLETE), (64, COMPLETE)]
+    refused = "BatchNorm1d layers need at least 2 samples.*2 or more"
+    with pytest.raises(InvalidInputError, match=refused):
+        tune(task, n_trials=1, candidates=[1, 32], **options)
+    with pytest.raises(InvalidInputError, match=refused):
+        tune(dataclasses.replace(task, batch_size=1), n_trials=1, **options)
+
+
+def test_a_nan_in_a_training_dataset_names_the_batch_that_holds_it():
+    from autobatch.data import BatchSource, non_finite
+    from autobatch.tuning.loop import TrialFailed, train
+
+    x, y = _rows(200)
+    x[37, 2] = float("nan")
+    task = Task(model=_mlp, train_data=_Rows(x, y), loss=torch.nn.functional.cross_entropy)
+    val = BatchSource(_rows(50, seed=1), task.device)
+    # The trial's first epoch, as it draws it: which batch holds sample 37.
+    order = BatchSource(_Rows(x, y), task.device).epoch(16, torch.Generator().manual_seed(0))
+    bad = next(i for i, batch in enumerate(order) if non_finite(batch))
+    options = dict(batch_size=16, lr=1e-3, max_epochs=1, eval_batch_size=50, on_eval=lambda p: None)
+    with pytest.raises(TrialFailed) as info:
+        train(task, BatchSource(_Rows(x, y), task.device), val, **options)
+    assert f"batch at samples {16 * bad + 1}-{16 * bad + 16} (epoch 1) contains nan" in str(
+        info.value
+    )
+    assert "train_data" in str(info.value)
+    # A loss that turns nan on clean data is not blamed on the data.
+    clean = dataclasses.replace(
+        task,
+        train_data=_Rows(*_rows(200)),
+        loss=lambda out, target: torch.nn.functional.cross_entropy(out, target) * float("nan"),
+    )
+    with pytest.raises(TrialFailed, match="loss became nan after"):
+        train(clean, BatchSource(clean.train_data, task.device), val, **options)

@@ -182,3 +182,15 @@ def test_the_cli_takes_a_target_that_returns_a_workload(tmp_path, capsys):
     assert main(["probe", f"{path}:make", "--device", "cpu", "--memory-budget", "4MiB"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("autobatch: error: --device moves an autobatch.Task") and "\n" not in err
+
+
+def test_a_workload_whose_loss_is_not_a_scalar_tensor_is_one_line_naming_its_batch_loss():
+    workload = Classifier()
+    workload.batch_loss = lambda model, batch: F.cross_entropy(  # one loss per sample
+        model(batch["x"]), batch["y"], reduction="none"
+    )
+    with pytest.raises(InvalidInputError) as info:
+        probe(workload, memory_budget="4MiB", cache=False)
+    message = str(info.value)
+    assert message.startswith("Classifier.batch_loss(model, batch) must return a scalar loss")
+    assert "a tensor of shape (" in message and ".mean()" in message and "\n" not in message

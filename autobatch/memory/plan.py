@@ -13,11 +13,12 @@ step that would need 60 GiB takes a fraction of a second and no memory.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from autobatch.errors import InvalidInputError
 from autobatch.memory.tracked import TrackedMeter
@@ -83,6 +84,17 @@ class PlanMeter(TrackedMeter):
         # Running an operation under the fake mode costs no memory: measure its outputs after.
         return None
 
+    def _register(self, tensor: torch.Tensor, given: Container[int] = ()) -> None:
+        if tensor.layout != torch.strided:
+            # torch's fake kernels drop a sparse tensor's entries (a clone has none): the plan
+            # would leave out a sparse embedding's gradient.
+            raise InvalidInputError(
+                "plan_for cannot plan a step with sparse tensors (a sparse embedding's "
+                "gradient): torch's fake tensors lose their entries; probe with memory_budget= "
+                "instead"
+            )
+        super()._register(tensor, given)
+
 
 def build_fake(
     make_model: Callable[[], nn.Module],
@@ -101,6 +113,15 @@ def build_fake(
     if not isinstance(model, nn.Module):
         raise InvalidInputError(
             f"Task.model() returned {type(model).__name__}; it must return a torch.nn.Module"
+        )
+    # A lazy parameter takes its shape in the first forward pass, as a tensor the fake mode
+    # cannot make into one of the model's (fake) parameters.
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    if lazy := [name for name, t in tensors if is_lazy(t)]:
+        raise InvalidInputError(
+            f"plan_for cannot plan a model with lazy modules ({', '.join(lazy[:3])}); give "
+            "their sizes (nn.Linear(in, out) for nn.LazyLinear(out)), or probe with "
+            "memory_budget= instead"
         )
     fakes: dict[int, torch.Tensor] = {}
     with meter:

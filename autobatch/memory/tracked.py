@@ -5,7 +5,8 @@ runs, the size of the storages it will create is worked out on the ``meta`` devi
 operation and input shapes); if they do not fit, ``torch.OutOfMemoryError`` is raised with the
 message a CUDA allocator gives and the allocation never happens. Storages are uncounted when
 they are freed (a weak reference to each one), so the count is the live bytes, like
-``torch.cuda.memory_allocated``.
+``torch.cuda.memory_allocated``. A sparse tensor has no storage of its own: its indices and
+values are counted, those the operation made (a sparse gradient may hold the batch's ids).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -78,6 +79,36 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         flat, _ = tree_flatten(value)
         written.extend(t for t in flat if isinstance(t, torch.Tensor))
     return written
+
+
+_COMPRESSED = {
+    torch.sparse_csr: ("crow_indices", "col_indices"),
+    torch.sparse_bsr: ("crow_indices", "col_indices"),
+    torch.sparse_csc: ("ccol_indices", "row_indices"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices"),
+}
+
+
+def dense_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The dense tensors whose storages hold a tensor's memory: a sparse tensor (a sparse
+    embedding's gradient) has no storage of its own, only its indices and values."""
+    if tensor.layout == torch.sparse_coo:
+        return [tensor._indices(), tensor._values()]
+    if (names := _COMPRESSED.get(tensor.layout)) is not None:
+        return [getattr(tensor, name)() for name in names] + [tensor.values()]
+    return [tensor]
+
+
+def _any_sparse(value: Any) -> bool:
+    flat, _ = tree_flatten(value)
+    return any(isinstance(t, torch.Tensor) and t.layout != torch.strided for t in flat)
+
+
+def _storages(value: Any) -> dict[int, torch.UntypedStorage]:
+    """The storages behind the tensors in ``value``, by id."""
+    flat, _ = tree_flatten(value)
+    parts = [p for t in flat if isinstance(t, torch.Tensor) for p in dense_parts(t)]
+    return {id(s): s for s in (p.untyped_storage() for p in parts)}
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -153,7 +184,14 @@ class TrackedMeter(MemoryMeter):
 
     # -- accounting ------------------------------------------------------------------------
 
-    def _register(self, tensor: torch.Tensor) -> None:
+    def _register(self, tensor: torch.Tensor, given: Container[int] = ()) -> None:
+        """Count ``tensor``'s storage, or a sparse tensor's indices and values, except those
+        in ``given`` (an operation's inputs, which a sparse output may hold)."""
+        if tensor.layout != torch.strided:
+            for part in dense_parts(tensor):
+                if id(part.untyped_storage()) not in given:
+                    self._register(part)
+            return
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
         key = id(storage)
@@ -176,9 +214,15 @@ class TrackedMeter(MemoryMeter):
             self._tracked.pop(key, None)
             self._current -= self._nbytes.pop(key, 0)
 
-    def _grown(self, tensor: torch.Tensor, before: int) -> None:
+    def _grown(self, tensor: torch.Tensor, before: int, given: Container[int] = ()) -> None:
         """Count what ``resize_`` or an ``out=`` operation added to a storage in place; refuse
-        (shrinking it back) what does not fit."""
+        (shrinking it back) what does not fit. An in-place operation on a sparse tensor (a
+        gradient accumulated into) gives it new indices and values: those not in ``given``
+        (what it held before) are counted, or refused."""
+        if tensor.layout != torch.strided:
+            self._check_fits(self._untracked_bytes([tensor], given))
+            self._register(tensor, given)
+            return
         storage = tensor.untyped_storage()
         added = storage.nbytes() - before
         if added <= 0 or not self._counts(storage):
@@ -195,6 +239,18 @@ class TrackedMeter(MemoryMeter):
             self._nbytes[key] += added
             self._current += added
             self._peak = max(self._peak, self._current)
+
+    def _untracked_bytes(self, tensors: Iterable[torch.Tensor], given: Container[int]) -> int:
+        """Bytes of the device storages behind ``tensors`` (a sparse tensor's indices and
+        values) that are neither counted yet nor in ``given``."""
+        new = {}
+        for part in (p for t in tensors for p in dense_parts(t)):
+            storage = part.untyped_storage()
+            key = id(storage)
+            tracked = key in self._tracked and self._tracked[key]() is storage
+            if not tracked and key not in given and self._counts(storage):
+                new[key] = storage.nbytes()
+        return sum(new.values())
 
     def _check_fits(self, nbytes: int) -> None:
         if self._current + nbytes <= self._capacity:
@@ -213,6 +269,8 @@ class TrackedMeter(MemoryMeter):
         returns = func._schema.returns
         if not returns or all(r.alias_info is not None for r in returns):
             return 0
+        if _any_sparse((args, kwargs)):
+            return None  # on meta, a sparse tensor loses its entries (nnz 0): measure after
         key = (func, _signature(args), _signature(kwargs))
         try:
             return self._sizes[key]
@@ -222,7 +280,9 @@ class TrackedMeter(MemoryMeter):
             key = None
         try:
             meta_out = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
-            planned: int | None = _storage_bytes(_fresh_outputs(func, meta_out))
+            fresh = _fresh_outputs(func, meta_out)
+            # A sparse output may hold its inputs as its indices and values: measure after.
+            planned: int | None = None if _any_sparse(fresh) else _storage_bytes(fresh)
         except Exception:  # no meta kernel: measured after the fact instead
             planned = None
         if key is not None:
@@ -244,18 +304,29 @@ class _TrackingMode(TorchDispatchMode):
         planned = meter._planned_bytes(func, args, kwargs)
         if planned:
             meter._check_fits(planned)
-        written = [(t, t.untyped_storage().nbytes()) for t in _written(func, args, kwargs)]
+        # A sparse tensor's indices and values may be an input's storage (a sparse embedding's
+        # gradient holds the batch's ids): only storages the operation made are new. Held, not
+        # only their ids, while it runs, so no storage it makes takes the id of one it frees.
+        given = _storages((args, kwargs)) if _any_sparse((args, kwargs)) else {}
+        written = [(t, _nbytes(t)) for t in _written(func, args, kwargs)]
         out = func(*args, **kwargs)
         for tensor, before in written:
-            meter._grown(tensor, before)
+            meter._grown(tensor, before, given)
         fresh = _fresh_outputs(func, out) if planned is None or planned else []
+        if not given and _any_sparse(fresh):
+            given = _storages((args, kwargs))  # dense inputs, as they were before it ran
         if planned is None and fresh:
             # No meta kernel: the bytes are known only now. Free them before raising, so the
             # count never passes the capacity.
-            nbytes = _storage_bytes(fresh)
+            nbytes = meter._untracked_bytes(fresh, given)
             if meter._current + nbytes > meter._capacity:
                 del out, fresh
                 meter._check_fits(nbytes)
         for tensor in fresh:
-            meter._register(tensor)
+            meter._register(tensor, given)
         return out
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    """A dense tensor's storage bytes (a sparse one's are counted part by part instead)."""
+    return tensor.untyped_storage().nbytes() if tensor.layout == torch.strided else 0

@@ -8,6 +8,7 @@ time is counted on it, step by step; the wall clock's is kept beside it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autobatch.data import BatchSource, batch_length
+from autobatch.data import BatchSource, batch_length, epoch_samples, non_finite, steps_per_epoch
 from autobatch.memory import MemoryMeter
 from autobatch.records import EvalPoint
-from autobatch.training import TrainStep, autocast, build, seeded
+from autobatch.training import TrainStep, autocast, build, needs_two_samples, seeded
 from autobatch.tuning.curves import smooth
 from autobatch.workload import Workload
 
@@ -40,6 +41,7 @@ class TrialRun:
     wall_seconds: float = 0.0
     samples: int = 0
     epoch_seconds: float | None = None
+    iterations_per_epoch: int | None = None  # optimizer steps per epoch, as trained
 
 
 def evaluation_interval(train_size: int) -> int:
@@ -60,7 +62,7 @@ def evaluate(workload: Workload, model: torch.nn.Module, val: BatchSource, batch
         n = batch_length(batch)
         with autocast(workload):
             loss, right = workload.evaluate(model, batch)
-        total += loss.float() * n
+        total += loss.float().reshape(()) * n  # one element, as TrainStep checks
         if right is None:
             accuracy = False
         else:
@@ -96,7 +98,15 @@ def train(
     The run draws its random numbers (dropout, noise layers) from the global generators seeded
     with the workload's seed, and gives the caller's generator states back after: without it,
     a trial and its retrain at the same seed took different dropout masks (a model with
-    dropout 0.3 ended 1.025x-1.037x the same loss in three retrains of one configuration)."""
+    dropout 0.3 ended 1.025x-1.037x the same loss in three retrains of one configuration).
+
+    A model with batch norm in training mode cannot train on one sample: where an epoch's last
+    batch would hold one (``len(train_data) % batch_size == 1``), it is left out, a different
+    sample each epoch, and an epoch is the samples trained (:func:`~autobatch.data.epoch_samples`;
+    ``TrialRun.iterations_per_epoch`` counts its steps). A batch size of 1 is refused.
+
+    A non-finite training loss is traced to the first step that gave one; where that step's
+    batch, drawn again, holds nan or inf, the failure names it."""
     with seeded(workload):
         model, optimizer = build(workload, lr)
         if configure is not None:
@@ -104,12 +114,13 @@ def train(
         step = TrainStep(workload, model, optimizer)
         model.train()
         generator = torch.Generator().manual_seed(workload.seed)
-        size = len(train_data)
+        drop = needs_two_samples(model)
+        size = epoch_samples(len(train_data), batch_size, drop)
         max_samples = int(max_epochs * size)
         # Evaluated at every epoch's end, where training can stop (a recommendation is in whole
         # epochs), and at even steps within it.
         interval = evaluation_interval(size)
-        run = TrialRun()
+        run = TrialRun(iterations_per_epoch=steps_per_epoch(len(train_data), batch_size, drop))
         # Step losses stay on the device, unreduced: appending costs no kernel launch, and one
         # reduction per evaluation turns them into the mean.
         losses: list[torch.Tensor] = []
@@ -125,9 +136,11 @@ def train(
             while run.samples < max_samples:
                 epoch_start = time.perf_counter()
                 epoch_train = run.train_seconds
-                in_epoch, next_eval = 0, interval
-                for batch in train_data.epoch(batch_size, generator):
+                in_epoch, next_eval, epoch_steps = 0, interval, 0
+                epoch_order = generator.get_state()  # to draw a batch again (a nan loss)
+                for batch in train_data.epoch(batch_size, generator, drop_single=drop):
                     n = batch_length(batch)
+                    epoch_steps += 1
                     losses.append(step(batch))
                     if clock is not None:
                         counted += clock(n)
@@ -155,6 +168,23 @@ def train(
                             f"samples while the training loss was {train_loss:.4g}: the model "
                             "diverged, or val_data holds nan or inf values"
                         )
+                    if not math.isfinite(train_loss):
+                        # Evaluations are the only reads: the first step whose loss was not
+                        # finite (none where only the sum overflowed), and its batch drawn again.
+                        finite = torch.isfinite(torch.stack(losses).float()).tolist()
+                        bad = finite.index(False) if False in finite else None
+                        index = epoch_steps - len(finite) + (bad or 0)
+                        found = bad is not None and _non_finite_batch(
+                            train_data, batch_size, epoch_order, drop, index
+                        )
+                        if found:
+                            first = run.samples - loss_samples + sum(sizes[:bad]) + 1
+                            raise TrialFailed(
+                                f"the training batch at samples {first}-{first + sizes[bad] - 1} "
+                                f"(epoch {(first - 1) // size + 1}) contains {found}, so the loss "
+                                f"became {train_loss}: remove or impute the nan and inf values in "
+                                "train_data"
+                            )
                     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                         raise TrialFailed(
                             f"loss became {'nan' if math.isnan(val_loss) else 'inf'} after "
@@ -197,6 +227,18 @@ def train(
         finally:
             del model, optimizer, step
         return run
+
+
+def _non_finite_batch(
+    data: BatchSource, batch_size: int, order: torch.Tensor, drop: bool, index: int
+) -> str | None:
+    """``"nan"`` or ``"inf"`` where batch ``index`` of the epoch whose generator state was
+    ``order`` holds one, drawn again (only after a non-finite loss: no step pays for it)."""
+    generator = torch.Generator()
+    generator.set_state(order)
+    batches = data.epoch(batch_size, generator, drop_single=drop)
+    batch = next(itertools.islice(batches, index, None), None)
+    return None if batch is None else non_finite(batch)
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

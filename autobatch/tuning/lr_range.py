@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from autobatch.data import BatchSource
-from autobatch.training import TrainStep, build, seeded
+from autobatch.training import TrainStep, build, needs_two_samples, seeded
 from autobatch.tuning.space import EDGE
 from autobatch.workload import Workload
 
@@ -99,16 +99,20 @@ def range_test(
     started = time.perf_counter()
     with seeded(task):
         model, optimizer = build(task, task.lr * LOW)
+        # Each group's own rate at task.lr * LOW: the sweep scales them all alike, keeping the
+        # ratios the optimizer factory set (a backbone at a tenth of the head's rate).
+        starts = [group["lr"] for group in optimizer.param_groups]
         step = TrainStep(task, model, optimizer)
         generator = torch.Generator().manual_seed(task.seed)
         average, lowest = 0.0, math.inf
         try:
             while len(lrs) < STEPS and diverged is None:
-                for batch in data.epoch(batch_size, generator):
+                drop = needs_two_samples(model)
+                for batch in data.epoch(batch_size, generator, drop_single=drop):
                     i = len(lrs)
                     lr = task.lr * LOW * (HIGH / LOW) ** (i / (STEPS - 1))
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                    for group, start in zip(optimizer.param_groups, starts, strict=True):
+                        group["lr"] = start * lr / (task.lr * LOW)
                     loss = float(step(batch))
                     if not math.isfinite(loss):
                         diverged = lr
@@ -130,6 +134,11 @@ def range_test(
     lr_at_minimum = lrs[min(range(len(losses)), key=losses.__getitem__)] if lrs else task.lr
     descended = bool(lrs) and min(losses) <= (1 - DESCENT) * losses[0]
     centre = centre_for(suggested, multipliers) if descended else 1.0
+    if not descended and diverged is not None and diverged <= task.lr:
+        # Blown up below the task's own rate before the loss fell: that rate is past the
+        # stable edge (SGD at 1e4 diverged at the test's first step), so go below it.
+        suggested = min(max(diverged / BELOW_MINIMUM / task.lr, CLAMP[0]), CLAMP[1])
+        centre = centre_for(suggested, multipliers)
     return RangeTest(
         task.lr,
         batch_size,

@@ -92,16 +92,22 @@ class AdamWScaling:
       samples, not of steps (Marek et al., 2025).
     - ``wd' = wd x (B' / B) x (lr / lr')``: the weight decay's timescale ``B / (lr x wd x N)``,
       in epochs, stays the same (Wang and Aitchison, 2024).
+
+    Each parameter group keeps its own values, scaled alike: a group the user set without
+    weight decay (biases, norms) stays without it.
     """
 
-    beta2: float
+    ratio: float  # B' / B
+    decay_factor: float  # (B' / B) x (lr / lr')
+    beta2: float  # the scaled values of the first group with weight decay, as reported
     weight_decay: float
 
     def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        """Scale the freshly built ``optimizer``'s groups (built at the base values)."""
         for group in optimizer.param_groups:
-            beta1, _ = group["betas"]
-            group["betas"] = (beta1, self.beta2)
-            group["weight_decay"] = self.weight_decay
+            beta1, beta2 = group["betas"]
+            group["betas"] = (beta1, beta2**self.ratio)
+            group["weight_decay"] = group["weight_decay"] * self.decay_factor
 
 
 def adamw_scaling(
@@ -111,15 +117,20 @@ def adamw_scaling(
     base_lr: float,
     lr: float,
 ) -> AdamWScaling | None:
-    """The scaled ``beta2`` and weight decay for ``optimizer`` (built at the base values), or
-    None for an optimizer without them (only the AdamW family has both)."""
-    group = optimizer.param_groups[0]
-    if "betas" not in group or "weight_decay" not in group:
+    """The scaling of ``optimizer`` (built at the base values) to ``batch_size`` and ``lr``,
+    or None for an optimizer without ``betas`` and weight decay (only the AdamW family has
+    both)."""
+    groups = optimizer.param_groups
+    if any("betas" not in g or "weight_decay" not in g for g in groups):
         return None
+    shown = next((g for g in groups if g["weight_decay"]), groups[0])
     ratio = batch_size / base_batch_size
+    factor = ratio * base_lr / lr
     return AdamWScaling(
-        beta2=group["betas"][1] ** ratio,
-        weight_decay=group["weight_decay"] * ratio * base_lr / lr,
+        ratio=ratio,
+        decay_factor=factor,
+        beta2=shown["betas"][1] ** ratio,
+        weight_decay=shown["weight_decay"] * factor,
     )
 
 

@@ -31,6 +31,7 @@ import torch
 from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as optimize() uses
 from optuna.trial import FrozenTrial, TrialState
 
+from autobatch.data import epoch_samples, steps_per_epoch
 from autobatch.errors import StudyInterrupted
 from autobatch.memory import MemoryMeter
 from autobatch.oom import drop_failed_attempt, is_oom_error
@@ -54,6 +55,7 @@ from autobatch.records import (
     TuneObserver,
     TuneResult,
 )
+from autobatch.training import needs_two_samples, seeded
 from autobatch.tuning import clock, curves, prior, pruner, scoring, space, storage
 from autobatch.tuning.loop import StopTrial, TrialFailed, train
 from autobatch.tuning.noise_probe import NoiseProbe
@@ -181,6 +183,10 @@ class Worker:
         self.device_name = clock.describe_device(task.device)
         self.train_data = task.training_batches().to_device()
         self.val_data = task.validation_batches().to_device()
+        # Whether trials leave out a final one-sample batch (batch norm: loop.train), so the
+        # steps per epoch recorded are those trained; one model built to look.
+        with seeded(task):
+            self.drop_single = needs_two_samples(task.model().train())
         self.notes: list[str] = list(notes)  # for this run's result, beside the stored ones
         self.clock = prior.step_clock(settings)
         self._bar: Progress | None = None
@@ -377,7 +383,7 @@ class Worker:
             noise_scale=noise if settings.lr_rule.startswith("saturating-") else None,
             beta2=None if scaling is None else scaling.beta2,
             weight_decay=None if scaling is None else scaling.weight_decay,
-            iterations_per_epoch=math.ceil(settings.train_size / size),
+            iterations_per_epoch=steps_per_epoch(settings.train_size, size, self.drop_single),
             max_epochs=settings.max_epochs,
             seed=self.task.seed,
             role=trial.user_attrs.get(storage.ROLE),
@@ -389,7 +395,8 @@ class Worker:
         self.observers.trial_started(trial, record)
         bar = self._bar
         if bar is not None:
-            bar.start_trial(record, int(settings.max_epochs * settings.train_size))
+            epoch = epoch_samples(settings.train_size, size, self.drop_single)
+            bar.start_trial(record, int(settings.max_epochs * epoch))
         points: list[EvalPoint] = []
         pruned: str | None = None  # why, once halving or the hopeless rule stopped it
         last_step = 0
