@@ -290,6 +290,9 @@ class TuneResult:
     steps: int | None = None
     warnings: tuple[str, ...] = ()
     mlflow_run_id: str | None = None
+    #: Whether the target is the best loss at an epoch end, not the lowest loss found: no
+    #: epoch end came within the tolerance of that (a dip between two evaluations).
+    target_at_epoch_end: bool = False
     study: optuna.Study | None = field(default=None, compare=False, repr=False)
 
     def best(self) -> TrialRecord | None:
@@ -331,10 +334,20 @@ class TuneResult:
         if self.target_loss is None:
             return None
         level = self.target_loss + self.settings.tolerance * abs(self.target_loss)
-        basis = "target_loss" if self.settings.target_loss is not None else "the best loss found"
+        tolerance = f"{self.settings.tolerance:.0%}"
+        if self.settings.target_loss is not None:
+            basis = "target_loss"
+        elif self.target_at_epoch_end:
+            basis = "the best loss at an epoch end"
+        else:
+            basis = "the best loss found"
+        why = (
+            f": no epoch end came within {tolerance} of the lowest loss, a dip between evaluations"
+            if self.target_at_epoch_end
+            else ""
+        )
         return (
-            f"validation loss <= {level:.4g} ({basis}, {self.target_loss:.4g}, "
-            f"+ {self.settings.tolerance:.0%})"
+            f"validation loss <= {level:.4g} ({basis}, {self.target_loss:.4g}, + {tolerance}{why})"
         )
 
     def table(self) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from autobatch.records import (
     MIDDLE,
     NEIGHBOUR,
     PREDICTED,
+    PRUNED,
     RAISED,
     EvalPoint,
     StudySettings,
@@ -194,8 +195,13 @@ def test_a_trial_whose_training_blew_up_neither_sets_the_target_nor_is_recommend
     result = scoring.recommend(records, settings())
     assert result.best_trial == 1 and result.target_loss == 0.4
     assert any(w.startswith("trial 2 reached a lower loss (0.3)") for w in result.warnings)
-    # Where every completed trial is unstable, they are judged as they are.
-    assert scoring.best_loss([_trained(base, [1.0, 0.5, 1.2, 1.5]), dip]) == 0.3
+    # Where every completed trial is unstable, they are judged as they are, and the
+    # recommendation says it is not one to train with.
+    blown = [_trained(base, [1.0, 0.5, 1.2, 1.5]), dip]
+    assert scoring.best_loss(blown) == 0.3
+    assert not any("every completed trial went unstable" in w for w in result.warnings)
+    warnings = scoring.recommend(blown, settings()).warnings
+    assert any(w.startswith("every completed trial went unstable (trial 2's") for w in warnings)
     # A step of the walk past the range that went unstable lost, whatever its best loss: it is
     # not taken again from a new best at another batch size.
     origin = _at(3, 3.0, 0.35, batch_size=256)
@@ -206,18 +212,29 @@ def test_a_trial_whose_training_blew_up_neither_sets_the_target_nor_is_recommend
     assert space.past_the_edge([*_seeds(), origin, calm, moved], settings()) == (64, 6.0)
 
 
-def test_where_no_trial_reaches_the_target_the_closest_is_judged_where_it_can_stop() -> None:
-    """The target is the best loss any trial reached, a dip between two epoch ends (0.30)
-    included. Where no epoch end comes within the tolerance of it, the closest trial is the
-    one whose training can stop nearest it: not the dip's own, which ends an epoch at 0.45,
-    worse than the baseline."""
+def test_where_no_epoch_end_comes_near_the_lowest_loss_the_target_is_the_best_epoch_end() -> None:
+    """A trial reaches the target only at an epoch end. Where the lowest loss is a dip between
+    two epoch ends (0.30) that no epoch end comes within the tolerance of, the target is the
+    lowest loss at an epoch end (0.38): the trials are judged by a level some reach, and the
+    fastest of those is recommended, not the dip's own (it ends an epoch at 0.45, worse than
+    the baseline) nor merely the closest."""
     dip = record(1, [0.8, 0.5, 0.30, 0.45], 1.0)
     steady = record(2, [0.9, 0.6, 0.42, 0.38], 5.0)
     result = scoring.recommend([BASE, dip, steady], settings(tolerance=0.02))
-    assert result.target_loss == 0.30
+    assert result.target_loss == 0.38 and "the best loss at an epoch end, 0.38" in result.target()
     assert (result.best_trial, result.epochs) == (2, 2)
     judged = {r.number: r for r in result.trials}
-    assert judged[2].value < judged[0].value < judged[1].value  # 0.38, 0.40, 0.45
+    assert judged[2].time_to_target == 20.0 and judged[0].time_to_target is None
+    assert judged[2].value < judged[0].value < judged[1].value  # reached; 0.40, 0.45 missed
+    # A faster trial that ends within the tolerance of the best epoch end is recommended.
+    quick = record(3, [0.8, 0.385], 2.0)
+    result = scoring.recommend([BASE, dip, steady, quick], settings(tolerance=0.02))
+    assert (result.target_loss, result.best_trial, result.epochs) == (0.38, 3, 1)
+    # Where an epoch end comes within the tolerance of the dip, the dip stays the target.
+    near = record(4, [0.8, 0.305], 2.0)
+    assert (
+        scoring.recommend([BASE, dip, steady, near], settings(tolerance=0.02)).target_loss == 0.30
+    )
 
 
 def test_objectives_and_infeasible_sizes() -> None:
@@ -479,6 +496,33 @@ def test_a_step_of_the_walk_that_lost_at_one_batch_size_is_not_taken_at_another(
     assert space.past_the_edge(diverged, settings()) is None
     oom = [*top, _at(3, 6.0, 0.1, role=BEYOND, state=INFEASIBLE), moved[-1]]
     assert space.past_the_edge(oom, settings()) == (256, 6.0)
+
+
+def test_pruned_trials_steer_nothing_but_count_as_tried() -> None:
+    """A pruned trial's curve was cut where halving compared it, so its loss is no end result:
+    however low, it moves neither the best trial the walks start from nor the sampled range.
+    It still ran where it ran, so no walk queues its configuration again."""
+
+    def pruned(trial: TrialRecord) -> TrialRecord:
+        return dataclasses.replace(trial, state=PRUNED)
+
+    inside = [*_seeds(), _at(1, 1.5, 0.4)]
+    # Lower than any completed loss, near the range's top and far past it: the best stays x1.5.
+    low = [*inside, pruned(_at(2, 3.0, 0.1)), pruned(_at(3, 40.0, 0.05, batch_size=256))]
+    assert scoring.best_trial(low).number == 1
+    assert space.past_the_edge(low, settings()) is None
+    assert space.sampling_range(low, settings()) == (0.25, 4.0)
+    assert space.carried_over(low, settings(), fastest=256) == (256, 1.5)  # not x40
+    # The walk along the batch size starts from the fastest completed trial; a neighbour
+    # pruned above it ends the walk on that side, and it turns down.
+    fast = [*_seeds(), _at(2, 1.5, 0.3), pruned(_at(3, 0.5, 0.9, batch_size=16))]
+    assert space.neighbour(fast, settings()) == (256, 1.5)  # the pruned one counts as sampled
+    cut = pruned(dataclasses.replace(_at(4, 1.5, 0.2, batch_size=256), role=NEIGHBOUR))
+    assert space.neighbour([*fast, cut], settings()) == (16, 1.5)
+    # A step past the range's end given up as hopeless lost: it is not taken again.
+    top = [*inside, _at(2, 3.0, 0.3)]
+    step = pruned(_at(3, 6.0, 0.1, role=BEYOND))
+    assert space.past_the_edge([*top, step, _at(4, 3.0, 0.2, batch_size=256)], settings()) is None
 
 
 def test_sampled_trials_draw_from_a_range_moved_to_a_best_trial_outside_it() -> None:

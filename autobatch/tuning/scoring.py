@@ -93,12 +93,31 @@ def target_loss(records: Sequence[TrialRecord], settings: StudySettings) -> floa
     ends near the best loss the study found. Trials told while the best was higher were
     judged by an easier target; :func:`rescore` judges every stored curve again by the final
     one. None until the reference trial has ended: no trial has a target before it.
+
+    Trials reach the target only where training can stop (:func:`curves.reaching`), so when
+    no epoch end of any trial comes within the tolerance of the lowest loss (a dip between two
+    evaluations, on a loss noisier than the tolerance), the target is the lowest loss at an
+    epoch end instead. Aimed at the dip, every trial missed: the study recommended the closest
+    whatever its speed, and nothing predicted a time to a target no trial reached (the
+    built-in ``blobs`` example: 20 trials, all missed, 1% above a dip of 0.2948).
     """
     if settings.target_loss is not None:
         return float(settings.target_loss)
     if reference(records) is None:
         return None
-    return best_loss(records)
+    lowest = best_loss(records)
+    at_stops = min((_best_at_stop(r) for r in stable(records)), default=None)
+    if lowest is None or at_stops is None:
+        return lowest
+    return lowest if at_stops <= curves.threshold(lowest, settings.tolerance) else at_stops
+
+
+def _best_at_stop(record: TrialRecord) -> float:
+    """``record``'s lowest smoothed loss where training can stop (:func:`curves.best_at_stop`)."""
+    return curves.best_at_stop(
+        [p.epoch for p in record.curve], [p.val_loss_smoothed for p in record.curve],
+        record.max_epochs,
+    )  # fmt: skip
 
 
 def score(record: TrialRecord, settings: StudySettings, target: float | None) -> Score | None:
@@ -270,12 +289,16 @@ def recommend(
     target = target_loss(records, settings)
     complete = [r for r in stable(records) if r.value is not None]
     if not complete:
-        why = "; ".join(f"trial {r.number} {r.state}: {r.reason}" for r in records if r.reason)
+        reasons = [f"trial {r.number} {r.state}: {r.reason}" for r in records if r.reason]
+        why = "; ".join(reasons[:SHOWN_REASONS])
+        if len(reasons) > SHOWN_REASONS:
+            why += f"; {len(reasons) - SHOWN_REASONS} more"
         raise AutobatchError(
             "no trial completed, so there is nothing to recommend"
-            + (f" ({why[:300]})" if why else "")
-            + "; fix what the trials say (a learning rate that diverges: narrow "
-            "lr_multiplier_range, --lr-multiplier-range) and rerun"
+            + (f" ({why})" if why else "")
+            + "; fix what the trials say (a learning rate that diverges: lower Task.lr or "
+            "narrow lr_multiplier_range, --lr-multiplier-range; a loss that is nan at every "
+            "rate: nan or inf in the data) and rerun"
         )
     reached = [r for r in complete if r.time_to_target is not None]
     pool = reached or complete
@@ -286,6 +309,13 @@ def recommend(
     else:
         best = min(pool, key=lambda r: (r.value, r.best_val_loss, r.number))
     warnings = list(notes)
+    if unstable(best):  # every completed trial is (:func:`stable`)
+        warnings.append(
+            f"every completed trial went unstable (trial {best.number}'s training loss ended "
+            f"{climb(best):.3g}x its lowest): the rates tried are past the stable edge, so this "
+            "recommendation is not one to train with; lower the task's learning rate (Task.lr) "
+            "and rerun"
+        )
     passed = [r for r in records if unstable(r) and r.best_val_loss < best.best_val_loss]
     if passed:
         lowest = min(passed, key=lambda r: (r.best_val_loss, r.number))
@@ -305,6 +335,7 @@ def recommend(
         lr_multiplier=best.lr_multiplier,
         best_trial=best.number,
         target_loss=target,
+        target_at_epoch_end=settings.target_loss is None and target != best_loss(records),
         probe=probe,
         trials=tuple(records),
         settings=settings,
@@ -320,6 +351,8 @@ def steps_to_train(choice: curves.EpochChoice, per_epoch: int, max_epochs: float
     return max(1, math.ceil(choice.at_epoch * per_epoch - 1e-9))
 
 
+#: Trials whose failure a study with none completed names, whole, in its error.
+SHOWN_REASONS = 3
 #: How many times its lowest a trial's training loss may end at before the trial counts as
 #: unstable (:func:`unstable`).
 UNSTABLE = 2.0
