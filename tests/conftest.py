@@ -1,4 +1,5 @@
-"""Shared test setup: no test writes to the user's cache, and garbage collection stays cheap."""
+"""Shared test setup: no test writes to the user's cache, and garbage collection stays cheap;
+one check that a probed answer really trains."""
 
 from __future__ import annotations
 
@@ -24,3 +25,29 @@ def _cheap_gc():
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+@pytest.fixture
+def trains_fresh():
+    """``check(task, batch_size, capacity, budget)``: whether two real steps at ``batch_size``
+    run on a fresh simulated device of ``capacity`` bytes with their peak within ``budget``:
+    what a probe's answer promises, checked apart from the probe."""
+    import torch
+
+    from autobatch import TrackedMeter
+    from autobatch.training import TrainStep, build
+
+    def check(task, batch_size: int, capacity: int, budget: int) -> bool:
+        fresh = TrackedMeter(capacity)
+        try:
+            with fresh:
+                model, optimizer = build(task)
+                step = TrainStep(task, model, optimizer)
+                batch = tuple(t[:batch_size].clone() for t in task.train_data)
+                step(batch)
+                step(batch)
+        except torch.OutOfMemoryError:
+            return False
+        return fresh.peak() <= budget
+
+    return check

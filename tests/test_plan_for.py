@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch import InvalidInputError, Task, TrackedMeter, examples, probe
+from autobatch import InvalidInputError, Task, examples, probe
 from autobatch.cli import main
 from autobatch.memory.plan import PlanMeter, check_torch_version
 from autobatch.records import ProbeResult
-from autobatch.training import TrainStep, build
 
 MiB = 1024**2
 
@@ -120,7 +119,7 @@ def bag_task() -> Task:
     )
 
 
-def test_a_sparse_gradient_is_probed_and_a_plan_of_it_refused():
+def test_a_sparse_gradient_is_probed_and_a_plan_of_it_refused(trains_fresh):
     task = bag_task()
     capacity = 4 * MiB
     result = probe(task, memory_budget=capacity, cache=False)
@@ -128,19 +127,7 @@ def test_a_sparse_gradient_is_probed_and_a_plan_of_it_refused():
     # The answer trains within the budget on a fresh simulated device, its sparse gradient
     # (16 rows of 32 floats per sample) counted; twice as many samples do not fit.
     for batch_size, fits in ((result.batch_size, True), (2 * result.batch_size, False)):
-        fresh = TrackedMeter(capacity)
-        try:
-            with fresh:
-                model, optimizer = build(task)
-                step = TrainStep(task, model, optimizer)
-                batch = tuple(t[:batch_size].clone() for t in task.train_data)
-                step(batch)
-                step(batch)
-            ran = True
-        except torch.OutOfMemoryError:
-            ran = False
-        assert (ran and fresh.peak() <= result.budget_bytes) == fits, batch_size
-        model = optimizer = step = batch = None
+        assert trains_fresh(task, batch_size, capacity, result.budget_bytes) == fits, batch_size
     # Fake tensors drop a sparse tensor's entries: a plan would leave the gradient out.
     with pytest.raises(InvalidInputError, match="sparse") as info:
         probe(task, plan_for=capacity, cache=False)

@@ -752,7 +752,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 @pytest.mark.slow
-def test_probe_builtin_example_returns_a_size_that_really_trains():
+def test_probe_builtin_example_returns_a_size_that_really_trains(trains_fresh):
     from autobatch import examples
 
     task = examples.cnn(samples=256)
@@ -764,19 +764,7 @@ def test_probe_builtin_example_returns_a_size_that_really_trains():
     assert meter.current() == 0
     # The answer trains within the budget on a fresh device, and a clearly larger one does not.
     for batch_size, fits in ((result.batch_size, True), (2 * result.batch_size, False)):
-        fresh = TrackedMeter(capacity)
-        try:
-            with fresh:
-                model, optimizer = build(task)
-                step = TrainStep(task, model, optimizer)
-                batch = tuple(t[:batch_size].clone() for t in task.train_data)
-                step(batch)
-                step(batch)
-            ran = True
-        except torch.OutOfMemoryError:
-            ran = False
-        assert (ran and fresh.peak() <= result.budget_bytes) == fits, batch_size
-        model = optimizer = step = batch = None
+        assert trains_fresh(task, batch_size, capacity, result.budget_bytes) == fits, batch_size
 
 
 def test_probe_builtin_digits_under_a_memory_budget_string():
