@@ -278,6 +278,7 @@ class AutoBatchFinder(Callback):
         from autobatch.tuning.study import tune  # optuna and the tuner: only when tuning
 
         rng = RngState.capture()  # fit then draws the random numbers it would have drawn
+        given = lightning_getattr(pl_module, self.batch_arg_name)
         try:
             with _offloaded(pl_module, trainer.strategy.root_device):
                 result = tune(
@@ -292,7 +293,7 @@ class AutoBatchFinder(Callback):
                     tracking_uri=self.tracking_uri,
                 )
         except BaseException:
-            lightning_setattr(pl_module, self.batch_arg_name, plan.workload.batch_size)
+            lightning_setattr(pl_module, self.batch_arg_name, given)
             raise
         finally:
             rng.restore()
@@ -300,6 +301,14 @@ class AutoBatchFinder(Callback):
         self.optimal_batch_size = result.batch_size
         lightning_setattr(pl_module, self.batch_arg_name, result.batch_size)
         lightning_setattr(pl_module, plan.lr_attr_name, result.lr)
+        if trainer.accumulate_grad_batches != 1:
+            log.warning(
+                "AutoBatchFinder: fit goes on with accumulate_grad_batches=1 (it was %d): the "
+                "recommended batch size is the batch of one optimizer step, as the trials "
+                "trained it",
+                trainer.accumulate_grad_batches,
+            )
+            trainer.accumulate_grad_batches = 1
         trainer.strategy.setup_optimizers(trainer)  # configure_optimizers, with the tuned rate
         trainer.fit_loop.max_epochs = result.epochs
         self._stop_inside_the_last_epoch(trainer, result)
@@ -637,6 +646,12 @@ def _plan_trials(
             "AutoBatchFinder: trials train at a constant learning rate, without the "
             "schedulers of configure_optimizers(); fit uses them, at the tuned rate"
         )
+    if trainer.gradient_clip_val:
+        log.warning(
+            "AutoBatchFinder: trials train without gradient clipping; fit clips at "
+            "gradient_clip_val=%g, at the tuned rate",
+            trainer.gradient_clip_val,
+        )
     if len(optimizer.param_groups) > 1:
         log.info(
             "AutoBatchFinder: trials put every parameter in one group with %s's defaults; "
@@ -670,7 +685,11 @@ def _plan_trials(
         train_dataset=train,
         val_dataset=val,
         lr=float(base_lr),
-        batch_size=lightning_getattr(module, finder.batch_arg_name),
+        # The rate was set for the batch one optimizer step sees: with gradient accumulation,
+        # the module's batch times accumulate_grad_batches. Trials train without accumulation,
+        # and fit goes on without it (AutoBatchFinder._tune).
+        batch_size=lightning_getattr(module, finder.batch_arg_name)
+        * trainer.accumulate_grad_batches,
         device=trainer.strategy.root_device,
         precision=precision,
         seed=finder.seed,

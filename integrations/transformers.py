@@ -359,7 +359,9 @@ class _Prober:
         trainer, meter, optimizer, scaler = self.trainer, self.meter, self.optimizer, self.scaler
         self.model.train()
         with self._autocast(), trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(self.model, batch)
+            # A copy: with label smoothing compute_loss pops the labels from the dict it gets,
+            # and the probe steps twice on one batch.
+            loss = trainer.compute_loss(self.model, dict(batch))
         if readings is not None:
             readings.append(meter.current())
         (loss if scaler is None else scaler.scale(loss)).backward()
@@ -392,6 +394,8 @@ class _Samples:
                 f"the {description} dataset is a {type(dataset).__name__} without __len__ and "
                 "__getitem__; the probe needs a map-style dataset to form batches of each size"
             )
+        if len(dataset) == 0:
+            raise InvalidInputError(f"the {description} dataset is empty; give it samples")
         collate = trainer.data_collator
         if type(dataset).__module__.startswith("datasets") and hasattr(
             trainer, "_remove_unused_columns"
@@ -482,7 +486,7 @@ class TrainerWorkload:
 
     def batch_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         with self.trainer.compute_loss_context_manager():
-            return self.trainer.compute_loss(model, batch)
+            return self.trainer.compute_loss(model, dict(batch))  # it may pop the labels
 
     def evaluate(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
         return self.batch_loss(model, batch), None

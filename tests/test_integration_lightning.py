@@ -578,6 +578,17 @@ def test_tune_mode_fits_with_the_recommendation():
     assert check.same_tensors and check.same_rng and check.optimizer_state == 0
 
 
+def test_tune_mode_takes_the_rate_as_set_for_the_accumulated_batch_and_fits_without_it():
+    """With accumulate_grad_batches=4 the module's rate was set for 4x its batch: that is the
+    study's base batch size, trials train without accumulation, and so does fit."""
+    module, finder = Tunable(), tuner()
+    run = trainer(finder, max_steps=-1, max_epochs=5, accumulate_grad_batches=4)
+    run.fit(module)
+    result = finder.tune_result
+    assert result.settings.base_batch_size == 4 * 8
+    assert run.accumulate_grad_batches == 1 and module.hparams.batch_size == result.batch_size
+
+
 def test_tune_mode_without_hparams_needs_a_model_factory():
     with pytest.raises(InvalidInputError, match="saved no hyperparameters.*model_factory") as info:
         trainer(tuner(), max_steps=-1).fit(Unsaved())

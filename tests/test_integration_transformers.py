@@ -310,6 +310,18 @@ def test_without_eval_dataset_only_training_is_probed(tmp_path):
     assert any("eval_dataset" in note for note in plan.notes)
 
 
+def test_label_smoothing_is_probed_though_compute_loss_pops_the_labels(tmp_path):
+    """With a label smoother, the Trainer's compute_loss takes the labels out of the dict it
+    is given; the probe steps twice on each batch, so it hands over a copy."""
+    trainer = make_trainer(tmp_path, evaluation=0, label_smoothing_factor=0.1)
+    assert probe_trainer(trainer, memory_budget=BUDGET).train_probe.batch_size > 1
+
+
+def test_an_empty_training_set_is_one_line(tmp_path):
+    with pytest.raises(InvalidInputError, match="the training dataset is empty"):
+        probe_trainer(make_trainer(tmp_path, train=0), memory_budget=BUDGET)
+
+
 def test_search_is_bound_by_the_dataset_length(tmp_path):
     plan = probe_trainer(make_trainer(tmp_path, train=6, evaluation=5), memory_budget=BUDGET)
     assert plan.train_probe.batch_size == 6

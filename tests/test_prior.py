@@ -93,6 +93,20 @@ def test_adam_preconditioning_and_nothing_disturbed() -> None:
     assert measure(torch.optim.Adam) == pytest.approx(measure(torch.optim.SGD), rel=1e-3)
 
 
+def test_the_noise_probe_reads_datasets_smaller_than_its_chunks() -> None:
+    """Seven samples hold fewer than CHUNKS batches: the chunks run on into the next pass.
+    A batch-norm model gets small batches of two, never a last batch of one."""
+    x, y = torch.randn(9, 6), torch.randn(9, 1)
+    task = Task(model=lambda: nn.Linear(6, 1), train_data=(x, y), loss=nn.functional.mse_loss)
+    for model, data, two in ((nn.Linear(6, 1), (x[:7], y[:7]), False),
+                             (nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 1)), (x, y), True)):  # fmt: skip
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = NoiseProbe(task, BatchSource(data, task.device), 4, seed=0, two_samples=two)
+        assert probe.batch_size == (2 if two else 1)
+        small, big = probe.norms(model, optimizer)
+        assert small > 0 and big > 0
+
+
 def test_noise_scale_is_none_until_the_gradient_shows() -> None:
     estimate = prior.NoiseScale(small=8, big=64)
     assert estimate.value is None

@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -117,6 +118,19 @@ def test_store_only_mlflow_can_check_is_checked_before_any_trial(task) -> None:
     message = str(error.value)  # the driver missing or the server refusing: both name the store
     assert "postgresql://optuna:***@127.0.0.1:1/mlflow" in message
     assert "secret" not in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_a_refused_folder_store_leaves_no_study_behind(task, tmp_path: Path) -> None:
+    """MLflow 3 refuses its folder store when the logging process opens it: one line with the
+    fix, and the study storage holds nothing a rerun would wait for."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    folder = f"file://{tmp_path / 'mlruns'}"
+    with pytest.raises(InvalidInputError, match="MLFLOW_ALLOW_FILE_STORE=true") as error:
+        tune(task, storage=storage, tracking_uri=folder, **FAST)
+    assert "\n" not in str(error.value)
+    assert optuna.get_all_study_names(storage) == []
+    assert len(tune(task, storage=storage, mlflow=False, **FAST).trials) == 4
 
 
 def test_quick_check_accepts_any_answer_and_ignores_credentials(mlflow_server: str) -> None:

@@ -162,6 +162,13 @@ def open_client(tracking_uri: str, *, timeout: int = 5, create: bool = True) -> 
                 f"driver is not installed (pip install {exc.name.split('.')[0]}), or pass "
                 "--no-mlflow"
             ) from None
+        if "MLFLOW_ALLOW_FILE_STORE" in str(exc):  # MLflow 3 refuses its folder store
+            raise InvalidInputError(
+                f"MLflow refuses the folder store {redact_url(tracking_uri)} (in maintenance "
+                "mode since MLflow 3): use a database store, e.g. --tracking-uri "
+                "sqlite:///mlflow.db (`mlflow migrate-filestore` moves existing runs), or set "
+                "MLFLOW_ALLOW_FILE_STORE=true to keep the folder"
+            ) from None
         raise InvalidInputError(
             f"cannot open the MLflow tracking store {redact_url(tracking_uri)} "
             f"({_first_line(exc, 160)}); fix --tracking-uri (e.g. sqlite:///mlflow.db) or pass "

@@ -49,15 +49,25 @@ class NoiseProbe:
     """Measures the gradient noise scale of a model as it trains, at each evaluation.
 
     ``batch_size`` samples make the small batch, :data:`CHUNKS` of them the big one (their
-    gradients are averaged, so the big batch never needs more memory than the small one).
+    gradients are averaged, so the big batch never needs more memory than the small one). On a
+    dataset of fewer than ``CHUNKS`` small batches the chunks run on into the next pass;
+    ``two_samples`` (a model with batch norm) keeps every small batch at two samples or more.
     """
 
     def __init__(
-        self, workload: Workload, data: BatchSource, batch_size: int, seed: int = 0
+        self,
+        workload: Workload,
+        data: BatchSource,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        two_samples: bool = False,
     ) -> None:
         self.workload = workload
         self.data = data
-        self.batch_size = max(1, min(batch_size, len(data) // CHUNKS))
+        smallest = min(2, len(data)) if two_samples else 1
+        self.batch_size = max(smallest, min(batch_size, len(data) // CHUNKS))
+        self.two_samples = two_samples
         self.chunks = CHUNKS
         self.estimate = NoiseScale(self.batch_size, self.batch_size * self.chunks)
         self.generator = torch.Generator().manual_seed(seed)
@@ -100,6 +110,12 @@ class NoiseProbe:
         return small_sum / self.chunks, big_sq
 
     def _batches(self) -> Iterator[object]:
-        batches = self.data.epoch(self.batch_size, self.generator)
-        for _ in range(self.chunks):
-            yield next(batches)
+        drawn = 0
+        while True:
+            for batch in self.data.epoch(
+                self.batch_size, self.generator, drop_single=self.two_samples
+            ):
+                yield batch
+                drawn += 1
+                if drawn == self.chunks:
+                    return

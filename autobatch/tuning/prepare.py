@@ -181,13 +181,19 @@ def prepare(
                 lr_range_test=None if found is None else found.to_dict(),
                 step_clock=timed if timed["seconds"] else None,
             )
+            if tracker is not None:  # refused before the study exists: a rerun starts anew
+                tracker.ensure_usable()
             study = _create(opened, settings, probed, notes)
             if study is not None:
-                # The study's MLflow run before the mark "prepared": whoever joins finds it.
-                if tracker is not None:
-                    tracker.ensure_usable()
-                    _open_study_run(study, tracker, settings)
-                study.set_user_attr(storage.SETTINGS, settings.to_dict())
+                try:
+                    # The study's MLflow run before the mark "prepared": whoever joins finds it.
+                    if tracker is not None:
+                        _open_study_run(study, tracker, settings)
+                    study.set_user_attr(storage.SETTINGS, settings.to_dict())
+                except BaseException:
+                    # Never marked prepared, it would hold up every rerun: take it away.
+                    optuna.delete_study(study_name=name, storage=opened)
+                    raise
                 created = True
         elif storage.settings_of(study) is None:
             study = None  # another process is preparing it: wait for its facts

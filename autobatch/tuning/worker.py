@@ -282,19 +282,21 @@ class Worker:
     ) -> str | None:
         """Why this worker should not start a trial now, or None. Until the reference trial
         has ended, only seeded trials start: a sampled one would run with no target to stop
-        at and no rung to be pruned at. A settled study starts none, and its last trials are
-        waited for (a dead worker's is failed meanwhile)."""
-        n_trials = self.settings.n_trials
+        at and no rung to be pruned at. Under a saturating lr rule none does: every other
+        trial's rate needs the noise scale the reference trial measures (started beside it,
+        the seeds trained at the plain rule's rate, unlike the same study in one process). A
+        settled study starts none, and its last trials are waited for (a dead worker's is
+        failed meanwhile)."""
+        settings = self.settings
         if settled is not None or (
-            n_trials is not None and state.finished + state.running >= n_trials
+            settings.n_trials is not None and state.finished + state.running >= settings.n_trials
         ):
             return "the study's last trials"
-        if (
-            state.running
-            and not state.seeds_waiting
-            and self.settings.target_loss is None
-            and not scoring.reference(records)
-        ):
+        if not state.running or scoring.reference(records):
+            return None
+        if settings.lr_rule.startswith("saturating-"):
+            return "the reference trial, which measures the gradient noise scale"
+        if not state.seeds_waiting and settings.target_loss is None:
             return "the reference trial, which fixes the target"
         return None
 
@@ -476,7 +478,9 @@ class Worker:
                 meter=self.meter,
                 # The reference trial measures the gradient noise scale the lr rules and
                 # predictions use.
-                noise=NoiseProbe(self.task, self.train_data, size, self.task.seed)
+                noise=NoiseProbe(
+                    self.task, self.train_data, size, self.task.seed, two_samples=self.drop_single
+                )
                 if record.role == BASELINE
                 else None,
                 configure=None if scaling is None else scaling.apply,
