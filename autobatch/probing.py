@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
 from autobatch import probe_cache, validation, workload
 from autobatch.errors import AutobatchError, BatchSizeOneDoesNotFit, InvalidInputError
@@ -739,6 +740,11 @@ def probe(
         )
     _check_bounds(max_batch_size, multiple_of)
     if plan_for is not None:
+        if task.device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInputError(
+                "device 'cuda' was asked for but torch sees no CUDA device; a plan needs no "
+                "card: plan on --device cpu"
+            )
         meter = PlanMeter(parse_bytes(plan_for, name="plan_for"), task.device)
     meter = meter or meter_for(task.device, memory_budget)
     source = task.training_batches()
@@ -753,7 +759,9 @@ def probe(
     train_step: TrainStep | None = None
     try:
         if owned and isinstance(meter, PlanMeter):
-            model, optimizer = build_fake(task.model, task.optimizer, task.lr, meter)
+            model, optimizer = _build_on(
+                task, meter, lambda: build_fake(task.model, task.optimizer, task.lr, meter)
+            )
         elif owned:
             model, optimizer = _build_on(task, meter)
         if not owned:
@@ -859,6 +867,10 @@ def probe(
         if cache:
             probe_cache.store(key, result, cache_dir)
         return result
+    except (DataDependentOutputException, DynamicOutputShapeException) as exc:
+        if not isinstance(meter, PlanMeter):
+            raise
+        raise InvalidInputError(_unplannable(task, exc)) from None
     finally:
         # An exception keeps this frame alive: let go of the model built here (and of the
         # host copies) now, not when the caller drops the exception.
@@ -1057,11 +1069,32 @@ def _history_to_come(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     return torch.empty(missing, dtype=params[0].dtype, device=params[0].device)
 
 
-def _build_on(task: Workload, meter: MemoryMeter) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The task's model and optimizer, built under ``meter``; a model that alone does not fit
-    is reported like a batch size of one that does not fit, not as a bare allocator error."""
+def _unplannable(task: Workload, exc: Exception) -> str:
+    """Why fake tensors could not run the step, and what to do instead."""
+    if task.precision == "fp16":
+        return (
+            "plan_for cannot run fp16 loss scaling on fake tensors (the gradient scaler reads "
+            "whether gradients overflowed); plan with precision 'bf16', whose step holds the "
+            "same tensors but the scaler's few bytes, or probe with memory_budget= instead"
+        )
+    op = getattr(exc, "func", None)
+    return (
+        "plan_for cannot plan a step whose work depends on tensor values "
+        f"({op or type(exc).__name__}: a boolean mask, nonzero, .item() or a branch on a "
+        "value); probe with memory_budget= instead"
+    )
+
+
+def _build_on(
+    task: Workload, meter: MemoryMeter, make: Callable[[], Any] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The task's model and optimizer (or what ``make`` builds), built under ``meter``; a model
+    that alone does not fit is reported like a batch size of one that does not fit, not as a
+    bare allocator error."""
     meter.reset_peak()
     try:
+        if make is not None:
+            return make()  # it enters the meter itself
         with meter:
             return build(task)
     except BaseException as exc:

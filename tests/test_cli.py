@@ -186,6 +186,8 @@ def test_bad_input_is_one_line_and_exit_2(args, expected, capsys):
 def test_cuda_without_cuda_is_bad_input(capsys):
     assert main(["probe", "digits", "--device", "cuda"]) == 2
     assert "no CUDA device" in _error_line(capsys)
+    assert main(["probe", "digits", "--device", "cuda", "--plan-for", "4MiB"]) == 2
+    assert "a plan needs no card" in _error_line(capsys)
 
 
 def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(monkeypatch, capsys):

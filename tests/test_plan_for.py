@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch import InvalidInputError, Task, examples, probe
+from autobatch import BatchSizeOneDoesNotFit, InvalidInputError, Task, examples, probe
 from autobatch.cli import main
 from autobatch.memory.plan import PlanMeter, check_torch_version
 from autobatch.records import ProbeResult
@@ -143,6 +144,47 @@ def test_a_plan_refuses_lazy_modules_with_the_fix():
     with pytest.raises(InvalidInputError, match="lazy modules") as info:
         probe(task, plan_for="1GiB", cache=False)
     assert "nn.Linear(in, out)" in str(info.value)
+
+
+class _Masked(nn.Module):
+    """Keeps only the positive inputs: how much it keeps depends on the values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * (x > 0)).sum(0, keepdim=True).expand(x.shape[0], 4) + x[x > 0].sum()
+
+
+def _by_value_step(model, batch):
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    return loss * 2 if loss.item() > 1 else loss
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "expected"),
+    [
+        ({"precision": "fp16"}, InvalidInputError, "precision 'bf16'"),
+        ({"model": _Masked}, InvalidInputError, "depends on tensor values (aten.nonzero"),
+        ({"step": _by_value_step, "loss": None}, InvalidInputError, "depends on tensor values"),
+    ],
+)
+def test_what_fake_tensors_cannot_run_is_one_line_with_the_fix(changes, error, expected):
+    fields = dict(
+        model=lambda: nn.Linear(16, 4),
+        train_data=(torch.randn(64, 16), torch.randint(0, 4, (64,))),
+        loss=F.cross_entropy,
+    )
+    with pytest.raises(error, match=re.escape(expected)) as info:
+        probe(Task(**{**fields, **changes}), plan_for="1GiB", cache=False)
+    assert "memory_budget=" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_plan_smaller_than_the_model_is_refused_like_a_budget():
+    with pytest.raises(BatchSizeOneDoesNotFit, match="the model itself does not fit"):
+        probe(tagger_task(), plan_for="1KiB", cache=False)
 
 
 @pytest.mark.parametrize(

@@ -98,8 +98,8 @@ def test_the_noise_probe_reads_datasets_smaller_than_its_chunks() -> None:
     A batch-norm model gets small batches of two, never a last batch of one."""
     x, y = torch.randn(9, 6), torch.randn(9, 1)
     task = Task(model=lambda: nn.Linear(6, 1), train_data=(x, y), loss=nn.functional.mse_loss)
-    for model, data, two in ((nn.Linear(6, 1), (x[:7], y[:7]), False),
-                             (nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 1)), (x, y), True)):  # fmt: skip
+    normed = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 1))
+    for model, data, two in ((nn.Linear(6, 1), (x[:7], y[:7]), False), (normed, (x, y), True)):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         probe = NoiseProbe(task, BatchSource(data, task.device), 4, seed=0, two_samples=two)
         assert probe.batch_size == (2 if two else 1)
