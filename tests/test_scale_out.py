@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from autobatch import InvalidInputError, join_study, tune
 from autobatch.examples import digits
-from autobatch.records import BEYOND, CARRIED, NEIGHBOUR, STEERED
+from autobatch.records import BASELINE, BEYOND, CARRIED, NEIGHBOUR, STEERED
 from autobatch.tuning import recommend
 from autobatch.tuning.storage import HOST, RECORD, ROLE, RUN_ID, WORKER, counts, open_storage
 
@@ -262,6 +262,13 @@ def test_two_tunes_at_once_on_a_new_sqlite_study_run_n_trials_in_all(tmp_path: P
     _assert_seeded_once(finished)
     answers = [json.loads(out)["batch_size"] for out, _ in results]
     assert answers[0] == answers[1]
+    # Under the default saturating lr rule every other trial waits for the baseline's noise
+    # scale, so the seeds train at the rates one process gives them.
+    records = [t.user_attrs[RECORD] for t in finished]
+    baseline = next(r for r in records if r["role"] == BASELINE)
+    others = [r for r in records if r is not baseline]
+    assert all(r["lr_rule"].startswith("saturating-") for r in others)  # with its noise scale
+    assert all(r["started_ms"] >= baseline["ended_ms"] for r in others)
 
 
 def test_a_new_sqlite_storage_is_in_wal_mode_synced_at_checkpoints(tmp_path: Path) -> None:
