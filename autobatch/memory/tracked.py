@@ -264,12 +264,15 @@ class TrackedMeter(MemoryMeter):
             f"{format_bytes(self._current)} is allocated by PyTorch."
         )
 
-    def _planned_bytes(self, func: Any, args: tuple, kwargs: dict) -> int | None:
-        """Bytes of new storage ``func`` will create, worked out on the meta device."""
+    def _planned_bytes(
+        self, func: Any, args: tuple, kwargs: dict, sparse: bool
+    ) -> int | None:
+        """Bytes of new storage ``func`` will create, worked out on the meta device; ``sparse``:
+        a sparse tensor is among its inputs."""
         returns = func._schema.returns
         if not returns or all(r.alias_info is not None for r in returns):
             return 0
-        if _any_sparse((args, kwargs)):
+        if sparse:
             return None  # on meta, a sparse tensor loses its entries (nnz 0): measure after
         key = (func, _signature(args), _signature(kwargs))
         try:
@@ -301,13 +304,14 @@ class _TrackingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         meter = self.meter
-        planned = meter._planned_bytes(func, args, kwargs)
+        sparse = _any_sparse((args, kwargs))
+        planned = meter._planned_bytes(func, args, kwargs, sparse)
         if planned:
             meter._check_fits(planned)
         # A sparse tensor's indices and values may be an input's storage (a sparse embedding's
         # gradient holds the batch's ids): only storages the operation made are new. Held, not
         # only their ids, while it runs, so no storage it makes takes the id of one it frees.
-        given = _storages((args, kwargs)) if _any_sparse((args, kwargs)) else {}
+        given = _storages((args, kwargs)) if sparse else {}
         written = [(t, _nbytes(t)) for t in _written(func, args, kwargs)]
         out = func(*args, **kwargs)
         for tensor, before in written:

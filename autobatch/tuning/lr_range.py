@@ -77,8 +77,11 @@ class RangeTest:
 def suggestion(lrs: list[float], losses: list[float], task_lr: float) -> float:
     """The multiplier a tenth of the way below the rate of the lowest loss, clamped."""
     lowest = min(range(len(losses)), key=losses.__getitem__)
-    suggested = lrs[lowest] / BELOW_MINIMUM / task_lr
-    return min(max(suggested, CLAMP[0]), CLAMP[1])
+    return _clamped(lrs[lowest] / BELOW_MINIMUM / task_lr)
+
+
+def _clamped(multiplier: float) -> float:
+    return min(max(multiplier, CLAMP[0]), CLAMP[1])
 
 
 def centre_for(suggested: float, multipliers: tuple[float, float]) -> float:
@@ -137,7 +140,7 @@ def range_test(
     if not descended and diverged is not None and diverged <= task.lr:
         # Blown up below the task's own rate before the loss fell: that rate is past the
         # stable edge (SGD at 1e4 diverged at the test's first step), so go below it.
-        suggested = min(max(diverged / BELOW_MINIMUM / task.lr, CLAMP[0]), CLAMP[1])
+        suggested = _clamped(diverged / BELOW_MINIMUM / task.lr)
         centre = centre_for(suggested, multipliers)
     return RangeTest(
         task.lr,
