@@ -247,8 +247,11 @@ def _probe_report(result: Any, train_size: int) -> str:
         ("cached", "yes (--no-cache to probe again)" if result.cached else "no"),
     ]
     if result.planned:
-        summary[0] = ("batch size", f"{result.batch_size}{note} (predicted, not run on a card)")
-        summary[5] = ("steps", f"{result.steps} simulated training steps on fake tensors")
+        planned = {
+            "batch size": f"{result.batch_size}{note} (predicted, not run on a card)",
+            "steps": f"{result.steps} simulated training steps on fake tensors",
+        }
+        summary = [(key, planned.get(key, value)) for key, value in summary]
         card = result.extra.get("cuda_card_batch_size")
         summary.insert(1, ("on a CUDA card", _card_note(card, result)))
     width = max(len(key) for key, _ in summary)

@@ -213,6 +213,9 @@ def test_cli_plan_for_says_it_is_a_prediction(capsys):
     assert main(["probe", "digits", "--plan-for", "2MiB", "--no-cache"]) == 0
     out = capsys.readouterr().out
     assert "would fit" in out and "predicted, not run" in out and "plan:2.00MiB" in out
+    rows = [line.split("  ")[0] for line in out.splitlines()]
+    assert rows.count("steps") == 1 and "memory model" in rows
+    assert "simulated training steps on fake tensors" in out
 
 
 def test_cli_plan_for_and_memory_budget_together_is_one_line_exit_2(capsys):

@@ -8,6 +8,7 @@ training process dies.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,44 @@ def test_a_refused_folder_store_leaves_no_study_behind(task, tmp_path: Path) -> 
     assert "\n" not in str(error.value)
     assert optuna.get_all_study_names(storage) == []
     assert len(tune(task, storage=storage, mlflow=False, **FAST).trials) == 4
+
+
+@pytest.mark.slow
+def test_a_store_mlflow_cannot_open_stops_tune_before_any_trial(task, tmp_path: Path) -> None:
+    """A SQLite file passes the quick check whatever its tables hold: the tuner still waits
+    for MLflow to open it, and a new study file the refusal leaves empty is taken away."""
+    store = tmp_path / "mlflow.db"
+    with sqlite3.connect(store) as db:  # tables from an MLflow this one does not know
+        db.execute("create table alembic_version (version_num varchar(32) not null)")
+        db.execute("insert into alembic_version values ('0a0b0c0d0e0f')")
+    study_file = tmp_path / "study.db"
+    started = []
+
+    class Count:
+        def __getattr__(self, name):
+            return lambda *args: started.append(name) if name == "trial_started" else None
+
+    uri = f"sqlite:///{store}"
+    with pytest.raises(InvalidInputError, match="--no-mlflow") as error:
+        tune(task, storage=f"sqlite:///{study_file}", tracking_uri=uri, observers=[Count()], **FAST)
+    assert "0a0b0c0d0e0f" in str(error.value) and "\n" not in str(error.value)
+    assert started == [] and not study_file.exists()
+
+
+@pytest.mark.slow
+def test_a_tracker_closed_while_its_store_is_created_lets_the_creation_finish(
+    tmp_path: Path,
+) -> None:
+    """A tune refused during its probe closes the logging process while it may be creating a
+    new store's tables: cut short, that leaves the store half-created for good."""
+    from autobatch.tracking import BackgroundTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = BackgroundTracker(uri, wait=False)
+    process = tracker._child.process
+    tracker.close()
+    assert process.wait(timeout=120) == 0
+    assert MlflowClient(uri).search_experiments()  # the whole store, its default experiment
 
 
 def test_quick_check_accepts_any_answer_and_ignores_credentials(mlflow_server: str) -> None:

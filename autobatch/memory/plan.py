@@ -80,9 +80,7 @@ class PlanMeter(TrackedMeter):
     def _counts(self, storage: torch.UntypedStorage) -> bool:
         return True  # a fake tensor's storage is on meta, and stands for the planned device's
 
-    def _planned_bytes(
-        self, func: Any, args: tuple, kwargs: dict, sparse: bool
-    ) -> int | None:
+    def _planned_bytes(self, func: Any, args: tuple, kwargs: dict, sparse: bool) -> int | None:
         # Running an operation under the fake mode costs no memory: measure its outputs after.
         return None
 

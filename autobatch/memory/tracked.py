@@ -264,9 +264,7 @@ class TrackedMeter(MemoryMeter):
             f"{format_bytes(self._current)} is allocated by PyTorch."
         )
 
-    def _planned_bytes(
-        self, func: Any, args: tuple, kwargs: dict, sparse: bool
-    ) -> int | None:
+    def _planned_bytes(self, func: Any, args: tuple, kwargs: dict, sparse: bool) -> int | None:
         """Bytes of new storage ``func`` will create, worked out on the meta device; ``sparse``:
         a sparse tensor is among its inputs."""
         returns = func._schema.returns

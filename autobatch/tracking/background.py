@@ -160,9 +160,10 @@ class BackgroundTracker:
 
     A wrong URI raises InvalidInputError here when it is cheap to see (a missing folder, a
     server that does not answer). ``wait=True`` also waits until the child has opened the
-    store; with ``wait=False`` call :meth:`ensure_usable` before the first trial, which waits
-    only for stores the quick check cannot vouch for (the tuner lets the child start while
-    it probes and trains).
+    store; with ``wait=False`` call :meth:`wait_ready` before the first trial (the tuner lets
+    the child start while it probes). The quick check vouches for a SQLite file's path, not
+    for its tables (a store left half-created by an interrupted MLflow), so wait whatever
+    the store.
     """
 
     #: Seconds to wait for the child to start and reach the store, for a trial's run id, and
@@ -177,7 +178,7 @@ class BackgroundTracker:
         wait: bool = True,
         flush_interval: float = 5.0,
     ) -> None:
-        self._checked = check_store(tracking_uri)  # first: a wrong URI fails at once
+        check_store(tracking_uri)  # first: a wrong URI fails at once
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.flush_interval = flush_interval
@@ -206,11 +207,6 @@ class BackgroundTracker:
         self._started: dict[int, int] = {}  # trial number -> message number of its start
         self._study: Any = None
         self._post("open", self.tracking_uri, self.experiment, self.flush_interval)
-
-    def ensure_usable(self) -> None:
-        """Return once the store is known to be usable; InvalidInputError if it is not."""
-        if not self._checked:
-            self.wait_ready()
 
     def wait_ready(self) -> None:
         """Block until the child has opened the store; InvalidInputError if it cannot."""
@@ -337,8 +333,10 @@ class BackgroundTracker:
             return
         self._closing = True
         if self._sent <= 1:  # no study event yet, nothing to log: no need to wait for MLflow
+            # Not killed: it may be creating a new store's tables, and a migration cut short
+            # breaks that store for good. With its input closed it exits once it has opened it.
             self._child = None
-            child.end(kill=True)
+            child.end()
             return
         number = self._post("close")
         self._child = None

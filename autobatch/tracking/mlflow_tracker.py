@@ -169,6 +169,12 @@ def open_client(tracking_uri: str, *, timeout: int = 5, create: bool = True) -> 
                 "sqlite:///mlflow.db (`mlflow migrate-filestore` moves existing runs), or set "
                 "MLFLOW_ALLOW_FILE_STORE=true to keep the folder"
             ) from None
+        if "_alembic_tmp_" in str(exc):  # a table MLflow's migrations drop when they finish
+            raise InvalidInputError(
+                f"the MLflow store {redact_url(tracking_uri)} was left half-created (an MLflow "
+                "process was stopped while it created or upgraded the tables) and MLflow "
+                "cannot open it: move it away and run again, or give another --tracking-uri"
+            ) from None
         raise InvalidInputError(
             f"cannot open the MLflow tracking store {redact_url(tracking_uri)} "
             f"({_first_line(exc, 160)}); fix --tracking-uri (e.g. sqlite:///mlflow.db) or pass "

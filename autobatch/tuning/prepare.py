@@ -113,6 +113,7 @@ def prepare(
     check_tune_inputs(task, n_trials=n_trials, timeout=timeout)
     # Everything that can be unreachable is contacted before any trial. The MLflow logging
     # process starts now and imports MLflow while the probe runs.
+    new_file = storage.new_sqlite_file(storage_url)
     opened = storage.open_storage(
         storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
     )
@@ -182,7 +183,7 @@ def prepare(
                 step_clock=timed if timed["seconds"] else None,
             )
             if tracker is not None:  # refused before the study exists: a rerun starts anew
-                tracker.ensure_usable()
+                tracker.wait_ready()
             study = _create(opened, settings, probed, notes)
             if study is not None:
                 try:
@@ -229,13 +230,15 @@ def prepare(
                 prepared.tracker = None
         elif tracker is not None:
             if not created:
-                tracker.ensure_usable()
+                tracker.wait_ready()
                 _open_study_run(study, tracker, settings)
             prepared.observers.append(tracker)
         return prepared
     except BaseException:
         if tracker is not None:
             tracker.close()
+        if new_file is not None:
+            storage.remove_if_unused(opened, new_file)
         raise
 
 

@@ -129,6 +129,26 @@ def open_storage(
         ) from None
 
 
+def new_sqlite_file(url: str | None) -> Any:
+    """The SQLite file ``url`` would create (a Path), or None: not SQLite, or already there."""
+    path = None if url is None else sqlite_store.path_of(url)
+    return path if path is not None and not path.exists() else None
+
+
+def remove_if_unused(opened: optuna.storages.BaseStorage, path: Any) -> None:
+    """Delete the SQLite file a refused ``tune`` created (``path``, from ``new_sqlite_file``)
+    while it holds no study: a leftover empty store would make a worker pointed at a mistyped
+    path wait for a study instead of saying the file is missing."""
+    try:
+        if opened.get_all_studies():
+            return
+        opened.engine.dispose()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+    except Exception as exc:  # the refusal being raised matters more than this tidying
+        log.debug("left %s in place: %s", path, exc)
+
+
 def _fast_sqlite(engine: Any) -> None:
     """Write-ahead logging, synced at checkpoints: a commit costs a fraction of a millisecond
     instead of a sync to disk, and readers never block the workers' writes. A crash of the
