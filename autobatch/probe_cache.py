@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from autobatch.data import BatchSource
+from autobatch.workload import max_grad_norm
 
 if TYPE_CHECKING:
     from autobatch.memory import MemoryMeter
@@ -248,6 +249,7 @@ def fingerprint(
         "tensors": _tensors_id(model),
         "sample": _shapes(source.largest(1)),
         "precision": task.precision,
+        "max_grad_norm": max_grad_norm(task),
         "optimizer": _optimizer_id(model, optimizer),
         "loss": _loss_id(task),
         "torch": torch.__version__,

@@ -158,6 +158,7 @@ class StudySettings:
     # Seconds per training step by batch size, the study's clock, and what measuring it cost
     # (autobatch.tuning.clock.measure()); None: trials are timed on the wall clock.
     step_clock: dict[str, Any] | None = None
+    max_grad_norm: float | None = None  # the task's gradient clipping, trials included
 
     @property
     def multiplier_range(self) -> tuple[float, float]:

@@ -30,7 +30,8 @@ class Task:
     ``train_data``/``val_data`` are a torch ``Dataset`` or, for the in-memory fast path, a tuple
     of tensors that share their first dimension (``(inputs, targets)``); batches are then
     sliced without a DataLoader. ``lr`` is the learning rate known to work at ``batch_size``:
-    the tuner rescales it for other batch sizes.
+    the tuner rescales it for other batch sizes. ``max_grad_norm``: clip the gradients' total
+    norm to it before each optimizer step, as training will (the rate that works depends on it).
 
     Example::
 
@@ -59,6 +60,7 @@ class Task:
     metric: Literal["accuracy"] | None = None
     name: str = "task"
     seed: int = 0
+    max_grad_norm: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from autobatch.data import batch_length
 from autobatch.errors import InvalidInputError
 from autobatch.task import Task
-from autobatch.workload import Workload
+from autobatch.workload import Workload, max_grad_norm
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,6 +75,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(workload.device.type) if fp16 else None
         self._autocast = autocast(workload)  # re-entered every step, made once
         self._batch_norms = batch_norms(model)
+        self.max_grad_norm = max_grad_norm(workload)
         self.closure = needs_closure(optimizer)
         if self.closure and fp16:
             raise InvalidInputError(
@@ -107,12 +108,16 @@ class TrainStep:
             self.scaler.scale(loss).backward()
             if after_backward is not None:
                 after_backward()
+            if self.max_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)  # clipped at the gradients' true scale
+                self._clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             if after_backward is not None:
                 after_backward()
+            self._clip()
             if self.closure:
                 self.optimizer.step(self._again(batch, loss.detach()))
             else:
@@ -134,9 +139,14 @@ class TrainStep:
             with self._autocast:
                 loss = self.workload.batch_loss(self.model, batch)
             loss.backward()
+            self._clip()
             return loss.detach()
 
         return closure
+
+    def _clip(self) -> None:
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
 
 
 def _one_sample(batch: Any) -> bool:

@@ -262,6 +262,7 @@ TASK: dict[str, Spec] = {
     "metric": Choice((None, "accuracy")),
     "name": Text("my-task"),
     "seed": Integer(example=0),
+    "max_grad_norm": Optional(Real(0, low_open=True, example=1.0)),
 }
 
 FIND_MAX_BATCH_SIZE: dict[str, Spec] = {

@@ -29,7 +29,9 @@ class Workload(Protocol):
     Facts: ``name`` (names the study), ``device`` (a ``torch.device``), ``precision``
     (``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast, and loss scaling for fp16), ``lr`` (the
     learning rate known to work at ``batch_size``; the tuner rescales it), ``seed`` (every
-    fresh model starts from it), ``train_size`` (training samples).
+    fresh model starts from it), ``train_size`` (training samples). Optional:
+    ``max_grad_norm`` (clip the gradients' total norm to it before each optimizer step; absent
+    or None: no clipping).
     """
 
     name: str
@@ -68,6 +70,12 @@ class Workload(Protocol):
     def validation_batches(self) -> BatchSource | None:
         """The validation samples (None when there are none: tune needs them, probe does not)."""
         ...
+
+
+def max_grad_norm(workload: Workload) -> float | None:
+    """The workload's gradient clipping, an optional fact of the protocol."""
+    value = getattr(workload, "max_grad_norm", None)
+    return None if value is None else float(value)
 
 
 _METHODS = (

@@ -566,6 +566,7 @@ class LightningWorkload:
     name: str = "lightning"
     train_collate: Callable[[list[Any]], Any] | None = None
     val_collate: Callable[[list[Any]], Any] | None = None
+    max_grad_norm: float | None = None  # the trainer's gradient_clip_val, clipping by norm
 
     @property
     def train_size(self) -> int:
@@ -646,12 +647,14 @@ def _plan_trials(
             "AutoBatchFinder: trials train at a constant learning rate, without the "
             "schedulers of configure_optimizers(); fit uses them, at the tuned rate"
         )
-    if trainer.gradient_clip_val:
+    clip = trainer.gradient_clip_val or None
+    if clip is not None and (trainer.gradient_clip_algorithm or "norm") != "norm":
         log.warning(
-            "AutoBatchFinder: trials train without gradient clipping; fit clips at "
-            "gradient_clip_val=%g, at the tuned rate",
-            trainer.gradient_clip_val,
+            "AutoBatchFinder: trials clip gradients by norm only, so they train without "
+            "clipping; fit clips at gradient_clip_val=%g by value, at the tuned rate",
+            clip,
         )
+        clip = None
     if len(optimizer.param_groups) > 1:
         log.info(
             "AutoBatchFinder: trials put every parameter in one group with %s's defaults; "
@@ -696,6 +699,7 @@ def _plan_trials(
         name=type(module).__name__,
         train_collate=collate,
         val_collate=val_collate,
+        max_grad_norm=None if clip is None else float(clip),
     )
     return _TrialPlan(workload, lr_attr, float(max_epochs))
 

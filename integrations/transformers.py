@@ -424,8 +424,9 @@ class TrainerWorkload:
     Fresh models come from ``model_init``; the optimizer is the one the arguments name, with
     weight decay grouped as ``create_optimizer`` groups it; a batch's loss is
     ``compute_loss``'s; the training and evaluation sets are collated as the Trainer's own
-    dataloaders collate them (unused columns removed). ``lr`` is ``args.learning_rate``,
-    known to work at ``per_device_train_batch_size * gradient_accumulation_steps``.
+    dataloaders collate them (unused columns removed); gradients are clipped at
+    ``args.max_grad_norm``. ``lr`` is ``args.learning_rate``, known to work at
+    ``per_device_train_batch_size * gradient_accumulation_steps``.
     """
 
     def __init__(self, trainer: Trainer, *, caller: str = "TrainerWorkload") -> None:
@@ -443,6 +444,9 @@ class TrainerWorkload:
         self.lr = float(args.learning_rate)
         self.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         self.seed = args.seed
+        # The Trainer clips at 1.0 unless told otherwise: trials clip as it does.
+        clip = args.max_grad_norm
+        self.max_grad_norm = float(clip) if clip is not None and clip > 0 else None
         self._train = _Samples(trainer, trainer.train_dataset, "training")
         self._val = (
             None

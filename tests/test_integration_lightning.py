@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 
@@ -587,6 +588,21 @@ def test_tune_mode_takes_the_rate_as_set_for_the_accumulated_batch_and_fits_with
     result = finder.tune_result
     assert result.settings.base_batch_size == 4 * 8
     assert run.accumulate_grad_batches == 1 and module.hparams.batch_size == result.batch_size
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "expected", "warned"), [(None, 0.5, False), ("value", None, True)]
+)
+def test_tune_mode_trials_clip_by_norm_as_fit_does(algorithm, expected, warned, caplog):
+    """Trials clip at gradient_clip_val as fit will (the rate that works depends on it); by
+    value they cannot, and say so."""
+    module, finder = Tunable(), tuner(n_trials=1)
+    caplog.set_level(logging.WARNING)
+    clip = dict(gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+    trainer(finder, max_steps=-1, max_epochs=1, **clip).fit(module)
+    assert finder.tune_result.settings.max_grad_norm == expected
+    said = [r.getMessage() for r in caplog.records if "gradient_clip_val=0.5" in r.getMessage()]
+    assert bool(said) == warned
 
 
 def test_tune_mode_without_hparams_needs_a_model_factory():

@@ -379,6 +379,7 @@ def test_tune_trainer_returns_the_recommendation(tmp_path):
     }
     assert result.batch_size <= plan.train_probe.batch_size  # the probe set the ceiling
     assert result.settings.base_lr == 1e-3 and result.settings.base_batch_size == 8
+    assert result.settings.max_grad_norm == trainer.args.max_grad_norm == 1.0  # clipped as train()
     assert trainer.optimizer is None
 
     sized = Trainer(

@@ -114,6 +114,7 @@ def test_a_custom_step_replaces_the_loss():
             "inf",
         ),
         ({"seed": "x"}, "Task.seed", "integer"),
+        ({"max_grad_norm": 0}, "Task.max_grad_norm", "positive number"),
         ({"name": ""}, "Task.name", "non-empty"),
     ],
 )
@@ -182,6 +183,35 @@ def test_an_optimizer_that_needs_a_closure_gets_one_that_reuses_the_first_evalua
     assert len(forwards) == optimizer.state[optimizer._params[0]]["func_evals"] > 1
     assert float(step((x, y))) < first / 10
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_step_clips_the_gradients_total_norm_at_their_true_scale(precision):
+    """SGD at lr 1 moves the weights by exactly the gradient: clipped, by max_grad_norm, also
+    under fp16 loss scaling (unscaled first, or the clip would act on the scaled gradients)."""
+    from autobatch.training import TrainStep, build
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    # Gradients above the clip, and below 1: fp16's first loss scale (65536) keeps them finite.
+    y = 0.1 * (x @ torch.randn(8, 1))
+    moved = {}
+    for clip in (None, 0.01):
+        task = make(
+            model=lambda: nn.Linear(8, 1),
+            train_data=(x, y),
+            loss=F.mse_loss,
+            optimizer=torch.optim.SGD,
+            lr=1.0,
+            precision=precision,
+            max_grad_norm=clip,
+        )
+        model, optimizer = build(task)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        TrainStep(task, model, optimizer)((x, y))
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[clip] = float((after - before).norm())
+    assert moved[None] > 0.05 and moved[0.01] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_fp16_loss_scaling_with_an_optimizer_that_needs_a_closure_is_refused():

@@ -558,6 +558,7 @@ class MlflowTracker:
             "device_name": record.device_name,
             "worker": record.worker,
             "precision": settings.precision,
+            "max_grad_norm": settings.max_grad_norm,
         }
         # Sent with the trial's first metrics: one request fewer per trial.
         self._params[run_id] = {k: _param_value(v) for k, v in params.items() if v is not None}

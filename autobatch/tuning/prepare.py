@@ -32,7 +32,7 @@ from autobatch.records import BASELINE, ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
 from autobatch.tuning import clock, lr_range, prior, sampler, scoring, space, storage
 from autobatch.tuning.pruner import TimeHalvingPruner
-from autobatch.workload import Workload
+from autobatch.workload import Workload, max_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def prepare(
                 task_name=task.name,
                 device=str(task.device),
                 precision=task.precision,
+                max_grad_norm=max_grad_norm(task),
                 base_lr=task.lr,
                 base_batch_size=task.batch_size,
                 train_size=task.train_size,
@@ -425,6 +426,7 @@ def check_same_task(settings: StudySettings, task: Workload) -> None:
         ("learning rate", task.lr, settings.base_lr),
         ("batch size", task.batch_size, settings.base_batch_size),
         ("precision", task.precision, settings.precision),
+        ("max_grad_norm", max_grad_norm(task), settings.max_grad_norm),
     )
     differ = [f"{label} {mine!r} here, {theirs!r} in the study" for label, mine, theirs in pairs
               if mine != theirs]  # fmt: skip
