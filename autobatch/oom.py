@@ -7,9 +7,15 @@ import traceback
 
 import torch
 
-# Messages of allocators and libraries that report exhaustion without a dedicated type.
+# Messages of allocators and libraries that report exhaustion without a dedicated type. Each
+# names its allocator: a bare "out of memory" may be the user's own error ("a bank out of
+# memory slots"), which must propagate.
 _OOM_MESSAGES = (
-    "out of memory",  # CUDA "CUDA out of memory", "CUDA error: out of memory", HIP, XPU
+    "cuda out of memory",
+    "cuda error: out of memory",
+    "hip out of memory",
+    "hip error: out of memory",
+    "xpu out of memory",
     "cudnn_status_not_supported",  # cuDNN fails this way when its workspace does not fit
     "cudnn_status_alloc_failed",
     "cublas_status_alloc_failed",

@@ -755,6 +755,7 @@ def probe(
         )
     rng = RngState.capture()
     owned = model is None
+    compiled = False
     state: TrainingState | None = None
     train_step: TrainStep | None = None
     try:
@@ -768,15 +769,28 @@ def probe(
             check_restorable(model)  # before a step initialises lazy parameters for good
         if isinstance(meter, TrackedMeter) and not owned:
             meter.track(state_tensors(model, [optimizer]))
+        compiled = isinstance(meter, TrackedMeter) and _compiled(model)
+        if compiled:
+            log.warning(
+                "the simulated accelerator runs torch.compile'd modules eagerly: the probe "
+                "measures the eager step, which usually needs more memory than the compiled one"
+            )
+        state = TrainingState(model, optimizer)
+        # A model in eval mode (just validated, say) trains in training mode, as training will
+        # run it; each attempt switches it, and the restore after it puts the flags back.
+        to_train = not model.training
         key = probe_cache.key(
             task, model, optimizer, source, meter, headroom, bound, multiple_of, tolerance
         )
         ranks = distributed_ranks()
         cache = cache and ranks == 1  # each rank's answer depends on the others'
         hit = probe_cache.load(key, cache_dir) if cache else None
-        state = TrainingState(model, optimizer)
         try:
-            train_step = TrainStep(task, _with_ddp_buckets(model, meter, ranks), optimizer)
+            # No loss scale to overflow: a step fp16 scaling skips creates no optimizer state,
+            # and the measured step would run without it. Memory is the same at any scale.
+            train_step = TrainStep(
+                task, _with_ddp_buckets(model, meter, ranks), optimizer, loss_scale=1.0
+            )
         except BaseException:
             if ranks > 1:  # the other ranks wait for this one's answer: tell them, then raise
                 _min_over_ranks([0, 0], task.device)
@@ -788,6 +802,8 @@ def probe(
             batch = source.largest(batch_size)
             readings: list[int] = []
             history: torch.Tensor | None = None
+            if to_train:
+                model.train()
             try:
                 train_step(batch)
                 history = _history_to_come(optimizer)
@@ -879,6 +895,16 @@ def probe(
             model = optimizer = None
         rng.restore()
         meter.release(full=True)
+        if compiled:
+            # Code dynamo met under the meter's dispatch mode stays marked "run eagerly" for
+            # good: without a reset, later compiled models of the same class (the trials, the
+            # user's training) would never compile.
+            torch._dynamo.reset()
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` holds a ``torch.compile``'d module."""
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
 
 
 def _still_fits(hit: ProbeResult, attempt: Callable[[int], Any], meter: MemoryMeter) -> bool:

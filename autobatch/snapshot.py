@@ -64,8 +64,19 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _saved_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]:
-    return _host_copy(tensor), tensor.device
+@dataclass(frozen=True)
+class _SavedTensor:
+    """A tensor's value, copied to the host, and the device it goes back to."""
+
+    value: torch.Tensor
+    device: torch.device
+
+    def restored(self) -> torch.Tensor:
+        return self.value.to(self.device, copy=True)
+
+
+def _saved_tensor(tensor: torch.Tensor) -> _SavedTensor:
+    return _SavedTensor(_host_copy(tensor), tensor.device)
 
 
 @dataclass(frozen=True)
@@ -87,30 +98,38 @@ def _saved_value(value: Any) -> Any:
 def _restored_value(value: Any) -> Any:
     if isinstance(value, _SavedList):
         return [_restored_value(item) for item in value.items]
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-        saved, device = value
-        return saved.to(device, copy=True)
+    if isinstance(value, _SavedTensor):
+        return value.restored()
     return copy.deepcopy(value)
 
 
 class TrainingState:
-    """Model parameters, buffers (persistent or not), gradients, train/eval flags and optimizer
-    state.
+    """Model parameters, buffers (persistent or not, and those registered as None), gradients,
+    train/eval flags, the model's own random generators and optimizer state.
 
     Copies live in host memory, so saving them costs no accelerator memory. ``restore`` writes
     the saved values back into the same tensors (so references the user holds stay valid) and
-    removes optimizer state that did not exist before. Gradients too: the probe's steps set
-    ``p.grad`` to None between steps, and a gradient tensor the caller still holds is filled
-    with its saved values and put back as ``p.grad``; one nobody holds is freed during the
-    probe and restored as a new tensor with the same values. Lazy parameters not yet
-    initialised have no value to save: a model built for the probe skips them, and one the
-    user holds is refused first (:func:`check_restorable`).
+    removes optimizer state and buffers that did not exist before; a buffer the forward pass
+    replaced with a tensor of another shape gets a new tensor with its saved value. Gradients
+    too: the probe's steps set ``p.grad`` to None between steps, and a gradient tensor the
+    caller still holds is filled with its saved values and put back as ``p.grad``; one nobody
+    holds is freed during the probe and restored as a new tensor with the same values. Lazy
+    parameters not yet initialised have no value to save: a model built for the probe skips
+    them, and one the user holds is refused first (:func:`check_restorable`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.tensors = {name: _host_copy(t) for name, t in _model_tensors(model).items()}
+        self.params = {
+            name: _saved_tensor(p) for name, p in model.named_parameters() if not is_lazy(p)
+        }
+        # By module, as registered: None entries included, lazy ones kept as they are.
+        self.buffers = {
+            (owner, name): None if b is None else _LAZY if is_lazy(b) else _saved_tensor(b)
+            for owner, module in model.named_modules()
+            for name, b in module._buffers.items()
+        }
         self.grads = {
             name: None if p.grad is None else _host_copy(p.grad)
             for name, p in model.named_parameters()
@@ -120,13 +139,15 @@ class TrainingState:
             name: weakref.ref(p.grad) for name, p in model.named_parameters() if p.grad is not None
         }
         self.training = {name: m.training for name, m in model.named_modules()}
-        self.optimizer_state: dict[int, dict[str, Any]] = {}
+        self.generators = [(g, g.get_state()) for g in _generators(model)]
+        # Keyed by the state's own keys: parameters, and whatever else an optimizer keeps.
+        self.optimizer_state: list[tuple[Any, dict[str, Any]]] = []
         self.param_groups: list[dict[str, Any]] = []
         if optimizer is not None:
-            for param, state in optimizer.state.items():
-                self.optimizer_state[id(param)] = {
-                    key: _saved_value(value) for key, value in state.items()
-                }
+            self.optimizer_state = [
+                (key, {name: _saved_value(value) for name, value in state.items()})
+                for key, state in optimizer.state.items()
+            ]
             self.param_groups = [
                 {k: v for k, v in group.items() if k != "params"}
                 for group in optimizer.param_groups
@@ -134,9 +155,10 @@ class TrainingState:
 
     @torch.no_grad()
     def restore(self) -> None:
-        live = _model_tensors(self.model)
-        for name, saved in self.tensors.items():
-            live[name].copy_(saved)
+        for name, param in self.model.named_parameters():
+            if name in self.params:
+                _put_back(param, self.params[name])
+        self._restore_buffers()
         for name, param in self.model.named_parameters():
             saved = self.grads[name]
             if saved is None:
@@ -153,31 +175,72 @@ class TrainingState:
                 param.grad = target
         for name, module in self.model.named_modules():
             module.train(self.training.get(name, module.training))
-        if self.optimizer is None:
-            return
-        params = {id(p): p for group in self.optimizer.param_groups for p in group["params"]}
-        for pid, param in params.items():
-            saved = self.optimizer_state.get(pid)
-            if saved is None:
-                self.optimizer.state.pop(param, None)
+        for generator, state in self.generators:
+            generator.set_state(state)
+        if self.optimizer is not None:
+            self._restore_optimizer(self.optimizer)
+
+    def _restore_buffers(self) -> None:
+        for owner, module in self.model.named_modules():
+            for name in list(module._buffers):
+                if (owner, name) not in self.buffers:  # registered during the probe
+                    del module._buffers[name]
+        modules = dict(self.model.named_modules())
+        for (owner, name), saved in self.buffers.items():
+            module = modules.get(owner)
+            if module is None or saved is _LAZY:
                 continue
-            state = self.optimizer.state[param]
-            for key in list(state):
-                if key not in saved:
-                    del state[key]
-            for key, value in saved.items():
-                current = state.get(key)
-                saved_value = value[0] if isinstance(value, tuple) and value else None
-                if (
-                    isinstance(saved_value, torch.Tensor)
+            current = module._buffers.get(name)
+            if saved is None or current is None or not _put_back(current, saved):
+                module._buffers[name] = None if saved is None else _restored_value(saved)
+
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        saved_keys = {id(key) for key, _ in self.optimizer_state}
+        for key in list(optimizer.state):
+            if id(key) not in saved_keys:
+                del optimizer.state[key]
+        for key, saved in self.optimizer_state:
+            state = optimizer.state[key]
+            for name in list(state):
+                if name not in saved:
+                    del state[name]
+            for name, value in saved.items():
+                current = state.get(name)
+                if not (
+                    isinstance(value, _SavedTensor)
                     and isinstance(current, torch.Tensor)
-                    and current.shape == saved_value.shape
+                    and _put_back(current, value)
                 ):
-                    current.copy_(saved_value)  # the same tensor object, for references held
-                else:
-                    state[key] = _restored_value(value)
-        for group, saved_group in zip(self.optimizer.param_groups, self.param_groups, strict=True):
+                    state[name] = _restored_value(value)
+        for group, saved_group in zip(optimizer.param_groups, self.param_groups, strict=True):
             group.update(saved_group)
+
+
+#: A lazy buffer not yet initialised: nothing to save, left as it is.
+_LAZY = object()
+
+
+def _put_back(tensor: torch.Tensor, saved: _SavedTensor) -> bool:
+    """Write a saved value into the same tensor object (references held stay valid); a
+    parameter whose shape changed takes it as new data. False: ``tensor`` cannot hold it."""
+    if tensor.shape == saved.value.shape and tensor.dtype == saved.value.dtype:
+        tensor.copy_(saved.value)
+        return True
+    if isinstance(tensor, nn.Parameter):
+        tensor.data = saved.restored()
+        return True
+    return False
+
+
+def _generators(model: nn.Module) -> list[torch.Generator]:
+    """The random generators the model's modules own (``self.gen = torch.Generator()``)."""
+    found = {
+        id(value): value
+        for module in model.modules()
+        for value in vars(module).values()
+        if isinstance(value, torch.Generator)
+    }
+    return list(found.values())
 
 
 def state_tensors(

@@ -62,17 +62,30 @@ class TrainStep:
 
     What the workload's loss returns is checked (a tensor of one element that requires grad),
     and a batch of one sample is refused for a model with batch norm in training mode: each
-    would otherwise fail inside ``backward`` or batch norm, far from its cause.
+    would otherwise fail inside ``backward`` or batch norm, far from its cause. ``loss_scale``:
+    fp16's first loss scale (GradScaler's 2**16 in training).
     """
 
     def __init__(
-        self, workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer
+        self,
+        workload: Workload,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_scale: float = 2.0**16,
     ) -> None:
         self.workload = workload
         self.model = model
         self.optimizer = optimizer
         fp16 = workload.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(workload.device.type) if fp16 else None
+        if fp16 and any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+            raise InvalidInputError(
+                "precision='fp16' scales the loss of a float32 model run in fp16 by autocast, "
+                "and torch cannot unscale fp16 gradients; keep the model's parameters in "
+                "float32, or train the fp16 model as it is with precision='fp32'"
+            )
+        device = workload.device.type
+        self.scaler = torch.amp.GradScaler(device, init_scale=loss_scale) if fp16 else None
         self._autocast = autocast(workload)  # re-entered every step, made once
         self._batch_norms = batch_norms(model)
         self.max_grad_norm = max_grad_norm(workload)

@@ -19,6 +19,7 @@ OOM_MESSAGES = [
     "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
     "tried to allocate 8589934592 bytes.",
     "HIP out of memory. Tried to allocate 20.00 MiB",
+    "XPU out of memory. Tried to allocate 2.00 GiB (GPU 0; 64.00 GiB total capacity)",
 ]
 
 
@@ -50,6 +51,7 @@ def test_accelerator_error_that_says_out_of_memory():
         RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)"),
         RuntimeError("CUDA error: an illegal memory access was encountered"),
         RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM"),
+        RuntimeError("the feature bank is out of memory slots (128); raise bank_size"),
         TypeError("unsupported operand"),
         KeyboardInterrupt(),
     ],

@@ -736,7 +736,8 @@ def assert_same(before: dict, after: dict) -> None:
     for pid, state in state_before.items():
         assert state.keys() == state_after[pid].keys()
         for key, value in state.items():
-            assert torch.equal(value, state_after[pid][key]), (pid, key)
+            other = state_after[pid][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
     assert before["optimizer"]["param_groups"] == after["optimizer"]["param_groups"]
     assert before["training"] == after["training"]
 
@@ -909,6 +910,122 @@ def test_probe_restores_buffers_left_out_of_the_state_dict():
     probe(make_task(model=RunningMean), meter=meter, model=model, optimizer=optimizer, cache=False)
     assert model.mean is mean and torch.equal(mean, before)
     assert meter.current() == state_bytes(model, optimizer) + mean.untyped_storage().nbytes()
+
+
+class Changing(nn.Module):
+    """State a forward pass changes besides its tensors' values: a buffer replaced by one of
+    another shape, one registered as None and set, and a random generator of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.register_buffer("last", torch.zeros(0, 16))
+        self.register_buffer("seen", None)
+        self.noise = torch.Generator().manual_seed(3)
+
+    def forward(self, x):
+        if self.training:
+            self.last = x.detach().clone()
+            self.seen = x.detach().mean(0)
+            x = x + 0.01 * torch.randn(x.shape, generator=self.noise)
+        return self.body(x)
+
+
+class GlobalStep(torch.optim.SGD):
+    """Optimizer state kept under a key that is not a parameter."""
+
+    def step(self, closure=None):
+        self.state["global"]["step"] = self.state["global"].get("step", 0) + 1
+        return super().step(closure)
+
+
+def test_probe_restores_replaced_and_none_buffers_own_generators_and_any_optimizer_key():
+    model = Changing()
+    optimizer = GlobalStep(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(5, 16), torch.randint(0, 4, (5,))
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    model.seen = None
+    before, last = snapshot(model, optimizer), model.last.clone()
+    noise, step = model.noise.get_state(), optimizer.state["global"]["step"]
+    probe(make_task(model=Changing), meter=TrackedMeter(MiB), model=model, optimizer=optimizer)
+    assert_same(before, snapshot(model, optimizer))
+    assert torch.equal(model.last, last) and model.seen is None and "seen" in model._buffers
+    assert torch.equal(model.noise.get_state(), noise)
+    assert optimizer.state["global"] == {"step": step}
+
+
+def _steps_at(task: Task, batch_size: int, capacity: int, steps: int) -> None:
+    """Train a fresh model ``steps`` steps at ``batch_size`` under ``capacity`` bytes."""
+    meter = TrackedMeter(capacity)
+    with meter:
+        model, optimizer = build(task)
+    step = TrainStep(task, model, optimizer)
+    for _ in range(steps):
+        with meter:
+            step(tuple(t[:batch_size].clone() for t in task.train_data))  # the batch on the device
+
+
+def test_an_fp16_step_the_loss_scale_would_skip_still_measures_the_optimizer_state():
+    """Training's first fp16 steps overflow at a loss scale of 2**16 and are skipped, so Adam's
+    state comes only once the scale has come down; the probe's steps must create it."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2048, 256, generator=generator), 100 * torch.randn(2048, 256)
+    task = Task(
+        model=lambda: nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)),
+        train_data=(x, y),
+        loss=lambda out, target: F.mse_loss(out.float(), target, reduction="sum") / 10,
+        optimizer=torch.optim.Adam,
+        precision="fp16",
+    )
+    result = probe(task, memory_budget="8MiB", cache=False)
+    _steps_at(task, result.batch_size, result.capacity_bytes, steps=20)  # the scale drops to 32
+
+
+def test_a_model_in_eval_mode_is_probed_in_training_mode_and_left_in_eval_mode():
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 4))
+
+    task = make_task(samples=2048, model=make)
+    sizes = {}
+    for mode in ("train", "eval"):
+        model = getattr(make(), mode)()
+        optimizer = torch.optim.AdamW(model.parameters())
+        found = probe(task, memory_budget="2MiB", model=model, optimizer=optimizer, cache=False)
+        sizes[mode] = found.batch_size
+        assert model.training == (mode == "train") and model[2].training == (mode == "train")
+    assert sizes["eval"] == sizes["train"]  # dropout's masks measured either way
+
+
+def test_fp16_loss_scaling_of_an_fp16_model_is_one_line_with_the_fix():
+    task = make_task(model=lambda: nn.Linear(16, 4).half(), precision="fp16")
+    with pytest.raises(InvalidInputError, match="keep the model's parameters in float32") as info:
+        probe(task, memory_budget="1MiB", cache=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_compiled_model_is_probed_eagerly_with_a_warning_and_compiles_again_after(caplog):
+    graphs = []
+
+    def backend(graph_module, inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    class Fresh(nn.Module):  # code dynamo has not met yet in this process
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.b(F.gelu(self.a(x)))
+
+    task = make_task(samples=1024, model=lambda: torch.compile(Fresh(), backend=backend))
+    result = probe(task, memory_budget="1MiB", cache=False)
+    assert result.batch_size > 1 and "runs torch.compile'd modules eagerly" in caplog.text
+    compiled = torch.compile(Fresh(), backend=backend)
+    F.cross_entropy(compiled(torch.randn(8, 16)), torch.zeros(8, dtype=torch.long)).backward()
+    assert graphs  # the probe's dispatch mode left no "run eagerly" mark on Fresh's code
 
 
 def lazy_model() -> nn.Module:
