@@ -265,7 +265,11 @@ class _Prober:
         )
         self._given = trainer.optimizer
         self.optimizer = trainer.optimizer or _create_optimizer(trainer)
-        self.scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 else None
+        # Scale 1, as autobatch's own probe: a step an overflowing scale skips creates no
+        # optimizer state, and the measured step would run without it.
+        self.scaler = (
+            torch.amp.GradScaler(self.args.device.type, init_scale=1.0) if self.args.fp16 else None
+        )
         self.state = TrainingState(self.model, self.optimizer)
         self.rng = RngState.capture()
         self.loss_only = trainer.compute_metrics is None or self.args.prediction_loss_only
