@@ -354,8 +354,9 @@ def _add_tune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--lr-rule",
         choices=TUNE["lr_rule"].options,
         default="auto",
-        help="how the learning rate scales with batch size (default: auto, sqrt "
-        "for Adam-style optimizers, linear for SGD)",
+        help="how the learning rate scales with batch size (default: auto: saturating-sqrt "
+        "for Adam-style optimizers, saturating-linear for SGD and the rest, plain sqrt/linear "
+        "until the baseline trial has measured the noise scale; none for Rprop and L-BFGS)",
     )
     parser.add_argument(
         "--lr-multiplier-range",
@@ -578,8 +579,9 @@ def _unused_because(found: dict[str, Any]) -> str:
     return " (unused: within the multiplier range's reach)"
 
 
-def _result_text(result: Any, tracking_uri: str | None) -> str:
-    """The trial table, the study's whereabouts and, last, the recommendation."""
+def _result_text(result: Any, tracking_uri: str | None, rerun: str = "the same command") -> str:
+    """The trial table, the study's whereabouts and, last, the recommendation; ``rerun``: the
+    command that adds trials."""
     from autobatch.tracking.report import Report, format_report
     from autobatch.tuning import prior, scoring
 
@@ -616,7 +618,7 @@ def _result_text(result: Any, tracking_uri: str | None) -> str:
     lines.append(
         f"Study: {settings.study_name} in {settings.storage}, {len(result.trials)} trials finished "
         f"({f'{settled}; ' if settled else ''}n_trials {settings.n_trials}); to add trials, run "
-        f"the same command with a larger {'--min-trials' if settled else '--n-trials'}"
+        f"{rerun} with a larger {'--min-trials' if settled else '--n-trials'}"
     )
     if result.mlflow_run_id and tracking_uri is not None:
         from autobatch.tracking import mlflow_ui_command
@@ -704,7 +706,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     elif not args.quiet:
-        print(_result_text(result, None))
+        print(_result_text(result, None, "autobatch tune (same TARGET, --storage, --study-name)"))
     return EXIT_OK
 
 

@@ -60,6 +60,10 @@ def test_tune_prints_table_and_recommendation_and_report_rebuilds_it(capsys, tmp
     assert main(["tune", "digits", *QUICK[:1], "6", *QUICK[2:]]) == 0
     out = capsys.readouterr().out
     assert "already has 6 finished trials" in out and "--n-trials" in out
+    # a worker joining the finished study adds nothing either, and names the command that can
+    assert main(["worker", "digits", "--storage", "sqlite:///autobatch.db", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert "run autobatch tune (same TARGET, --storage, --study-name) with a larger" in out
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("autobatch-digits")
     runs = client.search_runs([experiment.experiment_id])
