@@ -288,6 +288,26 @@ def test_a_new_sqlite_storage_is_in_wal_mode_synced_at_checkpoints(tmp_path: Pat
         plain.close()
 
 
+def test_a_dead_worker_s_trial_outside_its_sampled_range_is_queued_again(tmp_path: Path) -> None:
+    """The baseline's x1 lies outside the range it was suggested from once the range test moved
+    the range; Optuna's retry checks a trial's values against its ranges, and refused it."""
+    import warnings
+
+    warnings.simplefilter("ignore")  # heartbeats outside optimize(), and a fixed value off range
+    storage = open_storage(
+        f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1
+    )
+    study = optuna.create_study(study_name="moved", storage=storage)
+    study.enqueue_trial({"lr_multiplier": 1.0}, user_attrs={ROLE: BASELINE})
+    trial = study.ask()
+    assert trial.suggest_float("lr_multiplier", 2.0, 32.0, log=True) == 1.0
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)  # its worker dies: no heartbeat past the grace period
+    optuna.storages.fail_stale_trials(study)
+    again = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert [(t.params, t.user_attrs[ROLE]) for t in again] == [({"lr_multiplier": 1.0}, BASELINE)]
+
+
 def _claim_queued(url: str, start: object, claimed: object) -> None:
     """Ask for trials until no queued one is left, keeping the numbers this process got."""
     import warnings

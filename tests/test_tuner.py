@@ -129,6 +129,24 @@ def test_interrupted_study_resumes_and_keeps_finished_trials(task, tmp_path):
     assert any(t.batch_size == 64 and t.state == COMPLETE for t in result.trials)
 
 
+@pytest.mark.slow
+def test_a_study_interrupted_in_its_baseline_resumes_with_the_baseline_first(task, tmp_path):
+    """The interrupted baseline is queued again behind the other seeds; under a saturating rule
+    they wait for the noise scale it measures, so a rerun that ran them first waited for a trial
+    only it could run, for ever. It runs the baseline first, as the study would have."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    kwargs = dict(n_trials=4, storage=storage, study_name="again", **FAST)
+    with pytest.raises(StudyInterrupted):
+        tune(task, observers=[_InterruptAt(0)], **kwargs)
+    result = tune(task, timeout=120, **kwargs)  # it used to wait for ever
+    assert result.settings.lr_rule.startswith("saturating-")
+    assert len(result.trials) == 4
+    trials = result.study.get_trials()
+    ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert min(ran, key=lambda t: t.number).user_attrs["autobatch_role"] == "baseline"
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+
+
 def test_a_model_with_dropout_trains_the_same_at_the_same_seed_and_leaves_the_rng_alone(task):
     from autobatch.data import BatchSource
     from autobatch.tuning.loop import train

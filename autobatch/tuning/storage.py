@@ -13,6 +13,7 @@ again) or started past the study's budget do not count.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.distributions import FloatDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -72,9 +74,29 @@ class StaleTrials:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self._retry(study, trial)
+            self._retry(study, _within_its_ranges(trial))
         for listener in list(self.listeners):
             listener(trial)
+
+
+def _within_its_ranges(trial: FrozenTrial) -> FrozenTrial:
+    """``trial`` with each float range widened to hold its value. A queued trial's fixed
+    multiplier may lie outside the range it was suggested from (the baseline's x1 when the range
+    test moved the range; a step past the range's end), and Optuna's retry re-creates the trial
+    with its values checked against its ranges."""
+    widened = {}
+    for name, dist in trial.distributions.items():
+        value = trial.params.get(name)
+        if isinstance(dist, FloatDistribution) and not dist.low <= value <= dist.high:
+            dist = FloatDistribution(
+                min(dist.low, value), max(dist.high, value), log=dist.log, step=dist.step
+            )
+        widened[name] = dist
+    if widened == trial.distributions:
+        return trial
+    copied = copy.copy(trial)
+    copied.distributions = widened
+    return copied
 
 
 def open_storage(

@@ -292,7 +292,9 @@ class Worker:
             settings.n_trials is not None and state.finished + state.running >= settings.n_trials
         ):
             return "the study's last trials"
-        if not state.running or scoring.reference(records):
+        # This worker's seeds waiting for the reference to be judged are Optuna's RUNNING
+        # trials too, but nothing is left to wait for in them.
+        if state.running <= len(self._deferred) or scoring.reference(records):
             return None
         if settings.lr_rule.startswith("saturating-"):
             return "the reference trial, which measures the gradient noise scale"
@@ -332,6 +334,8 @@ class Worker:
                 if storage.claimed_before(trials, trial.number) >= n_trials:
                     self._give_back(trial)
                     return 0
+            if self._baseline_waits(trial, seen):
+                return 0
             if trial.user_attrs.get(storage.ROLE) in STEERED:  # queued by a worker, not prepare
                 trials = study.get_trials(deepcopy=False)
                 if (twin := storage.earlier_twin(trials, trial.number)) is not None:
@@ -350,6 +354,26 @@ class Worker:
         finally:
             if not any(t is trial for t, _, _ in self._deferred):
                 heartbeat.join()
+
+    def _baseline_waits(self, trial: optuna.Trial, seen: list[FrozenTrial]) -> bool:
+        """Give back a seed popped while the baseline waits in the queue behind it (queued
+        again after an interruption), so that the baseline runs first, as in the study before
+        the interruption: the other seeds train at rates and are judged by a target that its
+        noise scale and its loss fix. True if given back."""
+        if trial.user_attrs.get(storage.ROLE) in (None, BASELINE, *STEERED):
+            return False
+        if scoring.reference(storage.records(seen)) is not None:
+            return False
+        if not any(
+            t.state == TrialState.WAITING and t.user_attrs.get(storage.ROLE) == BASELINE
+            for t in seen
+        ):
+            return False
+        trial.set_user_attr(storage.COUNTED, False)
+        trial.set_user_attr(storage.REASON, "not run yet: queued again behind the baseline")
+        self._queue_again(trial)
+        self.study.tell(trial, state=TrialState.FAIL)
+        return True
 
     def _adamw_scaling(self, size: int, lr: float) -> AdamWScaling | None:
         """AdamW's beta2 and weight decay at ``size`` and ``lr``, with ``scale_adamw``."""
