@@ -380,3 +380,5 @@ class TuneObserver(Protocol):
     def study_finished(self, result: Any) -> None: ...  # a TuneResult
 
     def study_interrupted(self, reason: str) -> None: ...
+
+    def study_failed(self, reason: str) -> None: ...  # ended with nothing to recommend

@@ -246,8 +246,12 @@ def test_objectives_and_infeasible_sizes() -> None:
     oom = record(2, [], 0.0, batch_size=256, state=INFEASIBLE)
     assert scoring.score(oom, settings(), target) is None
     assert scoring.infeasible_sizes([hit, oom]) == {256}
-    with pytest.raises(Exception, match="no trial completed"):
+    with pytest.raises(Exception, match="no trial completed.*every trial ran out of memory"):
         scoring.recommend([oom], settings())
+    diverged = record(3, [], 0.0, state=FAILED)
+    with pytest.raises(Exception, match="no trial completed") as error:
+        scoring.recommend([oom, diverged], settings())
+    assert "ran out of memory" not in str(error.value) and "lower Task.lr" in str(error.value)
 
 
 def _pruned_at_first_rung(study: optuna.Study, loss: float, step: int) -> bool:

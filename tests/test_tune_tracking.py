@@ -172,6 +172,36 @@ def test_a_tracker_closed_while_its_store_is_created_lets_the_creation_finish(
     assert MlflowClient(uri).search_experiments()  # the whole store, its default experiment
 
 
+@pytest.mark.slow
+def test_a_study_with_no_completed_trial_ends_its_run_failed_saying_why(
+    task, tmp_path, capsys
+) -> None:
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from autobatch import AutobatchError
+    from autobatch.cli import main
+
+    def nan_loss(outputs, targets):
+        return F.cross_entropy(outputs, targets) * float("nan")
+
+    broken = dataclasses.replace(task, loss=nan_loss)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(AutobatchError, match="no trial completed") as error:
+        tune(broken, tracking_uri=uri, lr_range_test=False, **{**FAST, "n_trials": 2})
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(f"autobatch-{task.name}").experiment_id]
+    )
+    study = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert study.info.status == "FAILED"
+    assert study.data.tags["failed"] == str(error.value)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert main(["report", "--tracking-uri", uri, "--run-id", study.info.run_id]) == 0
+    assert "Warning: no trial completed" in capsys.readouterr().out
+
+
 def test_quick_check_accepts_any_answer_and_ignores_credentials(mlflow_server: str) -> None:
     with_credentials = mlflow_server.replace("http://", "http://user:pass@")
     assert check_store(with_credentials) is True

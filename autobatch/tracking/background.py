@@ -421,6 +421,10 @@ class BackgroundTracker:
         self._post("study_interrupted", reason)
         self.close()
 
+    def study_failed(self, reason: str) -> None:
+        self._post("study_failed", reason)
+        self.close()
+
 
 # -- the child ---------------------------------------------------------------------------------
 
@@ -543,7 +547,7 @@ def main() -> int:
                 getattr(tracker, kind)(*args)
             except Exception:  # a bug of ours: say it, keep logging the rest
                 log.warning("MLflow logging of %s failed", kind, exc_info=True)
-            open_study = kind not in ("study_finished", "study_interrupted") and (
+            open_study = kind not in ("study_finished", "study_interrupted", "study_failed") and (
                 open_study or kind in ("open_study_run", "attach", "study_started")
             )
         if kind in _ANSWERED:

@@ -678,6 +678,21 @@ class MlflowTracker:
 
         self._send("the study's recommendation and charts", finish)
 
+    def study_failed(self, reason: str) -> None:
+        """End the study run FAILED, saying why: every trial ended and none completed."""
+        if self._stopped or self.parent_run_id is None:
+            return
+        self.flush()
+        self._end_open_runs("KILLED", "the study ended before this trial did")
+        parent = self.parent_run_id
+
+        def finish() -> None:
+            text = str(reason)[:_TAG_LIMIT]
+            self._log(parent, tags={"failed": text, "mlflow.note.content": text})
+            self._client.set_terminated(parent, "FAILED")
+
+        self._send("the failure of the study", finish)
+
     def study_interrupted(self, reason: str) -> None:
         """Mark the open trial runs KILLED, and the study run too if this process opened it
         (other workers may still be adding trials to a run opened elsewhere)."""

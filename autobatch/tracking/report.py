@@ -202,7 +202,8 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
     warnings = [w for w in parent.data.tags.get("warnings", "").splitlines() if w]
     if not recommendation:
         warnings.append(
-            f"the study run ended {parent.info.status} without a recommendation "
+            parent.data.tags.get("failed")
+            or f"the study run ended {parent.info.status} without a recommendation "
             "(interrupted or still running)"
         )
     return Report(
@@ -372,7 +373,7 @@ def format_report(report: Report, why_width: int = 60) -> str:
             + f"from trial {rec.get('best_trial', '?')}"
         )
     else:
-        out.append("Recommendation: none (the study did not finish)")
+        out.append("Recommendation: none (why below)")
     out += [f"Warning: {w}" for w in report.warnings]
     return "\n".join(out)
 

@@ -293,12 +293,19 @@ def recommend(
         why = "; ".join(reasons[:SHOWN_REASONS])
         if len(reasons) > SHOWN_REASONS:
             why += f"; {len(reasons) - SHOWN_REASONS} more"
+        ended = {r.state for r in records}
+        fix = (
+            "every trial ran out of memory: give batch sizes that fit (candidates, "
+            "--batch-sizes; memory_budget, --memory-budget, probes for them) or a smaller model"
+            if ended == {INFEASIBLE}
+            else "fix what the trials say (a learning rate that diverges: lower Task.lr or "
+            "narrow lr_multiplier_range, --lr-multiplier-range; a loss that is nan at every "
+            "rate: nan or inf in the data)"
+        )
         raise AutobatchError(
             "no trial completed, so there is nothing to recommend"
             + (f" ({why})" if why else "")
-            + "; fix what the trials say (a learning rate that diverges: lower Task.lr or "
-            "narrow lr_multiplier_range, --lr-multiplier-range; a loss that is nan at every "
-            "rate: nan or inf in the data) and rerun"
+            + f"; {fix} and rerun"
         )
     reached = [r for r in complete if r.time_to_target is not None]
     pool = reached or complete

@@ -32,7 +32,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as 
 from optuna.trial import FrozenTrial, TrialState
 
 from autobatch.data import epoch_samples, steps_per_epoch
-from autobatch.errors import StudyInterrupted
+from autobatch.errors import AutobatchError, StudyInterrupted
 from autobatch.memory import MemoryMeter
 from autobatch.oom import drop_failed_attempt, is_oom_error
 from autobatch.records import (
@@ -273,7 +273,11 @@ class Worker:
         # their own (timeout), by whichever stops last.
         result = None
         if (complete and ran_last) or (not complete and state.running == 0 and state.finished):
-            result = recommend(self.study, notes=self.notes)
+            try:
+                result = recommend(self.study, notes=self.notes)
+            except AutobatchError as exc:  # no trial completed: the study ends, failed
+                self.observers.study_failed(str(exc))
+                raise
             self.observers.study_finished(result)
         return WorkerOutcome(done, complete, result, stopped)
 
