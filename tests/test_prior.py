@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from autobatch.data import BatchSource
-from autobatch.records import BASELINE, COMPLETE, PRUNED, EvalPoint, TrialRecord
+from autobatch.records import BASELINE, COMPLETE, INFEASIBLE, PRUNED, EvalPoint, TrialRecord
 from autobatch.task import Task
+from autobatch.tracking.report import format_why
 from autobatch.tuning import prior
 from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.space import adamw_scaling, applied_rule, rule_for, scale_lr
@@ -199,6 +200,14 @@ def test_explain_and_its_chart() -> None:
     unexplained = prior.explain(plain, [32, 64])
     assert all(r.predicted_seconds is None for r in unexplained.rows)
     assert unexplained.fastest is None
+    # A size that ran out of memory is not predicted, nor the fastest, and the table says so.
+    oom = replace(records[2], number=3, batch_size=1024, state=INFEASIBLE, curve=())
+    explained = prior.explain([*records, oom], [32, 64, 128, 512, 1024])
+    row = next(r for r in explained.rows if r.batch_size == 1024)
+    assert row.out_of_memory and row.predicted_seconds is None
+    assert all(p.batch_size != 1024 for p in explained.predictions)
+    assert "1024" in format_why(explained, 32).splitlines()[-1]
+    assert format_why(explained, 32).splitlines()[-1].endswith("out of memory")
 
 
 def test_step_time_is_fitted_on_relative_errors() -> None:

@@ -89,6 +89,24 @@ def test_oom_marks_the_batch_size_infeasible_and_it_is_not_sampled_again(task):
 
 
 @pytest.mark.slow
+def test_out_of_memory_before_the_first_trial_marks_nothing_and_the_study_goes_on(task):
+    """Out of memory at the smallest size (the clock settles on it) and at the baseline's (the
+    range test runs there), on a CPU with no probe to have found it: prepare goes on."""
+
+    def step(model, batch):
+        inputs, targets = batch
+        if inputs.shape[0] in (16, 32):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+    result = tune(dataclasses.replace(task, step=step), n_trials=4, cache=False, **FAST)
+    assert any("range test ran out of memory at batch size 32" in w for w in result.warnings)
+    assert result.settings.lr_range_test is None
+    assert sorted(result.settings.step_clock["seconds"]) == [64, 128]
+    assert infeasible_sizes(result.trials) <= {16, 32} and result.batch_size in (64, 128)
+
+
+@pytest.mark.slow
 def test_other_errors_stop_the_study_with_the_original_error(task):
     broken = dataclasses.replace(task, step=_step_failing_at(32, KeyError("labels")))
     with pytest.raises(KeyError, match="labels"):

@@ -399,6 +399,8 @@ def format_why(explanation: Any, chosen: int) -> str:
     ]
     for row in explanation.rows:
         mark = "  <- chosen" if row.batch_size == chosen else ""
+        if row.out_of_memory:
+            mark = "  out of memory"
         lines.append(
             f"{row.batch_size:>10}  {_number(row.predicted_seconds, '.3g'):>13}  "
             f"{_number(row.measured_seconds, '.3g'):>12}  {row.trials:>6}{mark}"

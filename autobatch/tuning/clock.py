@@ -155,9 +155,14 @@ def _settle(step: TrainStep, batches: Iterator[Any], sync: Any) -> None:
     """Steps for :data:`SETTLE_SECONDS`, untimed: the first sizes timed in a fresh process
     came out up to 1.4x slow without them (caches, allocator, clock frequency)."""
     deadline = time.perf_counter() + SETTLE_SECONDS
-    while time.perf_counter() < deadline:
-        step(next(batches))
-        sync()
+    try:
+        while time.perf_counter() < deadline:
+            step(next(batches))
+            sync()
+    except BaseException as exc:  # the size is left out when it is timed, as every size is
+        if not is_oom_error(exc):
+            raise
+        drop_failed_attempt(exc)
 
 
 def _time_in_rounds(

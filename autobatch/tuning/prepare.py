@@ -27,6 +27,7 @@ from autobatch import workload
 from autobatch.data import BatchSource
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter
+from autobatch.oom import drop_failed_attempt, is_oom_error
 from autobatch.probing import probe
 from autobatch.records import BASELINE, ProbeResult, StudySettings, TuneObserver
 from autobatch.tracking.redact import redact_url
@@ -144,7 +145,7 @@ def prepare(
             source = task.training_batches().to_device()  # moved once, for both
             timed = clock.measure(task, source, sizes, threads, cache=cache)
             found = _lr_range_test(
-                task, source, sizes, lr_multiplier_range, lr_range_test, timed["seconds"]
+                task, source, sizes, lr_multiplier_range, lr_range_test, timed["seconds"], notes
             )
             log.info(
                 "the study's clock, ms per step: %s (%s)",
@@ -250,6 +251,7 @@ def _lr_range_test(
     multipliers: tuple[float, float],
     wanted: bool,
     step_seconds: Mapping[Any, float],
+    notes: list[str],
 ) -> lr_range.RangeTest | None:
     """The range test at the baseline's batch size, where asked for and the multiplier range
     is wide enough to search (a narrower one pins the rate: see ``space.past_the_edge``). Its
@@ -258,7 +260,17 @@ def _lr_range_test(
     if not wanted or space.pinned(multipliers):
         return None
     base = next(size for role, size in space.seeds(sizes, task.batch_size) if role == BASELINE)
-    found = lr_range.range_test(task, source, base, multipliers)
+    try:
+        found = lr_range.range_test(task, source, base, multipliers)
+    except BaseException as exc:
+        if not is_oom_error(exc):
+            raise
+        drop_failed_attempt(exc)
+        notes.append(
+            f"the learning-rate range test ran out of memory at batch size {base}, so it was "
+            "skipped: the multipliers are centred on x1"
+        )
+        return None
     if (timing := prior.clock_of(step_seconds)) is not None:
         found = replace(found, seconds=found.steps * timing(base), wall_seconds=found.seconds)
     log.info(

@@ -238,6 +238,7 @@ class Explained:
     predicted_seconds: float | None  # to the target, from the noise scale and step time
     measured_seconds: float | None  # the fastest trial at this size that reached the target
     trials: int  # completed or pruned trials at this size
+    out_of_memory: bool = False  # a trial at this size ran out of memory: no prediction
 
 
 @dataclass(frozen=True)
@@ -268,15 +269,21 @@ def explain(
     noise = noise_scale(scoring.reference(records))
     timing = step_time(records) if clock is None else clock.line
     per_step = clock or timing
+    infeasible = scoring.infeasible_sizes(records)
+    feasible = [size for size in candidates if size not in infeasible]
     predictions = []
-    if noise is not None and per_step is not None:
-        predictions = predict(records, noise, per_step, candidates)
+    if noise is not None and per_step is not None and feasible:
+        predictions = predict(records, noise, per_step, feasible)
     predicted = {p.batch_size: p.seconds for p in predictions}
     rows = []
     for size in sorted(candidates):
         tried = [r for r in records if r.batch_size == size and r.curve]
         times = [r.time_to_target for r in tried if r.time_to_target is not None]
-        rows.append(Explained(size, predicted.get(size), min(times, default=None), len(tried)))
+        rows.append(
+            Explained(
+                size, predicted.get(size), min(times, default=None), len(tried), size in infeasible
+            )
+        )
     return Explanation(noise, timing, tuple(predictions), tuple(rows))
 
 
