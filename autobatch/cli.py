@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -689,6 +690,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.threads is not None:
         _set_threads(args.threads)
     from autobatch.tuning import join_study
+    from autobatch.tuning.launch import follow_parent
+
+    follow_parent()
 
     task = _load(args)
     result = join_study(
@@ -848,6 +852,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"choose a command: {', '.join(_command_names(parser))} (see '{PROG} --help')")
         return EXIT_USAGE
     _configure_logging(args.verbose)
+    # SIGTERM (a scheduler's stop, `kill`, `timeout`) stops a study as Ctrl-C does: the running
+    # trial is queued again, workers are stopped, and the same command resumes.
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread: leave signals to the caller
+        previous = None
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader went away (``| head``): nothing left to tell it
@@ -875,6 +885,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trials logged to MLflow are kept there)"
         )
         return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _is_storage_failure(exc: BaseException) -> bool:

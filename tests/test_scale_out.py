@@ -227,6 +227,52 @@ def test_a_sigkilled_study_rerun_ends_with_no_trial_running(tmp_path: Path) -> N
     assert "ceiling" in {t.user_attrs.get(ROLE) for t in finished}  # the seed ran after all
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_stopping_tune_with_workers_stops_them_and_leaves_the_study_resumable(
+    tmp_path: Path, stop: int
+) -> None:
+    """SIGTERM (a scheduler's stop, `timeout`) is taken as Ctrl-C, and passed on; a SIGKILLed
+    parent's workers get a SIGTERM from the kernel. Either way none trains on as an orphan, and
+    each queues its trial again."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = "autobatch-slow-digits"
+    command = [
+        sys.executable, "-m", "autobatch", "tune", _slow_target(tmp_path), "--n-trials", "4",
+        "--storage", storage, "--no-mlflow", "--workers", "2", "--max-epochs", "3",
+        "--batch-sizes", "16,32,64",
+    ]  # fmt: skip
+    parent = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL)
+    try:
+        running = _wait_for_running(storage, study, parent, lambda t: True)
+        parent.send_signal(stop)
+        assert parent.wait(timeout=60) == (130 if stop == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    worker = int(running.user_attrs[WORKER].rsplit(":", 1)[1])
+    deadline = time.monotonic() + 60
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker)
+    trials = _trials(storage, study)
+    assert TrialState.RUNNING not in {t.state for t in trials}  # queued again, not left behind
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(_finished(_trials(storage, study))) == 4
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too: reaped by init once its parent is gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _assert_seeded_once(finished: list) -> None:
     """Each seed ran once, and the prior's predicted trial (queued by whichever worker ended
     the last seed, when it predicts a size no seed ran) at most once; a trial past the lr

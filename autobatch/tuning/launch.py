@@ -25,6 +25,9 @@ from autobatch.tuning import storage
 from autobatch.tuning.prepare import Prepared
 from autobatch.tuning.recommendation import recommend
 
+#: Names the process that started a worker, so the worker stops with it (:func:`follow_parent`).
+PARENT = "AUTOBATCH_PARENT_PID"
+
 
 def worker_devices(device: torch.device, workers: int, devices: Sequence[str] | None) -> list[str]:
     """The device of each of ``workers`` workers: ``devices`` in turn, else every visible GPU
@@ -72,6 +75,7 @@ def run_workers(
             [*base, "--device", device],
             stdout=subprocess.DEVNULL,
             start_new_session=os.name == "posix",
+            env={**os.environ, PARENT: str(os.getpid())},
         )
         for device in devices
     ]
@@ -82,10 +86,10 @@ def run_workers(
                 finished = storage.progress(study.get_trials(deepcopy=False)).finished
                 bar.update(max(0, finished - bar.n))
             time.sleep(1.0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: passed on as SIGTERM, which no shell ignores
         for process in processes:
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+                process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait()
         finished = storage.progress(study.get_trials(deepcopy=False)).finished
@@ -106,6 +110,24 @@ def run_workers(
     if failed:
         result = replace(result, warnings=(*result.warnings, _failures(failed)))
     return result
+
+
+def follow_parent() -> None:
+    """In a worker ``tune --workers`` started: a SIGTERM when that process dies, even by
+    SIGKILL, so that no worker trains on as an orphan (the CLI stops on SIGTERM as on Ctrl-C:
+    its trial is queued again). Linux only (``PR_SET_PDEATHSIG``); elsewhere a no-op. Not
+    SIGINT: a shell starts background jobs with it ignored, and workers inherit that."""
+    parent = os.environ.get(PARENT)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _failures(failed: list[tuple[int, int]]) -> str:
