@@ -202,6 +202,32 @@ def test_a_study_with_no_completed_trial_ends_its_run_failed_saying_why(
     assert "Warning: no trial completed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_rerunning_a_complete_study_whose_run_was_killed_logs_its_recommendation(
+    task, tmp_path
+) -> None:
+    """Stopped as its last trial was recorded, a study is complete in the storage while its
+    MLflow run ended KILLED without the recommendation; the same command again logs it."""
+    from autobatch.tracking.report import recommendation_tag
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kwargs = dict(storage=f"sqlite:///{tmp_path / 'study.db'}", tracking_uri=uri, **FAST)
+    first = tune(task, **kwargs)
+    client = MlflowClient(uri)
+    parent = first.mlflow_run_id
+    for key in ("batch_size", "epochs", "lr"):
+        client.delete_tag(parent, recommendation_tag(key))
+    client.set_terminated(parent, "KILLED")
+
+    again = tune(task, **kwargs)
+    run = client.get_run(parent)
+    assert again.mlflow_run_id == parent and run.info.status == "FINISHED"
+    assert run.data.tags[recommendation_tag("batch_size")] == str(first.batch_size)
+    once_more = tune(task, **kwargs)  # a finished run is left as it is
+    assert once_more.mlflow_run_id == parent
+    assert client.get_run(parent).info.end_time == run.info.end_time
+
+
 def test_quick_check_accepts_any_answer_and_ignores_credentials(mlflow_server: str) -> None:
     with_credentials = mlflow_server.replace("http://", "http://user:pass@")
     assert check_store(with_credentials) is True

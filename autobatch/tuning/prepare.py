@@ -51,6 +51,9 @@ class Prepared:
     observers: list[TuneObserver]
     tracker: Any = None  # the BackgroundTracker, when logging to MLflow
     notes: list[str] = field(default_factory=list)  # for this run only, beside the stored ones
+    # A study complete in the storage whose MLflow run was stopped before the recommendation
+    # reached it (interrupted as its last trial was recorded): log the recommendation now.
+    unlogged: bool = False
 
     def close(self) -> None:
         if self.tracker is not None:
@@ -227,7 +230,12 @@ def prepare(
             )
         if done is not None:
             prepared.notes.append(done)
-            if tracker is not None:  # nothing to log: no run is opened again
+            if tracker is not None and _killed_run(study, tracker.tracking_uri):
+                tracker.wait_ready()
+                _open_study_run(study, tracker, settings)
+                prepared.observers.append(tracker)
+                prepared.unlogged = True
+            elif tracker is not None:  # nothing to log: no run is opened again
                 tracker.close()
                 prepared.tracker = None
         elif tracker is not None:
@@ -447,6 +455,22 @@ def check_same_task(settings: StudySettings, task: Workload) -> None:
             f"this task is not the one study {settings.study_name!r} was prepared for "
             f"({'; '.join(differ)}); give the same TARGET, or a new --study-name"
         )
+
+
+def _killed_run(study: optuna.Study, tracking_uri: str) -> bool:
+    """Whether the study's MLflow run in this store ended KILLED: stopped before it was told
+    the study's end. Read only on a rerun of a complete study (MLflow's import costs seconds)."""
+    known = study.user_attrs.get(storage.MLFLOW) or {}
+    if not known.get("parent_run_id") or known.get("tracking_uri") != redact_url(tracking_uri):
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(known["parent_run_id"])
+    except MlflowException:
+        return False
+    return run.info.status == "KILLED"
 
 
 def _open_study_run(study: optuna.Study, tracker: Any, settings: StudySettings) -> None:

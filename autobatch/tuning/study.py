@@ -198,7 +198,10 @@ def tune(
             notes=prepared.notes,
         )
         outcome = worker.run()
-        return outcome.result or recommend(prepared.study, notes=worker.notes)
+        result = outcome.result or recommend(prepared.study, notes=worker.notes)
+        if prepared.unlogged and outcome.result is None:
+            worker.observers.study_finished(result)
+        return result
     finally:
         prepared.close()
 
