@@ -165,6 +165,24 @@ def test_a_study_interrupted_in_its_baseline_resumes_with_the_baseline_first(tas
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
 
 
+@pytest.mark.slow
+def test_a_study_whose_preparer_died_before_marking_it_prepared_is_prepared_anew(task, tmp_path):
+    """SIGKILL between creating a study and writing its settings left it for every rerun to
+    wait for, then refuse; the process that created it is known to be gone: start again."""
+    import subprocess
+    import sys
+
+    from autobatch.tuning import storage as study_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    half = optuna.create_study(study_name="half", storage=study_storage.open_storage(url))
+    half.set_user_attr(study_storage.PREPARER, f"{study_storage.hostname()}:{gone}")
+    result = tune(task, n_trials=3, storage=url, study_name="half", **FAST)
+    assert len(result.trials) == 3 and result.settings is not None
+
+
 def test_a_model_with_dropout_trains_the_same_at_the_same_seed_and_leaves_the_rng_alone(task):
     from autobatch.data import BatchSource
     from autobatch.tuning.loop import train

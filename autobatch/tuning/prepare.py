@@ -138,6 +138,16 @@ def prepare(
         if tolerance is not None:  # None: the stored study's, or the default for a new one
             wanted["tolerance"] = tolerance
         study = _existing(opened, name, storage_url)
+        if (
+            study is not None
+            and storage.settings_of(study) is None
+            and storage.preparer_died(study)
+        ):
+            log.warning(
+                "study %r was left half-prepared by a process that died: prepared anew", name
+            )
+            optuna.delete_study(study_name=name, storage=opened)
+            study = None
         notes: list[str] = []
         created = False
         if study is None:
@@ -322,8 +332,9 @@ def wait_prepared(
             state = "exists but was never prepared" if study is not None else "does not exist"
             raise InvalidInputError(
                 f"study {name!r} {state} after {seconds:.0f} s; start it with "
-                "`autobatch tune` (same --storage and --study-name), or delete a broken one "
-                "with `optuna delete-study`"
+                "`autobatch tune` (same --storage and --study-name), or, if the process that "
+                f"created it died, delete it (optuna delete-study --study-name {name} "
+                "--storage URL) and run again"
             )
         if not announced:
             log.warning("waiting for study %r to be prepared by `autobatch tune`", name)
@@ -394,6 +405,7 @@ def _create(
     except optuna.exceptions.DuplicatedStudyError:
         return None
     study.set_user_attr(storage.HOST, storage.hostname())
+    study.set_user_attr(storage.PREPARER, storage.worker_name())
     study.set_user_attr(storage.PROBE, None if probed is None else probed.to_dict())
     study.set_user_attr(storage.NOTES, list(notes))
     for role, size in space.seeds(settings.candidates, settings.base_batch_size):

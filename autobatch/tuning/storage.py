@@ -41,6 +41,7 @@ SPACE = "autobatch_space"  # written by autobatch before 0.2 only: marks an olde
 PROBE = "autobatch_probe"
 NOTES = "autobatch_notes"
 HOST = "autobatch_prepared_on"
+PREPARER = "autobatch_preparer"  # host:pid of the process preparing it
 MLFLOW = "autobatch_mlflow"  # {"tracking_uri", "experiment_id", "parent_run_id"}
 # Trial attributes, written by the worker running the trial.
 RECORD = "autobatch_record"
@@ -223,6 +224,21 @@ def worker_name() -> str:
 
 
 # -- study facts -----------------------------------------------------------------------------
+
+
+def preparer_died(study: optuna.Study) -> bool:
+    """Whether the process that created ``study`` and was writing its facts died before it
+    marked it prepared (SIGKILL between the two). Known only on the host it ran on."""
+    host, _, pid = str(study.user_attrs.get(PREPARER, "")).rpartition(":")
+    if host != hostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def settings_of(study: optuna.Study) -> StudySettings | None:
