@@ -62,6 +62,14 @@ def test_a_damaged_study_storage_is_one_line_exit_1(capsys, tmp_path):
     assert main(["tune", "digits", *QUICK[:1], "3", *QUICK[2:], "--no-mlflow"]) == 1
     line = one_line_error(capsys)
     assert "study storage failed" in line and "restore it" in line
+    # Damaged where opening it reads: the same one line, exit 1, not a wrong URL's advice.
+    with database.open("r+b") as handle:
+        handle.truncate(size // 2)
+    url = f"sqlite:///{database}"
+    for command in (["tune", "digits", *QUICK, "--no-mlflow"], ["report", "--storage", url]):
+        assert main(command) == 1
+        line = one_line_error(capsys)
+        assert "damaged" in line and "restore it from a copy" in line and "server" not in line
 
 
 @pytest.mark.slow

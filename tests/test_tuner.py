@@ -242,6 +242,8 @@ def test_changed_search_space_on_an_existing_study_is_refused(task, tmp_path):
     first = tune(task, n_trials=1, storage=storage, study_name="s", **FAST)
     with pytest.raises(InvalidInputError, match="different search space"):
         tune(task, n_trials=2, storage=storage, study_name="s", objective="loss", **FAST)
+    with pytest.raises(InvalidInputError, match=r"\(candidates up to 128, above max_batch_size"):
+        tune(task, n_trials=2, storage=storage, study_name="s", max_batch_size=64, **FAST)
     # the first study is intact
     stored = optuna.load_study(study_name="s", storage=storage).trials
     finished = [t for t in stored if t.state.is_finished()]

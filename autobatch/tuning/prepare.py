@@ -215,7 +215,7 @@ def prepare(
             study = None  # another process is preparing it: wait for its facts
         if study is None:
             study = wait_prepared(opened, name, PREPARE_WAIT)
-        settings = _joined(study, task, wanted, candidates, n_trials, min_trials)
+        settings = _joined(study, task, wanted, candidates, n_trials, min_trials, max_batch_size)
         for note in study.user_attrs.get(storage.NOTES, []):
             log.warning(note)
         prepared = Prepared(
@@ -424,6 +424,7 @@ def _joined(
     candidates: Sequence[int] | None,
     n_trials: int | None,
     min_trials: int | None,
+    max_batch_size: int | None = None,
 ) -> StudySettings:
     """The stored settings, checked against this call's; a new ``n_trials`` or
     ``min_trials`` is stored."""
@@ -438,6 +439,8 @@ def _joined(
         kept = sorted({c for c in candidates if c <= ceiling})
         if kept != list(settings.candidates):
             changed.append("candidates")
+    if max_batch_size is not None and max(settings.candidates) > max_batch_size:
+        changed.append(f"candidates up to {max(settings.candidates)}, above max_batch_size")
     if changed:
         raise InvalidInputError(
             f"study {settings.study_name!r} already exists in {settings.storage} with a "

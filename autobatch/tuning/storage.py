@@ -28,7 +28,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from autobatch import sqlite_store
-from autobatch.errors import InvalidInputError
+from autobatch.errors import AutobatchError, InvalidInputError
 from autobatch.records import ProbeResult, StudySettings, TrialRecord
 from autobatch.tracking.redact import redact_url
 from autobatch.tuning import scoring
@@ -145,6 +145,12 @@ def open_storage(
             "pip install 'torch-autobatch[postgres]'"
         ) from None
     except Exception as exc:  # SQLAlchemy/driver errors of every kind, all meaning "unusable"
+        if _damaged(exc):
+            raise AutobatchError(
+                f"the study storage {redact_url(url)} is damaged ({str(exc).splitlines()[0][:160]}"
+                "); restore it from a copy, or give a new --storage (the trials logged to MLflow "
+                "are kept there)"
+            ) from None
         raise InvalidInputError(
             f"cannot open the study storage {redact_url(url)}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}; check the URL (e.g. sqlite:///autobatch.db) "
@@ -170,6 +176,12 @@ def remove_if_unused(opened: optuna.storages.BaseStorage, path: Any) -> None:
             path.with_name(path.name + suffix).unlink(missing_ok=True)
     except Exception as exc:  # the refusal being raised matters more than this tidying
         log.debug("left %s in place: %s", path, exc)
+
+
+def _damaged(exc: BaseException) -> bool:
+    """A SQLite file whose pages are broken, as opposed to a wrong URL or a server down."""
+    text = f"{exc} {exc.__cause__ or ''}".lower()
+    return "malformed" in text or "file is not a database" in text
 
 
 def _fast_sqlite(engine: Any) -> None:
