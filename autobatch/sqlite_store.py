@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,29 @@ def check(path: Path, what: str) -> None:
                 f"{what} {path} is not a SQLite database (damaged, or another kind of file); "
                 "move it away, or give another path"
             )
+
+
+#: Tables that mark a file as one store or the other.
+_MARKS = {"study": {"studies", "version_info"}, "MLflow": {"experiments", "runs"}}
+
+
+def check_kind(path: Path, what: str, kind: str) -> None:
+    """InvalidInputError when ``path`` holds the other store's tables and not ``kind``'s
+    ("study" or "MLflow"): opening it would add tables to it and fail with a schema error."""
+    if not (path.is_file() and path.stat().st_size):
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error:  # damaged: opening it says so
+        return
+    other = next(name for name in _MARKS if name != kind)
+    if _MARKS[other] <= tables and not _MARKS[kind] <= tables:
+        raise InvalidInputError(
+            f"{what} {path} is {'an MLflow store' if other == 'MLflow' else 'a study storage'}"
+            f"; give each store a file of its own (e.g. --storage sqlite:///autobatch.db, "
+            "--tracking-uri sqlite:///mlflow.db)"
+        )
 
 
 @contextlib.contextmanager

@@ -40,6 +40,35 @@ def test_a_file_that_is_not_a_database_is_named_before_any_trial(capsys, tmp_pat
     assert (tmp_path / store).read_bytes() == b"not a database at all"  # left as it was
 
 
+def test_one_store_given_as_the_other_is_one_line_and_left_untouched(capsys, tmp_path):
+    import sqlite3
+
+    import optuna
+    from mlflow import MlflowClient
+
+    optuna.create_study(study_name="s", storage="sqlite:///study.db")
+    MlflowClient("sqlite:///mlflow.db").search_experiments()
+
+    def tables(name: str) -> set[str]:
+        with sqlite3.connect(tmp_path / name) as db:
+            return {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+
+    before = tables("mlflow.db"), tables("study.db")
+    assert main(["tune", "digits", *QUICK, "--storage", "sqlite:///mlflow.db", "--no-mlflow"]) == 2
+    assert f"the study storage {tmp_path / 'mlflow.db'} is an MLflow store" in one_line_error(
+        capsys
+    )
+    assert main(["report", "--storage", "sqlite:///mlflow.db"]) == 2
+    assert "is an MLflow store" in one_line_error(capsys)
+    assert main(["report", "--tracking-uri", "sqlite:///study.db", "--experiment", "s"]) == 2
+    assert "is a study storage" in one_line_error(capsys)
+    assert (tables("mlflow.db"), tables("study.db")) == before
+    same = ["--storage", "sqlite:///same.db", "--tracking-uri", "sqlite:///same.db"]
+    assert main(["tune", "digits", *QUICK, *same]) == 2
+    assert "name the same file" in one_line_error(capsys)
+    assert not (tmp_path / "same.db").exists()
+
+
 def test_a_missing_folder_is_named(capsys, tmp_path):
     assert main(["tune", "digits", *QUICK, "--storage", "sqlite:///nowhere/study.db"]) == 2
     line = one_line_error(capsys)

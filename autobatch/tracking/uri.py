@@ -86,6 +86,7 @@ def check_store(uri: str, *, create: bool = True, timeout: float = 5.0) -> bool:
         if not create and not path.exists():
             raise InvalidInputError(f"no MLflow store at {redact_url(uri)}: {path} does not exist")
         sqlite_store.check(path, "the MLflow store")
+        sqlite_store.check_kind(path, "the MLflow store", "MLflow")
         return True
     if uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES:
         _check_database(uri, timeout)

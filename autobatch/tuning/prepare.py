@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 import torch
 
-from autobatch import workload
+from autobatch import sqlite_store, workload
 from autobatch.data import BatchSource
 from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter
@@ -117,13 +117,16 @@ def prepare(
     check_tune_inputs(task, n_trials=n_trials, timeout=timeout)
     # Everything that can be unreachable is contacted before any trial. The MLflow logging
     # process starts now and imports MLflow while the probe runs.
+    if mlflow and storage_url is not None:
+        _check_separate_files(storage_url, tracking_uri)
     new_file = storage.new_sqlite_file(storage_url)
     opened = storage.open_storage(
         storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
     )
     name = study_name or f"autobatch-{task.name}"
-    tracker = _start_tracker(tracking_uri, experiment) if mlflow else None
+    tracker = None
     try:
+        tracker = _start_tracker(tracking_uri, experiment) if mlflow else None
         if lr_rule == "auto":
             lr_rule = space.rule_for(task.optimizer([torch.nn.Parameter(torch.zeros(1))], task.lr))
         wanted = {
@@ -343,6 +346,19 @@ def wait_prepared(
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _check_separate_files(storage_url: str, tracking_uri: str | None) -> None:
+    """The study and MLflow in one SQLite file break each other's schema: refuse it first."""
+    from autobatch.tracking import resolve_tracking_uri
+
+    study_file = sqlite_store.path_of(storage_url)
+    mlflow_file = sqlite_store.path_of(resolve_tracking_uri(tracking_uri))
+    if study_file and mlflow_file and study_file.resolve() == mlflow_file.resolve():
+        raise InvalidInputError(
+            f"--storage and --tracking-uri name the same file, {study_file}; give each store a "
+            "file of its own (e.g. sqlite:///autobatch.db and sqlite:///mlflow.db)"
+        )
 
 
 def _start_tracker(tracking_uri: str | None, experiment: str | None) -> Any:

@@ -118,6 +118,7 @@ def open_storage(
             path = sqlite_store.path_of(url)
             if path is not None:
                 sqlite_store.check(path, "the study storage")
+                sqlite_store.check_kind(path, "the study storage", "study")
             with sqlite_store.creation_lock(path), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 opened = optuna.storages.RDBStorage(
