@@ -616,10 +616,16 @@ def _result_text(result: Any, tracking_uri: str | None, rerun: str = "the same c
         how = "this machine's, from the cache" if timed.get("cached") else "timed before trial 0"
         lines.append(f"Clock: ms per training step by batch size ({how}): {steps}")
     settled = scoring.settled(result.trials, settings)
+    short = settings.n_trials is not None and len(result.trials) < settings.n_trials
+    go_on = (
+        f"it stopped short (--timeout, or an interruption): {rerun} goes on"
+        if short and not settled
+        else f"to add trials, run {rerun} with a larger "
+        + ("--min-trials" if settled else "--n-trials")
+    )
     lines.append(
         f"Study: {settings.study_name} in {settings.storage}, {len(result.trials)} trials finished "
-        f"({f'{settled}; ' if settled else ''}n_trials {settings.n_trials}); to add trials, run "
-        f"{rerun} with a larger {'--min-trials' if settled else '--n-trials'}"
+        f"({f'{settled}; ' if settled else ''}n_trials {settings.n_trials}); {go_on}"
     )
     if result.mlflow_run_id and tracking_uri is not None:
         from autobatch.tracking import mlflow_ui_command

@@ -83,6 +83,12 @@ class Task:
             raise InvalidInputError("Task.loss must be callable as loss(outputs, targets)")
         if self.step is not None and not callable(self.step):
             raise InvalidInputError("Task.step must be callable as step(model, batch) -> loss")
+        if self.step is not None and self.metric is not None:
+            raise InvalidInputError(
+                f"Task(metric={self.metric!r}) reads the model's outputs, which a custom step "
+                "keeps to itself (it returns the loss only); leave metric unset with step=, or "
+                "give loss= instead of step="
+            )
         if self.collate_fn is not None and not callable(self.collate_fn):
             raise InvalidInputError("Task.collate_fn must be callable on a list of samples")
         validation.check(validation.TASK, vars(self), prefix="Task.")

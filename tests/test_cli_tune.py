@@ -73,6 +73,14 @@ def test_tune_prints_table_and_recommendation_and_report_rebuilds_it(capsys, tmp
 
 
 @pytest.mark.slow
+def test_a_study_its_timeout_stopped_says_the_same_command_goes_on(capsys):
+    assert main(["tune", "digits", *QUICK, "--no-mlflow", "--timeout", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped short (--timeout, or an interruption): the same command goes on" in out
+    assert "larger --n-trials" not in out
+
+
+@pytest.mark.slow
 def test_tune_without_mlflow_writes_no_mlflow_store(capsys, tmp_path):
     assert (
         main(["tune", "digits", *QUICK, "--no-mlflow", "--storage", f"sqlite:///{tmp_path}/s.db"])

@@ -167,5 +167,6 @@ def test_still_falling_means_lowest_at_the_end_of_the_whole_budget():
     assert curves.still_falling([1, 2, 3], [0.9, 0.5, 0.4], max_epochs=3)
     assert curves.still_falling([0.5, 1.0, 1.5], [0.9, 0.5, 0.4], max_epochs=1.5)  # fractional
     assert not curves.still_falling([1, 2, 3], [0.9, 0.4, 0.5], max_epochs=3)  # levelled off
+    assert not curves.still_falling([1], [0.9], max_epochs=1)  # one point shows no direction
     assert not curves.still_falling([1, 2], [0.9, 0.5], max_epochs=3)  # stopped early
     assert not curves.still_falling([], [], max_epochs=3)

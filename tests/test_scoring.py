@@ -246,6 +246,8 @@ def test_objectives_and_infeasible_sizes() -> None:
     oom = record(2, [], 0.0, batch_size=256, state=INFEASIBLE)
     assert scoring.score(oom, settings(), target) is None
     assert scoring.infeasible_sizes([hit, oom]) == {256}
+    with pytest.raises(Exception, match="no trial has finished yet.*run the same command"):
+        scoring.recommend([], settings())
     with pytest.raises(Exception, match="no trial completed.*every trial ran out of memory"):
         scoring.recommend([oom], settings())
     diverged = record(3, [], 0.0, state=FAILED)

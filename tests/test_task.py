@@ -115,6 +115,11 @@ def test_a_custom_step_replaces_the_loss():
         ),
         ({"seed": "x"}, "Task.seed", "integer"),
         ({"max_grad_norm": 0}, "Task.max_grad_norm", "positive number"),
+        (
+            {"metric": "accuracy", "step": lambda model, batch: model(batch[0]).sum()},
+            "metric='accuracy'",
+            "leave metric unset with step=",
+        ),
         ({"name": ""}, "Task.name", "non-empty"),
     ],
 )

@@ -166,8 +166,8 @@ def hopeless(
 
 def still_falling(epochs: Sequence[float], smoothed: Sequence[float], max_epochs: float) -> bool:
     """Whether a curve ran its whole budget and was lowest at its last evaluation: the
-    budget, not the rate, stopped it."""
-    if not smoothed or epochs[-1] < max_epochs * 0.999:
+    budget, not the rate, stopped it. One evaluation shows no direction: not falling."""
+    if len(smoothed) < 2 or epochs[-1] < max_epochs * 0.999:
         return False
     return min(range(len(smoothed)), key=smoothed.__getitem__) == len(smoothed) - 1
 

@@ -286,6 +286,11 @@ def recommend(
     that came closest.
     """
     records = sorted(rescore(records, settings), key=lambda r: r.number)
+    if not records:
+        raise AutobatchError(
+            "no trial has finished yet, so there is nothing to recommend: the study is running "
+            "its first trials, or was stopped in them (run the same command to go on)"
+        )
     target = target_loss(records, settings)
     complete = [r for r in stable(records) if r.value is not None]
     if not complete:
