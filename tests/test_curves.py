@@ -56,12 +56,19 @@ def test_choose_epochs_warns_when_whole_epochs_go_past_a_fractional_budget():
     losses = [1.0, 0.8, 0.6, 0.5, 0.4, 0.405]
     choice = curves.choose_epochs(epochs, losses, max_epochs=1.5, tolerance=0.05, level=0.41)
     assert (choice.epochs, choice.at_epoch) == (2, 1.25)
-    assert "1.5-epoch budget, and the recommendation rounds it up to 2: train 1.25" in (
+    assert "1.5-epoch budget, and the recommendation rounds it up to 2 epochs: train 1.25" in (
         choice.warning
     )
     # Reached at an epoch end inside the budget: no warning.
     inside = curves.choose_epochs(epochs, losses, max_epochs=1.5, tolerance=0.05, level=0.5)
     assert (inside.epochs, inside.warning) == (1, None)
+    # A budget under one epoch has no whole epoch to be past.
+    short = curves.choose_epochs([0.1, 0.2, 0.3], [1.0, 0.8, 0.7], max_epochs=0.3, tolerance=0.05)
+    assert "0.3 epochs in, inside the 0.3-epoch budget, under one epoch" in short.warning
+    assert "rounds it up to 1 epoch: train 0.3 epochs" in short.warning
+    # One step of the batch is the whole training set: an epoch, and nothing to train instead.
+    step = curves.choose_epochs([1.0], [0.7], max_epochs=0.01, tolerance=0.05)
+    assert (step.epochs, step.warning) == (1, None)
 
 
 def test_the_loss_must_be_at_the_level_at_the_epoch_training_stops():

@@ -133,13 +133,20 @@ def test_the_target_follows_the_best_loss_and_the_recommendation_ends_near_it() 
 
 
 def test_the_recommendation_gives_steps_and_a_fractional_budget_its_partial_epoch() -> None:
-    whole = curves.EpochChoice(epochs=2, at_epoch=1.6, index=0, best_index=0, warning=None)
-    assert scoring.steps_to_train(whole, 50, max_epochs=3) == 100
-    partial = dataclasses.replace(whole, at_epoch=1.25)
-    assert scoring.steps_to_train(partial, 50, max_epochs=1.5) == 63  # not 2 whole epochs
+    # 300 samples in batches of 16: 19 steps an epoch, the last of 12 samples; evaluated after
+    # 6, 12 and 25 steps.
+    trial = record(0, [2.0, 1.0, 0.5], 10.0, batch_size=16)
+    points = [dataclasses.replace(p, samples=n, epoch=n / 300) for p, n in zip(
+        trial.curve, (96, 192, 396), strict=True)]  # fmt: skip
+    trial = dataclasses.replace(trial, curve=tuple(points), iterations_per_epoch=19)
+    whole = curves.EpochChoice(epochs=2, at_epoch=1.32, index=2, best_index=2, warning=None)
+    assert scoring.steps_to_train(whole, trial, max_epochs=3) == 38
+    # Not 2 whole epochs, nor ceil(1.32 x 19) = 26: the 96 samples into epoch 2 are 6 steps.
+    assert scoring.steps_to_train(whole, trial, max_epochs=1.5) == 25
     # A budget of 1.5 epochs whose best loss lies at its end: 2 whole epochs would overrun it.
     base = dataclasses.replace(
-        record(0, [2.0, 1.0, 0.5], 10.0, role=BASELINE, max_epochs=1.5), iterations_per_epoch=40
+        record(0, [2.0, 1.0, 0.5], 10.0, batch_size=25, role=BASELINE, max_epochs=1.5),
+        iterations_per_epoch=40,
     )
     result = scoring.recommend([base], settings(max_epochs=1.5))
     assert (result.epochs, result.steps) == (2, 60)

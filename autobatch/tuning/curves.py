@@ -231,13 +231,17 @@ def choose_epochs(
             f"{max_epochs:g}-epoch budget: lower max_epochs to save time"
         )
     chosen = max(1, whole if whole is not None else math.ceil(at - 1e-9))
-    if chosen > max_epochs + 1e-9:
+    if chosen > max_epochs + 1e-9 and at < chosen - 1e-9:
         # Only a fractional budget gets here: the stop lies in its last, partial epoch.
+        where = (
+            f"inside the {max_epochs:g}-epoch budget, under one epoch"
+            if max_epochs < 1
+            else f"past the last whole epoch of the {max_epochs:g}-epoch budget"
+        )
         past = (
-            f"the stopping point lies {at:.3g} epochs in, past the last whole epoch of the "
-            f"{max_epochs:g}-epoch budget, and the recommendation rounds it up to {chosen}: "
-            f"train {at:.3g} epochs instead (the result's steps), or give max_epochs in "
-            "whole epochs"
+            f"the stopping point lies {at:.3g} epochs in, {where}, and the recommendation "
+            f"rounds it up to {chosen} epoch{'s' if chosen > 1 else ''}: train {at:.3g} epochs "
+            "instead (the result's steps), or give max_epochs in whole epochs"
         )
         warning = past if warning is None else f"{warning}; {past}"
     return EpochChoice(chosen, at, index, best_index, warning)

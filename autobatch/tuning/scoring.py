@@ -342,7 +342,7 @@ def recommend(
     return TuneResult(
         batch_size=best.batch_size,
         epochs=choice.epochs,
-        steps=steps_to_train(choice, best.iterations_per_epoch, settings.max_epochs),
+        steps=steps_to_train(choice, best, settings.max_epochs),
         lr=best.lr,
         lr_multiplier=best.lr_multiplier,
         best_trial=best.number,
@@ -355,12 +355,17 @@ def recommend(
     )
 
 
-def steps_to_train(choice: curves.EpochChoice, per_epoch: int, max_epochs: float) -> int:
-    """Optimizer steps for ``choice``: its whole epochs, or, where those go past a fractional
-    budget, the steps to the point it picked."""
+def steps_to_train(choice: curves.EpochChoice, record: TrialRecord, max_epochs: float) -> int:
+    """Optimizer steps for ``choice`` on ``record``'s curve: its whole epochs, or, where those
+    go past a fractional budget, the steps the trial took to the point it picked (counted in
+    samples: an epoch's last batch may be short, so epochs times steps per epoch overshoots)."""
+    per_epoch = record.iterations_per_epoch
     if choice.epochs <= max_epochs + 1e-9:
         return choice.epochs * per_epoch
-    return max(1, math.ceil(choice.at_epoch * per_epoch - 1e-9))
+    point = record.curve[choice.index]
+    whole = math.floor(point.epoch + 1e-9)
+    into = point.samples - round(whole * point.samples / point.epoch) if point.epoch else 0
+    return max(1, whole * per_epoch + math.ceil(into / record.batch_size - 1e-9))
 
 
 #: Trials whose failure a study with none completed names, whole, in its error.
