@@ -156,6 +156,14 @@ def test_the_recommendation_gives_steps_and_a_fractional_budget_its_partial_epoc
     assert (inside.epochs, inside.steps) == (2, 80)
 
 
+def test_a_study_where_no_trial_learned_says_so() -> None:
+    flat = [record(n, [1.0986, 1.0986, 1.0985], 1.0, role=BASELINE if n == 0 else None)
+            for n in range(3)]  # fmt: skip
+    assert any("does not learn" in w for w in scoring.recommend(flat, settings()).warnings)
+    learning = [*flat, record(3, [1.0986, 0.9, 0.8], 1.0)]
+    assert not any("does not learn" in w for w in scoring.recommend(learning, settings()).warnings)
+
+
 def test_the_winner_is_the_fastest_in_whole_epochs() -> None:
     """The user trains whole epochs: a trial that crosses the target early in an epoch pays
     for the rest of it."""

@@ -328,6 +328,14 @@ def recommend(
             "recommendation is not one to train with; lower the task's learning rate (Task.lr) "
             "and rerun"
         )
+    if not any(_learned(r, settings.tolerance) for r in complete) and any(
+        len(r.curve) > 1 for r in complete
+    ):
+        warnings.append(
+            "no trial's validation loss fell below its first evaluation by more than the "
+            "tolerance: the model does not learn at any rate tried; check that its parameters "
+            "train (requires_grad, the optimizer's parameters) and the loss it is given"
+        )
     passed = [r for r in records if unstable(r) and r.best_val_loss < best.best_val_loss]
     if passed:
         lowest = min(passed, key=lambda r: (r.best_val_loss, r.number))
@@ -353,6 +361,15 @@ def recommend(
         settings=settings,
         warnings=tuple(warnings),
     )
+
+
+def _learned(record: TrialRecord, tolerance: float) -> bool:
+    """Whether ``record``'s validation loss fell below its first evaluation's, by more than
+    ``tolerance``; a one-point curve shows nothing either way (counted as learned)."""
+    if len(record.curve) < 2:
+        return True
+    first = record.curve[0].val_loss_smoothed
+    return min(p.val_loss_smoothed for p in record.curve) < first - tolerance * abs(first)
 
 
 def steps_to_train(choice: curves.EpochChoice, record: TrialRecord, max_epochs: float) -> int:
