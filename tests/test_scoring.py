@@ -164,6 +164,28 @@ def test_a_study_where_no_trial_learned_says_so() -> None:
     assert not any("does not learn" in w for w in scoring.recommend(learning, settings()).warnings)
 
 
+def test_a_recommendation_whose_evaluation_diverged_says_so() -> None:
+    """Trained to 1.15 but evaluated at 1.6e16 (a sweep's other trials nan): broken, not
+    overfitting."""
+    base = record(0, [1.6e16, 1.7e16], 1.0, role=BASELINE)
+    base = dataclasses.replace(
+        base, curve=tuple(dataclasses.replace(p, train_loss=1.15) for p in base.curve)
+    )
+    warnings = scoring.recommend([base], settings()).warnings
+    assert any("over 1000x its training loss" in w for w in warnings)
+    fine = scoring.recommend([record(0, [1.0, 0.9], 1.0, role=BASELINE)], settings())
+    assert not any("training loss" in w for w in fine.warnings)
+    # Overfitting: a training loss near 0 under a validation loss 5000x higher is no alarm.
+    overfit = dataclasses.replace(
+        fine.trials[0],
+        curve=tuple(
+            dataclasses.replace(p, train_loss=t)
+            for p, t in zip(fine.trials[0].curve, (1.2, 1e-4), strict=True)
+        ),  # fmt: skip
+    )
+    assert not any("training loss" in w for w in scoring.recommend([overfit], settings()).warnings)
+
+
 def test_the_winner_is_the_fastest_in_whole_epochs() -> None:
     """The user trains whole epochs: a trial that crosses the target early in an epoch pays
     for the rest of it."""

@@ -328,6 +328,14 @@ def recommend(
             "recommendation is not one to train with; lower the task's learning rate (Task.lr) "
             "and rerun"
         )
+    trained = [abs(p.train_loss) for p in best.curve if math.isfinite(p.train_loss)]
+    if trained and best.best_val_loss > EVAL_GAP * max(max(trained), 1e-12):
+        warnings.append(
+            f"trial {best.number}'s validation loss ({best.best_val_loss:.3g}) is over "
+            f"{EVAL_GAP:g}x its training loss (at most {max(trained):.3g}): its evaluation "
+            "diverged (at a rate past the stable edge, say), so this recommendation is not one "
+            "to train with; lower the task's learning rate (Task.lr) and rerun"
+        )
     if not any(_learned(r, settings.tolerance) for r in complete) and any(
         len(r.curve) > 1 for r in complete
     ):
@@ -385,6 +393,10 @@ def steps_to_train(choice: curves.EpochChoice, record: TrialRecord, max_epochs: 
     return max(1, whole * per_epoch + math.ceil(into / record.batch_size - 1e-9))
 
 
+#: A recommended trial's best validation loss this many times its highest training loss (its
+#: first, near the loss at the start) is an evaluation gone wrong: overfitting drives the
+#: training loss down, never the validation loss up this far.
+EVAL_GAP = 1000.0
 #: Trials whose failure a study with none completed names, whole, in its error.
 SHOWN_REASONS = 3
 #: How many times its lowest a trial's training loss may end at before the trial counts as
