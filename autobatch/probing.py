@@ -29,6 +29,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
 from autobatch import probe_cache, validation, workload
+from autobatch.data import BatchSource
 from autobatch.errors import AutobatchError, BatchSizeOneDoesNotFit, InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.memory.plan import PlanMeter, build_fake
@@ -832,9 +833,11 @@ def probe(
                 rng.restore()
 
         if hit is not None:
-            if _still_fits(hit, attempt, meter):
+            if _still_fits(hit, attempt, meter) and _evaluation_still_fits(
+                hit, task, model, train_step, state, rng, meter
+            ):
                 return hit
-            log.info("the cached batch size %d no longer fits: probing again", hit.batch_size)
+            log.info("the cached batch sizes no longer fit: probing again")
         # Batch norm cannot train on a single sample.
         smallest = 2 if has_batch_norm(model) else 1
         try:
@@ -1001,26 +1004,11 @@ def _probe_evaluation(
     gradients, in the task's precision), with the optimizer state live as it is during
     training. Starts at the training size, which nearly always fits; the training step that
     creates the optimizer state is undone afterwards."""
-    source = task.validation_batches()
-    if source is None:
-        source = task.training_batches()
+    source = _evaluation_batches(task)
     bound = min(len(source), trained.upper_bound or len(source))
     if bound < multiple_of:
         return trained.batch_size
-
-    def evaluate(batch_size: int) -> None:
-        batch = source.largest(batch_size)
-        model.eval()
-        try:
-            with torch.no_grad(), autocast(task):
-                task.batch_loss(model, batch)
-        except BaseException as exc:
-            release_if_oom(exc)
-            raise
-        finally:
-            del batch
-            model.train()
-
+    evaluate = _evaluator(task, model, source)
     try:
         smallest = trained.attempts[0].batch_size  # what the training search ran first
         with meter:  # the optimizer state it creates is on the device, counted
@@ -1041,6 +1029,65 @@ def _probe_evaluation(
     finally:
         state.restore()
         rng.restore()
+
+
+def _evaluation_batches(task: Workload) -> BatchSource:
+    source = task.validation_batches()
+    return task.training_batches() if source is None else source
+
+
+def _evaluator(task: Workload, model: nn.Module, source: BatchSource) -> Callable[[int], None]:
+    """One evaluation batch's forward pass and loss at a size: no gradients, the task's
+    precision, the model in eval mode and back in training mode after."""
+
+    def evaluate(batch_size: int) -> None:
+        batch = source.largest(batch_size)
+        model.eval()
+        try:
+            with torch.no_grad(), autocast(task):
+                task.batch_loss(model, batch)
+        except BaseException as exc:
+            release_if_oom(exc)
+            raise
+        finally:
+            del batch
+            model.train()
+
+    return evaluate
+
+
+def _evaluation_still_fits(
+    hit: ProbeResult,
+    task: Workload,
+    model: nn.Module,
+    train_step: TrainStep,
+    state: TrainingState,
+    rng: RngState,
+    meter: MemoryMeter,
+) -> bool:
+    """Whether a cached result's evaluation size runs here within its budget, with the
+    optimizer state live, as :func:`_still_fits` asks of its training size."""
+    if hit.eval_batch_size is None or not hit.attempts:
+        return True
+    evaluate = _evaluator(task, model, _evaluation_batches(task))
+    meter.release()
+    meter.reset_peak()
+    capped = meter.capped(hit.budget_bytes) if meter.peak() is None else contextlib.nullcontext()
+    try:
+        with capped, meter:
+            train_step(task.training_batches().first(hit.attempts[0].batch_size))
+            evaluate(hit.eval_batch_size)
+        meter.synchronize()
+    except BaseException as exc:
+        if not is_oom_error(exc):
+            raise
+        drop_failed_attempt(exc)
+        return False
+    finally:
+        state.restore()
+        rng.restore()
+        meter.release()
+    return (meter.peak() or 0) <= hit.budget_bytes
 
 
 def _step_time(result: ProbeResult, meter: MemoryMeter) -> StepTime | None:

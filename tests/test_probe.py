@@ -1194,7 +1194,10 @@ def test_second_probe_comes_from_the_cache_after_one_attempt_at_its_size(tmp_pat
     step.sizes.clear()
     second = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
     assert second.cached
-    assert step.sizes == [first.batch_size] * 2  # one attempt, verifying the cached size
+    # One attempt verifying the cached size; one step (the optimizer state) and one evaluation
+    # verifying the cached evaluation size.
+    verify = [first.attempts[0].batch_size, first.eval_batch_size]
+    assert step.sizes == [first.batch_size] * 2 + verify
     assert second.batch_size == first.batch_size
     assert second.attempts == first.attempts
     assert second.step_time == first.step_time  # the throughput curve comes back too
@@ -1230,7 +1233,7 @@ def test_default_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
     step.sizes.clear()
     hit = probe(task, meter=TrackedMeter(MiB))
     assert hit.cached
-    assert step.sizes == [hit.batch_size] * 2
+    assert step.sizes == [hit.batch_size] * 2 + [hit.attempts[0].batch_size, hit.eval_batch_size]
 
 
 def test_unreadable_cache_entry_is_ignored_and_replaced(tmp_path):
@@ -1280,7 +1283,7 @@ def test_a_hardware_meter_limit_is_part_of_the_cache_key(tmp_path):
     step.sizes.clear()
     hit = probe(task, meter=PlannedCardMeter(2 * MiB), cache_dir=tmp_path)
     assert hit.cached
-    assert step.sizes == [hit.batch_size] * 2
+    assert step.sizes == [hit.batch_size] * 2 + [hit.attempts[0].batch_size, hit.eval_batch_size]
 
 
 class Repeated(nn.Module):
@@ -1370,7 +1373,28 @@ def test_a_cached_size_runs_once_before_it_is_returned(tmp_path):
     counting.sizes.clear()
     third = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)  # the entry replaced
     assert third.cached and third.batch_size == second.batch_size
-    assert counting.sizes == [second.batch_size] * 2
+    # Two training steps at the cached size; then, the optimizer state created by one step at
+    # the first size tried, the cached evaluation size once.
+    smallest = second.attempts[0].batch_size
+    assert counting.sizes == [second.batch_size] * 2 + [smallest, second.eval_batch_size]
+
+
+def test_a_cached_evaluation_size_runs_once_before_it_is_returned(tmp_path):
+    setting = Setting(1)
+
+    def step(model, batch):
+        x, y = batch
+        if torch.is_grad_enabled():
+            return F.cross_entropy(model(x), y)
+        kept = [model(x) for _ in range(setting.repeats)]  # evaluation only: more each time
+        return F.cross_entropy(sum(kept), y)
+
+    task = make_task(samples=4096, step=step, model=Repeated)
+    first = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    setting.repeats = 16  # the same key; training unchanged, evaluation needs more
+    second = probe(task, meter=TrackedMeter(MiB), cache_dir=tmp_path)
+    assert not second.cached and second.eval_batch_size < first.eval_batch_size
+    assert second.batch_size == pytest.approx(first.batch_size, rel=0.1)
 
 
 # -- probe: bad input --------------------------------------------------------------------------
