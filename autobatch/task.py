@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,6 +15,8 @@ from torch.utils.data import IterableDataset
 from autobatch import validation
 from autobatch.data import BatchSource, non_finite
 from autobatch.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 ModelFactory = Callable[[], nn.Module]
@@ -84,10 +87,13 @@ class Task:
         if self.step is not None and not callable(self.step):
             raise InvalidInputError("Task.step must be callable as step(model, batch) -> loss")
         if self.step is not None and self.metric is not None:
-            raise InvalidInputError(
-                f"Task(metric={self.metric!r}) reads the model's outputs, which a custom step "
-                "keeps to itself (it returns the loss only); leave metric unset with step=, or "
-                "give loss= instead of step="
+            # A warning, not a refusal: a task's step is often replaced on a copy of one with
+            # a metric (dataclasses.replace(digits(), step=...)).
+            log.warning(
+                "Task(metric=%r) is not measured: it reads the model's outputs, which a custom "
+                "step keeps to itself (it returns the loss only); give loss= instead of step= "
+                "to measure it",
+                self.metric,
             )
         if self.collate_fn is not None and not callable(self.collate_fn):
             raise InvalidInputError("Task.collate_fn must be callable on a list of samples")
