@@ -914,12 +914,23 @@ def _still_fits(hit: ProbeResult, attempt: Callable[[int], Any], meter: MemoryMe
     """Whether a cached result's batch size runs here within the budget it was judged by: one
     real attempt, so that a cached answer is never a size that did not run, whatever the cache
     key could not see (a setting the step reads from an object it names only by type)."""
+    return _runs_within(hit.budget_bytes, lambda: attempt(hit.batch_size).peak_bytes, meter)
+
+
+def _runs_within(
+    budget: int,
+    run: Callable[[], int | None],
+    meter: MemoryMeter,
+    after: Callable[[], None] | None = None,
+) -> bool:
+    """Whether ``run`` (which may return a peak it read itself) runs within ``budget`` bytes,
+    out of memory counting as not; ``after`` undoes what it changed."""
     meter.release()
     meter.reset_peak()
-    capped = meter.capped(hit.budget_bytes) if meter.peak() is None else contextlib.nullcontext()
+    capped = meter.capped(budget) if meter.peak() is None else contextlib.nullcontext()
     try:
         with capped, meter:
-            reading = attempt(hit.batch_size)
+            read = run()
         meter.synchronize()
     except BaseException as exc:
         if not is_oom_error(exc):
@@ -927,9 +938,10 @@ def _still_fits(hit: ProbeResult, attempt: Callable[[int], Any], meter: MemoryMe
         drop_failed_attempt(exc)
         return False
     finally:
+        if after is not None:
+            after()
         meter.release()
-    peak = max(meter.peak() or 0, reading.peak_bytes or 0)
-    return peak <= hit.budget_bytes
+    return max(meter.peak() or 0, read or 0) <= budget
 
 
 def distributed_ranks() -> int:
@@ -1070,24 +1082,16 @@ def _evaluation_still_fits(
     if hit.eval_batch_size is None or not hit.attempts:
         return True
     evaluate = _evaluator(task, model, _evaluation_batches(task))
-    meter.release()
-    meter.reset_peak()
-    capped = meter.capped(hit.budget_bytes) if meter.peak() is None else contextlib.nullcontext()
-    try:
-        with capped, meter:
-            train_step(task.training_batches().first(hit.attempts[0].batch_size))
-            evaluate(hit.eval_batch_size)
-        meter.synchronize()
-    except BaseException as exc:
-        if not is_oom_error(exc):
-            raise
-        drop_failed_attempt(exc)
-        return False
-    finally:
+
+    def evaluation() -> None:
+        train_step(task.training_batches().first(hit.attempts[0].batch_size))  # its state
+        evaluate(hit.eval_batch_size)
+
+    def undo() -> None:
         state.restore()
         rng.restore()
-        meter.release()
-    return (meter.peak() or 0) <= hit.budget_bytes
+
+    return _runs_within(hit.budget_bytes, evaluation, meter, undo)
 
 
 def _step_time(result: ProbeResult, meter: MemoryMeter) -> StepTime | None:
