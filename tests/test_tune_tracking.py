@@ -228,6 +228,20 @@ def test_rerunning_a_complete_study_whose_run_was_killed_logs_its_recommendation
     assert client.get_run(parent).info.end_time == run.info.end_time
 
 
+@pytest.mark.slow
+def test_a_study_keeps_its_experiment_and_says_another_given_is_ignored(
+    task, tmp_path, caplog
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kwargs = dict(storage=f"sqlite:///{tmp_path / 'study.db'}", tracking_uri=uri, **FAST)
+    first = tune(task, experiment="first", **kwargs)
+    caplog.set_level(logging.WARNING)
+    again = tune(task, experiment="second", **{**kwargs, "n_trials": 5})
+    assert again.mlflow_run_id == first.mlflow_run_id and len(again.trials) == 5
+    assert "experiment 'second' ignored" in caplog.text and "in experiment 'first'" in caplog.text
+    assert MlflowClient(uri).get_experiment_by_name("second") is None
+
+
 def test_quick_check_accepts_any_answer_and_ignores_credentials(mlflow_server: str) -> None:
     with_credentials = mlflow_server.replace("http://", "http://user:pass@")
     assert check_store(with_credentials) is True

@@ -468,6 +468,14 @@ class MlflowTracker:
             if run.info.status != "RUNNING":
                 self._client.update_run(run_id, status="RUNNING")
             self.experiment_id = run.info.experiment_id
+            if self.experiment is not None:
+                kept = self._client.get_experiment(run.info.experiment_id).name
+                if kept != self.experiment:
+                    log.warning(
+                        "experiment %r ignored: study %r logs to its run in experiment %r, "
+                        "where it started (a new --study-name starts one in %r)",
+                        self.experiment, settings.study_name, kept, self.experiment,
+                    )  # fmt: skip
             return run_id
 
         def start() -> str:
