@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,19 @@ def check(path: Path, what: str) -> None:
                 f"{what} {path} is not a SQLite database (damaged, or another kind of file); "
                 "move it away, or give another path"
             )
+
+
+def read_only(path: Path) -> bool:
+    """Whether an existing ``path`` is marked read-only, or sits in a folder that is: by its
+    permission bits too, which even root reads as meant."""
+    if not path.is_file():
+        return False
+    folder = path.absolute().parent
+    writable = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    return any(
+        not os.access(place, os.W_OK) or not place.stat().st_mode & writable
+        for place in (path, folder)
+    )
 
 
 #: Tables that mark a file as one store or the other.

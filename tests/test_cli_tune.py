@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from mlflow import MlflowClient
@@ -116,6 +118,24 @@ def test_tune_bad_input_is_one_line_exit_2(capsys, args, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert "Traceback" not in err and "hunter2" not in err
+
+
+@pytest.mark.slow
+def test_report_reads_a_study_storage_marked_read_only_and_writes_nothing(capsys, tmp_path):
+    # In a process of its own, whose end writes everything into the file itself.
+    command = [sys.executable, "-m", "autobatch", "tune", "digits", *QUICK, "--no-mlflow", "--json"]
+    out = subprocess.run(command, capture_output=True, check=True).stdout
+    answer = json.loads(out)["batch_size"]
+    database = tmp_path / "autobatch.db"
+    before = database.read_bytes()
+    database.chmod(0o444)
+    try:
+        assert main(["report", "--storage", "sqlite:///autobatch.db"]) == 0
+        assert f"Recommendation: batch size {answer}," in capsys.readouterr().out
+        assert database.read_bytes() == before
+        assert not list(tmp_path.glob("autobatch.db-*"))  # no journal, log or index
+    finally:
+        database.chmod(0o644)
 
 
 def test_report_needs_a_study(capsys):

@@ -54,7 +54,7 @@ def load_study(url: str, study_name: str | None) -> optuna.Study:
             f"no Optuna storage at {redact_url(url)}: {path} does not exist; give the URL the "
             "study ran with (autobatch tune's default: sqlite:///autobatch.db, in its folder)"
         )
-    opened = storage.open_storage(url)
+    opened = storage.open_storage(url, read_only=True)
     names = [s.study_name for s in opened.get_all_studies()]
     if study_name is None:
         if len(names) != 1:

@@ -105,17 +105,32 @@ def open_storage(
     *,
     heartbeat_interval: int = HEARTBEAT_INTERVAL,
     grace_period: int = GRACE_PERIOD,
+    read_only: bool = False,
 ) -> optuna.storages.BaseStorage:
     """The Optuna storage at ``url`` (in memory for None), with heartbeats for databases.
 
-    A database error becomes one line that names the store and the fix.
+    With ``read_only`` (a report), a SQLite file marked read-only, or in a folder that is, is
+    opened as it is: no tables, locks or journal settings written. A database error becomes
+    one line that names the store and the fix.
     """
     if url is None:
         return optuna.storages.InMemoryStorage()
+    path = sqlite_store.path_of(url)
+    if read_only and path is not None and sqlite_store.read_only(path):
+        # Immutable, where no write-ahead log holds commits not yet in the file: then not even
+        # the log's index is written.
+        wal = path.with_name(path.name + "-wal")
+        mode = "mode=ro" if wal.exists() and wal.stat().st_size else "mode=ro&immutable=1"
+        try:
+            return optuna.storages.RDBStorage(f"sqlite:///file:{path.resolve()}?{mode}&uri=true")
+        except Exception as exc:
+            raise AutobatchError(
+                f"cannot read the read-only study storage {path} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}); it may be damaged: read a copy"
+            ) from None
     try:
         if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
             sqlite = url.startswith("sqlite:")
-            path = sqlite_store.path_of(url)
             if path is not None:
                 sqlite_store.check(path, "the study storage")
                 sqlite_store.check_kind(path, "the study storage", "study")
