@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,6 +18,22 @@ from autobatch.data import BatchSource, non_finite
 from autobatch.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
+
+#: Custom steps whose task's metric was said to go unmeasured (see ``Task``).
+_UNMEASURED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _first_time(step: Any) -> bool:
+    """Whether ``step`` is new to :data:`_UNMEASURED` (added now); True for one it cannot
+    hold (unhashable, or without weak references)."""
+    try:
+        if step in _UNMEASURED:
+            return False
+        _UNMEASURED.add(step)
+    except TypeError:
+        pass
+    return True
+
 
 Precision = Literal["fp32", "bf16", "fp16"]
 ModelFactory = Callable[[], nn.Module]
@@ -86,7 +103,7 @@ class Task:
             raise InvalidInputError("Task.loss must be callable as loss(outputs, targets)")
         if self.step is not None and not callable(self.step):
             raise InvalidInputError("Task.step must be callable as step(model, batch) -> loss")
-        if self.step is not None and self.metric is not None:
+        if self.step is not None and self.metric is not None and _first_time(self.step):
             # A warning, not a refusal: a task's step is often replaced on a copy of one with
             # a metric (dataclasses.replace(digits(), step=...)).
             log.warning(

@@ -232,8 +232,8 @@ def test_stopping_tune_with_workers_stops_them_and_leaves_the_study_resumable(
     tmp_path: Path, stop: int
 ) -> None:
     """SIGTERM (a scheduler's stop, `timeout`) is taken as Ctrl-C, and passed on; a SIGKILLed
-    parent's workers get a SIGTERM from the kernel. Either way none trains on as an orphan, and
-    each queues its trial again."""
+    parent's workers see it gone and stop themselves. Either way none trains on as an orphan,
+    and each queues its trial again."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = "autobatch-slow-digits"
     command = [

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -87,11 +88,7 @@ def run_workers(
                 bar.update(max(0, finished - bar.n))
             time.sleep(1.0)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: passed on as SIGTERM, which no shell ignores
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            process.wait()
+        _stop(processes)
         finished = storage.progress(study.get_trials(deepcopy=False)).finished
         raise StudyInterrupted(
             f"{finished} finished trial(s) are kept in {redact_url(storage_url)}; run the same "
@@ -115,19 +112,38 @@ def run_workers(
 def follow_parent() -> None:
     """In a worker ``tune --workers`` started: a SIGTERM when that process dies, even by
     SIGKILL, so that no worker trains on as an orphan (the CLI stops on SIGTERM as on Ctrl-C:
-    its trial is queued again). Linux only (``PR_SET_PDEATHSIG``); elsewhere a no-op. Not
-    SIGINT: a shell starts background jobs with it ignored, and workers inherit that."""
+    its trial is queued again). Not SIGINT: a shell starts background jobs with it ignored,
+    and workers inherit that."""
     parent = os.environ.get(PARENT)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    if parent:
+        threading.Thread(target=_stop_without, args=(parent,), daemon=True).start()
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if str(os.getppid()) != parent:  # it died before the line above
+
+def _stop_without(parent: str) -> None:
+    """Watch for the parent's end; then stop this process, again every
+    :data:`STOP_AGAIN_SECONDS` while it runs on (an interruption raised inside a garbage
+    collector's callback is printed and dropped by Python)."""
+    while str(os.getppid()) == parent:
+        time.sleep(0.2)
+    while True:
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_AGAIN_SECONDS)
+
+
+#: Seconds a stopped worker has to end before it is stopped again.
+STOP_AGAIN_SECONDS = 30.0
+
+
+def _stop(processes: Sequence[subprocess.Popen]) -> None:
+    """Stop the workers as Ctrl-C stops one, and wait for them; again every
+    :data:`STOP_AGAIN_SECONDS` for one that runs on (see :func:`_stop_without`)."""
+    while any(p.poll() is None for p in processes):
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_AGAIN_SECONDS
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _failures(failed: list[tuple[int, int]]) -> str:
