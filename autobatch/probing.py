@@ -35,14 +35,8 @@ from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.memory.plan import PlanMeter, build_fake
 from autobatch.oom import drop_failed_attempt, is_oom_error, release_if_oom
 from autobatch.records import NO_BOUND, MemoryModel, ProbeAttempt, ProbeResult, StepTime
-from autobatch.snapshot import (
-    RngState,
-    TrainingState,
-    check_restorable,
-    has_batch_norm,
-    state_tensors,
-)
-from autobatch.training import TrainStep, autocast, build
+from autobatch.snapshot import RngState, TrainingState, check_restorable, state_tensors
+from autobatch.training import TrainStep, autocast, build, has_batch_norm
 from autobatch.tuning.prior import fit_step_time
 from autobatch.units import format_bytes, parse_bytes
 from autobatch.workload import Workload

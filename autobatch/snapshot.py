@@ -47,12 +47,16 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if not is_lazy(t)}
 
 
+def lazy_names(model: nn.Module) -> list[str]:
+    """The model's parameters and buffers not initialised yet (``nn.LazyLinear``'s)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if is_lazy(t)]
+
+
 def check_restorable(model: nn.Module) -> None:
     """Refuse a model the probe could not hand back as it found it: a training step initialises
     its lazy parameters (``nn.LazyLinear``) and turns the modules into their eager kind."""
-    lazy = [name for name, t in model.named_parameters() if is_lazy(t)]
-    lazy += [name for name, t in model.named_buffers() if is_lazy(t)]
-    if lazy:
+    if lazy := lazy_names(model):
         raise InvalidInputError(
             f"the model's lazy parameters are not initialised yet ({', '.join(lazy[:3])}), and "
             "a probe would initialise them; run one forward pass on a batch first, or pass no "
@@ -258,8 +262,3 @@ def state_tensors(
                 items = value if isinstance(value, list) else [value]  # L-BFGS's history
                 tensors += [v for v in items if isinstance(v, torch.Tensor)]
     return tensors
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    """Batch norm needs two samples per batch in training mode: the smallest size to probe."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

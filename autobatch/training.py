@@ -45,6 +45,11 @@ def batch_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Batch norm needs two samples per batch in training mode: the smallest size to probe."""
+    return bool(batch_norms(model))
+
+
 def needs_two_samples(model: nn.Module) -> bool:
     """Whether a batch of one sample cannot train ``model`` as it is now: it has a batch-norm
     layer in training mode. Training epochs then leave out a final one-sample batch

@@ -52,7 +52,8 @@ from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.oom import release_if_oom
 from autobatch.probing import DEFAULT_HEADROOM, StepReading, find_max_batch_size
 from autobatch.records import ProbeResult, TuneResult
-from autobatch.snapshot import RngState, TrainingState, has_batch_norm, state_tensors
+from autobatch.snapshot import RngState, TrainingState, state_tensors
+from autobatch.training import has_batch_norm
 from autobatch.tuning.space import rule_for, scale_lr
 
 __all__ = ["TrainerPlan", "TrainerWorkload", "probe_trainer", "tune_trainer"]

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parameter import is_lazy
 
 from autobatch.errors import InvalidInputError
 from autobatch.memory.tracked import TrackedMeter
+from autobatch.snapshot import lazy_names
 from autobatch.units import format_bytes
 
 #: torch releases (major.minor) on which a plan was checked against the simulated accelerator.
@@ -116,8 +116,7 @@ def build_fake(
         )
     # A lazy parameter takes its shape in the first forward pass, as a tensor the fake mode
     # cannot make into one of the model's (fake) parameters.
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    if lazy := [name for name, t in tensors if is_lazy(t)]:
+    if lazy := lazy_names(model):
         raise InvalidInputError(
             f"plan_for cannot plan a model with lazy modules ({', '.join(lazy[:3])}); give "
             "their sizes (nn.Linear(in, out) for nn.LazyLinear(out)), or probe with "

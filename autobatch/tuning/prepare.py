@@ -243,15 +243,11 @@ def prepare(
             )
         if done is not None:
             prepared.notes.append(done)
-            if tracker is not None and _killed_run(study, tracker.tracking_uri):
-                tracker.wait_ready()
-                _open_study_run(study, tracker, settings)
-                prepared.observers.append(tracker)
-                prepared.unlogged = True
-            elif tracker is not None:  # nothing to log: no run is opened again
+            prepared.unlogged = tracker is not None and _killed_run(study, tracker.tracking_uri)
+            if tracker is not None and not prepared.unlogged:  # nothing to log: no run opened
                 tracker.close()
-                prepared.tracker = None
-        elif tracker is not None:
+                prepared.tracker = tracker = None
+        if tracker is not None:
             if not created:
                 tracker.wait_ready()
                 _open_study_run(study, tracker, settings)
@@ -491,14 +487,14 @@ def check_same_task(settings: StudySettings, task: Workload) -> None:
 def _killed_run(study: optuna.Study, tracking_uri: str) -> bool:
     """Whether the study's MLflow run in this store ended KILLED: stopped before it was told
     the study's end. Read only on a rerun of a complete study (MLflow's import costs seconds)."""
-    known = study.user_attrs.get(storage.MLFLOW) or {}
-    if not known.get("parent_run_id") or known.get("tracking_uri") != redact_url(tracking_uri):
+    run_id = _study_run_id(study, tracking_uri)
+    if run_id is None:
         return False
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        run = MlflowClient(tracking_uri).get_run(known["parent_run_id"])
+        run = MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException:
         return False
     return run.info.status == "KILLED"
@@ -507,15 +503,25 @@ def _killed_run(study: optuna.Study, tracking_uri: str) -> bool:
 def _open_study_run(study: optuna.Study, tracker: Any, settings: StudySettings) -> None:
     """One MLflow run per study: reopened when the study has one in this store, else made and
     its id stored on the study for every worker."""
-    known = study.user_attrs.get(storage.MLFLOW) or {}
-    uri = redact_url(tracker.tracking_uri)
-    run_id = known.get("parent_run_id") if known.get("tracking_uri") == uri else None
+    run_id = _study_run_id(study, tracker.tracking_uri)
     parent = tracker.open_study_run(settings, storage.probe_of(study), run_id)
     if parent is not None and parent != run_id:
         study.set_user_attr(
             storage.MLFLOW,
-            {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent},
+            {
+                "tracking_uri": redact_url(tracker.tracking_uri),
+                "experiment_id": tracker.experiment_id,
+                "parent_run_id": parent,
+            },
         )
+
+
+def _study_run_id(study: optuna.Study, tracking_uri: str) -> str | None:
+    """The id of the study's MLflow run in the store at ``tracking_uri``, if it has one."""
+    known = study.user_attrs.get(storage.MLFLOW) or {}
+    if known.get("tracking_uri") != redact_url(tracking_uri):
+        return None  # logged to another store before
+    return known.get("parent_run_id")
 
 
 def _resolve_probe(

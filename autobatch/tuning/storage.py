@@ -20,6 +20,7 @@ import socket
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -174,13 +175,13 @@ def open_storage(
         ) from None
 
 
-def new_sqlite_file(url: str | None) -> Any:
+def new_sqlite_file(url: str | None) -> Path | None:
     """The SQLite file ``url`` would create (a Path), or None: not SQLite, or already there."""
     path = None if url is None else sqlite_store.path_of(url)
     return path if path is not None and not path.exists() else None
 
 
-def remove_if_unused(opened: optuna.storages.BaseStorage, path: Any) -> None:
+def remove_if_unused(opened: optuna.storages.BaseStorage, path: Path) -> None:
     """Delete the SQLite file a refused ``tune`` created (``path``, from ``new_sqlite_file``)
     while it holds no study: a leftover empty store would make a worker pointed at a mistyped
     path wait for a study instead of saying the file is missing."""

@@ -373,10 +373,7 @@ class Worker:
             for t in seen
         ):
             return False
-        trial.set_user_attr(storage.COUNTED, False)
-        trial.set_user_attr(storage.REASON, "not run yet: queued again behind the baseline")
-        self._queue_again(trial)
-        self.study.tell(trial, state=TrialState.FAIL)
+        self._give_back(trial, "not run yet: queued again behind the baseline")
         return True
 
     def _adamw_scaling(self, size: int, lr: float) -> AdamWScaling | None:
@@ -766,12 +763,15 @@ class Worker:
         trial.set_user_attr(storage.REASON, reason)
         self.study.tell(trial, state=TrialState.FAIL)
 
-    def _give_back(self, trial: optuna.Trial) -> None:
-        """Asked for a trial past the study's budget (another worker took the last place at the
-        same moment): not run, not counted; a queued one goes back in the queue (after this
-        one stops counting, so no worker sees both count)."""
+    def _give_back(
+        self, trial: optuna.Trial, reason: str = "not run: the study already had its n_trials"
+    ) -> None:
+        """A trial not to run now, for ``reason`` (by default: asked for past the study's
+        budget, another worker having taken the last place at the same moment): not counted;
+        a queued one goes back in the queue (after this one stops counting, so no worker sees
+        both count)."""
         trial.set_user_attr(storage.COUNTED, False)
-        trial.set_user_attr(storage.REASON, "not run: the study already had its n_trials")
+        trial.set_user_attr(storage.REASON, reason)
         if storage.fixed_params(self.study, trial) is not None:
             self._queue_again(trial)
         self.study.tell(trial, state=TrialState.FAIL)
