@@ -157,6 +157,11 @@ class _Masked(nn.Module):
         return self.linear(x * (x > 0)).sum(0, keepdim=True).expand(x.shape[0], 4) + x[x > 0].sum()
 
 
+def _orthogonal() -> nn.Module:
+    """torch checks the weight it parametrizes is orthogonal: it reads values as it builds."""
+    return nn.Sequential(nn.utils.parametrizations.orthogonal(nn.Linear(16, 16)), nn.Linear(16, 4))
+
+
 def _by_value_step(model, batch):
     x, y = batch
     loss = F.cross_entropy(model(x), y)
@@ -169,6 +174,7 @@ def _by_value_step(model, batch):
         ({"precision": "fp16"}, InvalidInputError, "precision 'bf16'"),
         ({"model": _Masked}, InvalidInputError, "depends on tensor values (aten.nonzero"),
         ({"step": _by_value_step, "loss": None}, InvalidInputError, "depends on tensor values"),
+        ({"model": _orthogonal}, InvalidInputError, "reads tensor values as it builds it"),
     ],
 )
 def test_what_fake_tensors_cannot_run_is_one_line_with_the_fix(changes, error, expected):

@@ -108,8 +108,19 @@ def build_fake(
     ``model.to(device)`` cannot move fake parameters (torch swaps them, and refuses), so the
     model is made on meta and converted instead; tied parameters stay tied.
     """
-    with torch.device("meta"):
-        model = make_model()
+    try:
+        with torch.device("meta"):
+            model = make_model()
+    except (RuntimeError, NotImplementedError) as exc:
+        if "meta" not in str(exc):
+            raise
+        # The factory read a tensor's values (an orthogonal parametrization checks its
+        # weight, an init asserts on a norm): meta tensors have none.
+        raise InvalidInputError(
+            "plan_for cannot build this model without memory: Task.model() reads tensor "
+            f"values as it builds it ({str(exc).splitlines()[0]}); probe with memory_budget= "
+            "instead"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise InvalidInputError(
             f"Task.model() returned {type(model).__name__}; it must return a torch.nn.Module"
