@@ -144,3 +144,30 @@ def test_a_rate_far_too_high_is_found_before_any_trial() -> None:
 
 def _best(result) -> float:
     return min(t.best_val_loss for t in result.trials if t.best_val_loss is not None)
+
+
+@pytest.mark.parametrize("shift", [-2.0, -10.0])
+def test_a_loss_below_zero_is_judged_as_a_positive_one(shift: float) -> None:
+    """A negative log-likelihood is a loss plus a constant that may take it below zero: the
+    same training, so the same rate. ``4 x lowest`` lies below a negative lowest, and read as
+    the blow-up it ended the test at its first step and centred the range 500x too low."""
+    task, _ = _regression()
+    found = lr_range.range_test(task, task.training_batches(), 32, (0.25, 4.0))
+    shifted = dataclasses.replace(task, loss=lambda out, y: nn.functional.mse_loss(out, y) + shift)
+    moved = lr_range.range_test(shifted, shifted.training_batches(), 32, (0.25, 4.0))
+    assert moved.lr_at_minimum == found.lr_at_minimum
+    assert (moved.suggested, moved.descended, moved.centre) == (
+        found.suggested, found.descended, found.centre,
+    )  # fmt: skip
+    assert moved.diverged_lr is not None and moved.diverged_lr > found.lr_at_minimum
+
+
+def test_the_blow_up_and_descent_rules() -> None:
+    # A positive loss: four times its lowest, as it always was.
+    assert not lr_range.blown_up(3.9, 1.0, 2.0) and lr_range.blown_up(4.1, 1.0, 2.0)
+    # On its way down through zero: a climb to four times a lowest near zero is noise.
+    assert not lr_range.blown_up(0.2, 0.05, 1.0) and lr_range.blown_up(0.05 + 0.76, 0.05, 1.0)
+    # Below zero: judged by the lowest's size.
+    assert not lr_range.blown_up(-1.0, -2.0, 1.0) and lr_range.blown_up(4.1, -2.0, 1.0)
+    assert lr_range.descended([2.0, 1.8]) and not lr_range.descended([2.0, 1.81])
+    assert lr_range.descended([-2.0, -2.2]) and not lr_range.descended([-2.0, -2.19])

@@ -42,13 +42,20 @@ from autobatch.workload import Workload
 STEPS = 100
 LOW, HIGH = 1e-2, 1e3
 #: The smoothed loss this many times its lowest ends the test: the rate is past divergence.
+#: Read as a climb above the lowest of ``BLOWUP - 1`` times the loss's scale
+#: (:func:`blown_up`), so that a loss that can be negative is judged as a positive one is.
 BLOWUP = 4.0
+#: The share of the fall so far that also counts as the loss's scale: a loss falling through
+#: zero (a negative log-likelihood) has a lowest near zero on its way down, where a climb of
+#: three times that lowest is noise.
+FALL_SHARE = 0.25
 #: Smoothing of the training loss (an exponential average, bias-corrected).
 BETA = 0.9
 #: The rate suggested is the one at the lowest loss divided by this.
 BELOW_MINIMUM = 10.0
-#: The smoothed loss must fall by this fraction of its first value for the test to count: a
-#: loss that 100 steps do not move (a hard task, a model that learns slowly) says nothing.
+#: The smoothed loss must fall by this fraction of its first value (of its size, for a
+#: negative one) for the test to count: a loss that 100 steps do not move (a hard task, a
+#: model that learns slowly) says nothing.
 DESCENT = 0.1
 #: The centre is kept within these multiples of the task's rate: a test misled by a noisy
 #: loss moves the range by at most this much, and the walk past its end does the rest.
@@ -82,6 +89,21 @@ def suggestion(lrs: list[float], losses: list[float], task_lr: float) -> float:
 
 def _clamped(multiplier: float) -> float:
     return min(max(multiplier, CLAMP[0]), CLAMP[1])
+
+
+def blown_up(smoothed: float, lowest: float, first: float) -> bool:
+    """Whether the smoothed loss has climbed past divergence: above its lowest by
+    ``BLOWUP - 1`` times the loss's scale, the size of that lowest or a share of the fall
+    from ``first``, whichever is larger. For a positive loss that has not fallen below a
+    fifth of its first value this is ``smoothed > BLOWUP * lowest``; a negative lowest
+    (``4 * lowest`` lies below it) or one near zero on the way down is judged by its size."""
+    scale = max(abs(lowest), FALL_SHARE * (first - lowest))
+    return scale > 0 and smoothed - lowest > (BLOWUP - 1) * scale
+
+
+def descended(losses: list[float]) -> bool:
+    """Whether the smoothed loss fell by :data:`DESCENT` of its first value's size."""
+    return bool(losses) and min(losses) <= losses[0] - DESCENT * abs(losses[0])
 
 
 def centre_for(suggested: float, multipliers: tuple[float, float]) -> float:
@@ -125,7 +147,7 @@ def range_test(
                     lrs.append(lr)
                     losses.append(smoothed)
                     lowest = min(lowest, smoothed)
-                    if smoothed > BLOWUP * lowest:
+                    if blown_up(smoothed, lowest, losses[0]):
                         diverged = lr
                         break
                     if len(lrs) >= STEPS:
@@ -135,9 +157,9 @@ def range_test(
     seconds = time.perf_counter() - started
     suggested = suggestion(lrs, losses, task.lr) if lrs else 1.0
     lr_at_minimum = lrs[min(range(len(losses)), key=losses.__getitem__)] if lrs else task.lr
-    descended = bool(lrs) and min(losses) <= (1 - DESCENT) * losses[0]
-    centre = centre_for(suggested, multipliers) if descended else 1.0
-    if not descended and diverged is not None and diverged <= task.lr:
+    fell = descended(losses)
+    centre = centre_for(suggested, multipliers) if fell else 1.0
+    if not fell and diverged is not None and diverged <= task.lr:
         # Blown up below the task's own rate before the loss fell: that rate is past the
         # stable edge (SGD at 1e4 diverged at the test's first step), so go below it.
         suggested = _clamped(diverged / BELOW_MINIMUM / task.lr)
@@ -149,7 +171,7 @@ def range_test(
         lr_at_minimum,
         diverged,
         suggested,
-        descended,
+        fell,
         centre,
         seconds,
     )
