@@ -19,6 +19,13 @@ from autobatch.tuning.noise_probe import NoiseProbe
 from autobatch.tuning.space import adamw_scaling, applied_rule, rule_for, scale_lr
 
 
+class _Lion(torch.optim.Optimizer):
+    """Another library's adaptive optimizer: Adam's ``betas``, not torch's class."""
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99)):
+        super().__init__(params, {"lr": lr, "betas": betas})
+
+
 def _regression(d: int = 10, n: int = 100_000, sigma: float = 1.0, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     w_star = torch.randn(d, generator=generator)
@@ -143,6 +150,8 @@ def test_rule_names() -> None:
     assert rule_for(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)) == "saturating-linear"
     assert rule_for(torch.optim.AdamW([nn.Parameter(torch.zeros(1))])) == "saturating-sqrt"
     assert rule_for(torch.optim.Rprop([nn.Parameter(torch.zeros(1))])) == "none"
+    for adaptive in (torch.optim.Adafactor, torch.optim.SparseAdam, _Lion):
+        assert rule_for(adaptive([nn.Parameter(torch.zeros(2, 2))])) == "saturating-sqrt"
     assert rule_for(torch.optim.LBFGS([nn.Parameter(torch.zeros(1))])) == "none"
     assert applied_rule("saturating-sqrt", None) == "sqrt"
     assert applied_rule("saturating-sqrt", 300.0) == "saturating-sqrt"

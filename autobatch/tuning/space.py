@@ -44,7 +44,12 @@ _ADAPTIVE = (
     torch.optim.Adagrad,
     torch.optim.Adadelta,
     torch.optim.RMSprop,
+    torch.optim.Adafactor,
+    torch.optim.SparseAdam,
 )
+#: What an adaptive optimizer from another library declares in its defaults: Adam's moment
+#: averages (``betas``: LAMB, Lion, 8-bit and fused Adams) or Adafactor's (``beta2_decay``).
+_ADAPTIVE_DEFAULTS = {"betas", "beta2_decay"}
 #: Optimizers whose step size does not follow the gradient's scale: Rprop adapts each
 #: parameter's step from the gradient's sign alone, L-BFGS takes quasi-Newton steps under its
 #: own line search. Their rate means the same at every batch size.
@@ -52,12 +57,15 @@ _SCALE_FREE = (torch.optim.Rprop, torch.optim.LBFGS)
 
 
 def rule_for(optimizer: torch.optim.Optimizer) -> str:
-    """``saturating-sqrt`` for adaptive optimizers (Adam family), ``none`` for those whose
-    step ignores the gradient's scale (Rprop, L-BFGS), ``saturating-linear`` for SGD and the
-    rest."""
+    """``saturating-sqrt`` for adaptive optimizers (Adam family, torch's or another
+    library's with Adam's ``betas``), ``none`` for those whose step ignores the gradient's
+    scale (Rprop, L-BFGS), ``saturating-linear`` for SGD and the rest."""
     if isinstance(optimizer, _SCALE_FREE):
         return "none"
-    return _SATURATING + ("sqrt" if isinstance(optimizer, _ADAPTIVE) else "linear")
+    adaptive = isinstance(optimizer, _ADAPTIVE) or bool(
+        _ADAPTIVE_DEFAULTS & set(getattr(optimizer, "defaults", {}))
+    )
+    return _SATURATING + ("sqrt" if adaptive else "linear")
 
 
 def applied_rule(rule: str, noise: float | None) -> str:
