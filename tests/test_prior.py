@@ -305,19 +305,19 @@ def test_candidates_predicted_twice_as_slow_are_dropped() -> None:
 def test_adamw_scaling_keeps_the_timescales() -> None:
     params = [nn.Parameter(torch.zeros(3))]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
-    scaling = adamw_scaling(optimizer, 32, 128, base_lr=1e-3, lr=2e-3)
+    scaling = adamw_scaling(optimizer.param_groups, 32, 128, base_lr=1e-3, lr=2e-3)
     assert scaling.beta2 == pytest.approx(0.999**4)  # the same number of samples averaged
     # B / (lr x wd x N) unchanged: 32 / (1e-3 x 0.01) == 128 / (2e-3 x wd')
     assert pytest.approx(128 / (2e-3 * scaling.weight_decay)) == 32 / (1e-3 * 0.01)
     scaling.apply(optimizer)
     assert optimizer.param_groups[0]["betas"] == (0.9, scaling.beta2)
     assert optimizer.param_groups[0]["weight_decay"] == scaling.weight_decay
-    assert adamw_scaling(torch.optim.SGD(params, lr=0.1), 32, 128, 0.1, 0.4) is None
+    assert adamw_scaling(torch.optim.SGD(params, lr=0.1).param_groups, 32, 128, 0.1, 0.4) is None
     # Each group scales its own values: biases without weight decay stay without it.
     groups = [{"params": params, "weight_decay": 0.0}, {"params": [nn.Parameter(torch.ones(2))]}]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1)
     optimizer.param_groups[0]["betas"] = (0.9, 0.99)
-    scaling = adamw_scaling(optimizer, 32, 128, base_lr=1e-3, lr=2e-3)
+    scaling = adamw_scaling(optimizer.param_groups, 32, 128, base_lr=1e-3, lr=2e-3)
     assert scaling.weight_decay == pytest.approx(0.2)  # the group with weight decay's
     scaling.apply(optimizer)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, pytest.approx(0.2)]

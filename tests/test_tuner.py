@@ -380,6 +380,16 @@ def test_a_trial_far_from_the_target_is_given_up_past_a_third_of_its_budget(task
     assert result.best_trial == baseline.number  # a stopped trial is never the answer
 
 
+def _decay_on_matrices(params, lr: float) -> torch.optim.AdamW:
+    """The usual recipe: weight decay on weight matrices, none on biases, no empty group."""
+    params = list(params)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.99))
+
+
 @pytest.mark.slow
 def test_scale_adamw_moves_beta2_and_weight_decay_with_the_batch(task):
     result = tune(task, n_trials=3, scale_adamw=True, **FAST)
@@ -387,6 +397,13 @@ def test_scale_adamw_moves_beta2_and_weight_decay_with_the_batch(task):
         ratio = trial.batch_size / task.batch_size
         assert trial.beta2 == pytest.approx(0.999**ratio)
         assert trial.weight_decay == pytest.approx(0.01 * ratio * task.lr / trial.lr)
+    # The values reported are those of the group with weight decay, as the factory builds it
+    # for the model's parameters.
+    grouped = dataclasses.replace(task, optimizer=_decay_on_matrices)
+    for trial in tune(grouped, n_trials=2, scale_adamw=True, **FAST).trials:
+        ratio = trial.batch_size / task.batch_size
+        assert trial.beta2 == pytest.approx(0.99**ratio)
+        assert trial.weight_decay == pytest.approx(0.05 * ratio * task.lr / trial.lr)
     assert result.recommendation()["beta2"] == next(
         t.beta2 for t in result.trials if t.number == result.best_trial
     )

@@ -15,8 +15,9 @@ correct it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -119,16 +120,15 @@ class AdamWScaling:
 
 
 def adamw_scaling(
-    optimizer: torch.optim.Optimizer,
+    groups: Sequence[Mapping[str, Any]],
     base_batch_size: int,
     batch_size: int,
     base_lr: float,
     lr: float,
 ) -> AdamWScaling | None:
-    """The scaling of ``optimizer`` (built at the base values) to ``batch_size`` and ``lr``,
-    or None for an optimizer without ``betas`` and weight decay (only the AdamW family has
-    both)."""
-    groups = optimizer.param_groups
+    """The scaling of an optimizer's parameter ``groups`` (built at the base values) to
+    ``batch_size`` and ``lr``, or None for an optimizer without ``betas`` and weight decay
+    (only the AdamW family has both)."""
     if any("betas" not in g or "weight_decay" not in g for g in groups):
         return None
     shown = next((g for g in groups if g["weight_decay"]), groups[0])

@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
-import torch
 from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as optimize() uses
 from optuna.trial import FrozenTrial, TrialState
 
@@ -55,7 +54,7 @@ from autobatch.records import (
     TuneObserver,
     TuneResult,
 )
-from autobatch.training import needs_two_samples, seeded
+from autobatch.training import build, needs_two_samples, seeded
 from autobatch.tuning import clock, curves, prior, pruner, scoring, space, storage
 from autobatch.tuning.loop import StopTrial, TrialFailed, train
 from autobatch.tuning.noise_probe import NoiseProbe
@@ -193,6 +192,7 @@ class Worker:
         # Seeded trials that finished before the reference trial: still RUNNING in Optuna
         # (their heartbeat goes on) until the target they are judged by exists.
         self._deferred: list[tuple[optuna.Trial, TrialRecord, Any]] = []
+        self._adamw_groups: list[dict[str, Any]] | None = None  # scale_adamw's base values
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -381,8 +381,19 @@ class Worker:
         if not self.settings.scale_adamw:
             return None
         settings = self.settings
-        optimizer = self.task.optimizer([torch.nn.Parameter(torch.zeros(1))], settings.base_lr)
-        return adamw_scaling(optimizer, settings.base_batch_size, size, settings.base_lr, lr)
+        if self._adamw_groups is None:
+            # The groups the factory makes of the real parameters: one given a stand-in
+            # parameter leaves out a group of matrices only (weight decay on weights, none on
+            # biases), and the values reported were another group's.
+            _, optimizer = build(self.task, settings.base_lr)
+            self._adamw_groups = [
+                {key: value for key, value in group.items() if key != "params"}
+                for group in optimizer.param_groups
+            ]
+            del optimizer
+        return adamw_scaling(
+            self._adamw_groups, settings.base_batch_size, size, settings.base_lr, lr
+        )
 
     def _train(
         self,
