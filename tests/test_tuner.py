@@ -583,3 +583,19 @@ def test_a_nan_in_a_training_dataset_names_the_batch_that_holds_it():
     )
     with pytest.raises(TrialFailed, match="loss became nan after"):
         train(clean, BatchSource(clean.train_data, task.device), val, **options)
+
+
+def test_a_batch_larger_than_the_training_set_is_the_whole_set_at_the_task_s_rate():
+    """Batch 64 on 37 samples trains on batches of 37: the task's rate was set there, so the
+    baseline keeps it instead of scaling it by 37/64."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(45, 5, generator=generator), torch.randint(0, 2, (45,), generator=generator)
+    task = Task(
+        model=lambda: torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Linear(8, 2)),
+        train_data=(x[:37], y[:37]), val_data=(x[37:], y[37:]),
+        loss=torch.nn.functional.cross_entropy, optimizer=torch.optim.SGD, lr=0.1, batch_size=64,
+    )  # fmt: skip
+    result = tune(task, n_trials=1, max_epochs=1, mlflow=False, lr_range_test=False)
+    (baseline,) = result.trials
+    assert result.settings.base_batch_size == baseline.batch_size == 37
+    assert (baseline.role, baseline.lr) == ("baseline", 0.1)

@@ -157,7 +157,7 @@ def prepare(
             probed, ceiling = _resolve_probe(
                 task, probe_result, memory_budget, meter, headroom, max_batch_size, notes, cache
             )
-            sizes = space.check_candidates(candidates, ceiling, task.batch_size, notes)
+            sizes = space.check_candidates(candidates, ceiling, own_batch_size(task), notes)
             source = task.training_batches().to_device()  # moved once, for both
             timed = clock.measure(task, source, sizes, threads, cache=cache)
             found = _lr_range_test(
@@ -191,7 +191,7 @@ def prepare(
                 precision=task.precision,
                 max_grad_norm=max_grad_norm(task),
                 base_lr=task.lr,
-                base_batch_size=task.batch_size,
+                base_batch_size=own_batch_size(task),
                 train_size=task.train_size,
                 ceiling=ceiling,
                 scale_adamw=bool(scale_adamw),
@@ -276,7 +276,7 @@ def _lr_range_test(
     study's compute is the same on every rerun, however busy the machine was."""
     if not wanted or space.pinned(multipliers):
         return None
-    base = next(size for role, size in space.seeds(sizes, task.batch_size) if role == BASELINE)
+    base = next(size for role, size in space.seeds(sizes, own_batch_size(task)) if role == BASELINE)
     try:
         found = lr_range.range_test(task, source, base, multipliers)
     except BaseException as exc:
@@ -465,13 +465,19 @@ def _joined(
     return settings
 
 
+def own_batch_size(task: Workload) -> int:
+    """The batch size the task's rate was set for, as it trains: a batch larger than the
+    training set is the whole set, so its rate is carried from there, not scaled down to it."""
+    return min(task.batch_size, task.train_size)
+
+
 def check_same_task(settings: StudySettings, task: Workload) -> None:
     """A worker's task must be the one the study was prepared for."""
     pairs = (
         ("task", task.name, settings.task_name),
         ("training samples", task.train_size, settings.train_size),
         ("learning rate", task.lr, settings.base_lr),
-        ("batch size", task.batch_size, settings.base_batch_size),
+        ("batch size", own_batch_size(task), settings.base_batch_size),
         ("precision", task.precision, settings.precision),
         ("max_grad_norm", max_grad_norm(task), settings.max_grad_norm),
     )
