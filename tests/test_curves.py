@@ -64,8 +64,11 @@ def test_choose_epochs_warns_when_whole_epochs_go_past_a_fractional_budget():
     assert (inside.epochs, inside.warning) == (1, None)
     # A budget under one epoch has no whole epoch to be past.
     short = curves.choose_epochs([0.1, 0.2, 0.3], [1.0, 0.8, 0.7], max_epochs=0.3, tolerance=0.05)
-    assert "0.3 epochs in, inside the 0.3-epoch budget, under one epoch" in short.warning
+    assert "0.3 epochs in, under one epoch" in short.warning
     assert "rounds it up to 1 epoch: train 0.3 epochs" in short.warning
+    # Training ends at a whole step, which can pass the budget: never "inside" it then.
+    over = curves.choose_epochs([0.267, 0.533], [1.0, 0.8], max_epochs=0.5, tolerance=0.05)
+    assert "0.533 epochs in, under one epoch" in over.warning and "inside" not in over.warning
     # One step of the batch is the whole training set: an epoch, and nothing to train instead.
     step = curves.choose_epochs([1.0], [0.7], max_epochs=0.01, tolerance=0.05)
     assert (step.epochs, step.warning) == (1, None)

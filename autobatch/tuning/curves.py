@@ -233,8 +233,9 @@ def choose_epochs(
     chosen = max(1, whole if whole is not None else math.ceil(at - 1e-9))
     if chosen > max_epochs + 1e-9 and at < chosen - 1e-9:
         # Only a fractional budget gets here: the stop lies in its last, partial epoch.
+        # ``at`` can pass a fractional budget by part of a step: training ends at a whole step.
         where = (
-            f"inside the {max_epochs:g}-epoch budget, under one epoch"
+            "under one epoch"
             if max_epochs < 1
             else f"past the last whole epoch of the {max_epochs:g}-epoch budget"
         )
