@@ -226,6 +226,11 @@ def test_a_trial_whose_training_blew_up_neither_sets_the_target_nor_is_recommend
     # Overfitting is not instability: the validation loss climbs, the training loss falls.
     overfit = _trained(record(3, [0.9, 0.3, 0.5, 0.9], 5.0), [1.0, 0.5, 0.3, 0.2])
     assert not scoring.unstable(overfit)
+    # A loss that goes below zero (a negative log-likelihood), where a ratio means nothing,
+    # is judged by its rise in units of its size: from -1 back up to 2.5 is past the edge.
+    blown = _trained(record(4, [0.9, 0.3, 0.5, 0.9], 5.0), [0.5, -1.0, 0.0, 2.5])
+    calm = _trained(record(5, [0.9, 0.3, 0.5, 0.9], 5.0), [0.5, -1.0, -1.2, -1.1])
+    assert scoring.unstable(blown) and not scoring.unstable(calm)
     base = record(0, [1.2, 0.9, 0.7, 0.6], 10.0, role=BASELINE)
     records = [base, steady, dip]
     assert scoring.best_loss(records) == 0.4

@@ -30,6 +30,19 @@ def within(value: float, best: float, tolerance: float) -> bool:
     return value <= best + tolerance * abs(best)
 
 
+#: The share of a loss's fall that also counts as its size (:func:`loss_scale`).
+FALL_SHARE = 0.25
+
+
+def loss_scale(lowest: float, first: float) -> float:
+    """The size a rise of a loss from its ``lowest`` is measured against: that lowest's size,
+    or a share of the fall from ``first``, whichever is larger. For a positive loss that has
+    not fallen below a fifth of ``first`` it is the lowest itself (so ``lowest + 3 x scale``
+    is ``4 x lowest``); a loss that can be negative (a negative log-likelihood) passes near
+    zero, or below it, where its lowest's size says nothing of how much it moves."""
+    return max(abs(lowest), FALL_SHARE * (first - lowest))
+
+
 def threshold(target: float, tolerance: float) -> float:
     """The loss a trial must reach: ``target x (1 + tolerance)`` for positive losses."""
     return target + tolerance * abs(target)

@@ -35,6 +35,7 @@ import torch
 
 from autobatch.data import BatchSource
 from autobatch.training import TrainStep, build, needs_two_samples, seeded
+from autobatch.tuning import curves
 from autobatch.tuning.space import EDGE
 from autobatch.workload import Workload
 
@@ -42,13 +43,9 @@ from autobatch.workload import Workload
 STEPS = 100
 LOW, HIGH = 1e-2, 1e3
 #: The smoothed loss this many times its lowest ends the test: the rate is past divergence.
-#: Read as a climb above the lowest of ``BLOWUP - 1`` times the loss's scale
+#: Read as a climb above the lowest of ``BLOWUP - 1`` times the loss's size
 #: (:func:`blown_up`), so that a loss that can be negative is judged as a positive one is.
 BLOWUP = 4.0
-#: The share of the fall so far that also counts as the loss's scale: a loss falling through
-#: zero (a negative log-likelihood) has a lowest near zero on its way down, where a climb of
-#: three times that lowest is noise.
-FALL_SHARE = 0.25
 #: Smoothing of the training loss (an exponential average, bias-corrected).
 BETA = 0.9
 #: The rate suggested is the one at the lowest loss divided by this.
@@ -93,11 +90,11 @@ def _clamped(multiplier: float) -> float:
 
 def blown_up(smoothed: float, lowest: float, first: float) -> bool:
     """Whether the smoothed loss has climbed past divergence: above its lowest by
-    ``BLOWUP - 1`` times the loss's scale, the size of that lowest or a share of the fall
-    from ``first``, whichever is larger. For a positive loss that has not fallen below a
-    fifth of its first value this is ``smoothed > BLOWUP * lowest``; a negative lowest
-    (``4 * lowest`` lies below it) or one near zero on the way down is judged by its size."""
-    scale = max(abs(lowest), FALL_SHARE * (first - lowest))
+    ``BLOWUP - 1`` times the loss's size (:func:`~autobatch.tuning.curves.loss_scale`). For a
+    positive loss that has not fallen below a fifth of its first value this is
+    ``smoothed > BLOWUP * lowest``; read so for a negative lowest (``4 * lowest`` lies below
+    it), it ended the test at its first step."""
+    scale = curves.loss_scale(lowest, first)
     return scale > 0 and smoothed - lowest > (BLOWUP - 1) * scale
 
 

@@ -415,12 +415,18 @@ def unstable(record: TrialRecord) -> bool:
 
 
 def climb(record: TrialRecord) -> float:
-    """How many times its lowest ``record``'s training loss ended at (1 where that means
-    nothing: no curve, or a loss that is not positive)."""
+    """How many times its lowest ``record``'s training loss ended at (1 without a curve).
+    For a loss that reached zero or below (a negative log-likelihood), where a ratio means
+    nothing, one plus its rise from the lowest in units of the loss's size
+    (:func:`curves.loss_scale`): the ratio, had the loss been positive."""
     losses = [p.train_loss for p in record.curve if math.isfinite(p.train_loss)]
-    if not losses or min(losses) <= 0:
+    if not losses:
         return 1.0
-    return losses[-1] / min(losses)
+    lowest = min(losses)
+    if lowest > 0:
+        return losses[-1] / lowest
+    scale = curves.loss_scale(lowest, losses[0])
+    return 1.0 + (losses[-1] - lowest) / scale if scale > 0 else 1.0
 
 
 def stable(records: Sequence[TrialRecord]) -> list[TrialRecord]:
