@@ -17,6 +17,7 @@ import copy
 import logging
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -137,12 +138,19 @@ def open_storage(
                 sqlite_store.check_kind(path, "the study storage", "study")
             with sqlite_store.creation_lock(path), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                opened = optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else None,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=StaleTrials(),
+                opened = _created(
+                    lambda: optuna.storages.RDBStorage(
+                        url,
+                        # A server's pooled connections are checked before use: one a server
+                        # restart closed is replaced, not handed to a trial's commit.
+                        engine_kwargs={"connect_args": {"timeout": 30}}
+                        if sqlite
+                        else {"pool_pre_ping": True},
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=StaleTrials(),
+                    ),
+                    retry=not sqlite,
                 )
             if path is not None:
                 _fast_sqlite(opened.engine)
@@ -173,6 +181,31 @@ def open_storage(
             f"{str(exc).splitlines()[0][:200]}; check the URL (e.g. sqlite:///autobatch.db) "
             "and that the database server is running"
         ) from None
+
+
+#: Tries at opening a server database whose tables other processes create at the same moment.
+CREATION_TRIES = 5
+
+
+def _created(
+    make: Callable[[], optuna.storages.RDBStorage], retry: bool
+) -> optuna.storages.RDBStorage:
+    """``make()``, tried again where another process was creating Optuna's tables in the
+    same new database: PostgreSQL refuses the second ``CREATE TABLE`` of a name (a duplicate
+    key in its catalogue) instead of waiting, and workers started together on a new database
+    hit that (SQLite files are created under a lock instead)."""
+    import sqlalchemy.exc
+
+    for attempt in range(CREATION_TRIES):
+        try:
+            return make()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            racing = "duplicate key" in str(exc) or "already exists" in str(exc)
+            if not retry or not racing or attempt == CREATION_TRIES - 1:
+                raise
+            log.debug("another process is creating the study tables; trying again: %s", exc)
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def new_sqlite_file(url: str | None) -> Path | None:
