@@ -885,6 +885,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _is_storage_failure(exc):
             raise  # the user's own code: its traceback shows where the bug is
         log.debug("details", exc_info=True)
+        from autobatch.tuning.storage import connection_lost
+
+        if connection_lost(exc):
+            _fail(
+                f"lost the study storage's database server ({type(exc).__name__}: "
+                f"{_one_line(exc)[:200]}); the study is kept there: once the server is back, run "
+                "the same command again to go on"
+            )
+            return EXIT_FAILED
         _fail(
             f"the study storage failed ({type(exc).__name__}: {_one_line(exc)[:200]}); the "
             "database may be damaged: restore it from a copy, or give a new --storage (the "

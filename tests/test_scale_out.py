@@ -26,7 +26,16 @@ from autobatch import InvalidInputError, join_study, tune
 from autobatch.examples import digits
 from autobatch.records import BASELINE, BEYOND, CARRIED, NEIGHBOUR, STEERED
 from autobatch.tuning import recommend
-from autobatch.tuning.storage import HOST, RECORD, ROLE, RUN_ID, WORKER, counts, open_storage
+from autobatch.tuning.storage import (
+    HOST,
+    RECORD,
+    ROLE,
+    RUN_ID,
+    WORKER,
+    connection_lost,
+    counts,
+    open_storage,
+)
 
 try:  # tests/ on sys.path (pytest's default rootdir import mode)
     from mlflow_server import MlflowServer
@@ -339,6 +348,33 @@ def test_processes_opening_a_new_postgres_database_at_once_all_open_it(postgres)
             _, err = process.communicate(timeout=120)
             assert process.returncode == 0, err.decode()[-2000:]
         assert optuna.get_all_study_summaries(url) == []
+
+
+def test_a_study_storage_outlives_its_server_closing_its_connections(postgres) -> None:
+    """A server restart closes every connection: the pooled ones are checked before use and
+    replaced (before, a trial's next commit failed on one and took its worker down), and an
+    error from a lost server is told apart from a damaged database."""
+    import sqlalchemy
+
+    url = postgres()
+    opened = open_storage(url)
+    optuna.create_study(storage=opened, study_name="kept")
+    name = url.rsplit("/", 1)[1]
+    admin = sqlalchemy.create_engine(
+        url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as connection:
+        closed = connection.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (name,),
+        ).fetchall()
+    admin.dispose()
+    assert closed  # the storage's pooled connection was among them
+    assert [s.study_name for s in opened.get_all_studies()] == ["kept"]
+    with opened.engine.connect() as connection, pytest.raises(sqlalchemy.exc.DBAPIError) as lost:
+        connection.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+    assert connection_lost(lost.value)
+    assert not connection_lost(sqlalchemy.exc.OperationalError("", {}, sqlite3.OperationalError()))
 
 
 def test_a_new_sqlite_storage_is_in_wal_mode_synced_at_checkpoints(tmp_path: Path) -> None:

@@ -228,6 +228,25 @@ def remove_if_unused(opened: optuna.storages.BaseStorage, path: Path) -> None:
         log.debug("left %s in place: %s", path, exc)
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error under it) is a database server gone away: restarted,
+    shut down, or out of reach. The study in it is intact, not damaged."""
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlalchemy.exc.DBAPIError):
+            if error.connection_invalidated:
+                return True
+            driver = type(error.orig).__module__
+            if isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+                return not driver.startswith("sqlite3")  # SQLite's are the file's
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _damaged(exc: BaseException) -> bool:
     """A SQLite file whose pages are broken, as opposed to a wrong URL or a server down."""
     text = f"{exc} {exc.__cause__ or ''}".lower()
