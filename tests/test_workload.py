@@ -184,6 +184,22 @@ def test_the_cli_takes_a_target_that_returns_a_workload(tmp_path, capsys):
     assert err.startswith("autobatch: error: --device moves an autobatch.Task") and "\n" not in err
 
 
+@pytest.mark.slow
+def test_tune_with_workers_runs_a_workload_target(tmp_path, capsys):
+    """Each worker builds the workload where the target builds it: no --device is passed to
+    it (which only a Task takes; every worker refused it before), and --devices is refused."""
+    path = tmp_path / "mine.py"
+    path.write_text(WORKLOAD_FILE)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = [f"{path}:make", "--storage", storage, "--no-mlflow", "--memory-budget", "4MiB"]
+    common += ["--n-trials", "2", "--max-epochs", "1", "--json"]
+    assert main(["tune", *common, "--workers", "2"]) == 0, capsys.readouterr().err[-2000:]
+    assert '"batch_size"' in capsys.readouterr().out
+    assert main(["tune", *common, "--workers", "2", "--devices", "cpu,cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--devices) moves an autobatch.Task" in err and "\n" not in err
+
+
 def test_a_workload_whose_loss_is_not_a_scalar_tensor_is_one_line_naming_its_batch_loss():
     workload = Classifier()
     workload.batch_loss = lambda model, batch: F.cross_entropy(  # one loss per sample

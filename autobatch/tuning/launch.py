@@ -42,6 +42,17 @@ def worker_devices(device: torch.device, workers: int, devices: Sequence[str] | 
     return [pool[i % len(pool)] for i in range(workers)]
 
 
+def _only_gpu(device: str) -> dict[str, str]:
+    """The environment that shows a worker only ``device`` (``cuda:N``), the N-th of the GPUs
+    this process sees; nothing for another device."""
+    if not device.startswith("cuda:"):
+        return {}
+    index = int(device.split(":", 1)[1])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = [v.strip() for v in visible.split(",")] if visible else None
+    return {"CUDA_VISIBLE_DEVICES": seen[index] if seen else str(index)}
+
+
 def run_workers(
     target: str,
     prepared: Prepared,
@@ -56,9 +67,12 @@ def run_workers(
     heartbeat_interval: int,
     grace_period: int,
     verbose: int = 0,
+    movable: bool = True,
 ) -> TuneResult:
     """Start a worker process per entry of ``devices`` on ``prepared``'s study, wait for them,
-    and return the study's recommendation."""
+    and return the study's recommendation. ``movable``: the target builds an
+    :class:`~autobatch.Task`, which ``--device`` moves; any other workload chooses its device
+    where it is built, so each worker is shown only its own GPU instead (as ``cuda:0``)."""
     study = prepared.study
     name = study.study_name
     base = [sys.executable, "-m", "autobatch", "worker", target, "--storage", storage_url]
@@ -69,14 +83,15 @@ def run_workers(
     base += ["--threads", str(threads)] if threads else []
     base += ["-" + "v" * verbose] if verbose else []
     base += ["--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period)]
+    env = {**os.environ, PARENT: str(os.getpid())}
     processes = [
         # A session of their own: the terminal's Ctrl-C reaches this process, which passes it
         # on once, so no worker is interrupted twice while it queues its trial again.
         subprocess.Popen(
-            [*base, "--device", device],
+            [*base, "--device", device] if movable else base,
             stdout=subprocess.DEVNULL,
             start_new_session=os.name == "posix",
-            env={**os.environ, PARENT: str(os.getpid())},
+            env=env if movable else {**env, **_only_gpu(device)},
         )
         for device in devices
     ]

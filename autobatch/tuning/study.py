@@ -16,6 +16,7 @@ from autobatch.errors import InvalidInputError
 from autobatch.memory import MemoryMeter, TrackedMeter, meter_for
 from autobatch.probing import DEFAULT_HEADROOM
 from autobatch.records import ProbeResult, TuneObserver, TuneResult
+from autobatch.task import Task
 from autobatch.tracking.redact import redact_url
 from autobatch.tuning import prepare as preparing
 from autobatch.tuning.recommendation import recommend
@@ -129,6 +130,13 @@ def tune(
             f"workers={workers} needs target='package.module:function' (or a built-in "
             "example's name), so that each worker process can build the task"
         )
+    if workers > 1 and devices and not isinstance(task, Task):
+        raise InvalidInputError(
+            f"devices= (--devices) moves an autobatch.Task; this task is a "
+            f"{type(task).__name__}, whose "
+            "workers each build it where target builds it: drop devices (each worker is then "
+            "shown one visible GPU in turn as cuda:0)"
+        )
     if workers > 1 and (storage is None or ":memory:" in storage):
         raise InvalidInputError(
             f"workers={workers} needs a study storage the workers share, e.g. "
@@ -187,6 +195,7 @@ def tune(
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 verbose=verbose,
+                movable=isinstance(task, Task),
             )
         worker = Worker(
             task,
