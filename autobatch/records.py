@@ -122,6 +122,18 @@ class TrialRecord:
         return row
 
 
+def plain(value: Any) -> Any:
+    """``value`` with NumPy scalars, in it or in its tuples, lists and dicts, as Python
+    numbers."""
+    if isinstance(value, tuple | list):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """How a study searches: logged once per study, and the key a resumed study must match."""
@@ -159,6 +171,12 @@ class StudySettings:
     # (autobatch.tuning.clock.measure()); None: trials are timed on the wall clock.
     step_clock: dict[str, Any] | None = None
     max_grad_norm: float | None = None  # the task's gradient clipping, trials included
+
+    def __post_init__(self) -> None:
+        # NumPy numbers (a scikit-learn grid's np.int64) are accepted as numbers, and stored
+        # as JSON: Python's own from here on.
+        for name, value in vars(self).items():
+            object.__setattr__(self, name, plain(value))
 
     @property
     def multiplier_range(self) -> tuple[float, float]:

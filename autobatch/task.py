@@ -116,6 +116,9 @@ class Task:
             raise InvalidInputError("Task.collate_fn must be callable on a list of samples")
         validation.check(validation.TASK, vars(self), prefix="Task.")
         self.lr = float(self.lr)
+        self.batch_size, self.seed = int(self.batch_size), int(self.seed)  # NumPy's too
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = float(self.max_grad_norm)
         try:
             self.device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:

@@ -10,6 +10,7 @@ tested as soon as it is declared (in the spirit of scikit-learn's ``_parameter_c
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,11 +41,17 @@ def _show(value: Any) -> str:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A Python or NumPy integer (scikit-learn's grids hand out ``np.int64``), not a bool."""
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A real number of Python's or NumPy's, not a bool."""
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
 @dataclass(frozen=True)

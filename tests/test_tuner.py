@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -599,3 +600,14 @@ def test_a_batch_larger_than_the_training_set_is_the_whole_set_at_the_task_s_rat
     (baseline,) = result.trials
     assert result.settings.base_batch_size == baseline.batch_size == 37
     assert (baseline.role, baseline.lr) == ("baseline", 0.1)
+
+
+def test_numpy_numbers_are_taken_and_stored_as_python_ones(tmp_path):
+    task = dataclasses.replace(digits(), batch_size=np.int64(32), lr=np.float32(1e-3))
+    assert (type(task.batch_size), type(task.lr)) == (int, float)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    result = tune(
+        task, n_trials=np.int64(1), max_epochs=np.int64(1), candidates=list(np.array([16, 32])),
+        tolerance=np.float64(0.01), seed=np.int64(0), mlflow=False, storage=storage,
+    )  # fmt: skip
+    assert result.settings.candidates == (16, 32) and type(result.settings.n_trials) is int

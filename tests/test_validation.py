@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,9 @@ def test_declarations_accept_their_examples():
     assert v.ByteSize().problem("2GiB") is None and v.ByteSize().problem(1024) is None
     assert v.Optional(v.Real()).problem(None) is None
     assert v.Real(0, 1, high_open=True).problem(math.nextafter(1, 0)) is None
+    # NumPy's numbers are numbers (a scikit-learn grid hands out np.int64); its bool is not.
+    assert v.Integer(1).problem(np.int64(3)) is None and v.Integer(1).problem(np.bool_(1))
+    assert v.Real(0, low_open=True).problem(np.float32(1e-3)) is None
 
 
 # -- the command line ---------------------------------------------------------------------------
