@@ -149,6 +149,20 @@ def test_interrupted_study_resumes_and_keeps_finished_trials(task, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_study_s_counts_are_only_ever_raised(task, tmp_path, caplog):
+    """Another worker may be running the study to its stored n_trials: a call with fewer
+    keeps them (and says so), one with more extends the study."""
+    kwargs = dict(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="counts", **FAST)
+    tune(task, n_trials=2, min_trials=None, **kwargs)
+    with caplog.at_level("WARNING", logger="autobatch"):
+        fewer = tune(task, n_trials=1, min_trials=1, **kwargs)
+    assert (fewer.settings.n_trials, fewer.settings.min_trials) == (2, None)
+    assert "ignored n_trials=1 (it has 2), min_trials=1 (it has None)" in caplog.text
+    more = tune(task, n_trials=3, min_trials=None, **kwargs)
+    assert more.settings.n_trials == 3 and len(more.trials) == 3
+
+
+@pytest.mark.slow
 def test_a_study_interrupted_in_its_baseline_resumes_with_the_baseline_first(task, tmp_path):
     """The interrupted baseline is queued again behind the other seeds; under a saturating rule
     they wait for the noise scale it measures, so a rerun that ran them first waited for a trial

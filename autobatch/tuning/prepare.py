@@ -438,8 +438,8 @@ def _joined(
     min_trials: int | None,
     max_batch_size: int | None = None,
 ) -> StudySettings:
-    """The stored settings, checked against this call's; a new ``n_trials`` or
-    ``min_trials`` is stored."""
+    """The stored settings, checked against this call's; a larger ``n_trials`` or
+    ``min_trials`` is stored, a smaller one ignored with a warning."""
     settings = storage.settings_of(study)
     assert settings is not None
     check_same_task(settings, task)
@@ -459,10 +459,40 @@ def _joined(
             f"different search space ({', '.join(changed)}); use a new --study-name, or the "
             "same settings to continue it"
         )
-    if (n_trials, min_trials) != (settings.n_trials, settings.min_trials):
-        settings = replace(settings, n_trials=n_trials, min_trials=min_trials)
+    # Only ever raised: other workers may be running the study to the stored counts, and a
+    # lower one would end this process's share early with another's answer (None: no limit).
+    raised = {
+        name: given
+        for name, given, now in (
+            ("n_trials", n_trials, settings.n_trials),
+            ("min_trials", min_trials, settings.min_trials),
+        )
+        if _more(given, now)
+    }
+    lower = [
+        f"{name}={given} (it has {now})"
+        for name, given, now in (
+            ("n_trials", n_trials, settings.n_trials),
+            ("min_trials", min_trials, settings.min_trials),
+        )
+        if _more(now, given)
+    ]
+    if lower:
+        log.warning(
+            "study %r keeps its counts, which are only ever raised: ignored %s; stop it with "
+            "Ctrl-C to end it sooner",
+            settings.study_name,
+            ", ".join(lower),
+        )
+    if raised:
+        settings = replace(settings, **raised)
         study.set_user_attr(storage.SETTINGS, settings.to_dict())
     return settings
+
+
+def _more(count: int | None, than: int | None) -> bool:
+    """Whether the trial count ``count`` is larger than ``than`` (None: no limit)."""
+    return count != than and (count is None or (than is not None and count > than))
 
 
 def own_batch_size(task: Workload) -> int:
