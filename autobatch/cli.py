@@ -478,17 +478,17 @@ def _add_heartbeat_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heartbeat-interval",
         type=int,
-        default=HEARTBEAT_INTERVAL,
         metavar="SECONDS",
-        help=f"how often a running trial reports it is alive (default: {HEARTBEAT_INTERVAL})",
+        help="how often a running trial reports it is alive: the study's, the same in every "
+        f"worker (default: {HEARTBEAT_INTERVAL} for a new study)",
     )
     parser.add_argument(
         "--grace-period",
         type=int,
-        default=GRACE_PERIOD,
         metavar="SECONDS",
         help="after how long without a heartbeat a trial's worker counts as dead, and the "
-        f"trial runs again (default: {GRACE_PERIOD})",
+        f"trial runs again: the study's (default: {GRACE_PERIOD} for a new study; at least "
+        "twice --heartbeat-interval)",
     )
 
 

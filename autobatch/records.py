@@ -171,6 +171,9 @@ class StudySettings:
     # (autobatch.tuning.clock.measure()); None: trials are timed on the wall clock.
     step_clock: dict[str, Any] | None = None
     max_grad_norm: float | None = None  # the task's gradient clipping, trials included
+    # Every worker's heartbeat schedule, seconds (None: a study stored before they were kept).
+    heartbeat_interval: int | None = None
+    grace_period: int | None = None
 
     def __post_init__(self) -> None:
         # NumPy numbers (a scikit-learn grid's np.int64) are accepted as numbers, and stored

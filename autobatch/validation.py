@@ -305,8 +305,8 @@ _WORKER: dict[str, Spec] = {
     "observers": Observers(),
     "meter": Optional(METER),
     "progress": Flag(),
-    "heartbeat_interval": Integer(1, example=10),
-    "grace_period": Integer(1, example=30),
+    "heartbeat_interval": Optional(Integer(1, example=10)),
+    "grace_period": Optional(Integer(1, example=30)),
 }
 
 TUNE: dict[str, Spec] = {

@@ -34,7 +34,9 @@ from autobatch.tuning.storage import (
     WORKER,
     connection_lost,
     counts,
+    heartbeat_of,
     open_storage,
+    use_heartbeat,
 )
 
 try:  # tests/ on sys.path (pytest's default rootdir import mode)
@@ -466,3 +468,27 @@ def test_joining_checks_the_study_and_the_task(tmp_path: Path, monkeypatch, capl
     optuna.load_study(study_name=STUDY, storage=storage).set_user_attr(HOST, "far-away")
     with pytest.raises(InvalidInputError, match="prepared on far-away"):
         join_study(task, storage=storage, mlflow=False)
+
+
+def test_every_worker_runs_the_study_s_heartbeat(tmp_path: Path) -> None:
+    """The heartbeat interval and grace period are the study's: a worker with a shorter grace
+    period than another's interval took that worker's live trials for dead (the baseline ran
+    twice, and the worker running it crashed)."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    task = digits()
+    quick = dict(n_trials=1, max_epochs=1, candidates=[32], storage=storage, mlflow=False)
+    with pytest.raises(InvalidInputError, match="grace_period=15 is under twice heartbeat_"):
+        tune(task, heartbeat_interval=10, grace_period=15, **quick)
+    with pytest.raises(InvalidInputError, match="grace_period=3 is under twice heartbeat_"):
+        tune(task, grace_period=3, **quick)  # the default interval, 10 s
+    assert not (tmp_path / "study.db").exists()  # refused before anything was written
+    result = tune(task, heartbeat_interval=2, grace_period=6, **quick)
+    assert (result.settings.heartbeat_interval, result.settings.grace_period) == (2, 6)
+    with pytest.raises(InvalidInputError, match="every 2 s and takes a trial silent for 6 s"):
+        join_study(task, storage=storage, heartbeat_interval=1, grace_period=3, mlflow=False)
+    # Given nothing (or the same), a process runs the study's.
+    settings = result.settings
+    assert heartbeat_of(settings, None, None) == heartbeat_of(settings, 2, None) == (2, 6)
+    opened = open_storage(storage)
+    use_heartbeat(opened, *heartbeat_of(settings, None, None))
+    assert (opened.get_heartbeat_interval(), opened.grace_period) == (2, 6)

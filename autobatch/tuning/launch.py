@@ -64,8 +64,8 @@ def run_workers(
     tracking_uri: str | None,
     timeout: float | None,
     progress: bool,
-    heartbeat_interval: int,
-    grace_period: int,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
     verbose: int = 0,
     movable: bool = True,
 ) -> TuneResult:
@@ -82,7 +82,8 @@ def run_workers(
     base += ["--timeout", str(timeout)] if timeout is not None else []
     base += ["--threads", str(threads)] if threads else []
     base += ["-" + "v" * verbose] if verbose else []
-    base += ["--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period)]
+    base += ["--heartbeat-interval", str(heartbeat_interval)] if heartbeat_interval else []
+    base += ["--grace-period", str(grace_period)] if grace_period else []
     env = {**os.environ, PARENT: str(os.getpid())}
     processes = [
         # A session of their own: the terminal's Ctrl-C reaches this process, which passes it

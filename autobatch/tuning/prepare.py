@@ -106,8 +106,8 @@ def prepare(
     tracking_uri: str | None,
     experiment: str | None,
     observers: Sequence[TuneObserver],
-    heartbeat_interval: int,
-    grace_period: int,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
     threads: int | None = None,
     cache: bool = True,
 ) -> Prepared:
@@ -115,6 +115,7 @@ def prepare(
     timed with ``threads`` torch threads, the workers' count, where given; ``cache``: the
     probe and the clock may be read from the disk cache."""
     check_tune_inputs(task, n_trials=n_trials, timeout=timeout)
+    storage.check_heartbeat(heartbeat_interval, grace_period)
     # Everything that can be unreachable is contacted before any trial. The MLflow logging
     # process starts now and imports MLflow while the probe runs.
     if mlflow and storage_url is not None:
@@ -199,6 +200,8 @@ def prepare(
                 lr_centre=1.0 if found is None else found.centre,
                 lr_range_test=None if found is None else found.to_dict(),
                 step_clock=timed if timed["seconds"] else None,
+                heartbeat_interval=heartbeat_interval or storage.HEARTBEAT_INTERVAL,
+                grace_period=grace_period or storage.GRACE_PERIOD,
             )
             if tracker is not None:  # refused before the study exists: a rerun starts anew
                 tracker.wait_ready()
@@ -219,6 +222,8 @@ def prepare(
         if study is None:
             study = wait_prepared(opened, name, PREPARE_WAIT)
         settings = _joined(study, task, wanted, candidates, n_trials, min_trials, max_batch_size)
+        beats = storage.heartbeat_of(settings, heartbeat_interval, grace_period)
+        storage.use_heartbeat(opened, *beats)
         for note in study.user_attrs.get(storage.NOTES, []):
             log.warning(note)
         prepared = Prepared(

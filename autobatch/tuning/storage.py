@@ -102,11 +102,54 @@ def _within_its_ranges(trial: FrozenTrial) -> FrozenTrial:
     return copied
 
 
+def check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> None:
+    """Refuse a grace period under twice the heartbeat interval (None: the default): a live
+    worker whose heartbeat comes a little late would be taken for dead, and its trial run
+    twice."""
+    interval = HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval
+    grace = GRACE_PERIOD if grace_period is None else grace_period
+    if grace < 2 * interval:
+        raise InvalidInputError(
+            f"grace_period={grace} is under twice heartbeat_interval={interval}: a live worker "
+            "whose heartbeat came a little late would be taken for dead and its trial run "
+            f"twice; give --grace-period {2 * interval} or more (or a shorter "
+            "--heartbeat-interval)"
+        )
+
+
+def heartbeat_of(
+    settings: StudySettings, heartbeat_interval: int | None, grace_period: int | None
+) -> tuple[int, int]:
+    """The heartbeat interval and grace period this process runs the study with: the study's,
+    the same for every worker. One worker's shorter grace period took the trials of workers
+    beating less often for dead. Values given that differ from the study's are refused."""
+    stored = (settings.heartbeat_interval, settings.grace_period)
+    given = (heartbeat_interval, grace_period)
+    if stored[0] is None or stored[1] is None:  # stored before they were kept
+        interval = HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval
+        return interval, GRACE_PERIOD if grace_period is None else grace_period
+    if any(g is not None and g != s for g, s in zip(given, stored, strict=True)):
+        raise InvalidInputError(
+            f"study {settings.study_name!r} runs a heartbeat every {stored[0]} s and takes a "
+            f"trial silent for {stored[1]} s for dead, the same in every worker: leave "
+            f"--heartbeat-interval and --grace-period out, or give {stored[0]} and {stored[1]}"
+        )
+    return stored[0], stored[1]
+
+
+def use_heartbeat(opened: optuna.storages.BaseStorage, interval: int, grace: int) -> None:
+    """Send this process's heartbeats and judge other workers' by ``interval`` and ``grace``
+    (Optuna reads both off the storage when a heartbeat thread starts and when stale trials
+    are failed)."""
+    if isinstance(opened, optuna.storages.RDBStorage):
+        opened.heartbeat_interval, opened.grace_period = interval, grace
+
+
 def open_storage(
     url: str | None,
     *,
-    heartbeat_interval: int = HEARTBEAT_INTERVAL,
-    grace_period: int = GRACE_PERIOD,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
     read_only: bool = False,
 ) -> optuna.storages.BaseStorage:
     """The Optuna storage at ``url`` (in memory for None), with heartbeats for databases.
@@ -146,8 +189,8 @@ def open_storage(
                         engine_kwargs={"connect_args": {"timeout": 30}}
                         if sqlite
                         else {"pool_pre_ping": True},
-                        heartbeat_interval=heartbeat_interval,
-                        grace_period=grace_period,
+                        heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
+                        grace_period=grace_period or GRACE_PERIOD,
                         heartbeat_stale_trial_callback=StaleTrials(),
                     ),
                     retry=not sqlite,

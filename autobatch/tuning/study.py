@@ -22,11 +22,12 @@ from autobatch.tuning import prepare as preparing
 from autobatch.tuning.recommendation import recommend
 from autobatch.tuning.scoring import MIN_TRIALS
 from autobatch.tuning.storage import (
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
     MLFLOW,
+    check_heartbeat,
+    heartbeat_of,
     open_storage,
     settings_of,
+    use_heartbeat,
     worker_name,
 )
 from autobatch.tuning.worker import Worker
@@ -63,8 +64,8 @@ def tune(
     experiment: str | None = None,
     observers: Sequence[TuneObserver] = (),
     progress: bool = False,
-    heartbeat_interval: int = HEARTBEAT_INTERVAL,
-    grace_period: int = GRACE_PERIOD,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
     workers: int = 1,
     target: str | None = None,
     devices: Sequence[str] | None = None,
@@ -104,7 +105,8 @@ def tune(
     with the same ``study_name`` continues it up to ``n_trials`` trials in total, and other
     processes may run trials of it at the same time (``join_study``, ``autobatch worker``).
     A running trial whose process dies is failed after ``grace_period`` seconds without a
-    heartbeat (one every ``heartbeat_interval`` seconds) and run again.
+    heartbeat (one every ``heartbeat_interval`` seconds) and run again; both are the study's,
+    set when it is made (30 and 10 by default) and the same in every worker.
 
     With ``mlflow`` (the default) the study, every trial and the recommendation are logged to
     ``tracking_uri`` (default ``sqlite:///mlflow.db`` in the working directory) into
@@ -232,8 +234,8 @@ def join_study(
     observers: Sequence[TuneObserver] = (),
     progress: bool = False,
     meter: MemoryMeter | None = None,
-    heartbeat_interval: int = HEARTBEAT_INTERVAL,
-    grace_period: int = GRACE_PERIOD,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
 ) -> TuneResult:
     """Run trials of the study ``study_name`` in ``storage`` until it has its ``n_trials``;
     return its recommendation.
@@ -259,12 +261,14 @@ def join_study(
             path,
             name,
         )
+    check_heartbeat(heartbeat_interval, grace_period)
     opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = preparing.wait_prepared(opened, name, wait, worker_name())
     preparing.check_shareable(study, storage)
     settings = settings_of(study)
     assert settings is not None
     preparing.check_same_task(settings, task)
+    use_heartbeat(opened, *heartbeat_of(settings, heartbeat_interval, grace_period))
     tracker = _attach_tracker(study, tracking_uri) if mlflow else None
     try:
         worker = Worker(
