@@ -32,12 +32,14 @@ from autobatch.tuning.storage import (
     ROLE,
     RUN_ID,
     WORKER,
+    StaleTrials,
     connection_lost,
     counts,
     heartbeat_of,
     open_storage,
     use_heartbeat,
 )
+from autobatch.tuning.worker import LOST_REASON
 
 try:  # tests/ on sys.path (pytest's default rootdir import mode)
     from mlflow_server import MlflowServer
@@ -492,3 +494,44 @@ def test_every_worker_runs_the_study_s_heartbeat(tmp_path: Path) -> None:
     opened = open_storage(storage)
     use_heartbeat(opened, *heartbeat_of(settings, None, None))
     assert (opened.get_heartbeat_interval(), opened.grace_period) == (2, 6)
+
+
+class _TakenElsewhere:
+    """An observer that, at trial 1's first evaluation, does what another worker does with a
+    trial whose heartbeat it has not seen for the grace period (this process was paused): it
+    fails the trial and queues it again. Then it waits out the grace period."""
+
+    def __init__(self, storage: str) -> None:
+        self.storage, self.done = storage, False
+
+    def __getattr__(self, name):
+        return lambda *args: None
+
+    def evaluated(self, record, point) -> None:
+        if record.number != 1 or self.done:
+            return
+        self.done = True
+        study = optuna.load_study(study_name=STUDY, storage=self.storage)
+        frozen = next(t for t in study.get_trials() if t.number == 1)
+        study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
+        StaleTrials()(study, frozen)
+        time.sleep(2.1)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_trial_taken_from_a_paused_worker_is_left_to_its_rerun(tmp_path: Path, caplog) -> None:
+    """A worker paused past the grace period (SIGSTOP, a suspended laptop) finds its trial
+    failed by another: it ends it with the reason and goes on, where it crashed on writing
+    to the finished trial."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    result = tune(
+        digits(), n_trials=3, max_epochs=1, candidates=[16, 32, 64], storage=storage,
+        mlflow=False, heartbeat_interval=1, grace_period=2, observers=[_TakenElsewhere(storage)],
+    )  # fmt: skip
+    trials = _trials(storage, STUDY)
+    taken = next(t for t in trials if t.number == 1)
+    assert taken.state == TrialState.FAIL and RECORD not in taken.user_attrs
+    rerun = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(rerun) == 1 and rerun[0].state.is_finished()
+    assert len(_finished(trials)) == 3 and TrialState.RUNNING not in {t.state for t in trials}
+    assert LOST_REASON in caplog.text and len(result.trials) >= 3

@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 PRUNED_REASON = "successive halving: behind other trials at equal training time"
 #: (Short enough for the report's "why" column: :func:`curves.hopeless` says the rest.)
 HOPELESS_REASON = f"given up: even its best pace ends above {curves.HOPELESS_FACTOR:g}x the target"
+#: A trial another worker failed as its worker's: this one sent no heartbeat for the grace
+#: period (paused, suspended, or too busy to send one), and the trial runs again.
+LOST_REASON = "taken for a dead worker's: no heartbeat within the grace period; it runs again"
 #: How much dearer than the reference trial a trial may be and still go on for its lead per
 #: sample (:meth:`_Yardstick.keeps_on`). The rule was measured with this margin when trials were
 #: timed on the wall clock, where a trial at the reference's own batch size cost the same give
@@ -531,6 +534,9 @@ class Worker:
             self._queue_again(trial)
             self._finish(trial, record)
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:  # at a report: failed elsewhere
+            self._lost(trial, replace(record, curve=tuple(points)))
+            return 0
         except BaseException as exc:
             if not is_oom_error(exc):
                 trial.set_user_attr(storage.REASON, f"{type(exc).__name__}: {exc}"[:500])
@@ -711,26 +717,55 @@ class Worker:
         they are told still records the trial in Optuna, then stops the study.
         """
         record = replace(record, ended_ms=int(time.time() * 1000))
+        if not self._still_ours(trial, record):
+            self._lost(trial, record)
+            return
         interrupted = False
         try:
             self.observers.trial_finished(record)
         except KeyboardInterrupt:
             interrupted = True
         run_id = trial.user_attrs.get(storage.RUN_ID)
-        trial.set_user_attr(storage.RECORD, replace(record, mlflow_run_id=run_id).to_dict())
         if values is None and record.state == INFEASIBLE:
             # The worst result rather than a failure, which TPE ignores: it learns the size
             # is bad instead of proposing it again (the sampler is kept off it anyway).
             values = [scoring.INFEASIBLE_VALUE] * (2 if self.settings.objective == "pareto" else 1)
-        if values is not None:
-            self.study.tell(trial, list(values) if len(values) > 1 else values[0])
-        else:  # why is in the record
-            state = TrialState.PRUNED if record.state == PRUNED else TrialState.FAIL
-            self.study.tell(trial, state=state)
+        try:
+            trial.set_user_attr(storage.RECORD, replace(record, mlflow_run_id=run_id).to_dict())
+            if values is not None:
+                self.study.tell(trial, list(values) if len(values) > 1 else values[0])
+            else:  # why is in the record
+                state = TrialState.PRUNED if record.state == PRUNED else TrialState.FAIL
+                self.study.tell(trial, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere just now
+            log.warning("trial %d: %s", trial.number, LOST_REASON)
         if self._bar is not None:
             self._bar.end_trial(record)
         if interrupted:
             raise KeyboardInterrupt
+
+    def _still_ours(self, trial: optuna.Trial, record: TrialRecord) -> bool:
+        """Whether ``trial`` still runs in the storage: another worker fails a trial whose
+        heartbeat it has not seen for the grace period, so only one that has lasted that long
+        is read back."""
+        grace = self.settings.grace_period or storage.GRACE_PERIOD
+        if record.ended_ms is None or record.ended_ms - record.started_ms < 1000 * grace:
+            return True
+        return self.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+
+    def _lost(self, trial: optuna.Trial, record: TrialRecord) -> None:
+        """End a trial another worker failed as a dead worker's (this process sent no
+        heartbeat for the grace period: paused or suspended): it runs again there or here,
+        and this worker goes on with the next one."""
+        log.warning(
+            "trial %d: %s (this process was paused or too busy to send one); going on",
+            trial.number,
+            LOST_REASON,
+        )
+        lost = replace(record, state=FAILED, reason=LOST_REASON, ended_ms=int(time.time() * 1000))
+        self.observers.trial_finished(lost)  # its MLflow run ends with the reason
+        if self._bar is not None:
+            self._bar.end_trial(lost)
 
     def _explained(self, records: list[TrialRecord]) -> prior.Explanation:
         """The prior's predictions from ``records`` judged by the current target: what the
