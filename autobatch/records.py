@@ -403,3 +403,5 @@ class TuneObserver(Protocol):
     def study_interrupted(self, reason: str) -> None: ...
 
     def study_failed(self, reason: str) -> None: ...  # ended with nothing to recommend
+
+    def study_left(self) -> None: ...  # this process stops; another reports the study's end

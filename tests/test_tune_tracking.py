@@ -229,6 +229,30 @@ def test_rerunning_a_complete_study_whose_run_was_killed_logs_its_recommendation
 
 
 @pytest.mark.slow
+def test_a_process_whose_study_another_completes_leaves_its_run_to_that_worker(
+    task, tmp_path
+) -> None:
+    """A `tune` that joined a study (reopening its MLflow run) and stops because another
+    worker completed the study leaves the run to that worker: marked interrupted on its way
+    out, the run was KILLED while that worker was still logging the recommendation."""
+    from autobatch.tracking import BackgroundTracker
+    from autobatch.tuning.worker import Worker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tune(task, storage=f"sqlite:///{tmp_path / 'study.db'}", tracking_uri=uri, **FAST)
+    client = MlflowClient(uri)
+    parent = first.mlflow_run_id
+    client.update_run(parent, status="RUNNING")  # its finisher still logging the end
+    tracker = BackgroundTracker(uri)
+    assert tracker.open_study_run(first.settings, None, parent) == parent
+    outcome = Worker(task, first.study, observers=[tracker]).run()
+    tracker.close()
+    assert outcome.complete and outcome.result is None  # the end is the other worker's
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING" and "interrupted" not in run.data.tags
+
+
+@pytest.mark.slow
 def test_a_study_keeps_its_experiment_and_says_another_given_is_ignored(
     task, tmp_path, caplog
 ) -> None:

@@ -425,6 +425,10 @@ class BackgroundTracker:
         self._post("study_failed", reason)
         self.close()
 
+    def study_left(self) -> None:
+        self._post("study_left")
+        self.close()
+
 
 # -- the child ---------------------------------------------------------------------------------
 
@@ -547,7 +551,8 @@ def main() -> int:
                 getattr(tracker, kind)(*args)
             except Exception:  # a bug of ours: say it, keep logging the rest
                 log.warning("MLflow logging of %s failed", kind, exc_info=True)
-            open_study = kind not in ("study_finished", "study_interrupted", "study_failed") and (
+            ended = ("study_finished", "study_interrupted", "study_failed", "study_left")
+            open_study = kind not in ended and (
                 open_study or kind in ("open_study_run", "attach", "study_started")
             )
         if kind in _ANSWERED:

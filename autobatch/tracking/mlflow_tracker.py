@@ -701,6 +701,15 @@ class MlflowTracker:
 
         self._send("the failure of the study", finish)
 
+    def study_left(self) -> None:
+        """This process stops with the study complete or running on elsewhere: another worker
+        logs its end, so the study run is left as it is (marked interrupted, it was KILLED
+        under the worker still logging the recommendation)."""
+        if self._stopped or self.parent_run_id is None:
+            return
+        self.flush()
+        self._end_open_runs("KILLED", "its worker stopped before it ended")
+
     def study_interrupted(self, reason: str) -> None:
         """Mark the open trial runs KILLED, and the study run too if this process opened it
         (other workers may still be adding trials to a run opened elsewhere)."""

@@ -207,12 +207,10 @@ def tune(
             progress=progress,
             timeout=timeout,
             notes=prepared.notes,
+            reports_end=prepared.unlogged,
         )
         outcome = worker.run()
-        result = outcome.result or recommend(prepared.study, notes=worker.notes)
-        if prepared.unlogged and outcome.result is None:
-            worker.observers.study_finished(result)
-        return result
+        return outcome.result or recommend(prepared.study, notes=worker.notes)
     finally:
         prepared.close()
 

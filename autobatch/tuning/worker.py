@@ -165,6 +165,7 @@ class Worker:
         timeout: float | None = None,
         poll_seconds: float = 0.25,
         notes: Sequence[str] = (),
+        reports_end: bool = False,
     ) -> None:
         settings = storage.settings_of(study)
         if settings is None:
@@ -178,6 +179,9 @@ class Worker:
         self.progress = progress
         self.timeout = timeout
         self.poll_seconds = poll_seconds
+        # Report the study's end even where another worker's trial completed it: its own
+        # report never reached MLflow (a study stopped at its last trial, run again).
+        self.reports_end = reports_end
         # Dead workers' trials are looked for between trials, at most this often: a trial is
         # only found dead after the grace period anyway.
         self.stale_check_seconds = 5.0
@@ -275,13 +279,17 @@ class Worker:
         # two ended at the same moment: the report is the same) or, when workers stop on
         # their own (timeout), by whichever stops last.
         result = None
-        if (complete and ran_last) or (not complete and state.running == 0 and state.finished):
+        if (complete and (ran_last or self.reports_end)) or (
+            not complete and state.running == 0 and state.finished
+        ):
             try:
                 result = recommend(self.study, notes=self.notes)
             except AutobatchError as exc:  # no trial completed: the study ends, failed
                 self.observers.study_failed(str(exc))
                 raise
             self.observers.study_finished(result)
+        elif complete or state.running:  # another worker reports the end, or will
+            self.observers.study_left()
         return WorkerOutcome(done, complete, result, stopped)
 
     def _wait_reason(
