@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -198,7 +199,7 @@ class AutoBatchSearch(MetaEstimatorMixin, BaseEstimator):
             memory_budget=self.memory_budget,
             headroom=self.headroom,
             storage=self.storage,
-            study_name=self.study_name,
+            study_name=self.study_name or _study_name(task.name, X, targets),
             mlflow=self.mlflow,
             tracking_uri=self.tracking_uri,
             seed=self.seed,
@@ -355,6 +356,18 @@ def _optimizer_factory(net: NeuralNet) -> Callable[[Iterable[nn.Parameter], floa
         return optimizer(params, lr=lr, **options)
 
     return make
+
+
+def _study_name(name: str, X: np.ndarray, y: np.ndarray) -> str:
+    """The default study's name: the task's, with a digest of the data it is fit on. A second
+    ``fit`` on the same data continues its study; a fit on other data (the next fold of a
+    cross-validation) starts its own instead of reusing trials trained on another split."""
+    digest = hashlib.sha256()
+    for array in (X, y):
+        contiguous = np.ascontiguousarray(array)
+        digest.update(f"{contiguous.dtype}{contiguous.shape}".encode())
+        digest.update(memoryview(contiguous).cast("B"))
+    return f"autobatch-{name}-{digest.hexdigest()[:12]}"
 
 
 def _base(net: NeuralNet, prefix: str, name: str) -> Any:

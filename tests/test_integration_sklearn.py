@@ -187,3 +187,22 @@ def test_labels_are_given_back_as_they_came():
     search = AutoBatchSearch(digits_net(), n_trials=1, max_epochs=1).fit(X, names[y])
     assert set(search.predict(X[:50])) <= set(names)
     assert list(search.classes_) == sorted(names)
+
+
+def test_a_stored_study_is_continued_on_the_same_data_and_not_on_other_data(tmp_path):
+    """With storage, a second fit on the same data continues its study; a fit on other data
+    (a cross-validation's next fold, of the same size) starts its own, where it took the
+    first fold's trials, trained on rows the next fold tests on."""
+    X, y = digits()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    search = AutoBatchSearch(digits_net(), n_trials=1, max_epochs=1, refit=False, storage=storage)
+    half = len(X) // 2
+    first = search.fit(X[:half], y[:half]).study_.study_name
+    again = search.fit(X[:half], y[:half])
+    assert again.study_.study_name == first and _finished(again.study_) == 1  # continued
+    other = search.fit(X[half : 2 * half], y[half : 2 * half]).study_
+    assert other.study_name != first and _finished(other) == 1
+
+
+def _finished(study) -> int:
+    return sum(t.state.is_finished() for t in study.trials)
