@@ -565,8 +565,11 @@ def _batch_updates(
             "gradient_accumulation_steps": effective // size,
             "learning_rate": args.learning_rate,
         }, notes
-    # Without a measured gradient noise scale a saturating rule is its plain one.
-    rule = (rule_for(optimizer) if lr_rule == "auto" else lr_rule).removeprefix("saturating-")
+    # After train() the Trainer holds Accelerate's AcceleratedOptimizer: the rule is that of
+    # the optimizer it wraps. Without a measured gradient noise scale a saturating rule is its
+    # plain one.
+    inner = getattr(optimizer, "optimizer", optimizer)
+    rule = (rule_for(inner) if lr_rule == "auto" else lr_rule).removeprefix("saturating-")
     lr = scale_lr(args.learning_rate, effective, fits, rule)
     if fits != effective:
         notes.append(

@@ -200,6 +200,19 @@ def test_learning_rate_moves_with_the_batch_by_the_sqrt_rule_for_adamw(probed):
     assert plan.to_dict()["updates"] == plan.updates
 
 
+def test_the_rule_is_that_of_the_optimizer_accelerate_wraps(tmp_path):
+    """After train() the Trainer holds Accelerate's AcceleratedOptimizer: the rule is that of
+    the optimizer inside it (RMSprop scales by the square root), not of the wrapper."""
+    trainer = make_trainer(tmp_path, train=32, evaluation=0, optim="rmsprop")
+    trainer.optimizer = trainer.accelerator.prepare_optimizer(trainer.create_optimizer())
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    plan = probe_trainer(trainer, memory_budget=BUDGET)
+    size = plan.train_probe.batch_size
+    assert size > 8
+    expected = trainer.args.learning_rate * math.sqrt(size / 8)
+    assert plan.updates["learning_rate"] == pytest.approx(expected)
+
+
 @pytest.mark.parametrize(("per_device", "accumulation"), [(64, 1), (4, 6), (3, 3)])
 def test_keep_effective_batch_size(tmp_path, per_device, accumulation):
     trainer = make_trainer(
