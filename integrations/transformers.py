@@ -273,6 +273,9 @@ class _Prober:
         )
         self.state = TrainingState(self.model, self.optimizer)
         self.rng = RngState.capture()
+        # The fewest samples a training step takes: batch norm cannot train on one, and every
+        # step here runs in training mode (``_train``), whatever mode the model is in now.
+        self.smallest = 2 if has_batch_norm(self.model) else 1
         self.loss_only = trainer.compute_metrics is None or self.args.prediction_loss_only
         if isinstance(meter, TrackedMeter):
             meter.track(state_tensors(self.model, [self.optimizer]))
@@ -292,7 +295,7 @@ class _Prober:
             meter=self.meter,
             max_batch_size=bound,
             headroom=headroom,
-            min_batch_size=2 if has_batch_norm(self.model) else 1,
+            min_batch_size=self.smallest,
             steps_per_call=steps,
         )
 
@@ -331,10 +334,11 @@ class _Prober:
             self.restore()
 
     def prime_optimizer(self) -> None:
-        """One training step at the smallest size, kept: evaluation during ``train()`` runs
-        with the optimizer state resident, so its probe must count it."""
+        """One training step at the smallest size the training search tries (two samples for
+        batch norm), kept: evaluation during ``train()`` runs with the optimizer state
+        resident, so its probe must count it."""
         with self.meter:
-            batch = self.train_samples.batch(1)
+            batch = self.train_samples.batch(self.smallest)
             self._train(batch)
             del batch
         self.meter.release()

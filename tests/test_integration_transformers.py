@@ -330,6 +330,44 @@ def test_label_smoothing_is_probed_though_compute_loss_pops_the_labels(tmp_path)
     assert probe_trainer(trainer, memory_budget=BUDGET).train_probe.batch_size > 1
 
 
+class BatchNormMLP(torch.nn.Module):
+    """Batch norm: a training step needs two samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 2)
+        )
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits, labels)}
+
+
+class Features(torch.utils.data.Dataset):
+    def __init__(self, samples: int, seed: int = 0) -> None:
+        self.x = torch.randn(samples, 16, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": (self.x[i, 0] > 0).long()}
+
+
+def test_batch_norm_model_with_an_eval_set_primes_the_optimizer_on_two_samples(tmp_path):
+    """Before the evaluation search one training step creates the optimizer state; with batch
+    norm it takes two samples, as the training search does."""
+    trainer = Trainer(
+        model_init=BatchNormMLP,
+        args=arguments(tmp_path),
+        train_dataset=Features(64),
+        eval_dataset=Features(32, seed=1),
+    )
+    plan = probe_trainer(trainer, memory_budget="1MiB")
+    assert plan.train_probe.batch_size > 2 and plan.eval_probe is not None
+
+
 def test_an_empty_training_set_is_one_line(tmp_path):
     with pytest.raises(InvalidInputError, match="the training dataset is empty"):
         probe_trainer(make_trainer(tmp_path, train=0), memory_budget=BUDGET)
