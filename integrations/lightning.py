@@ -737,11 +737,57 @@ def _model_factory(
             "model_factory=lambda: MyModule(...)"
         )
     cls = type(module)
+    if given is None and (problem := _unbound(cls, hparams)):
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True trains fresh modules as {cls.__name__}(**hparams), but "
+            f"{problem}; pass model_factory=lambda: {cls.__name__}(...) that builds one"
+        )
 
     def build() -> nn.Module:
         return given() if given is not None else cls(**copy.deepcopy(hparams))
 
     return build
+
+
+def _unbound(cls: type, hparams: Mapping[str, Any]) -> str | None:
+    """Why ``cls(**hparams)`` cannot be called, read from its signature; None where it can.
+    ``save_hyperparameters(ignore=[...])`` leaves out arguments (a backbone module) that the
+    constructor may require."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no signature to read: the call itself will tell
+        return None
+    try:
+        signature.bind(**hparams)
+    except TypeError as exc:
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = signature.parameters
+        missing = [
+            name
+            for name, p in params.items()
+            if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and not (p.kind in named and name in hparams)
+        ]
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [
+            key
+            for key in hparams
+            if not open_ended and not (key in params and params[key].kind in named)
+        ]
+        problems = []
+        if missing:
+            problems.append(
+                f"{cls.__name__}.__init__ requires {', '.join(missing)}, which the saved "
+                "hyperparameters lack (left out by save_hyperparameters(ignore=...)?)"
+            )
+        if unknown:
+            problems.append(
+                f"{cls.__name__}.__init__ takes no {', '.join(unknown)}, which the saved "
+                "hyperparameters hold"
+            )
+        return " and ".join(problems) or f"{cls.__name__}(**hparams) fails: {exc}"
+    return None
 
 
 def _optimizer_factory(optimizer: torch.optim.Optimizer) -> OptimizerFactory:

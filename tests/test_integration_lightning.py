@@ -611,6 +611,25 @@ def test_tune_mode_without_hparams_needs_a_model_factory():
     assert "\n" not in str(info.value)
 
 
+class GivenBackbone(Tunable):
+    """Takes a module and leaves it out of its hyperparameters, as Lightning's warning advises."""
+
+    def __init__(self, backbone: nn.Module, batch_size: int = 8, lr: float = 3e-3) -> None:
+        super(Tunable, self).__init__()  # super(): save_hyperparameters reads __class__
+        self.save_hyperparameters(ignore=["backbone"])
+        self.net = nn.Sequential(backbone, nn.Linear(64, CLASSES))
+        self.train_data, self.val_data = make_learnable(1024), make_learnable(256, seed=1)
+        self.seen_sizes: set[int] = set()
+
+
+def test_tune_mode_refuses_hparams_the_constructor_cannot_take_before_probing():
+    module = GivenBackbone(nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU()))
+    with pytest.raises(InvalidInputError, match=r"requires backbone.*model_factory") as info:
+        trainer(tuner(), max_steps=-1).fit(module)
+    assert "\n" not in str(info.value)
+    assert not module.seen_sizes  # refused before the probe ran a step
+
+
 @pytest.mark.slow
 def test_tune_mode_with_a_model_factory_and_learning_rate(tmp_path):
     built: list[Unsaved] = []
