@@ -549,7 +549,8 @@ class LightningWorkload:
     ``autobatch.probe``/``autobatch.tune`` (``AutoBatchFinder(tune=True)`` builds one).
 
     ``module_factory`` builds a fresh module (its ``self.log`` dropped: there is no fit loop
-    to log to); ``optimizer_factory(params, lr)`` its optimizer. A batch's loss is what
+    to log to; its ``configure_model()`` called, as fit calls it); ``optimizer_factory(params,
+    lr)`` its optimizer. A batch's loss is what
     ``training_step`` returns, on validation batches too (``validation_step`` usually logs
     rather than returns). The datasets are map-style (those behind the module's dataloaders),
     each batched with its own ``collate_fn``.
@@ -578,6 +579,7 @@ class LightningWorkload:
         if isinstance(fresh, pl.LightningModule):
             fresh.log = _drop  # type: ignore[method-assign]
             fresh.log_dict = _drop  # type: ignore[method-assign]
+            _configure(fresh)
         return fresh
 
     def optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -788,6 +790,16 @@ def _unbound(cls: type, hparams: Mapping[str, Any]) -> str | None:
             )
         return " and ".join(problems) or f"{cls.__name__}(**hparams) fails: {exc}"
     return None
+
+
+def _configure(module: pl.LightningModule) -> None:
+    """Build the layers a module defers to ``configure_model`` (and the legacy
+    ``configure_sharded_model``), as fit does before ``on_fit_start``: a fresh module has no
+    parameters there yet. Lightning asks the hook to be idempotent, so a module's own call is
+    harmless too. Built on the host; the trial moves the module to its device."""
+    for hook in ("configure_sharded_model", "configure_model"):
+        if is_overridden(hook, module):
+            getattr(module, hook)()
 
 
 def _optimizer_factory(optimizer: torch.optim.Optimizer) -> OptimizerFactory:

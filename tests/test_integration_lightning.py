@@ -611,6 +611,33 @@ def test_tune_mode_without_hparams_needs_a_model_factory():
     assert "\n" not in str(info.value)
 
 
+class LateLayers(Tunable):
+    """Builds its layers in configure_model(), as Lightning lets modules defer them."""
+
+    def __init__(self, batch_size: int = 8, lr: float = 3e-3) -> None:
+        super().__init__(batch_size, lr)
+        self.net = None
+        self.configured = 0
+
+    def configure_model(self):
+        self.configured += 1
+        if self.net is None:
+            self.net = make_net(hidden=64)
+
+
+def test_tune_mode_trial_modules_get_configure_model_as_fit_calls_it():
+    built: list[LateLayers] = []
+
+    def factory() -> LateLayers:
+        built.append(LateLayers())
+        return built[-1]
+
+    module, finder = LateLayers(), tuner(n_trials=2, model_factory=factory)
+    trainer(finder, max_steps=-1, max_epochs=1).fit(module)
+    assert finder.tune_result is not None and len(finder.tune_result.trials) == 2
+    assert built and all(m.configured == 1 and m.net is not None for m in built)
+
+
 class GivenBackbone(Tunable):
     """Takes a module and leaves it out of its hyperparameters, as Lightning's warning advises."""
 
