@@ -44,6 +44,7 @@ from torch import nn
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.trainer.states import RunningStage
     from lightning.pytorch.utilities import CombinedLoader
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from lightning.pytorch.utilities.parsing import (
@@ -444,16 +445,18 @@ class _ProbeStep:
         """The first training batch, then the first batch of each validation dataloader."""
         fit_loop = self.trainer.fit_loop
         train = CombinedLoader(fit_loop._data_source.dataloader(), "max_size_cycle")
-        batches = [self._to_device(next(iter(train))[0], 0)]
+        batches = [self._to_device(next(iter(train))[0], 0, RunningStage.TRAINING)]
         if self.validates:
             source = fit_loop.epoch_loop.val_loop._data_source
             loaders = CombinedLoader(source.dataloader(), "sequential").flattened
-            batches += [self._to_device(next(iter(dl)), i) for i, dl in enumerate(loaders)]
+            batches += [
+                self._to_device(next(iter(dl)), i, RunningStage.VALIDATING)
+                for i, dl in enumerate(loaders)
+            ]
         return batches
 
-    def _to_device(self, batch: Any, dataloader_idx: int) -> Any:
-        batch = self.trainer.precision_plugin.convert_input(batch)
-        batch = self.trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+    def _to_device(self, batch: Any, dataloader_idx: int, stage: RunningStage) -> Any:
+        batch = _moved(self.trainer, batch, dataloader_idx, stage)
         if isinstance(self.meter, TrackedMeter):  # made by dataloader workers, off the meter
             self.meter.track(_tensors(batch))
         return batch
@@ -549,11 +552,13 @@ class LightningWorkload:
     ``autobatch.probe``/``autobatch.tune`` (``AutoBatchFinder(tune=True)`` builds one).
 
     ``module_factory`` builds a fresh module (its ``self.log`` dropped: there is no fit loop
-    to log to; its ``configure_model()`` called, as fit calls it); ``optimizer_factory(params,
-    lr)`` its optimizer. A batch's loss is what
-    ``training_step`` returns, on validation batches too (``validation_step`` usually logs
-    rather than returns). The datasets are map-style (those behind the module's dataloaders),
-    each batched with its own ``collate_fn``.
+    to log to; its ``configure_model()`` called, as fit calls it);
+    ``optimizer_factory(params, lr)`` its optimizer. A batch's loss is what ``training_step``
+    returns, on validation batches too (``validation_step`` usually logs rather than
+    returns). The datasets are map-style (those behind the module's dataloaders),
+    each batched with its own ``collate_fn``, then moved to ``device`` by ``train_transfer``
+    and ``val_transfer`` where given (``AutoBatchFinder`` gives fit's own path: the precision's
+    ``convert_input`` and the batch-transfer hooks), else as they are.
     """
 
     module_factory: ModelFactory
@@ -569,6 +574,8 @@ class LightningWorkload:
     train_collate: Callable[[list[Any]], Any] | None = None
     val_collate: Callable[[list[Any]], Any] | None = None
     max_grad_norm: float | None = None  # the trainer's gradient_clip_val, clipping by norm
+    train_transfer: Callable[[Any], Any] | None = None  # a collated batch to one on the device
+    val_transfer: Callable[[Any], Any] | None = None
 
     @property
     def train_size(self) -> int:
@@ -592,12 +599,56 @@ class LightningWorkload:
         return self.batch_loss(model, batch), None
 
     def training_batches(self) -> BatchSource:
-        return BatchSource(self.train_dataset, self.device, self.train_collate)
+        return _batches(self.train_dataset, self.device, self.train_collate, self.train_transfer)
 
     def validation_batches(self) -> BatchSource | None:
         if self.val_dataset is None:
             return None
-        return BatchSource(self.val_dataset, self.device, self.val_collate)
+        return _batches(self.val_dataset, self.device, self.val_collate, self.val_transfer)
+
+
+def _batches(
+    data: Any,
+    device: torch.device,
+    collate: Callable[[list[Any]], Any] | None,
+    transfer: Callable[[Any], Any] | None,
+) -> BatchSource:
+    if transfer is None:
+        return BatchSource(data, device, collate)
+    return _TransferredBatches(data, collate, transfer)
+
+
+class _TransferredBatches(BatchSource):
+    """Batches collated on the host, then handed to ``transfer``, which moves them to the
+    device (fit's hooks may change them on the way: a uint8 image made float)."""
+
+    def __init__(
+        self,
+        data: Any,
+        collate: Callable[[list[Any]], Any] | None,
+        transfer: Callable[[Any], Any],
+    ) -> None:
+        super().__init__(data, torch.device("cpu"), collate)
+        self.transfer = transfer
+
+    def first(self, n: int) -> Any:
+        return self.transfer(super().first(n))
+
+    def largest(self, n: int) -> Any:
+        if not self.varies():
+            return self.first(n)  # BatchSource.largest would go through first: moved once
+        return self.transfer(super().largest(n))
+
+    def epoch(
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        *,
+        shuffle: bool = True,
+        drop_single: bool = False,
+    ) -> Iterator[Any]:
+        batches = super().epoch(batch_size, generator, shuffle=shuffle, drop_single=drop_single)
+        return (self.transfer(batch) for batch in batches)
 
 
 @dataclass(frozen=True)
@@ -703,6 +754,8 @@ def _plan_trials(
         train_collate=collate,
         val_collate=val_collate,
         max_grad_norm=None if clip is None else float(clip),
+        train_transfer=lambda batch: _moved(trainer, batch, 0, RunningStage.TRAINING),
+        val_transfer=lambda batch: _moved(trainer, batch, 0, RunningStage.VALIDATING),
     )
     return _TrialPlan(workload, lr_attr, float(max_epochs))
 
@@ -893,6 +946,22 @@ def _dataset_length(loaders: Any) -> int | None:
         except (AttributeError, TypeError, NotImplementedError):
             continue
     return min(lengths) if lengths else None
+
+
+def _moved(trainer: pl.Trainer, batch: Any, dataloader_idx: int, stage: RunningStage) -> Any:
+    """A batch from a dataloader moved as fit's loops move it: the precision's
+    ``convert_input``, then ``on_before_batch_transfer``, ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer`` (the datamodule's where it overrides them, else the module's),
+    with the trainer in the stage the loop would be in, for hooks that read
+    ``self.trainer.training``."""
+    saved = trainer.state.stage
+    trainer.state.stage = stage
+    try:
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx)
+        return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+    finally:
+        trainer.state.stage = saved
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

@@ -638,6 +638,50 @@ def test_tune_mode_trial_modules_get_configure_model_as_fit_calls_it():
     assert built and all(m.configured == 1 and m.net is not None for m in built)
 
 
+class ByteInputs(Tunable):
+    """Data as uint8, made float by the batch-transfer hooks, which record what ran and when."""
+
+    def __init__(self, batch_size: int = 8, lr: float = 3e-3) -> None:
+        super().__init__(batch_size, lr)
+        self.train_data = self.as_bytes(self.train_data)
+        self.val_data = self.as_bytes(self.val_data)
+        self.calls: list[tuple[str, str | None]] = []
+
+    @staticmethod
+    def as_bytes(data: TensorDataset) -> TensorDataset:
+        x, y = data.tensors
+        return TensorDataset(((x.clamp(-3, 3) + 3) * 40).to(torch.uint8), y)
+
+    def record(self, hook: str) -> None:
+        stage = self.trainer.state.stage
+        self.calls.append((hook, None if stage is None else stage.value))
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.record("before")
+        return batch
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        self.record("transfer")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.record("after")
+        x, y = batch
+        return (x.float() / 40 - 3), y
+
+
+def test_tune_mode_trial_batches_go_through_the_transfer_hooks_as_fit_moves_them():
+    module, finder = ByteInputs(), tuner(n_trials=2)
+    trainer(finder, max_steps=-1, max_epochs=1).fit(module)
+    assert finder.tune_result is not None and len(finder.tune_result.trials) == 2
+    calls = module.calls
+    assert len(calls) % 3 == 0
+    for at in range(0, len(calls), 3):  # each batch: the three hooks in fit's order, one stage
+        (hooks, stages) = zip(*calls[at : at + 3], strict=True)
+        assert hooks == ("before", "transfer", "after") and len(set(stages)) == 1
+    assert {stage for _, stage in calls} == {"train", "validate"}
+
+
 class GivenBackbone(Tunable):
     """Takes a module and leaves it out of its hyperparameters, as Lightning's warning advises."""
 
