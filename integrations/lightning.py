@@ -670,6 +670,15 @@ def _plan_trials(
             f"{type(trainer.strategy).__name__} with {trainer.world_size} processes; tune with "
             "devices=1 and pass the recommended values to the distributed run"
         )
+    if trainer.ckpt_path is not None:
+        # Lightning restores the checkpoint's optimizer state (its learning rate) and loops
+        # (its epoch) after on_fit_start, over what the study chose.
+        raise InvalidInputError(
+            f"AutoBatchFinder: tune=True chooses the batch size, learning rate and epochs of a "
+            f"training from its start, but fit resumes from {trainer.ckpt_path}, whose "
+            "optimizer state and epoch would replace them; tune before the first fit, or drop "
+            "ckpt_path"
+        )
     if not module.automatic_optimization:
         raise InvalidInputError(
             "AutoBatchFinder: tune=True needs automatic optimization (trials run backward and "

@@ -682,6 +682,19 @@ def test_tune_mode_trial_batches_go_through_the_transfer_hooks_as_fit_moves_them
     assert {stage for _, stage in calls} == {"train", "validate"}
 
 
+def test_tune_mode_refuses_a_fit_that_resumes_from_a_checkpoint_before_probing(tmp_path):
+    """Lightning restores the checkpoint's optimizer (its rate) and epoch after on_fit_start:
+    the tuned rate and epochs would never reach fit."""
+    first = trainer(max_steps=1)
+    first.fit(Tunable())
+    first.save_checkpoint(tmp_path / "resume.ckpt")
+    module = Tunable()
+    with pytest.raises(InvalidInputError, match=r"resumes from .*resume\.ckpt.*ckpt_path") as info:
+        trainer(tuner(), max_steps=-1).fit(module, ckpt_path=tmp_path / "resume.ckpt")
+    assert "\n" not in str(info.value)
+    assert not module.seen_sizes  # refused before the probe ran a step
+
+
 class GivenBackbone(Tunable):
     """Takes a module and leaves it out of its hyperparameters, as Lightning's warning advises."""
 
