@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def _restored_value(value: Any) -> Any:
 
 class TrainingState:
     """Model parameters, buffers (persistent or not, and those registered as None), gradients,
-    train/eval flags, the model's own random generators and optimizer state.
+    train/eval flags, the model's own random generators, the states of the torchmetrics
+    metrics it holds (with their update counts and cached results) and optimizer state.
 
     Copies live in host memory, so saving them costs no accelerator memory. ``restore`` writes
     the saved values back into the same tensors (so references the user holds stay valid) and
@@ -144,6 +146,10 @@ class TrainingState:
         }
         self.training = {name: m.training for name, m in model.named_modules()}
         self.generators = [(g, g.get_state()) for g in _generators(model)]
+        self.metrics = {
+            name: {attr: _saved_value(getattr(metric, attr)) for attr in _metric_attributes(metric)}
+            for name, metric in _metrics(model)
+        }
         # Keyed by the state's own keys: parameters, and whatever else an optimizer keeps.
         self.optimizer_state: list[tuple[Any, dict[str, Any]]] = []
         self.param_groups: list[dict[str, Any]] = []
@@ -181,6 +187,7 @@ class TrainingState:
             module.train(self.training.get(name, module.training))
         for generator, state in self.generators:
             generator.set_state(state)
+        self._restore_metrics()
         if self.optimizer is not None:
             self._restore_optimizer(self.optimizer)
 
@@ -197,6 +204,23 @@ class TrainingState:
             current = module._buffers.get(name)
             if saved is None or current is None or not _put_back(current, saved):
                 module._buffers[name] = None if saved is None else _restored_value(saved)
+
+    def _restore_metrics(self) -> None:
+        metrics = dict(_metrics(self.model))
+        for name, saved_attributes in self.metrics.items():
+            metric = metrics.get(name)
+            if metric is None:
+                continue
+            for attr, saved in saved_attributes.items():
+                current = getattr(metric, attr, None)
+                if isinstance(saved, _SavedList) and isinstance(current, list):
+                    current[:] = _restored_value(saved)  # the same list, as reset() clears it
+                elif not (
+                    isinstance(saved, _SavedTensor)
+                    and isinstance(current, torch.Tensor)
+                    and _put_back(current, saved)
+                ):
+                    setattr(metric, attr, _restored_value(saved))
 
     def _restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         saved_keys = {id(key) for key, _ in self.optimizer_state}
@@ -245,6 +269,26 @@ def _generators(model: nn.Module) -> list[torch.Generator]:
         if isinstance(value, torch.Generator)
     }
     return list(found.values())
+
+
+#: What a torchmetrics ``Metric`` changes as it updates, computes and syncs, beside the states
+#: it lists in ``_defaults``: what ``Metric.reset`` sets back.
+_METRIC_COUNTERS = ("_update_count", "_computed", "_forward_cache", "_cache", "_is_synced")
+
+
+def _metrics(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The torchmetrics ``Metric`` modules in the model. Their states (a running count, a
+    list of outputs) are plain attributes, neither parameters nor buffers. Where torchmetrics
+    was never imported no module can be one, so it is not imported here."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    if torchmetrics is None:
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, torchmetrics.Metric)]
+
+
+def _metric_attributes(metric: nn.Module) -> list[str]:
+    names = [*getattr(metric, "_defaults", {}), *_METRIC_COUNTERS]
+    return [name for name in names if hasattr(metric, name)]
 
 
 def state_tensors(

@@ -140,8 +140,8 @@ class AutoBatchFinder(Callback):
 
     Under DDP every rank probes with its own memory and all ranks take the smallest size.
     Calls to ``self.log`` during the probe are dropped. Python attributes the module's steps
-    change (counters, caches) are not restored; tensors, optimizer state, the train/eval
-    flags and the random generators are.
+    change (counters, caches) are not restored; tensors, torchmetrics metrics' states,
+    optimizer state, the train/eval flags and the random generators are.
 
     Tuning mode (``tune=True``, single process only): after the probe, ``n_trials`` trials of
     an autobatch study (:func:`autobatch.tune`, the probed size as its ceiling) each train a

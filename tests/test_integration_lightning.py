@@ -333,6 +333,62 @@ def test_probe_leaves_state_as_it_was():
     assert check.grads == []
 
 
+class Measured(MLP):
+    """Updates torchmetrics metrics in training_step: their states are plain attributes, not
+    parameters or buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torchmetrics = pytest.importorskip("torchmetrics")
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(CLASSES, average="micro")
+        self.outputs = torchmetrics.CatMetric()  # a list state
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.accuracy.update(logits, y)
+        self.outputs.update(logits[:, 0])
+        return nn.functional.cross_entropy(logits, y)
+
+
+class MetricCheck(pl.Callback):
+    """Listed after the finder: the metrics' states just before fit trains."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.states = metric_states(pl_module)
+
+
+def metric_states(module: Measured) -> dict:
+    states = {}
+    for name in ("accuracy", "outputs"):
+        metric = getattr(module, name)
+        for attr in metric._defaults:
+            value = getattr(metric, attr)
+            states[name, attr] = (
+                [v.clone() for v in value] if isinstance(value, list) else value.clone()
+            )
+        states[name, "count"] = metric._update_count
+        states[name, "computed"] = metric._computed
+    return states
+
+
+def test_probe_puts_back_torchmetrics_states():
+    module, check = Measured(), MetricCheck()
+    x, y = module.data.tensors
+    module.training_step((x[:5], y[:5]), 0)  # states from before fit: kept, not reset
+    before = metric_states(module)
+    trainer(AutoBatchFinder(memory_budget=BUDGET), check, max_steps=1).fit(module)
+    assert before.keys() == check.states.keys()
+    for key, value in before.items():
+        after = check.states[key]
+        if isinstance(value, list):
+            assert len(after) == len(value) and all(map(torch.equal, after, value)), key
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(after, value), key
+        else:
+            assert after == value, key
+
+
 def test_error_in_training_step_propagates_and_size_is_restored():
     module = MLP(batch_size=3, fail_above=16)
     before = {k: v.clone() for k, v in module.state_dict().items()}
