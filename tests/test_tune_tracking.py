@@ -253,6 +253,52 @@ def test_a_process_whose_study_another_completes_leaves_its_run_to_that_worker(
 
 
 @pytest.mark.slow
+def test_a_rerun_repairs_what_an_mlflow_outage_left(task, tmp_path, monkeypatch) -> None:
+    """A tracking server down as the study ended leaves its run RUNNING without the answer, a
+    trial's run RUNNING and another trial never logged. Once the study's last trial is long
+    past, the same command logs the end: the missing trial from its stored record, the one
+    left running ended as its record says, stale tags gone; a run someone deleted stays so."""
+    from autobatch.tracking.report import recommendation_tag
+    from autobatch.tuning import prepare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kwargs = dict(storage=f"sqlite:///{tmp_path / 'study.db'}", tracking_uri=uri, **FAST)
+    first = tune(task, **kwargs)
+    client = MlflowClient(uri)
+    parent = first.mlflow_run_id
+
+    def children() -> dict[int, object]:
+        experiment = client.get_run(parent).info.experiment_id
+        found = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+        return {int(r.data.tags["trial_number"]): r for r in found}
+
+    before = children()
+    assert sorted(before) == [0, 1, 2, 3]
+    client.update_run(parent, status="RUNNING")
+    client.delete_tag(parent, recommendation_tag("batch_size"))
+    client.set_tag(parent, "interrupted", "the tuning process stopped logging")
+    client.update_run(before[1].info.run_id, status="RUNNING")
+    client.set_tag(before[2].info.run_id, "mlflow.parentRunId", "another-store")  # never logged
+    client.delete_run(before[3].info.run_id)  # a reviewer's choice
+
+    monkeypatch.setattr(prepare, "LOGGING_GRACE", 0.0)
+    again = tune(task, **kwargs)
+    run = client.get_run(parent)
+    assert again.mlflow_run_id == parent and run.info.status == "FINISHED"
+    assert run.data.tags[recommendation_tag("batch_size")] == str(first.batch_size)
+    assert "interrupted" not in run.data.tags
+    after = children()
+    assert sorted(after) == [0, 1, 2]  # the deleted run is not logged again
+    assert all(r.info.status != "RUNNING" for r in after.values())
+    record = next(t for t in first.trials if t.number == 2)
+    logged = after[2]
+    assert logged.info.run_id != before[2].info.run_id
+    history = client.get_metric_history(logged.info.run_id, "curve/val_loss")
+    assert [m.value for m in history] == [p.val_loss for p in record.curve]
+    assert logged.data.params["batch_size"] == str(record.batch_size)
+
+
+@pytest.mark.slow
 def test_a_study_keeps_its_experiment_and_says_another_given_is_ignored(
     task, tmp_path, caplog
 ) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 import requests
 import sqlalchemy.exc
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from autobatch import sqlite_store
@@ -271,6 +271,28 @@ def point_metrics(point: EvalPoint) -> list[Metric]:
         for key, value in values.items()
         if value is not None
     ]
+
+
+def trial_params(record: TrialRecord, settings: StudySettings) -> dict[str, str]:
+    """A trial run's parameters: its configuration and where it ran."""
+    params = {
+        "batch_size": record.batch_size,
+        "lr": record.lr,
+        "lr_multiplier": record.lr_multiplier,
+        "lr_rule": record.lr_rule,
+        "noise_scale": record.noise_scale,  # what a saturating lr rule used
+        "beta2": record.beta2,  # with scale_adamw
+        "weight_decay": record.weight_decay,
+        "max_epochs": record.max_epochs,
+        "seed": record.seed,
+        "iterations_per_epoch": record.iterations_per_epoch,
+        "device": settings.device,
+        "device_name": record.device_name,
+        "worker": record.worker,
+        "precision": settings.precision,
+        "max_grad_norm": settings.max_grad_norm,
+    }
+    return {k: _param_value(v) for k, v in params.items() if v is not None}
 
 
 def run_name(record: TrialRecord, label: str | None = None) -> str:
@@ -551,25 +573,8 @@ class MlflowTracker:
         if run is None:
             return
         run_id = run.info.run_id
-        params = {
-            "batch_size": record.batch_size,
-            "lr": record.lr,
-            "lr_multiplier": record.lr_multiplier,
-            "lr_rule": record.lr_rule,
-            "noise_scale": record.noise_scale,  # what a saturating lr rule used
-            "beta2": record.beta2,  # with scale_adamw
-            "weight_decay": record.weight_decay,
-            "max_epochs": record.max_epochs,
-            "seed": record.seed,
-            "iterations_per_epoch": record.iterations_per_epoch,
-            "device": settings.device,
-            "device_name": record.device_name,
-            "worker": record.worker,
-            "precision": settings.precision,
-            "max_grad_norm": settings.max_grad_norm,
-        }
         # Sent with the trial's first metrics: one request fewer per trial.
-        self._params[run_id] = {k: _param_value(v) for k, v in params.items() if v is not None}
+        self._params[run_id] = trial_params(record, settings)
         self.run_ids[record.number] = run_id
         self._open[record.number] = run_id
         self._names[run_id] = run_name(record)
@@ -658,33 +663,104 @@ class MlflowTracker:
             tags["target"] = result.target()
         tags["warnings"] = "\n".join(result.warnings)[:_TAG_LIMIT]
         tags["mlflow.note.content"] = self._summary(result)[:_TAG_LIMIT]
-        best_run = self.run_ids.get(result.best_trial) or next(
-            (t.mlflow_run_id for t in result.trials if t.number == result.best_trial), None
-        )
-        if best_run:
-            tags["best_run_id"] = best_run
-        # Trials told while the target was easier are judged again by the final one: the
-        # runs' outcome, objective value and name follow, so no screen contradicts the answer.
-        verdicts = []
-        now = _now_ms()
-        for trial in result.trials:
-            run_id = self.run_ids.get(trial.number) or trial.mlflow_run_id
-            if run_id and trial.state == COMPLETE:
-                best = trial.number == result.best_trial
-                label = "best" if best else outcome(trial)
-                marks = {**verdict_tags(trial), **({"outcome": "best"} if best else {})}
-                metrics = summary_metrics(trial, now, only=_VERDICT, final=True)
-                verdicts.append((run_id, run_name(trial, label), metrics, marks))
+        tags["n_trials"] = _param_value(result.settings.n_trials)  # a parameter goes stale
 
         def finish() -> None:
-            for run_id, name, metrics, run_tags in verdicts:
-                self._log(run_id, metrics=metrics, tags=run_tags)
-                self._client.update_run(run_id, name=name)
+            runs = self._trial_runs(parent, result.trials)
+            if (best_run := runs.get(result.best_trial)) is not None:
+                tags["best_run_id"] = best_run
+            for trial in result.trials:
+                with self._each(f"trial {trial.number}'s run"):
+                    self._judged(trial, runs.get(trial.number), trial.number == result.best_trial)
+            self._clear_tags(parent, ("interrupted", "failed"))  # of an earlier session's end
             self._log(parent, tags=tags)
             self._log_result_artifacts(parent, result)
             self._client.set_terminated(parent, "FINISHED")
 
         self._send("the study's recommendation and charts", finish)
+
+    def _trial_runs(self, parent: str, trials: Sequence[TrialRecord]) -> dict[int, str | None]:
+        """The run of each finished trial in this store, by trial number: the one under the
+        study's run, else one logged now from its record (its worker logged none: the
+        tracking server was down, or the worker ran without MLflow); None for a run someone
+        deleted. A trial's stored run id can name another store's run (the study ran with
+        another tracking URI before), so the store is asked."""
+        found: dict[int, Any] = {}
+        for run in self._client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}'",
+            run_view_type=ViewType.ALL,
+            max_results=50000,
+        ):
+            number = run.data.tags.get(TRIAL_TAG)
+            if number is not None and number.isdigit():
+                known = found.get(int(number))
+                # A dead worker's trial run again keeps its number: the latest run is it.
+                if known is None or run.info.start_time > known.info.start_time:
+                    found[int(number)] = run
+        runs: dict[int, str | None] = {}
+        for trial in trials:
+            run = found.get(trial.number)
+            if run is not None and run.info.lifecycle_stage == "deleted":
+                runs[trial.number] = None
+            elif run is not None:
+                runs[trial.number] = run.info.run_id
+                if run.info.status == "RUNNING" and trial.number not in self._open:
+                    with self._each(f"trial {trial.number}'s run left running"):
+                        self._ended(run.info.run_id, trial)
+            else:
+                with self._each(f"trial {trial.number}'s missing run"):
+                    runs[trial.number] = self._logged_afterwards(parent, trial)
+        return runs
+
+    def _logged_afterwards(self, parent: str, record: TrialRecord) -> str:
+        """Log a finished trial's run from its stored record, curve included."""
+        tags = {PARENT_TAG: parent, TRIAL_TAG: str(record.number), ROLE_TAG: "trial"}
+        tags[STUDY_TAG] = self._settings.study_name if self._settings else ""
+        run = self._client.create_run(
+            self.experiment_id, start_time=record.started_ms, run_name=run_name(record), tags=tags
+        )
+        metrics = [m for point in record.curve for m in point_metrics(point)]
+        params = trial_params(record, self._settings) if self._settings else {}
+        self._log(run.info.run_id, params=params, metrics=metrics)
+        self._ended(run.info.run_id, record)
+        return run.info.run_id
+
+    def _ended(self, run_id: str, record: TrialRecord) -> None:
+        """End a trial's run as its stored record ended."""
+        tags = {"state": record.state, **verdict_tags(record)}
+        if record.reason:
+            tags["reason"] = record.reason
+        end = record.ended_ms or _now_ms()
+        self._log(run_id, metrics=summary_metrics(record, end), tags=tags)
+        self._client.update_run(run_id, name=run_name(record, outcome(record)))
+        self._client.set_terminated(run_id, self._final_status(record), end_time=end)
+
+    def _judged(self, trial: TrialRecord, run_id: str | None, best: bool) -> None:
+        """Judge a completed trial's run again by the final target (it was told while the
+        target was easier): its outcome, objective value and name follow, so no screen
+        contradicts the answer."""
+        if run_id is None or trial.state != COMPLETE:
+            return
+        marks = {**verdict_tags(trial), **({"outcome": "best"} if best else {})}
+        metrics = summary_metrics(trial, _now_ms(), only=_VERDICT, final=True)
+        self._log(run_id, metrics=metrics, tags=marks)
+        self._client.update_run(run_id, name=run_name(trial, "best" if best else outcome(trial)))
+
+    @contextlib.contextmanager
+    def _each(self, what: str) -> Iterator[None]:
+        """One trial's run that cannot be written (deleted meanwhile) is skipped: the study's
+        end is still logged."""
+        try:
+            yield
+        except MlflowException as exc:
+            log.debug("skipped %s: %s", what, exc)
+
+    def _clear_tags(self, run_id: str, names: Sequence[str]) -> None:
+        held = self._client.get_run(run_id).data.tags
+        for name in names:
+            if name in held:
+                self._client.delete_tag(run_id, name)
 
     def study_failed(self, reason: str) -> None:
         """End the study run FAILED, saying why: every trial ended and none completed."""
@@ -696,6 +772,7 @@ class MlflowTracker:
 
         def finish() -> None:
             text = str(reason)[:_TAG_LIMIT]
+            self._clear_tags(parent, ("interrupted",))
             self._log(parent, tags={"failed": text, "mlflow.note.content": text})
             self._client.set_terminated(parent, "FAILED")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 
 from autobatch import sqlite_store, workload
 from autobatch.data import BatchSource
@@ -248,7 +249,9 @@ def prepare(
             )
         if done is not None:
             prepared.notes.append(done)
-            prepared.unlogged = tracker is not None and _killed_run(study, tracker.tracking_uri)
+            prepared.unlogged = tracker is not None and _unended_run(
+                study, tracker.tracking_uri, trials
+            )
             if tracker is not None and not prepared.unlogged:  # nothing to log: no run opened
                 tracker.close()
                 prepared.tracker = tracker = None
@@ -525,9 +528,16 @@ def check_same_task(settings: StudySettings, task: Workload) -> None:
         )
 
 
-def _killed_run(study: optuna.Study, tracking_uri: str) -> bool:
-    """Whether the study's MLflow run in this store ended KILLED: stopped before it was told
-    the study's end. Read only on a rerun of a complete study (MLflow's import costs seconds)."""
+#: A complete study's MLflow run still RUNNING this long after its last trial ended was never
+#: told the end (the tracking server was down then), rather than being told it now.
+LOGGING_GRACE = 120.0
+
+
+def _unended_run(study: optuna.Study, tracking_uri: str, trials: Sequence[FrozenTrial]) -> bool:
+    """Whether the complete study's MLflow run in this store was never told its end: ended
+    KILLED (stopped at its last trial), or still RUNNING :data:`LOGGING_GRACE` seconds after
+    the last trial ended (its logging cut off by a tracking server that was down). Read only
+    on a rerun of a complete study (MLflow's import costs seconds)."""
     run_id = _study_run_id(study, tracking_uri)
     if run_id is None:
         return False
@@ -538,7 +548,11 @@ def _killed_run(study: optuna.Study, tracking_uri: str) -> bool:
         run = MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException:
         return False
-    return run.info.status == "KILLED"
+    if run.info.status == "KILLED":
+        return True
+    ended = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
+    quiet = not ended or time.time() - max(ended) > LOGGING_GRACE
+    return run.info.status == "RUNNING" and quiet and not storage.progress(trials).running
 
 
 def _open_study_run(study: optuna.Study, tracker: Any, settings: StudySettings) -> None:
