@@ -429,3 +429,22 @@ def test_server_killed_mid_tune_warns_once_and_the_study_completes(
     assert len(warnings) == 1, warnings
     assert url in warnings[0] and "not logged" in warnings[0]
     assert result.study.get_trials()[0].user_attrs.get("mlflow_run_id")
+
+
+@pytest.mark.slow
+def test_a_report_from_mlflow_is_the_named_study_s_with_all_it_recommends(task, tmp_path):
+    """Two studies in one experiment: --study-name picks its own (the latest study run was
+    reported whatever the name); AdamW's scaled beta2 and weight decay are in it, as in the
+    Optuna report."""
+    from autobatch.tracking.report import load_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    quick = dict(FAST, n_trials=1, tracking_uri=uri, experiment="shared")
+    scaled = tune(task, study_name="sA", scale_adamw=True, **quick)
+    tune(task, study_name="sB", **quick)
+    report = load_report(tracking_uri=uri, experiment="shared", study_name="sA")
+    assert report.study_name == "sA" and report.parent_run_id == scaled.mlflow_run_id
+    assert report.recommendation["beta2"] == pytest.approx(scaled.recommendation()["beta2"])
+    assert "weight_decay" in report.recommendation
+    with pytest.raises(InvalidInputError, match="has no run of study 'sC'"):
+        load_report(tracking_uri=uri, experiment="shared", study_name="sC")

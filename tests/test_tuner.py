@@ -112,6 +112,30 @@ def test_other_errors_stop_the_study_with_the_original_error(task):
     broken = dataclasses.replace(task, step=_step_failing_at(32, KeyError("labels")))
     with pytest.raises(KeyError, match="labels"):
         tune(broken, n_trials=3, **FAST)
+    # In a trial: the trial failed, saying why (its MLflow run FAILED, not "interrupted"),
+    # and the study stopped.
+    seen = _Recorder()
+    failing = _step_failing_at(64, KeyError("labels"))
+
+    def in_trials(model, batch):
+        return (failing if seen.events else _step_failing_at(0, None))(model, batch)
+
+    with pytest.raises(KeyError, match="labels"):
+        tune(dataclasses.replace(task, step=in_trials), n_trials=3, observers=[seen], **FAST)
+    ended = [args[0] for name, args in seen.events if name == "trial_finished"]
+    assert (ended[-1].batch_size, ended[-1].state) == (64, FAILED)
+    assert ended[-1].reason == "KeyError: 'labels'"
+    assert seen.events[-1][0] == "study_interrupted"
+
+
+class _Recorder:
+    """An observer that keeps every event it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.events.append((name, args))
 
 
 class _InterruptAt:
@@ -341,7 +365,7 @@ def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    options = {**FAST, "mlflow": True}
+    options = {**FAST, "mlflow": True, "storage": f"sqlite:///{tmp_path / 'study.db'}"}
     with pytest.raises(StudyInterrupted):
         tune(task, n_trials=4, tracking_uri=uri, observers=[_InterruptAt(1)], **options)
     client = MlflowClient(uri)
@@ -354,6 +378,12 @@ def test_interrupted_tune_leaves_mlflow_runs_killed_not_running(task, tmp_path):
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     assert "RUNNING" not in statuses.values()
+    # Resumed: the report from MLflow has the study's trials, not the interrupted one too.
+    from autobatch.tracking.report import load_report
+
+    resumed = tune(task, n_trials=4, tracking_uri=uri, **options)
+    report = load_report(tracking_uri=uri, run_id=resumed.mlflow_run_id)
+    assert [row["number"] for row in report.trials] == [t.number for t in resumed.trials]
 
 
 @pytest.mark.slow

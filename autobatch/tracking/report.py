@@ -27,7 +27,16 @@ from autobatch.tracking.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-RECOMMENDATION_KEYS = ("batch_size", "epochs", "steps", "lr", "lr_multiplier", "best_trial")
+RECOMMENDATION_KEYS = (
+    "batch_size",
+    "epochs",
+    "steps",
+    "lr",
+    "lr_multiplier",
+    "best_trial",
+    "beta2",  # with scale_adamw
+    "weight_decay",
+)
 
 
 def recommendation_tag(key: str) -> str:
@@ -84,7 +93,7 @@ def load_report(
             "--storage with --study-name (Optuna)"
         )
     try:
-        return _from_mlflow(tracking_uri, run_id, experiment or study_name)
+        return _from_mlflow(tracking_uri, run_id, experiment or study_name, study_name)
     except InvalidInputError as exc:
         if storage is None:
             raise
@@ -113,12 +122,17 @@ def _row(values: dict[str, Any]) -> dict[str, Any]:
 # -- MLflow -----------------------------------------------------------------------------------
 
 
-def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str | None) -> Report:
+def _from_mlflow(
+    tracking_uri: str | None, run_id: str | None, experiment: str | None, study: str | None
+) -> Report:
+    """The report of study run ``run_id``, or of the latest study run in ``experiment`` (the
+    latest of ``study``'s where it is given: an experiment can hold several studies)."""
     from mlflow.exceptions import MlflowException
 
     from autobatch.tracking.mlflow_tracker import (
         PARENT_TAG,
         ROLE_TAG,
+        STUDY_TAG,
         SUMMARY,
         SUMMARY_METRICS,
         TRIAL_TAG,
@@ -152,16 +166,18 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
                     f"no MLflow experiment {experiment!r} at {shown}; give --experiment or "
                     "--run-id as shown by `mlflow ui`"
                 )
+            wanted = f"tags.{ROLE_TAG} = 'study'"
+            if study is not None:
+                wanted += f" and tags.{STUDY_TAG} = '{study}'"
             runs = client.search_runs(
                 [found.experiment_id],
-                filter_string=f"tags.{ROLE_TAG} = 'study'",
+                filter_string=wanted,
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
             )
             if not runs:
-                raise InvalidInputError(
-                    f"experiment {experiment!r} at {shown} has no autobatch study run"
-                )
+                which = "autobatch study run" if study is None else f"run of study {study!r}"
+                raise InvalidInputError(f"experiment {experiment!r} at {shown} has no {which}")
             parent = runs[0]
         parent_id = parent.info.run_id
         children = _search_all(
@@ -170,7 +186,11 @@ def _from_mlflow(tracking_uri: str | None, run_id: str | None, experiment: str |
         rows = {}
         for child in children:
             tags, data = child.data.tags, child.data
-            if TRIAL_TAG not in tags:
+            # An interrupted trial is run again from the start and not counted, and an
+            # abandoned one (its worker died) is run again: the study's trials are the others.
+            if TRIAL_TAG not in tags or tags.get("state") in ("interrupted", "abandoned"):
+                continue
+            if tags.get("reason") == "interrupted":
                 continue
             # NaN: a value the study's final target took away (a time to target it no
             # longer reaches).
@@ -245,7 +265,7 @@ def _logged_table(client: Any, run_id: str) -> list[dict[str, Any]]:
 
 def _typed_recommendation(values: dict[str, Any]) -> dict[str, Any]:
     kinds = {"batch_size": int, "epochs": int, "steps": int, "best_trial": int, "lr": float}
-    kinds["lr_multiplier"] = float
+    kinds.update(lr_multiplier=float, beta2=float, weight_decay=float)
     out = {}
     for key, value in values.items():
         if value is None:

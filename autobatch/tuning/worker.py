@@ -547,8 +547,12 @@ class Worker:
             return 0
         except BaseException as exc:
             if not is_oom_error(exc):
-                trial.set_user_attr(storage.REASON, f"{type(exc).__name__}: {exc}"[:500])
+                why = f"{type(exc).__name__}: {exc}"[:500]
+                trial.set_user_attr(storage.REASON, why)
                 self.study.tell(trial, state=TrialState.FAIL)
+                # The trial failed (its run FAILED, saying why); the study stops, resumable.
+                failed = replace(record, state=FAILED, reason=why, curve=tuple(points))
+                self.observers.trial_finished(replace(failed, ended_ms=int(time.time() * 1000)))
                 self.observers.study_interrupted(f"error in trial {trial.number}: {exc!r}"[:500])
                 raise
             drop_failed_attempt(exc)
