@@ -72,6 +72,18 @@ def test_nan_loss_fails_that_trial_and_the_study_goes_on(task):
     states = {t.batch_size: t for t in result.trials}
     assert states[128].state == FAILED and "nan" in states[128].reason
     assert states[32].state == COMPLETE and states[64].state == COMPLETE
+    # Failing after some evaluations, it counts the training time it spent, as its curve does.
+    calls, seen = [], _Recorder()  # counted from the first trial on
+
+    def late_nan(model, batch):
+        calls.append(bool(seen.events) and batch[0].shape[0] == 128)
+        return _step_failing_at(128 if sum(calls) > 12 else 0, None)(model, batch)
+
+    broken = dataclasses.replace(task, step=late_nan)
+    late = tune(broken, n_trials=3, observers=[seen], **FAST)
+    failed = next(t for t in late.trials if t.batch_size == 128)
+    assert failed.state == FAILED and failed.curve
+    assert failed.train_seconds == failed.curve[-1].seconds > 0
 
 
 @pytest.mark.slow

@@ -856,6 +856,8 @@ def _measured(
         updates["epoch_seconds"] = run.epoch_seconds
         if run.wall_seconds > 0:
             updates["throughput"] = run.samples / run.wall_seconds
+    elif points:  # a trial that failed: trained as far as its last evaluation
+        updates["train_seconds"] = points[-1].seconds
     if points:
         smoothed = [p.val_loss_smoothed for p in points]
         choice = curves.choose_epochs(
