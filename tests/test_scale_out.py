@@ -163,7 +163,11 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(postgres, tmp_path: Pat
             tuning,
             lambda t: t.user_attrs.get(ROLE) != "baseline" and t.user_attrs.get(RUN_ID),
         )
-        os.kill(int(victim.user_attrs[WORKER].rsplit(":", 1)[1]), signal.SIGKILL)
+        # Its machine dies: the worker and its MLflow logging process (a session of its own)
+        # at once, so only another worker can end the trial's run.
+        dying = int(victim.user_attrs[WORKER].rsplit(":", 1)[1])
+        for pid in [*_children(dying), dying]:
+            os.kill(pid, signal.SIGKILL)
         out, err = tuning.communicate(timeout=300)
     finally:
         if tuning.poll() is None:
@@ -180,7 +184,7 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(postgres, tmp_path: Pat
     assert rerun[0].params == killed.params
     assert len(_finished(trials)) == 6
 
-    # Its MLflow run was ended (by the dead worker's logging process or by the survivor).
+    # Its MLflow run was ended by the survivor, named and tagged for how it ended.
     client = MlflowClient(tracking)
     dead_run = client.get_run(killed.user_attrs[RUN_ID])
     deadline = time.monotonic() + 30
@@ -188,8 +192,22 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(postgres, tmp_path: Pat
         time.sleep(0.5)
         dead_run = client.get_run(killed.user_attrs[RUN_ID])
     assert dead_run.info.status == "KILLED"
+    assert dead_run.data.tags["outcome"] == "abandoned"
+    assert dead_run.info.run_name.endswith(" abandoned")
     parents, _ = _runs(client, study)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().split()[3]) == pid:
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
 
 
 def _wait_for_running(storage: str, study: str, process: subprocess.Popen, wanted):

@@ -635,12 +635,13 @@ class MlflowTracker:
             return
 
         def end() -> None:
-            if self._client.get_run(run_id).info.status != "RUNNING":
+            run = self._client.get_run(run_id)
+            if run.info.status != "RUNNING":
                 return  # its own logging process ended it
-            self._log(
-                run_id,
-                tags={"state": "abandoned", "reason": "its worker stopped; the trial runs again"},
-            )
+            tags = {"state": "abandoned", "outcome": "abandoned"}
+            tags["reason"] = "its worker stopped; the trial runs again"
+            self._log(run_id, tags=tags)
+            self._client.update_run(run_id, name=f"{run.info.run_name} abandoned")
             self._client.set_terminated(run_id, "KILLED")
 
         self._send(f"the end of trial {number}'s abandoned run", end)
