@@ -379,10 +379,16 @@ class Worker:
             return False
         if scoring.reference(storage.records(seen)) is not None:
             return False
-        if not any(
-            t.state == TrialState.WAITING and t.user_attrs.get(storage.ROLE) == BASELINE
-            for t in seen
-        ):
+
+        def baseline_waits(trials: list[FrozenTrial]) -> bool:
+            return any(
+                t.state == TrialState.WAITING and t.user_attrs.get(storage.ROLE) == BASELINE
+                for t in trials
+            )
+
+        # Read again before giving it back: workers started together all read the baseline
+        # waiting, and one of them has just taken it.
+        if not baseline_waits(seen) or not baseline_waits(self.study.get_trials(deepcopy=False)):
             return False
         self._give_back(trial, "not run yet: queued again behind the baseline")
         return True
