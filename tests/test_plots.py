@@ -262,3 +262,17 @@ def test_learning_curves_zoom_on_the_target_and_name_each_trial() -> None:
     assert "t06 bs=64 lr=3.0e-03" in texts and "t03 bs=128 lr=8.0e-03 pruned" in texts
     assert "best: t02 bs=256 lr=2.8e-02" in texts
     assert f"target {LEVEL:.4g}" in texts
+
+
+def test_a_one_trial_study_shows_its_whole_curve_and_whole_trial_numbers() -> None:
+    """With nothing to compare, the zoom on the target hid all but the curve's end, and the
+    history's axis around one trial had ticks at -0.045 and 0.015."""
+    (only,) = TRIALS[:1]
+    curves = drawn(plots.learning_curves_figure([only], target=LEVEL))
+    losses = [p.val_loss_smoothed for p in only.curve]
+    low, high = curves.axes[0].get_ylim()
+    assert low < min(losses) and high > max(losses)
+    reached_one = [t for t in reached() if t.number == reached()[0].number]
+    history = drawn(plots.optimization_history_figure(reached_one))
+    ticks = [t for t in history.axes[0].get_xticks() if history.axes[0].get_xlim()[0] <= t]
+    assert ticks and all(float(t).is_integer() for t in ticks)

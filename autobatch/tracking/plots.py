@@ -345,6 +345,9 @@ def _loss_ylim(
     distance between the target and the best loss above the target (or, without a target, the
     trials' median best), so the early losses, often ten times higher, do not flatten it."""
     low = min(losses)
+    if len(bests) < 2:  # nothing to compare: the whole curve
+        span = max(max(losses) - low, 1e-9)
+        return low - 0.05 * span, max(losses) + 0.05 * span
     anchor = target if target is not None else float(np.median(bests))
     bottom, level = min(low, anchor), max(low, anchor)
     span = max(level - bottom, 0.02 * abs(level), 1e-9)
@@ -742,6 +745,9 @@ def optimization_history_figure(
         elif strip is not None:
             handles.append(_ring(strip, winner.number, rows[outcome], winner))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    numbers = [t.number for t in ordered]
+    if numbers and min(numbers) == max(numbers):  # one trial: room for integer ticks
+        ax.set_xlim(numbers[0] - 1, numbers[0] + 1)
     ax.set_xlabel("trial number")
     ax.set_ylabel("time to target (seconds)")
     ax.grid(alpha=0.3)
