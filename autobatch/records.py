@@ -259,12 +259,17 @@ class ProbeResult:
     eval_batch_size: int | None = None  # the largest evaluation batch (forward, no gradients)
     step_time: StepTime | None = None  # fitted through the warm steps of the sizes that fit
 
+    def __post_init__(self) -> None:
+        # Sizes found with a NumPy multiple_of are NumPy integers: Python's, as stored.
+        for name, value in vars(self).items():
+            object.__setattr__(self, name, plain(value))
+
     @property
     def ooms(self) -> int:
         return sum(a.oom for a in self.attempts)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:

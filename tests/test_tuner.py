@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import optuna
 import pytest
 import torch
 
-from autobatch import InvalidInputError, StudyInterrupted, Task, tune
+from autobatch import InvalidInputError, StudyInterrupted, Task, probe, tune
 from autobatch.examples import digits
 from autobatch.records import BEYOND, COMPLETE, FAILED, INFEASIBLE, PRUNED
 from autobatch.tuning import prior, scoring
@@ -667,3 +668,7 @@ def test_numpy_numbers_are_taken_and_stored_as_python_ones(tmp_path):
         tolerance=np.float64(0.01), seed=np.int64(0), mlflow=False, storage=storage,
     )  # fmt: skip
     assert result.settings.candidates == (16, 32) and type(result.settings.n_trials) is int
+    # A probe's sizes found with a NumPy multiple_of are cached (as JSON) and stored alike.
+    found = probe(task, memory_budget="2MiB", multiple_of=np.int64(8), cache_dir=tmp_path)
+    assert type(found.batch_size) is int and found.batch_size % 8 == 0
+    assert json.loads(json.dumps(found.to_dict()))["batch_size"] == found.batch_size
