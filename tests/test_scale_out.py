@@ -506,6 +506,9 @@ def test_every_worker_runs_the_study_s_heartbeat(tmp_path: Path) -> None:
     assert (result.settings.heartbeat_interval, result.settings.grace_period) == (2, 6)
     with pytest.raises(InvalidInputError, match="every 2 s and takes a trial silent for 6 s"):
         join_study(task, storage=storage, heartbeat_interval=1, grace_period=3, mlflow=False)
+    # One given alone is checked against the study's other (6 is under twice the default 10,
+    # but not under twice the study's 2).
+    assert tune(task, grace_period=6, **quick).settings.grace_period == 6
     # Given nothing (or the same), a process runs the study's.
     settings = result.settings
     assert heartbeat_of(settings, None, None) == heartbeat_of(settings, 2, None) == (2, 6)

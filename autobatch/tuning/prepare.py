@@ -156,6 +156,7 @@ def prepare(
         notes: list[str] = []
         created = False
         if study is None:
+            storage.check_heartbeat(heartbeat_interval, grace_period, new=True)
             probed, ceiling = _resolve_probe(
                 task, probe_result, memory_budget, meter, headroom, max_batch_size, notes, cache
             )

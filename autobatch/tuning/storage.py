@@ -102,12 +102,19 @@ def _within_its_ranges(trial: FrozenTrial) -> FrozenTrial:
     return copied
 
 
-def check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> None:
-    """Refuse a grace period under twice the heartbeat interval (None: the default): a live
-    worker whose heartbeat comes a little late would be taken for dead, and its trial run
-    twice."""
-    interval = HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval
-    grace = GRACE_PERIOD if grace_period is None else grace_period
+def check_heartbeat(
+    heartbeat_interval: int | None, grace_period: int | None, new: bool = False
+) -> None:
+    """Refuse a grace period under twice the heartbeat interval: a live worker whose heartbeat
+    comes a little late would be taken for dead, and its trial run twice. One left out (None)
+    is the study's, unknown until it is read, so only a pair is checked; for a ``new`` study,
+    the default."""
+    if new:
+        heartbeat_interval = heartbeat_interval or HEARTBEAT_INTERVAL
+        grace_period = grace_period or GRACE_PERIOD
+    if heartbeat_interval is None or grace_period is None:
+        return
+    interval, grace = heartbeat_interval, grace_period
     if grace < 2 * interval:
         raise InvalidInputError(
             f"grace_period={grace} is under twice heartbeat_interval={interval}: a live worker "
