@@ -253,7 +253,7 @@ def test_a_process_whose_study_another_completes_leaves_its_run_to_that_worker(
 
 
 @pytest.mark.slow
-def test_a_rerun_repairs_what_an_mlflow_outage_left(task, tmp_path, monkeypatch) -> None:
+def test_a_rerun_repairs_what_an_mlflow_outage_left(task, tmp_path, monkeypatch, caplog) -> None:
     """A tracking server down as the study ended leaves its run RUNNING without the answer, a
     trial's run RUNNING and another trial never logged. Once the study's last trial is long
     past, the same command logs the end: the missing trial from its stored record, the one
@@ -281,6 +281,12 @@ def test_a_rerun_repairs_what_an_mlflow_outage_left(task, tmp_path, monkeypatch)
     client.set_tag(before[2].info.run_id, "mlflow.parentRunId", "another-store")  # never logged
     client.delete_run(before[3].info.run_id)  # a reviewer's choice
 
+    # Right after the study's end a worker may still be logging it: left alone, and said.
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        tune(task, **kwargs)
+    assert "its MLflow run is still RUNNING" in caplog.text
+    assert "run the same command again in" in caplog.text
+    assert client.get_run(parent).info.status == "RUNNING"
     monkeypatch.setattr(prepare, "LOGGING_GRACE", 0.0)
     again = tune(task, **kwargs)
     run = client.get_run(parent)

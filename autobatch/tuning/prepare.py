@@ -15,6 +15,7 @@ is created atomically, and the one that loses the race joins the winner's.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -551,9 +552,20 @@ def _unended_run(study: optuna.Study, tracking_uri: str, trials: Sequence[Frozen
         return False
     if run.info.status == "KILLED":
         return True
+    if run.info.status != "RUNNING" or storage.progress(trials).running:
+        return False
     ended = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
-    quiet = not ended or time.time() - max(ended) > LOGGING_GRACE
-    return run.info.status == "RUNNING" and quiet and not storage.progress(trials).running
+    wait = LOGGING_GRACE - (time.time() - max(ended)) if ended else 0.0
+    if wait > 0:
+        log.warning(
+            "study %r is complete but its MLflow run is still RUNNING: a worker may still be "
+            "logging its end; if none is (the tracking server was down), run the same command "
+            "again in %.0f s to log it",
+            study.study_name,
+            math.ceil(wait),
+        )
+        return False
+    return True
 
 
 def _open_study_run(study: optuna.Study, tracker: Any, settings: StudySettings) -> None:
