@@ -192,6 +192,10 @@ class AutoBatchSearch(MetaEstimatorMixin, BaseEstimator):
             net.set_params(**{self.n_outputs_param: n_outputs})
         task = self._task(net, X, targets)
         epochs = self.max_epochs if self.max_epochs is not None else net.max_epochs
+        digest = _digest(X, targets)
+        study_name = self.study_name or f"autobatch-{task.name}-{digest[:12]}"
+        if self.storage is not None:
+            _check_same_data(self.storage, study_name, digest)
         result = tune(
             task,
             n_trials=self.n_trials,
@@ -199,11 +203,13 @@ class AutoBatchSearch(MetaEstimatorMixin, BaseEstimator):
             memory_budget=self.memory_budget,
             headroom=self.headroom,
             storage=self.storage,
-            study_name=self.study_name or _study_name(task.name, X, targets),
+            study_name=study_name,
             mlflow=self.mlflow,
             tracking_uri=self.tracking_uri,
             seed=self.seed,
         )
+        if self.storage is not None and DATA not in result.study.user_attrs:
+            result.study.set_user_attr(DATA, digest)
         self.tune_result_ = result
         self.study_ = result.study
         self.max_batch_size_ = (
@@ -358,16 +364,44 @@ def _optimizer_factory(net: NeuralNet) -> Callable[[Iterable[nn.Parameter], floa
     return make
 
 
-def _study_name(name: str, X: np.ndarray, y: np.ndarray) -> str:
-    """The default study's name: the task's, with a digest of the data it is fit on. A second
-    ``fit`` on the same data continues its study; a fit on other data (the next fold of a
+#: The study's user attribute naming the data it was tuned on (:func:`_digest`).
+DATA = "autobatch_sklearn_data"
+
+
+def _digest(X: np.ndarray, y: np.ndarray) -> str:
+    """A digest of the data a study is fit on. The default study is named by it, so a second
+    ``fit`` on the same data continues its study and one on other data (the next fold of a
     cross-validation) starts its own instead of reusing trials trained on another split."""
     digest = hashlib.sha256()
     for array in (X, y):
         contiguous = np.ascontiguousarray(array)
         digest.update(f"{contiguous.dtype}{contiguous.shape}".encode())
         digest.update(memoryview(contiguous).cast("B"))
-    return f"autobatch-{name}-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()
+
+
+def _check_same_data(storage: str, study_name: str, digest: str) -> None:
+    """Refuse to continue a named study on other data than it was tuned on: its trials were
+    trained on rows this fit may test on (a cross-validation's folds)."""
+    import optuna
+
+    from autobatch import sqlite_store
+    from autobatch.tuning.storage import open_storage
+
+    path = sqlite_store.path_of(storage)
+    if path is not None and not path.exists():  # nothing tuned yet, and nothing to create
+        return
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:  # not made yet
+        return
+    tuned_on = study.user_attrs.get(DATA)
+    if tuned_on is not None and tuned_on != digest:
+        raise InvalidInputError(
+            f"AutoBatchSearch: study {study_name!r} was tuned on other data than this fit's, "
+            "so its trials may have trained on rows this fit tests on; give another "
+            "study_name, or none (each dataset then gets a study of its own)"
+        )
 
 
 def _base(net: NeuralNet, prefix: str, name: str) -> Any:

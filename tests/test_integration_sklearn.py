@@ -202,6 +202,11 @@ def test_a_stored_study_is_continued_on_the_same_data_and_not_on_other_data(tmp_
     assert again.study_.study_name == first and _finished(again.study_) == 1  # continued
     other = search.fit(X[half : 2 * half], y[half : 2 * half]).study_
     assert other.study_name != first and _finished(other) == 1
+    # A study named by the user is refused on other data than it was tuned on.
+    named = search.set_params(study_name="mine").fit(X[:half], y[:half])
+    assert named.study_.study_name == "mine"
+    with pytest.raises(InvalidInputError, match="'mine' was tuned on other data"):
+        search.fit(X[half : 2 * half], y[half : 2 * half])
 
 
 def _finished(study) -> int:
