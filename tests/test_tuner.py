@@ -141,6 +141,24 @@ def test_other_errors_stop_the_study_with_the_original_error(task):
     assert seen.events[-1][0] == "study_interrupted"
 
 
+@pytest.mark.slow
+def test_a_study_stopped_by_an_error_in_its_baseline_resumes_once_it_is_fixed(task, tmp_path):
+    """The failed trial is queued again, as an interrupted one is: the rerun after the fix
+    runs the baseline first. It was not, and the rerun waited for it for ever."""
+    kwargs = dict(storage=f"sqlite:///{tmp_path / 'study.db'}", n_trials=3, **FAST)
+    seen = _Recorder()
+    failing = _step_failing_at(32, KeyError("labels"))  # the baseline's size
+
+    def in_trials(model, batch):
+        return (failing if seen.events else _step_failing_at(0, None))(model, batch)
+
+    with pytest.raises(KeyError, match="labels"):
+        tune(dataclasses.replace(task, step=in_trials), observers=[seen], **kwargs)
+    fixed = tune(task, timeout=120, **kwargs)  # a hang would end at the timeout
+    assert len(fixed.trials) == 3 and all(t.state != FAILED for t in fixed.trials)
+    assert next(t for t in fixed.trials if t.role == "baseline").batch_size == 32
+
+
 class _Recorder:
     """An observer that keeps every event it is told."""
 

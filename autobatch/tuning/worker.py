@@ -556,6 +556,9 @@ class Worker:
                 why = f"{type(exc).__name__}: {exc}"[:500]
                 trial.set_user_attr(storage.REASON, why)
                 self.study.tell(trial, state=TrialState.FAIL)
+                # Queued again, as an interrupted trial is: the rerun after the fix runs it
+                # (a seeded one first of all; without the baseline, the rerun waited for it).
+                self._queue_again(trial)
                 # The trial failed (its run FAILED, saying why); the study stops, resumable.
                 failed = replace(record, state=FAILED, reason=why, curve=tuple(points))
                 self.observers.trial_finished(replace(failed, ended_ms=int(time.time() * 1000)))
