@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, default_collate
+
+from autobatch.errors import InvalidInputError
 
 
 def to_device(obj: Any, device: torch.device, *, copy: bool = False) -> Any:
@@ -66,7 +69,7 @@ class BatchSource:
         if self._tensors is not None:
             return tuple(t[:n].to(self.device, copy=True) for t in self._tensors)
         samples = [self._dataset[i] for i in range(n)]
-        return to_device(self.collate_fn(samples), self.device)
+        return to_device(_counted(self.collate_fn(samples), n), self.device)
 
     def largest(self, n: int) -> Any:
         """The ``n`` largest samples (by element count) as one batch on the device: the batch
@@ -76,7 +79,7 @@ class BatchSource:
             return self.first(n)
         order = sorted(range(len(self)), key=lambda i: -self._sizes()[i])
         samples = [self._dataset[i] for i in order[:n]]
-        return to_device(self.collate_fn(samples), self.device)
+        return to_device(_counted(self.collate_fn(samples), n), self.device)
 
     def varies(self) -> bool:
         """Whether the samples differ in size (a pass over the dataset, made once)."""
@@ -124,8 +127,8 @@ class BatchSource:
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
         )
-        for batch in itertools.islice(loader, batches):
-            yield to_device(batch, self.device)
+        for i, batch in enumerate(itertools.islice(loader, batches)):
+            yield to_device(_counted(batch, min(batch_size, n - i * batch_size)), self.device)
 
 
 def epoch_samples(size: int, batch_size: int, drop_single: bool = False) -> int:
@@ -176,11 +179,40 @@ def _elements(sample: Any) -> int:
 
 
 def batch_length(batch: Any) -> int:
-    """Number of samples in a batch (the first dimension of its first tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping):
-        return batch_length(next(iter(batch.values())))
-    if isinstance(batch, tuple | list):
-        return batch_length(batch[0])
-    raise TypeError(f"cannot tell the batch size of {type(batch).__name__}")
+    """Number of samples in a batch: the first dimension of its first tensor, in a tuple,
+    list, dict, dataclass or plain object (a collate_fn's own batch type)."""
+    found = _first_tensor(batch)
+    if found is None:
+        raise TypeError(f"cannot tell the batch size of {type(batch).__name__}: it holds no tensor")
+    return int(found.shape[0]) if found.dim() else 1
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        items: Any = value.values()
+    elif isinstance(value, tuple | list):
+        items = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = (getattr(value, f.name) for f in dataclasses.fields(value))
+    elif hasattr(value, "__dict__"):
+        items = vars(value).values()
+    else:
+        return None
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
+def _counted(batch: Any, n: int) -> Any:
+    """``batch``, made of ``n`` samples, checked to hold them along its first dimension: a
+    batch laid out otherwise (sequences first, as ``pad_sequence`` makes them by default)
+    would be measured, timed and counted at the wrong size."""
+    found = batch_length(batch)
+    if found != n:
+        raise InvalidInputError(
+            f"a batch of {n} sample{'s' * (n != 1)} from collate_fn has {found} along the first "
+            "dimension of "
+            "its first tensor, where autobatch counts samples: put the batch dimension first "
+            "(pad_sequence(..., batch_first=True)), or lead with a tensor that has it first"
+        )
+    return batch

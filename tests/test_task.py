@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch import InvalidInputError, Task, probe
+from autobatch import InvalidInputError, Task, probe, tune
 
 
 def x_y(samples: int = 32, features: int = 8):
@@ -367,3 +369,52 @@ def test_probing_a_batch_norm_model_that_cannot_get_two_samples_names_why():
         probe(one, memory_budget="4MiB", cache=False)
     with pytest.raises(InvalidInputError, match="max_batch_size=1; raise it to 2"):
         probe(make(model=_batch_norm_net), memory_budget="4MiB", cache=False, max_batch_size=1)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 8, generator=generator), torch.randint(0, 2, (n,))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def _time_first(samples):
+    """Sequences padded time-first, as pad_sequence does by default: (T, N, 8)."""
+    xs, ys = zip(*samples, strict=True)
+    steps = torch.nn.utils.rnn.pad_sequence([x.repeat(3, 1) for x in xs])
+    return steps, torch.stack(ys)
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def _own(samples) -> _Batch:
+    xs, ys = zip(*samples, strict=True)
+    return _Batch(torch.stack(xs), torch.stack(ys))
+
+
+def test_a_collate_fn_s_own_batch_type_is_counted_and_a_time_first_batch_refused(tmp_path):
+    """A dataclass batch probed, then crashed the study's clock ('cannot tell the batch
+    size'); a time-first batch made the clock wait for ever for a batch of the asked size."""
+    common = dict(train_data=_Pairs(96), val_data=_Pairs(32), lr=1e-2, batch_size=16)
+    own = Task(
+        model=lambda: nn.Linear(8, 2), collate_fn=_own,
+        step=lambda model, batch: F.cross_entropy(model(batch.x), batch.y), **common,
+    )  # fmt: skip
+    result = tune(own, n_trials=1, max_epochs=1, mlflow=False, candidates=[16, 32])
+    assert result.trials[0].iterations_per_epoch == 96 // result.trials[0].batch_size
+    time_first = Task(
+        model=lambda: nn.Linear(8, 2), collate_fn=_time_first,
+        step=lambda model, batch: F.cross_entropy(model(batch[0]).mean(0), batch[1]), **common,
+    )  # fmt: skip
+    with pytest.raises(InvalidInputError, match=r"batch_first=True") as info:
+        tune(time_first, n_trials=1, max_epochs=1, mlflow=False, candidates=[16, 32])
+    assert "from collate_fn has 3 along the first dimension" in str(info.value)
