@@ -141,7 +141,7 @@ class Task:
         if self.step is not None:
             return self.step(model, batch)
         if isinstance(batch, dict):
-            raise TypeError(
+            raise InvalidInputError(
                 "a dict batch needs a custom step: Task(step=lambda model, batch: ...) that "
                 "returns the loss"
             )
@@ -169,7 +169,8 @@ class Task:
 def correct_predictions(outputs: Any, targets: Any) -> torch.Tensor:
     """How many samples the model classified right: the argmax of its logits ``(N, classes)``
     (a tensor, or a dict's ``"logits"``) against class indices ``(N,)``, or against the argmax
-    of targets shaped like the logits (one-hot or probabilities). Any other shape is refused:
+    of targets shaped like the logits (one-hot or probabilities); one logit column ``(N, 1)``
+    read at 0 against 0/1 targets. Any other shape is refused:
     a count over tokens or pixels, divided by the samples, would be a wrong accuracy."""
     if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
         outputs = outputs["logits"]
@@ -181,6 +182,17 @@ def correct_predictions(outputs: Any, targets: Any) -> torch.Tensor:
             "or leave metric unset"
         )
     n = outputs.shape[0] if outputs.dim() else 0
+    if outputs.dim() == 2 and outputs.shape[1] == 1:
+        # One column: one binary logit, read at 0, against 0/1 targets. An argmax over it is
+        # always right, so a regression read that way scored 100%.
+        labels = targets.reshape(-1) if targets.numel() == n else None
+        if labels is None or not bool(((labels == 0) | (labels == 1)).all()):
+            raise InvalidInputError(
+                "Task(metric='accuracy') reads one output column as a binary logit against "
+                f"0/1 targets; got targets {_described(targets)} that are not all 0 or 1 (a "
+                "regression?): leave metric unset"
+            )
+        return ((outputs.reshape(-1) > 0) == (labels > 0.5)).sum()
     if outputs.dim() == 2 and targets.shape == outputs.shape:
         return (outputs.argmax(-1) == targets.argmax(-1)).sum()
     if outputs.dim() == 2 and targets.shape == (n,):

@@ -119,7 +119,7 @@ class TrainStep:
         with self._autocast:
             loss = self.workload.batch_loss(self.model, batch)
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
-            raise InvalidInputError(_not_a_loss(self.workload, loss))
+            raise InvalidInputError(_not_a_loss(self.workload, loss, self.model))
         if after_forward is not None:
             after_forward()
         if self.scaler is not None:
@@ -174,7 +174,7 @@ def _one_sample(batch: Any) -> bool:
         return False
 
 
-def _not_a_loss(workload: Workload, loss: Any) -> str:
+def _not_a_loss(workload: Workload, loss: Any, model: nn.Module) -> str:
     """Why ``loss`` cannot be trained on, naming where it came from and the fix."""
     source = f"{type(workload).__name__}.batch_loss(model, batch)"
     if isinstance(workload, Task):
@@ -185,6 +185,11 @@ def _not_a_loss(workload: Workload, loss: Any) -> str:
     elif loss.numel() != 1:
         got = f"a tensor of shape {tuple(loss.shape)}"
         fix = "reduce it to one value, e.g. .mean() (reduction='mean')"
+    elif not any(p.requires_grad for p in model.parameters()):
+        return (
+            f"{source} returned a loss that does not require grad, because no parameter of the "
+            "model does (all are frozen): unfreeze those to train (requires_grad_(True))"
+        )
     else:
         got = "a tensor that does not require grad"
         fix = "compute it from the model's output, outside torch.no_grad() and without .detach()"

@@ -418,3 +418,32 @@ def test_a_collate_fn_s_own_batch_type_is_counted_and_a_time_first_batch_refused
     with pytest.raises(InvalidInputError, match=r"batch_first=True") as info:
         tune(time_first, n_trials=1, max_epochs=1, mlflow=False, candidates=[16, 32])
     assert "from collate_fn has 3 along the first dimension" in str(info.value)
+
+
+def test_accuracy_reads_one_output_column_as_a_binary_logit_and_refuses_a_regression():
+    """One column's argmax is always 0: a regression was scored 100% accurate untrained."""
+    from autobatch.task import correct_predictions
+
+    logits = torch.tensor([[2.0], [-1.0], [3.0], [-2.0]])
+    labels = torch.tensor([[1.0], [0.0], [0.0], [0.0]])  # the third is wrong
+    assert int(correct_predictions(logits, labels)) == 3
+    assert int(correct_predictions(logits, labels.reshape(-1).long())) == 3
+    with pytest.raises(InvalidInputError, match="not all 0 or 1") as info:
+        correct_predictions(logits, torch.tensor([[0.3], [1.7], [2.2], [0.9]]))
+    assert "leave metric unset" in str(info.value)
+
+
+def test_a_dict_batch_without_a_custom_step_is_one_line():
+    data = [{"x": torch.randn(8), "y": torch.tensor(0)} for _ in range(32)]
+    task = Task(model=lambda: nn.Linear(8, 2), train_data=data, loss=F.cross_entropy)
+    with pytest.raises(InvalidInputError, match="a dict batch needs a custom step"):
+        probe(task, memory_budget="1MiB", cache=False)
+
+
+def test_a_model_with_every_parameter_frozen_is_told_so():
+    def frozen() -> nn.Module:
+        return nn.Linear(8, 2).requires_grad_(False)
+
+    data = (torch.randn(32, 8), torch.randint(0, 2, (32,)))
+    with pytest.raises(InvalidInputError, match=r"no parameter of the model does \(all are"):
+        probe(Task(model=frozen, train_data=data, loss=F.cross_entropy), memory_budget="1MiB")
