@@ -857,7 +857,7 @@ def probe(
             )
             evaluation = _probe_evaluation(
                 task, model, train_step, state, rng, meter, headroom, multiple_of, tolerance,
-                result,
+                result, max_batch_size,
             )  # fmt: skip
         except BaseException:
             if ranks > 1:  # the other ranks wait for this one's answer: tell them, then raise
@@ -1005,13 +1005,15 @@ def _probe_evaluation(
     multiple_of: int,
     tolerance: float,
     trained: ProbeResult,
+    max_batch_size: int | None,
 ) -> int:
     """The largest evaluation batch (the validation data's forward pass and loss, no
     gradients, in the task's precision), with the optimizer state live as it is during
-    training. Starts at the training size, which nearly always fits; the training step that
-    creates the optimizer state is undone afterwards."""
+    training, up to the validation data's size (not the training data's). Starts at the
+    training size, which nearly always fits; the training step that creates the optimizer
+    state is undone afterwards."""
     source = _evaluation_batches(task)
-    bound = min(len(source), trained.upper_bound or len(source))
+    bound = min(len(source), max_batch_size or len(source))
     if bound < multiple_of:
         return trained.batch_size
     evaluate = _evaluator(task, model, source)

@@ -1516,3 +1516,17 @@ def test_probe_restores_an_lbfgs_history_it_grew_in_place():
     state = optimizer.state[optimizer._params[0]]
     assert len(state["old_dirs"]) == len(history) > 0
     assert all(torch.equal(a, b) for a, b in zip(state["old_dirs"], history, strict=True))
+
+
+def test_the_evaluation_batch_goes_up_to_the_validation_data_not_the_training_data():
+    """64 training samples beside 4096 for validation: evaluation was capped at 64."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4160, 32, generator=generator), torch.randint(0, 2, (4160,))
+    task = Task(
+        model=lambda: nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 2)),
+        train_data=(x[:64], y[:64]), val_data=(x[64:], y[64:]), loss=F.cross_entropy,
+    )  # fmt: skip
+    found = probe(task, memory_budget="8MiB", cache=False)
+    assert found.batch_size == 64 and 64 < found.eval_batch_size <= 4096
+    capped = probe(task, memory_budget="8MiB", max_batch_size=48, cache=False)
+    assert capped.eval_batch_size <= 48
