@@ -158,11 +158,16 @@ def prepare(
         created = False
         if study is None:
             storage.check_heartbeat(heartbeat_interval, grace_period, new=True)
+            # The trials hold tensor data on the device; so does the probe, whose ceiling then
+            # leaves room for it on an accelerator (moved once, for the clock and range test).
+            source = task.training_batches().to_device()
+            validation = task.validation_batches()
+            held = None if validation is None else validation.to_device()
             probed, ceiling = _resolve_probe(
                 task, probe_result, memory_budget, meter, headroom, max_batch_size, notes, cache
             )
+            del held
             sizes = space.check_candidates(candidates, ceiling, own_batch_size(task), notes)
-            source = task.training_batches().to_device()  # moved once, for both
             timed = clock.measure(task, source, sizes, threads, cache=cache)
             found = _lr_range_test(
                 task, source, sizes, lr_multiplier_range, lr_range_test, timed["seconds"], notes
