@@ -24,7 +24,12 @@ def to_device(obj: Any, device: torch.device, *, copy: bool = False) -> Any:
     return obj
 
 
-def is_tensor_data(data: Any) -> bool:
+def is_tensor_data(data: Any, collate_fn: Callable[[list[Any]], Any] | None = None) -> bool:
+    """Whether ``data`` is columns of tensors, one row per sample: ``(inputs, targets)``. A
+    list of tensors given with a ``collate_fn`` is samples instead (a map-style dataset), which
+    the collate_fn batches."""
+    if collate_fn is not None and isinstance(data, list):
+        return False
     return (
         isinstance(data, Sequence) and bool(data) and all(isinstance(t, torch.Tensor) for t in data)
     )
@@ -44,14 +49,14 @@ class BatchSource:
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.device = device
-        self.collate_fn = collate_fn or default_collate
         self._tensors: tuple[torch.Tensor, ...] | None = None
         self._dataset = None
         self._sample_sizes: list[int] | None = None
-        if is_tensor_data(data):
+        if is_tensor_data(data, collate_fn):
             self._tensors = tuple(data)
         else:
             self._dataset = data
+        self.collate_fn = collate_fn or default_collate
 
     def __len__(self) -> int:
         if self._tensors is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from autobatch import validation
-from autobatch.data import BatchSource, non_finite
+from autobatch.data import BatchSource, is_tensor_data, non_finite
 from autobatch.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,11 @@ class Task:
 
     ``train_data``/``val_data`` are a torch ``Dataset`` or, for the in-memory fast path, a tuple
     of tensors that share their first dimension (``(inputs, targets)``); batches are then
-    sliced without a DataLoader. ``lr`` is the learning rate known to work at ``batch_size``:
-    the tuner rescales it for other batch sizes. ``max_grad_norm``: clip the gradients' total
-    norm to it before each optimizer step, as training will (the rate that works depends on it).
+    sliced without a DataLoader. A list of samples (any map-style data) given with a
+    ``collate_fn`` is a dataset that the collate_fn batches. ``lr`` is the learning rate
+    known to work at ``batch_size``: the tuner rescales it for other batch sizes.
+    ``max_grad_norm``: clip the gradients' total norm to it before each optimizer step, as
+    training will (the rate that works depends on it).
 
     Example::
 
@@ -126,13 +128,13 @@ class Task:
                 f"Task.device={self.device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1', "
                 "'mps' or 'xpu'"
             ) from exc
-        _check_data(self.train_data, "train_data")
+        _check_data(self.train_data, "train_data", self.collate_fn)
         if self.val_data is not None:
-            _check_data(self.val_data, "val_data")
+            _check_data(self.val_data, "val_data", self.collate_fn)
 
     @property
     def train_size(self) -> int:
-        return _length(self.train_data)
+        return _length(self.train_data, self.collate_fn)
 
     # The Workload protocol; ``model`` and ``optimizer`` are the factories above.
 
@@ -211,23 +213,19 @@ def _described(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _is_tensor_tuple(data: Any) -> bool:
-    return isinstance(data, Sequence) and all(isinstance(t, torch.Tensor) for t in data)
-
-
-def _length(data: Any) -> int:
-    if _is_tensor_tuple(data):
+def _length(data: Any, collate_fn: Any = None) -> int:
+    if is_tensor_data(data, collate_fn):
         return int(data[0].shape[0])
     return len(data)
 
 
-def _check_data(data: Any, name: str) -> None:
+def _check_data(data: Any, name: str, collate_fn: Any = None) -> None:
     if isinstance(data, torch.Tensor):
         raise InvalidInputError(
             f"Task.{name} is a single tensor; pass (inputs, targets) as a tuple of tensors, or a "
             "torch Dataset"
         )
-    if isinstance(data, Sequence) and data and all(isinstance(t, torch.Tensor) for t in data):
+    if is_tensor_data(data, collate_fn):
         sizes = {int(t.shape[0]) if t.dim() else -1 for t in data}
         if len(sizes) != 1 or -1 in sizes:
             raise InvalidInputError(
@@ -244,8 +242,11 @@ def _check_data(data: Any, name: str) -> None:
                     f"{tuple(tensor.shape)}); remove or impute those samples"
                 )
         return
-    if isinstance(data, tuple | list) and any(
-        isinstance(t, torch.Tensor | np.ndarray) for t in data
+    samples = collate_fn is not None and isinstance(data, list)  # a list of samples
+    if (
+        not samples
+        and isinstance(data, tuple | list)
+        and any(isinstance(t, torch.Tensor | np.ndarray) for t in data)
     ):
         # (inputs, targets) with an array or list among them would pass as a 2-sample Dataset.
         kind = type(data).__name__

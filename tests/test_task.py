@@ -447,3 +447,24 @@ def test_a_model_with_every_parameter_frozen_is_told_so():
     data = (torch.randn(32, 8), torch.randint(0, 2, (32,)))
     with pytest.raises(InvalidInputError, match=r"no parameter of the model does \(all are"):
         probe(Task(model=frozen, train_data=data, loss=F.cross_entropy), memory_budget="1MiB")
+
+
+def test_a_list_of_samples_with_a_collate_fn_is_a_dataset():
+    """A list is a map-style dataset: with a collate_fn it was read as 300 columns of 16
+    rows and the collate_fn was never called."""
+    samples = [torch.randn(16) for _ in range(300)]
+
+    def collate(batch):
+        x = torch.stack(batch)
+        return x, x.sum(1, keepdim=True)
+
+    task = Task(
+        model=lambda: nn.Linear(16, 1), train_data=samples, val_data=samples[:50],
+        collate_fn=collate, loss=F.mse_loss,
+    )  # fmt: skip
+    assert task.train_size == 300
+    found = probe(task, memory_budget="1MiB", cache=False)
+    assert 1 < found.batch_size <= 300
+    pair = [torch.randn(8, 16), torch.randn(8, 1)]
+    columns = Task(model=lambda: nn.Linear(16, 1), train_data=pair, loss=F.mse_loss)
+    assert columns.train_size == 8  # without one, a list of tensors is still (inputs, targets)
