@@ -476,22 +476,12 @@ def _joined(
         )
     # Only ever raised: other workers may be running the study to the stored counts, and a
     # lower one would end this process's share early with another's answer (None: no limit).
-    raised = {
-        name: given
-        for name, given, now in (
-            ("n_trials", n_trials, settings.n_trials),
-            ("min_trials", min_trials, settings.min_trials),
-        )
-        if _more(given, now)
-    }
-    lower = [
-        f"{name}={given} (it has {now})"
-        for name, given, now in (
-            ("n_trials", n_trials, settings.n_trials),
-            ("min_trials", min_trials, settings.min_trials),
-        )
-        if _more(now, given)
-    ]
+    counts = (
+        ("n_trials", n_trials, settings.n_trials),
+        ("min_trials", min_trials, settings.min_trials),
+    )
+    raised = {name: given for name, given, now in counts if _more(given, now)}
+    lower = [f"{name}={given} (it has {now})" for name, given, now in counts if _more(now, given)]
     if lower:
         log.warning(
             "study %r keeps its counts, which are only ever raised: ignored %s; stop it with "
