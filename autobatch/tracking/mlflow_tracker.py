@@ -615,16 +615,10 @@ class MlflowTracker:
         # What is still buffered for this run goes out with the summary, in one request.
         buffered = self._buffer.pop(run_id, [])
         params = self._params.pop(run_id, None)
-        metrics = buffered + summary_metrics(record, _now_ms())
-        tags = {"state": record.state, **verdict_tags(record)}
-        if record.reason:
-            tags["reason"] = record.reason
-        status = self._final_status(record)
+        now = _now_ms()
 
         def finish() -> None:
-            self._log(run_id, params=params, metrics=metrics, tags=tags)
-            self._client.update_run(run_id, name=run_name(record, outcome(record)))
-            self._client.set_terminated(run_id, status, end_time=record.ended_ms)
+            self._ended(run_id, record, params=params, earlier=buffered, summary_ms=now)
 
         self._send(f"the end of trial {record.number}", finish)
 
@@ -727,13 +721,24 @@ class MlflowTracker:
         self._ended(run.info.run_id, record)
         return run.info.run_id
 
-    def _ended(self, run_id: str, record: TrialRecord) -> None:
-        """End a trial's run as its stored record ended."""
+    def _ended(
+        self,
+        run_id: str,
+        record: TrialRecord,
+        *,
+        params: dict[str, str] | None = None,
+        earlier: Sequence[Metric] = (),
+        summary_ms: int | None = None,
+    ) -> None:
+        """End a trial's run as its record ended: the metrics still to send (``earlier``) and
+        its summary (stamped ``summary_ms``, else its end), its state and outcome, its name
+        and status."""
         tags = {"state": record.state, **verdict_tags(record)}
         if record.reason:
             tags["reason"] = record.reason
         end = record.ended_ms or _now_ms()
-        self._log(run_id, metrics=summary_metrics(record, end), tags=tags)
+        metrics = [*earlier, *summary_metrics(record, summary_ms or end)]
+        self._log(run_id, params=params, metrics=metrics, tags=tags)
         self._client.update_run(run_id, name=run_name(record, outcome(record)))
         self._client.set_terminated(run_id, self._final_status(record), end_time=end)
 
