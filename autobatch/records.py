@@ -134,6 +134,12 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _plain_fields(record: Any) -> None:
+    """Set a frozen dataclass's fields to :func:`plain` values."""
+    for name, value in vars(record).items():
+        object.__setattr__(record, name, plain(value))
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """How a study searches: logged once per study, and the key a resumed study must match."""
@@ -178,8 +184,7 @@ class StudySettings:
     def __post_init__(self) -> None:
         # NumPy numbers (a scikit-learn grid's np.int64) are accepted as numbers, and stored
         # as JSON: Python's own from here on.
-        for name, value in vars(self).items():
-            object.__setattr__(self, name, plain(value))
+        _plain_fields(self)
 
     @property
     def multiplier_range(self) -> tuple[float, float]:
@@ -260,9 +265,7 @@ class ProbeResult:
     step_time: StepTime | None = None  # fitted through the warm steps of the sizes that fit
 
     def __post_init__(self) -> None:
-        # Sizes found with a NumPy multiple_of are NumPy integers: Python's, as stored.
-        for name, value in vars(self).items():
-            object.__setattr__(self, name, plain(value))
+        _plain_fields(self)  # sizes found with a NumPy multiple_of are NumPy integers
 
     @property
     def ooms(self) -> int:

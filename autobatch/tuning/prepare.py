@@ -157,7 +157,8 @@ def prepare(
         notes: list[str] = []
         created = False
         if study is None:
-            storage.check_heartbeat(heartbeat_interval, grace_period, new=True)
+            interval, grace = storage.default_heartbeat(heartbeat_interval, grace_period)
+            storage.check_heartbeat(interval, grace)
             # The trials hold tensor data on the device; so does the probe, whose ceiling then
             # leaves room for it on an accelerator (moved once, for the clock and range test).
             source = task.training_batches().to_device()
@@ -208,8 +209,8 @@ def prepare(
                 lr_centre=1.0 if found is None else found.centre,
                 lr_range_test=None if found is None else found.to_dict(),
                 step_clock=timed if timed["seconds"] else None,
-                heartbeat_interval=heartbeat_interval or storage.HEARTBEAT_INTERVAL,
-                grace_period=grace_period or storage.GRACE_PERIOD,
+                heartbeat_interval=interval,
+                grace_period=grace,
             )
             if tracker is not None:  # refused before the study exists: a rerun starts anew
                 tracker.wait_ready()

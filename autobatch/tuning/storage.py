@@ -102,16 +102,17 @@ def _within_its_ranges(trial: FrozenTrial) -> FrozenTrial:
     return copied
 
 
-def check_heartbeat(
-    heartbeat_interval: int | None, grace_period: int | None, new: bool = False
-) -> None:
+def default_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> tuple[int, int]:
+    """The heartbeat interval and grace period given, each left out (None) the default."""
+    interval = HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval
+    return interval, GRACE_PERIOD if grace_period is None else grace_period
+
+
+def check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> None:
     """Refuse a grace period under twice the heartbeat interval: a live worker whose heartbeat
     comes a little late would be taken for dead, and its trial run twice. One left out (None)
-    is the study's, unknown until it is read, so only a pair is checked; for a ``new`` study,
-    the default."""
-    if new:
-        heartbeat_interval = heartbeat_interval or HEARTBEAT_INTERVAL
-        grace_period = grace_period or GRACE_PERIOD
+    is the study's, unknown until it is read, so only a pair is checked (a new study's are
+    checked with the defaults filled in, :func:`default_heartbeat`)."""
     if heartbeat_interval is None or grace_period is None:
         return
     interval, grace = heartbeat_interval, grace_period
@@ -133,8 +134,7 @@ def heartbeat_of(
     stored = (settings.heartbeat_interval, settings.grace_period)
     given = (heartbeat_interval, grace_period)
     if stored[0] is None or stored[1] is None:  # stored before they were kept
-        interval = HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval
-        return interval, GRACE_PERIOD if grace_period is None else grace_period
+        return default_heartbeat(heartbeat_interval, grace_period)
     if any(g is not None and g != s for g, s in zip(given, stored, strict=True)):
         raise InvalidInputError(
             f"study {settings.study_name!r} runs a heartbeat every {stored[0]} s and takes a "
@@ -186,6 +186,7 @@ def open_storage(
             if path is not None:
                 sqlite_store.check(path, "the study storage")
                 sqlite_store.check_kind(path, "the study storage", "study")
+            interval, grace = default_heartbeat(heartbeat_interval, grace_period)
             with sqlite_store.creation_lock(path), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 opened = _created(
@@ -196,8 +197,8 @@ def open_storage(
                         engine_kwargs={"connect_args": {"timeout": 30}}
                         if sqlite
                         else {"pool_pre_ping": True},
-                        heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
-                        grace_period=grace_period or GRACE_PERIOD,
+                        heartbeat_interval=interval,
+                        grace_period=grace,
                         heartbeat_stale_trial_callback=StaleTrials(),
                     ),
                     retry=not sqlite,
